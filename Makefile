@@ -1,0 +1,22 @@
+# make test: create .venv when missing, install spotguard with its test extras, run the suite.
+# constraints.txt pins every package: without it pip's resolver spends minutes
+# walking boto3/botocore releases to satisfy aiobotocore's narrow botocore pin.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test install bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
