@@ -15,8 +15,7 @@ property tests, and lets the lab replay a day in seconds.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
-from typing import Iterable
+from dataclasses import dataclass, replace
 
 # --------------------------------------------------------------------------- phases
 
@@ -151,11 +150,385 @@ class GuardState:
     since: float = 0.0  # when the phase was entered
     reason: str = "initial"  # why the phase was entered
     standby: str | None = None  # the standby this failover uses
-    started_at: float | None = None  # when StartInstances was last sent for it
+    started_at: float | None = None  # when this standby was first asked to serve
+    start_sent: float | None = None  # when StartInstances was last sent for it
     failed: frozenset[str] = frozenset()  # standbys given up on in this failover
-    doomed: frozenset[str] = frozenset()  # spot instances with a notice
+    doomed: frozenset[str] = frozenset()  # spot instances with an interruption notice
+    rebalanced: frozenset[str] = frozenset()  # spot instances with a rebalance recommendation
     unhealthy_since: float | None = None  # spot target first seen not healthy
     prewarm_at: float | None = None  # failover began on a rebalance recommendation
     retry_at: float | None = None  # every standby failed: try again then
     retries: int = 0
-    seen: Observed | None = field(default=None, compare=False)  # latest observation
+    seen: Observed | None = None  # latest observation; never persisted
+
+
+# EC2 errors on StartInstances that mean this standby cannot serve now: try the next one.
+GIVE_UP_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InstanceLimitExceeded",
+        "VcpuLimitExceeded",
+        "InvalidInstanceID.NotFound",
+        "InvalidInstanceID.Malformed",
+        "UnauthorizedOperation",
+        "UnsupportedOperation",
+    }
+)
+
+Result = tuple[GuardState, tuple[Command, ...]]
+
+
+# --------------------------------------------------------------------------- step
+
+
+def step(state: GuardState, event: Event, now: float) -> Result:
+    """Apply one event at time `now`; return the new state and the commands to run."""
+    state, changed, commands = _absorb(state, event, now)
+    if not changed or state.seen is None:
+        return state, commands
+    state, decided = _DECIDE[state.phase](state, now)
+    return state, commands + decided
+
+
+def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
+    """Record what the event says about the world. Returns (state, changed, commands)."""
+    if isinstance(event, Observed):
+        return _observe(state, event), True, ()
+    if isinstance(event, Notice):
+        return _notice(state, event, now)
+    if isinstance(event, Failed):
+        return _failed(state, event, now)
+    return state, True, ()  # Tick: timers are re-evaluated against the last observation
+
+
+def _observe(state: GuardState, seen: Observed) -> GuardState:
+    # Notices are forgotten once the instance is neither a spot of ours nor a target:
+    # nothing can be done about it any more, and the state stays small.
+    known = {i.id for i in seen.spots} | {t.id for t in seen.targets}
+    flagged = {i.id for i in seen.spots if i.notice}
+    return replace(
+        state,
+        seen=seen,
+        doomed=frozenset((state.doomed | flagged) & known),
+        rebalanced=frozenset(state.rebalanced & known),
+    )
+
+
+def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
+    iid = notice.instance_id
+    if iid in state.rules.standbys:
+        return state, False, ()  # On-Demand standbys are never interrupted
+    if notice.kind == "interruption":
+        if iid in state.doomed:
+            return state, False, ()
+        return replace(state, doomed=state.doomed | {iid}), True, ()
+    if iid in state.rebalanced or iid in state.doomed:
+        return state, False, ()
+    state = replace(state, rebalanced=state.rebalanced | {iid})
+    if state.rules.on_rebalance != "prewarm":
+        return state, False, (Alert(f"rebalance recommendation for spot {iid}; on_rebalance=ignore, no action"),)
+    if state.phase is not Phase.SPOT_HEALTHY:
+        return state, False, ()  # a standby is already up or coming up
+    # Armed here, once per recommendation: spot-healthy reads it and clears it on the way back.
+    return replace(state, prewarm_at=now), True, ()
+
+
+def _failed(state: GuardState, failed: Failed, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
+    cmd = failed.command
+    # Every command is re-derived from the next observation, so most failures need
+    # nothing here: only a start of the chosen standby changes the plan.
+    if not (isinstance(cmd, Start) and cmd.instance_id == state.standby and state.phase is Phase.STANDBY_STARTING):
+        return state, False, ()
+    if failed.code not in GIVE_UP_CODES:
+        return replace(state, start_sent=None), False, ()  # transient: retry on the next observation
+    alert = Alert(f"standby {cmd.instance_id} could not start ({failed.code}); trying the next standby")
+    state = _give_up(state, cmd.instance_id)
+    return state, True, (alert,)
+
+
+def _give_up(state: GuardState, iid: str) -> GuardState:
+    state = replace(state, failed=state.failed | {iid}, standby=None, started_at=None, start_sent=None)
+    return replace(state, standby=_pick(state))
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _health(state: GuardState, iid: str) -> str | None:
+    """The target's health state, or None when it is not registered."""
+    for t in state.seen.targets:
+        if t.id == iid:
+            return t.health
+    return None
+
+
+def _registered(state: GuardState, iid: str) -> bool:
+    return _health(state, iid) not in (None, UNUSED, DRAINING)
+
+
+def _healthy(state: GuardState, iid: str) -> bool:
+    return _health(state, iid) == HEALTHY
+
+
+def _instance(state: GuardState, iid: str) -> Instance:
+    for i in state.seen.standbys + state.seen.spots:
+        if i.id == iid:
+            return i
+    return Instance(iid, "missing")
+
+
+def _live_spots(state: GuardState) -> list[Instance]:
+    return [i for i in state.seen.spots if i.state in LIVE_STATES and i.id not in state.doomed]
+
+
+def _healthy_spot(state: GuardState) -> Instance | None:
+    return next((i for i in _live_spots(state) if _healthy(state, i.id)), None)
+
+
+def _pick(state: GuardState) -> str | None:
+    """The standby to use: one already running, else the first in order not given up on."""
+    usable = [s for s in state.rules.standbys if s not in state.failed]
+    if state.seen is not None:
+        for sid in usable:
+            if _instance(state, sid).state in LIVE_STATES:
+                return sid
+    return usable[0] if usable else None
+
+
+# --------------------------------------------------------------------------- safe commands
+
+
+def _deregister(state: GuardState, ids: list[str]) -> tuple[Command, ...]:
+    """Deregister `ids`, skipping any whose removal would leave no healthy target."""
+    healthy = {t.id for t in state.seen.targets if t.health == HEALTHY}
+    out: list[Command] = []
+    for iid in ids:
+        if not _registered(state, iid) or not (healthy - {iid}):
+            continue
+        healthy.discard(iid)
+        out.append(Deregister(iid))
+    return tuple(out)
+
+
+def _stop(state: GuardState, iid: str) -> tuple[Command, ...]:
+    """Stop a running instance unless it is the only healthy target."""
+    if _instance(state, iid).state != "running":
+        return ()
+    others = {t.id for t in state.seen.targets if t.health == HEALTHY} - {iid}
+    if _healthy(state, iid) and not others:
+        return ()
+    return (Stop(iid),)
+
+
+def _register_new_spots(state: GuardState) -> tuple[Command, ...]:
+    return tuple(
+        Register(i.id) for i in _live_spots(state) if i.state == "running" and not _registered(state, i.id)
+    )
+
+
+def _drop_doomed(state: GuardState) -> tuple[Command, ...]:
+    return _deregister(state, sorted(state.doomed))
+
+
+def _tidy_other_standbys(state: GuardState) -> tuple[Command, ...]:
+    """Standbys other than the chosen one drain and stop (invariant: one standby at a time)."""
+    out: tuple[Command, ...] = ()
+    for sid in state.rules.standbys:
+        if sid == state.standby or _instance(state, sid).state not in LIVE_STATES:
+            continue
+        out += _deregister(state, [sid]) if _registered(state, sid) else _stop(state, sid)
+    return out
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def _enter(state: GuardState, phase: Phase, now: float, reason: str, **changes) -> GuardState:
+    return replace(state, phase=phase, since=now, reason=reason, unhealthy_since=None, **changes)
+
+
+def _failover(state: GuardState, now: float, reason: str, prewarm: bool = False) -> Result:
+    """Serve on a standby: go straight to both-serving if it is already healthy."""
+    prewarm_at = (state.prewarm_at or now) if prewarm else None
+    standby = state.standby if state.standby and state.standby not in state.failed else _pick(state)
+    state = replace(state, standby=standby, prewarm_at=prewarm_at)
+    if standby and _healthy(state, standby):
+        return _serve(state, now, reason)
+    started = now if standby and _instance(state, standby).state in LIVE_STATES else None
+    state = _enter(state, Phase.STANDBY_STARTING, now, reason, started_at=started, start_sent=None)
+    return _decide_starting(state, now)
+
+
+def _serve(state: GuardState, now: float, reason: str) -> Result:
+    state = _enter(state, Phase.BOTH_SERVING, now, reason, retry_at=None, retries=0)
+    return _decide_serving(state, now)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _decide_spot_healthy(state: GuardState, now: float) -> Result:
+    if _serving_doomed_spot(state) or not _live_spots(state):
+        return _failover(state, now, _why_spot_lost(state))
+    if state.prewarm_at is not None:
+        return _failover(state, now, "rebalance recommendation, on_rebalance=prewarm", prewarm=True)
+    spot = _healthy_spot(state)
+    if spot is None:
+        since = state.unhealthy_since if state.unhealthy_since is not None else now
+        if now - since >= state.rules.unhealthy_grace:
+            return _failover(state, now, f"spot target not healthy for {now - since:.0f}s")
+        state = replace(state, unhealthy_since=since)
+        return state, _register_new_spots(state)
+    state = replace(state, unhealthy_since=None)
+    stray = next((s for s in state.rules.standbys if _instance(state, s).state in LIVE_STATES), None)
+    if stray:
+        # A standby running outside a failover (a crash, or a person) gets the usual
+        # grace and is then drained and stopped: no forgotten On-Demand bill.
+        state = _enter(state, Phase.SPOT_RESTORED, now, f"standby {stray} running outside a failover", standby=stray)
+        return _decide_restored(state, now)
+    return state, _register_new_spots(state) + _drop_doomed(state)
+
+
+def _serving_doomed_spot(state: GuardState) -> Instance | None:
+    """A spot with a notice that is still running and still in the target group."""
+    return next(
+        (i for i in state.seen.spots if i.id in state.doomed and i.state in LIVE_STATES and _registered(state, i.id)),
+        None,
+    )
+
+
+def _why_spot_lost(state: GuardState) -> str:
+    doomed = next((i for i in state.seen.spots if i.id in state.doomed and i.state in LIVE_STATES), None)
+    if doomed:
+        return f"interruption notice for spot {doomed.id}"
+    if not _live_spots(state):
+        return "no running spot instance"
+    return "spot target no longer healthy"
+
+
+def _decide_starting(state: GuardState, now: float) -> Result:
+    if state.standby is None:
+        return _all_failed(state, now)
+    sid = state.standby
+    if _healthy(state, sid):
+        return _serve(state, now, f"standby {sid} healthy")
+    inst = _instance(state, sid)
+    if inst.state in ("missing", "terminated", "shutting-down"):
+        state = _give_up(state, sid)
+        alert = Alert(f"standby {sid} is {inst.state}; trying the next standby")
+        state, cmds = _decide_starting(state, now)
+        return state, (alert,) + cmds
+    if state.started_at is not None and now - state.started_at >= state.rules.standby_ready_timeout:
+        return _ready_timeout(state, now)
+    return _bring_up(state, inst, now)
+
+
+def _bring_up(state: GuardState, inst: Instance, now: float) -> Result:
+    cmds = _tidy_other_standbys(state)
+    if inst.state == "stopped":
+        if state.start_sent is None or now - state.start_sent >= START_RETRY:
+            started = state.started_at if state.started_at is not None else now
+            state = replace(state, start_sent=now, started_at=started)
+            cmds += (Start(inst.id),)
+    elif inst.state == "running" and not _registered(state, inst.id):
+        cmds += (Register(inst.id),)
+    return state, cmds
+
+
+def _ready_timeout(state: GuardState, now: float) -> Result:
+    sid = state.standby
+    alert = Alert(f"standby {sid} not healthy after {state.rules.standby_ready_timeout:.0f}s")
+    if _pick(replace(state, failed=state.failed | {sid})) is None:
+        # No other standby to try: keep this one (it may still come up) and remind later.
+        state = replace(state, started_at=now)
+        next_state, cmds = _bring_up(state, _instance(state, sid), now)
+        return next_state, (alert,) + cmds
+    # The one given up on is now an "other" standby: _tidy_other_standbys drains and stops it.
+    next_state, cmds = _decide_starting(_give_up(state, sid), now)
+    return next_state, (alert,) + cmds
+
+
+def _all_failed(state: GuardState, now: float) -> Result:
+    if state.retry_at is None:
+        wait = min(RETRY_CAP, RETRY_BASE * 2**state.retries)
+        state = replace(state, retry_at=now + wait)
+        return state, (Alert(f"no standby could start; retrying in {wait:.0f}s"),)
+    if now < state.retry_at:
+        return state, ()
+    state = replace(state, failed=frozenset(), retry_at=None, retries=state.retries + 1)
+    state = replace(state, standby=_pick(state))
+    return _decide_starting(state, now)
+
+
+def _decide_serving(state: GuardState, now: float) -> Result:
+    sid = state.standby
+    inst = _instance(state, sid)
+    if inst.state not in LIVE_STATES:
+        return _failover(state, now, f"standby {sid} is {inst.state}")
+    cmds = _drop_doomed(state) + _register_new_spots(state) + _tidy_other_standbys(state)
+    if inst.state == "running" and not _registered(state, sid):
+        cmds += (Register(sid),)
+    spot = _healthy_spot(state)
+    if spot and _healthy(state, sid):
+        state = _enter(state, Phase.SPOT_RESTORED, now, f"spot {spot.id} healthy")
+        state, more = _decide_restored(state, now)
+        cmds += more
+    return state, cmds
+
+
+def _decide_restored(state: GuardState, now: float) -> Result:
+    sid = state.standby
+    if _healthy_spot(state) is None:
+        return _failover(state, now, _why_spot_lost(state))
+    if _instance(state, sid).state not in LIVE_STATES:
+        return _drain(state, now, f"standby {sid} stopped outside spotguard")
+    cmds = _drop_doomed(state) + _register_new_spots(state) + _tidy_other_standbys(state)
+    if state.prewarm_at is not None:
+        due, why = state.prewarm_at + state.rules.rebalance_hold, "no interruption within rebalance_hold"
+    else:
+        due, why = state.since + state.rules.failback_grace, "failback_grace passed"
+    if now < due:
+        return state, cmds
+    state, more = _drain(state, now, why)
+    return state, cmds + more
+
+
+def _drain(state: GuardState, now: float, reason: str) -> Result:
+    state = _enter(state, Phase.STANDBY_DRAINING, now, reason)
+    return _decide_draining(state, now)
+
+
+def _decide_draining(state: GuardState, now: float) -> Result:
+    sid = state.standby
+    if _healthy_spot(state) is None:
+        return _failover(state, now, _why_spot_lost(state) + " while draining")
+    inst = _instance(state, sid)
+    cmds = _tidy_other_standbys(state)
+    if inst.state not in LIVE_STATES and inst.state != "stopping":
+        state = _enter(
+            state, Phase.SPOT_HEALTHY, now, f"standby {sid} {inst.state}",
+            standby=None, started_at=None, start_sent=None, failed=frozenset(),
+            prewarm_at=None, retry_at=None, retries=0,
+        )
+        return state, cmds
+    if _registered(state, sid):
+        return state, cmds + _deregister(state, [sid])
+    if _health(state, sid) == DRAINING:
+        return state, cmds
+    return state, cmds + _stop(state, sid)
+
+
+_DECIDE = {
+    Phase.SPOT_HEALTHY: _decide_spot_healthy,
+    Phase.STANDBY_STARTING: _decide_starting,
+    Phase.BOTH_SERVING: _decide_serving,
+    Phase.SPOT_RESTORED: _decide_restored,
+    Phase.STANDBY_DRAINING: _decide_draining,
+}
+
+
+def initial(rules: Rules, now: float = 0.0) -> GuardState:
+    """A guard that has not yet seen the world: it starts in spot-healthy and observes."""
+    return GuardState(rules=rules, since=now)

@@ -1,0 +1,337 @@
+"""Table tests: every rule of the phase table in design.md, one row each."""
+
+from dataclasses import replace
+
+import pytest
+
+from spotguard.machine import (
+    Alert,
+    Deregister,
+    Failed,
+    GuardState,
+    Instance,
+    Notice,
+    Observed,
+    Phase,
+    Register,
+    Rules,
+    Start,
+    Stop,
+    Target,
+    Tick,
+    initial,
+    step,
+)
+
+RULES = Rules(
+    standbys=("i-s1", "i-s2"),
+    failback_grace=600,
+    standby_ready_timeout=300,
+    unhealthy_grace=30,
+    rebalance_hold=1800,
+)
+S, P, H, D = Phase.SPOT_HEALTHY, Phase.STANDBY_STARTING, Phase.BOTH_SERVING, Phase.SPOT_RESTORED
+DR = Phase.STANDBY_DRAINING
+
+
+def world(spots="", standbys="s1:stopped s2:stopped", targets=""):
+    """A compact Observed: `spots` like "a:running! b:running" (! = notice), targets "a:healthy"."""
+
+    def inst(word, notice=False):
+        iid, state = word.split(":")
+        return Instance(f"i-{iid}", state.rstrip("!"), notice=state.endswith("!"))
+
+    return Observed(
+        spots=tuple(inst(w) for w in spots.split()),
+        standbys=tuple(inst(w) for w in standbys.split()),
+        targets=tuple(Target(f"i-{w.split(':')[0]}", w.split(":")[1]) for w in targets.split()),
+    )
+
+
+def at(phase, seen, **kw):
+    """A guard in `phase` since t=0 that has already observed `seen`."""
+    return GuardState(rules=kw.pop("rules", RULES), phase=phase, since=0.0, reason="test", seen=seen, **kw)
+
+
+HEALTHY_SPOT = world("a:running", targets="a:healthy")
+
+# (name, state, event, now, expected phase, expected commands)
+ROWS = [
+    # --- spot-healthy
+    ("steady", at(S, HEALTHY_SPOT), HEALTHY_SPOT, 10, S, ()),
+    ("notice by sqs", at(S, HEALTHY_SPOT), Notice("i-a"), 10, P, (Start("i-s1"),)),
+    ("notice by poll", at(S, HEALTHY_SPOT), world("a:running!", targets="a:healthy"), 10, P, (Start("i-s1"),)),
+    ("spot gone", at(S, HEALTHY_SPOT), world("", targets="a:unused"), 10, P, (Start("i-s1"),)),
+    ("spot stopping", at(S, HEALTHY_SPOT), world("a:stopping", targets="a:unhealthy"), 10, P, (Start("i-s1"),)),
+    (
+        "unhealthy within grace",
+        at(S, HEALTHY_SPOT, unhealthy_since=0.0),
+        world("a:running", targets="a:unhealthy"),
+        29,
+        S,
+        (),
+    ),
+    (
+        "unhealthy past grace",
+        at(S, HEALTHY_SPOT, unhealthy_since=0.0),
+        world("a:running", targets="a:unhealthy"),
+        30,
+        P,
+        (Start("i-s1"),),
+    ),
+    ("new spot registered", at(S, world()), world("a:running"), 10, S, (Register("i-a"),)),
+    (
+        "rebalance ignored",
+        at(S, HEALTHY_SPOT),
+        Notice("i-a", "rebalance"),
+        10,
+        S,
+        (Alert("rebalance recommendation for spot i-a; on_rebalance=ignore, no action"),),
+    ),
+    (
+        "rebalance prewarm",
+        at(S, HEALTHY_SPOT, rules=replace(RULES, on_rebalance="prewarm")),
+        Notice("i-a", "rebalance"),
+        10,
+        P,
+        (Start("i-s1"),),
+    ),
+    (
+        "stray standby gets the grace",
+        at(S, HEALTHY_SPOT),
+        world("a:running", "s1:running s2:stopped", "a:healthy s1:healthy"),
+        10,
+        D,
+        (),
+    ),
+    ("notice for a standby ignored", at(S, HEALTHY_SPOT), Notice("i-s1"), 10, S, ()),
+    # --- standby-starting
+    (
+        "booting: wait",
+        at(P, world("a:running!", "s1:pending s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0, start_sent=0.0),
+        world("a:running!", "s1:pending s2:stopped", "a:healthy"),
+        5,
+        P,
+        (),
+    ),
+    (
+        "running: register",
+        at(P, world(), standby="i-s1", started_at=0.0, start_sent=0.0, doomed=frozenset({"i-a"})),
+        world("a:running!", "s1:running s2:stopped", "a:healthy"),
+        20,
+        P,
+        (Register("i-s1"),),
+    ),
+    (
+        "registered, initial: wait (spot not deregistered)",
+        at(P, world(), standby="i-s1", started_at=0.0, start_sent=0.0),
+        world("a:running!", "s1:running s2:stopped", "a:healthy s1:initial"),
+        25,
+        P,
+        (),
+    ),
+    (
+        "standby healthy: doomed spot drains",
+        at(P, world(), standby="i-s1", started_at=0.0, start_sent=0.0),
+        world("a:running!", "s1:running s2:stopped", "a:healthy s1:healthy"),
+        40,
+        H,
+        (Deregister("i-a"),),
+    ),
+    (
+        "ICE: next standby",
+        at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0, start_sent=0.0),
+        Failed(Start("i-s1"), "InsufficientInstanceCapacity"),
+        1,
+        P,
+        (
+            Alert("standby i-s1 could not start (InsufficientInstanceCapacity); trying the next standby"),
+            Start("i-s2"),
+        ),
+    ),
+    (
+        "throttled start: nothing new",
+        at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0, start_sent=0.0),
+        Failed(Start("i-s1"), "RequestLimitExceeded"),
+        1,
+        P,
+        (),
+    ),
+    (
+        "stopping standby: wait, then start",
+        at(P, world(), standby="i-s1"),
+        world("a:running!", "s1:stopping s2:stopped", "a:healthy"),
+        1,
+        P,
+        (),
+    ),
+    (
+        "ready timeout: next standby, first stopped",
+        at(P, world(), standby="i-s1", started_at=0.0, start_sent=0.0),
+        world("a:running!", "s1:running s2:stopped", "a:healthy s1:unhealthy"),
+        300,
+        P,
+        (Alert("standby i-s1 not healthy after 300s"), Deregister("i-s1"), Start("i-s2")),
+    ),
+    # --- both-serving
+    (
+        "serving: nothing to do",
+        at(H, world(), standby="i-s1", doomed=frozenset({"i-a"})),
+        world("a:running!", "s1:running s2:stopped", "a:draining s1:healthy"),
+        50,
+        H,
+        (),
+    ),
+    (
+        "new spot: register",
+        at(H, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "s1:healthy"),
+        300,
+        H,
+        (Register("i-b"),),
+    ),
+    (
+        "new spot healthy: grace starts",
+        at(H, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "s1:healthy b:healthy"),
+        310,
+        D,
+        (),
+    ),
+    (
+        "standby stopped by hand: start again",
+        at(H, world(), standby="i-s1"),
+        world("", "s1:stopped s2:stopped", ""),
+        310,
+        P,
+        (Start("i-s1"),),
+    ),
+    # --- spot-restored
+    (
+        "within grace",
+        at(D, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "s1:healthy b:healthy"),
+        599,
+        D,
+        (),
+    ),
+    (
+        "grace passed: drain standby",
+        at(D, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "s1:healthy b:healthy"),
+        600,
+        DR,
+        (Deregister("i-s1"),),
+    ),
+    (
+        "notice during grace",
+        at(D, world(), standby="i-s1"),
+        world("b:running!", "s1:running s2:stopped", "s1:healthy b:healthy"),
+        100,
+        H,
+        (Deregister("i-b"),),
+    ),
+    # --- standby-draining
+    (
+        "draining: wait",
+        at(DR, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "s1:draining b:healthy"),
+        650,
+        DR,
+        (),
+    ),
+    (
+        "drained: stop",
+        at(DR, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "b:healthy"),
+        700,
+        DR,
+        (Stop("i-s1"),),
+    ),
+    (
+        "stopped: back to spot-healthy",
+        at(DR, world(), standby="i-s1"),
+        world("b:running", "s1:stopped s2:stopped", "b:healthy"),
+        710,
+        S,
+        (),
+    ),
+    (
+        "notice while draining: re-register",
+        at(DR, world(), standby="i-s1"),
+        world("b:running!", "s1:running s2:stopped", "s1:draining b:healthy"),
+        660,
+        P,
+        (Register("i-s1"),),
+    ),
+    (
+        "notice while stopping: wait for stopped",
+        at(DR, world(), standby="i-s1"),
+        world("b:running!", "s1:stopping s2:stopped", "b:healthy"),
+        705,
+        P,
+        (),
+    ),
+    (
+        "crash before deregister: deregister again",
+        at(DR, world(), standby="i-s1"),
+        world("b:running", "s1:running s2:stopped", "s1:healthy b:healthy"),
+        650,
+        DR,
+        (Deregister("i-s1"),),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,state,event,now,phase,commands", ROWS, ids=[r[0] for r in ROWS])
+def test_rule(name, state, event, now, phase, commands):
+    new, cmds = step(state, event, now)
+    assert new.phase is phase
+    assert cmds == commands
+    if new.phase is not state.phase:
+        assert new.since == now and new.reason
+
+
+def test_duplicate_notice_changes_nothing():
+    state, _ = step(at(S, HEALTHY_SPOT), Notice("i-a"), 10)
+    again, cmds = step(state, Notice("i-a"), 11)
+    assert again == state and cmds == ()
+
+
+def test_never_deregisters_last_healthy_target():
+    # The doomed spot is the only healthy target and the standby is not healthy yet.
+    state = at(H, world(), standby="i-s1", doomed=frozenset({"i-a"}))
+    new, cmds = step(state, world("a:running!", "s1:running s2:stopped", "a:healthy s1:unhealthy"), 5)
+    assert Deregister("i-a") not in cmds
+
+
+def test_never_stops_standby_that_is_the_only_healthy_target():
+    state = at(DR, world(), standby="i-s1")
+    _, cmds = step(state, world("b:running", "s1:running s2:stopped", "s1:healthy b:unhealthy"), 700)
+    assert not any(isinstance(c, (Stop, Deregister)) for c in cmds)
+
+
+def test_all_standbys_fail_then_retry_with_backoff():
+    state = at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", start_sent=0.0)
+    state, _ = step(state, Failed(Start("i-s1"), "InsufficientInstanceCapacity"), 1)
+    state, cmds = step(state, Failed(Start("i-s2"), "InsufficientInstanceCapacity"), 2)
+    assert cmds[-1] == Alert("no standby could start; retrying in 30s")
+    state, cmds = step(state, Tick(), 20)
+    assert cmds == ()
+    state, cmds = step(state, Tick(), 32)
+    assert cmds == (Start("i-s1"),)
+
+
+def test_nothing_decided_before_first_observation():
+    state, cmds = step(initial(RULES), Notice("i-a"), 1)
+    assert cmds == () and state.doomed == {"i-a"}
+    state, cmds = step(state, HEALTHY_SPOT, 2)
+    assert state.phase is P and cmds == (Start("i-s1"),)
+
+
+def test_prewarm_drains_after_rebalance_hold():
+    rules = replace(RULES, on_rebalance="prewarm")
+    state = at(D, world(), rules=rules, standby="i-s1", prewarm_at=0.0)
+    seen = world("a:running", "s1:running s2:stopped", "s1:healthy a:healthy")
+    assert step(state, seen, 1799)[0].phase is D
+    assert step(state, seen, 1800) [1] == (Deregister("i-s1"),)
