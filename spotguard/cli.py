@@ -1,0 +1,106 @@
+"""The `spotguard` command line: parses arguments and hands off to the part that does the work.
+
+Each subcommand is one entry of SUBCOMMANDS (name → how to add its arguments
+and the function that runs it, returning the exit code), so a new one slots in
+without touching main(). Exit codes: 0 fine, 2 bad usage or bad config (argparse
+uses 2 as well), anything else is the subcommand's own answer.
+
+This module must not hold any logic of its own beyond wiring and printing: the
+config rules live in config.py, the daemon in daemon.py (imported only when
+`run` needs it, so `check-config` stays light and never starts anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from spotguard import __version__
+from spotguard.config import ConfigError, GuardSettings, Settings, format_duration, load
+
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="PATH", help="the TOML config file")
+
+
+def _load_or_report(path: str) -> Settings | None:
+    """The settings, or None after printing each problem on its own line to stderr."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def describe_guard(guard: GuardSettings) -> str:
+    """One line summing up a guard, for people checking their config."""
+    target_group = guard.target_group_arn.rsplit(":", 1)[-1]
+    port = f"port {guard.target_port}" if guard.target_port else "port from target group"
+    if guard.spot_request_ids:
+        spot = "spot requests " + ", ".join(guard.spot_request_ids)
+    else:
+        spot = "spot tags " + ", ".join(f"{k}={v!r}" for k, v in guard.spot_instance_tags)
+    rebalance = f"on_rebalance {guard.on_rebalance}"
+    if guard.on_rebalance == "prewarm":
+        rebalance += f" (hold {format_duration(guard.rebalance_hold)})"
+    return (
+        f"guard {guard.name}: {target_group} ({port}); {spot}; "
+        f"standbys {', '.join(guard.standby_instance_ids)}; "
+        f"failback_grace {format_duration(guard.failback_grace)}, "
+        f"standby_ready_timeout {format_duration(guard.standby_ready_timeout)}, "
+        f"unhealthy_grace {format_duration(guard.unhealthy_grace)}, {rebalance}"
+    )
+
+
+def check_config(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    print(f"config OK: {len(settings.guards)} guard(s)")
+    for guard in settings.guards:
+        print(describe_guard(guard))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    from spotguard import daemon  # lazily: check-config must not pay for (or depend on) the daemon
+
+    return daemon.run(settings)
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "check-config": Subcommand("check the config file and sum up its guards", _config_argument, check_config),
+    "run": Subcommand("run the daemon (the config is checked first; nothing starts if it is wrong)", _config_argument, run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spotguard",
+        description="Keeps a service on EC2 Spot available through interruptions with a stopped On-Demand standby.",
+    )
+    parser.add_argument("--version", action="version", version=f"spotguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, sub in SUBCOMMANDS.items():
+        sub.arguments(commands.add_parser(name, help=sub.help, description=sub.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return SUBCOMMANDS[args.command].handler(args)

@@ -1,0 +1,677 @@
+"""Reads spotguard's TOML config file into frozen settings, or says everything wrong with it.
+
+`load(path)` returns `Settings`, or raises `ConfigError` listing every problem
+found, one line each, starting with the key path:
+
+    guard[0].standby_instance_ids[1]: "i-zz" is not an instance id
+    daemon.poll_intervall: unknown key (did you mean poll_interval?)
+    aws.region: required
+
+It never raises anything else, whatever the file holds (missing, a directory,
+not TOML, binary, wrong types everywhere), so `spotguard check-config` and
+`spotguard run` can always answer with exit 2 and no traceback.
+
+Decisions a reader of a config file needs to know:
+* Durations are a non-negative number of seconds, or a string of hours,
+  minutes and seconds in that order, each optional and possibly decimal:
+  "90s", "10m", "1h", "1h30m", "1m30s", "1.5h". No spaces, no other units.
+* Relative paths (`daemon.state_dir`, `notify.discord.webhook_url_file`) are
+  relative to the directory holding the config file, not to the working
+  directory, so the same file means the same thing wherever it is run from.
+* The Discord webhook URL is a credential. It comes from `webhook_url`, from
+  the file named by `webhook_url_file` (read here, at load time), or from the
+  environment variable SPOTGUARD_DISCORD_WEBHOOK_URL when `[notify.discord]`
+  names neither. It never appears in a repr or in an error message.
+* Beyond the schema (design.md § Config), two cross-checks: a target
+  group ARN must be in `aws.region` (the daemon talks to one region), and no
+  target group, spot request, standby or spot tag set may belong to two
+  guards (two guards acting on the same thing would undo each other).
+
+This module must not talk to AWS, start anything, or log. It reads the config
+file, the webhook URL file and one environment variable, and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+import math
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from spotguard.machine import Rules
+
+DISCORD_ENV = "SPOTGUARD_DISCORD_WEBHOOK_URL"
+DEFAULT_STATE_DIR = Path("/var/lib/spotguard")
+LOG_FORMATS = ("auto", "json", "console")
+REBALANCE_POLICIES = ("ignore", "prewarm")
+
+# A config or webhook file beyond these sizes is a wrong path, not a config:
+# the limits keep a mistake like `/dev/zero` from eating the nano's memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SECRET_BYTES = 64 << 10
+
+
+class ConfigError(Exception):
+    """The config cannot be used. `problems` holds one line per problem, key path first."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    region: str
+    endpoint_url: str | None = None  # only for local/moto testing
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    state_dir: Path = DEFAULT_STATE_DIR
+    poll_interval: float = 5.0
+    log_format: str = "auto"  # auto | json | console
+
+
+@dataclass(frozen=True)
+class DiscordSettings:
+    webhook_url: str = field(repr=False)  # a credential: never in repr or logs
+
+
+@dataclass(frozen=True)
+class SqsSettings:
+    queue_url: str
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    name: str
+    target_group_arn: str
+    target_port: int | None = None  # None: the target group's port
+    spot_request_ids: tuple[str, ...] = ()
+    spot_instance_tags: tuple[tuple[str, str], ...] = ()  # (key, value) in file order
+    standby_instance_ids: tuple[str, ...] = ()
+    failback_grace: float = 600.0
+    standby_ready_timeout: float = 300.0
+    unhealthy_grace: float = 30.0
+    on_rebalance: str = "ignore"  # ignore | prewarm
+    rebalance_hold: float = 1800.0
+
+    def rules(self) -> Rules:
+        return Rules(
+            standbys=self.standby_instance_ids,
+            failback_grace=self.failback_grace,
+            standby_ready_timeout=self.standby_ready_timeout,
+            unhealthy_grace=self.unhealthy_grace,
+            on_rebalance=self.on_rebalance,
+            rebalance_hold=self.rebalance_hold,
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    aws: AwsSettings
+    daemon: DaemonSettings = DaemonSettings()
+    discord: DiscordSettings | None = None
+    sqs: SqsSettings | None = None
+    guards: tuple[GuardSettings, ...] = ()
+
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION = re.compile(
+    r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?"
+)
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION_HINT = 'a number of seconds or a string like "90s", "10m", "1h30m"'
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a non-negative number or a string like "90s", "10m", "1h30m".
+
+    Raises ValueError (and nothing else) with a message fit to follow a key path.
+    """
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if not value or match is None:
+            raise ValueError(f"{_show(value)} is not a duration (use {_DURATION_HINT})")
+        seconds = sum(float(match[u]) * _UNIT_SECONDS[u] for u in "hms" if match[u] is not None)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        raise ValueError(f"expected {_DURATION_HINT}, got {_describe(value)}")
+    if math.isnan(seconds):
+        raise ValueError(f"{_show(value)} is not a duration (use {_DURATION_HINT})")
+    if seconds < 0:
+        raise ValueError(f"{_show(value)} is not a duration: must not be negative")
+    if math.isinf(seconds):
+        raise ValueError(f"{_show(value)} is too long a duration")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration for display: 600 → "10m", 5400 → "1h30m", 2.5 → "2.5s"."""
+    if not math.isfinite(seconds) or seconds != int(seconds):
+        return f"{seconds:g}s"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = "".join(f"{n}{u}" for n, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if n)
+    return text or "0s"
+
+
+# --------------------------------------------------------------------------- showing values
+# Every message stays on one line whatever the file holds: strings and odd keys
+# are shown JSON-quoted with non-ASCII escaped (U+2028 would split a line too).
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 200 else value[:197] + "...")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10**30 else "a very large integer"
+        return text
+    if isinstance(value, float):
+        return repr(value)
+    return _kind(value)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, dt.datetime):
+        return "a datetime"
+    if isinstance(value, dt.date):
+        return "a date"
+    if isinstance(value, dt.time):
+        return "a time"
+    return type(value).__name__
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (str, bool, int, float)):
+        return f"{_kind(value)} ({_show(value)})"
+    return _kind(value)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _join(path: str, key: str) -> str:
+    shown = key if _BARE_KEY.fullmatch(key) else _show(key)
+    return f"{path}.{shown}" if path else shown
+
+
+def _display_path(path: object) -> str:
+    text = str(path)
+    return text if text.isprintable() else json.dumps(text)
+
+
+# --------------------------------------------------------------------------- the reader
+
+_REQUIRED = object()
+Convert = Callable[["_Reader", Any, str], Any]
+
+
+class _Reader:
+    """Collects problems while converting the parsed TOML into settings."""
+
+    def __init__(self, base: Path, env: Mapping[str, str]) -> None:
+        self.base = base  # relative paths in the file are relative to this
+        self.env = env
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def get(self, table: dict, key: str, path: str, convert: Convert, default: Any = _REQUIRED) -> Any:
+        """table[key] converted, `default` when absent; None (and a problem) when wrong."""
+        where = _join(path, key)
+        if key not in table:
+            if default is _REQUIRED:
+                self.problem(where, "required")
+                return None
+            return default
+        return convert(self, table[key], where)
+
+    def section(self, table: dict, key: str, path: str, allowed: tuple[str, ...]) -> dict | None:
+        """The sub-table table[key] ({} when absent) with unknown keys reported; None when not a table."""
+        where = _join(path, key)
+        value = table.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(where, f"expected a table, got {_describe(value)}")
+            return None
+        self.known_keys(value, where, allowed)
+        return value
+
+    def known_keys(self, table: dict, path: str, allowed: tuple[str, ...]) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.problem(_join(path, key), f"unknown key{hint}")
+
+
+# --------------------------------------------------------------------------- converters
+# Each takes (reader, value, key path) and returns the converted value, or
+# records a problem and returns None.
+
+
+def _string(r: _Reader, value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return value
+    r.problem(path, f"expected a string, got {_describe(value)}")
+    return None
+
+
+def _matching(pattern: str, what: str) -> Convert:
+    regex = re.compile(pattern)
+
+    def convert(r: _Reader, value: Any, path: str) -> str | None:
+        text = _string(r, value, path)
+        if text is not None and not regex.fullmatch(text):
+            r.problem(path, f"{_show(text)} is not {what}")
+            return None
+        return text
+
+    return convert
+
+
+def _choice(options: tuple[str, ...]) -> Convert:
+    def convert(r: _Reader, value: Any, path: str) -> str | None:
+        text = _string(r, value, path)
+        if text is not None and text not in options:
+            r.problem(path, f"{_show(text)} is not one of {' | '.join(options)}")
+            return None
+        return text
+
+    return convert
+
+
+def _is_http_url(text: str) -> bool:
+    if not text.isprintable() or any(c.isspace() for c in text):
+        return False
+    try:
+        parts = urlsplit(text)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
+
+
+def _url(r: _Reader, value: Any, path: str) -> str | None:
+    text = _string(r, value, path)
+    if text is not None and not _is_http_url(text):
+        r.problem(path, f"{_show(text)} is not an http(s) URL")
+        return None
+    return text
+
+
+def _secret_url(r: _Reader, value: Any, path: str) -> str | None:
+    if not isinstance(value, str):
+        r.problem(path, f"expected a string, got {_kind(value)}")  # not even the value: it may be the secret
+        return None
+    if not _is_http_url(value):
+        r.problem(path, "is not an http(s) URL (value not shown: it is a credential)")
+        return None
+    return value
+
+
+def _duration(r: _Reader, value: Any, path: str) -> float | None:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        r.problem(path, str(exc))
+        return None
+
+
+def _positive_duration(r: _Reader, value: Any, path: str) -> float | None:
+    seconds = _duration(r, value, path)
+    if seconds == 0:
+        r.problem(path, "must be greater than 0")
+        return None
+    return seconds
+
+
+def _port(r: _Reader, value: Any, path: str) -> int | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        r.problem(path, f"expected an integer port, got {_describe(value)}")
+        return None
+    if not 1 <= value <= 65535:
+        r.problem(path, f"{_show(value)} is not a port (1-65535)")
+        return None
+    return value
+
+
+def _path(r: _Reader, value: Any, path: str) -> Path | None:
+    text = _string(r, value, path)
+    if text is None:
+        return None
+    if not text or "\0" in text:
+        r.problem(path, f"{_show(text)} is not a usable path")
+        return None
+    return r.base / text  # an absolute `text` replaces the base
+
+
+def _array(element: Convert) -> Convert:
+    """A non-empty array; bad elements are reported at their own index and come back as None."""
+
+    def convert(r: _Reader, value: Any, path: str) -> tuple | None:
+        if not isinstance(value, list):
+            r.problem(path, f"expected an array, got {_describe(value)}")
+            return None
+        if not value:
+            r.problem(path, "must not be empty")
+            return None
+        return tuple(element(r, item, f"{path}[{i}]") for i, item in enumerate(value))
+
+    return convert
+
+
+def _tags(r: _Reader, value: Any, path: str) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(value, dict):
+        r.problem(path, f"expected a table of tag = value, got {_describe(value)}")
+        return None
+    if not value:
+        r.problem(path, "must not be empty")
+        return None
+    ok = True
+    for key, tag_value in value.items():
+        where = _join(path, key)
+        if not 1 <= len(key) <= 128:
+            r.problem(where, "a tag key is 1-128 characters")
+            ok = False
+        if not isinstance(tag_value, str):
+            r.problem(where, f"expected a string tag value, got {_describe(tag_value)}")
+            ok = False
+        elif len(tag_value) > 256:
+            r.problem(where, "a tag value is at most 256 characters")
+            ok = False
+    return tuple(value.items()) if ok else None
+
+
+def _url_from_file(r: _Reader, value: Any, path: str) -> str | None:
+    """The URL held by the file named by `value`, or None and a problem naming the key (never the URL)."""
+    file = _path(r, value, path)
+    if file is None:
+        return None
+    shown = _show(str(file))
+    try:
+        # A FIFO or device would block or never end: only a regular file holds a URL.
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            r.problem(path, f"{shown} is not a regular file")
+            return None
+        with open(file, "rb") as handle:
+            data = handle.read(MAX_SECRET_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        r.problem(path, f"cannot read {shown}: {_os_reason(exc)}")
+        return None
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = None
+    if not text:
+        r.problem(path, f"{shown} is empty" if text == "" else f"{shown} is not UTF-8 text")
+    elif len(data) > MAX_SECRET_BYTES or not _is_http_url(text):
+        r.problem(path, f"{shown} does not hold an http(s) URL")
+    else:
+        return text
+    return None
+
+
+def _os_reason(exc: Exception) -> str:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(reason.split())
+
+
+# --------------------------------------------------------------------------- sections
+
+_ID_INSTANCE = r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})"
+# AWS issues `sir-` + 8 characters; moto (and, like other resources, maybe AWS
+# one day) issues `sir-` + 17 hex digits. Both are accepted.
+_ID_SPOT_REQUEST = r"sir-(?:[a-z0-9]{8}|[0-9a-f]{17})"
+_REGION = r"[a-z]{2}(?:-[a-z]+)+-\d+"
+_TG_ARN = re.compile(
+    rf"arn:aws[-a-z]*:elasticloadbalancing:(?P<region>{_REGION}):\d{{12}}:"
+    r"targetgroup/[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?/[0-9a-f]{16}"
+)
+_GUARD_NAME = r"[a-z0-9-]{1,63}"
+
+_TOP_KEYS = ("aws", "daemon", "notify", "sources", "guard")
+_GUARD_KEYS = (
+    "name",
+    "target_group_arn",
+    "target_port",
+    "spot_request_ids",
+    "spot_instance_tags",
+    "standby_instance_ids",
+    "failback_grace",
+    "standby_ready_timeout",
+    "unhealthy_grace",
+    "on_rebalance",
+    "rebalance_hold",
+)
+
+
+def _settings(r: _Reader, top: dict) -> Settings:
+    r.known_keys(top, "", _TOP_KEYS)
+    aws = _aws(r, top)
+    return Settings(
+        aws=aws,
+        daemon=_daemon(r, top),
+        discord=_discord(r, top),
+        sqs=_sqs(r, top),
+        guards=_guards(r, top, aws.region),
+    )
+
+
+def _aws(r: _Reader, top: dict) -> AwsSettings:
+    table = r.section(top, "aws", "", ("region", "endpoint_url"))
+    if table is None:
+        return AwsSettings(region=None)  # type: ignore[arg-type]  # a problem is recorded
+    return AwsSettings(
+        region=r.get(table, "region", "aws", _matching(_REGION, 'an AWS region (like "ap-northeast-2")')),
+        endpoint_url=r.get(table, "endpoint_url", "aws", _url, None),
+    )
+
+
+def _daemon(r: _Reader, top: dict) -> DaemonSettings:
+    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format"))
+    if table is None:
+        return DaemonSettings()
+    return DaemonSettings(
+        state_dir=r.get(table, "state_dir", "daemon", _path, DEFAULT_STATE_DIR),
+        poll_interval=r.get(table, "poll_interval", "daemon", _positive_duration, 5.0),
+        log_format=r.get(table, "log_format", "daemon", _choice(LOG_FORMATS), "auto"),
+    )
+
+
+def _discord(r: _Reader, top: dict) -> DiscordSettings | None:
+    notify = r.section(top, "notify", "", ("discord",))
+    if notify is None:
+        return None
+    present = "discord" in notify
+    table = r.section(notify, "discord", "notify", ("webhook_url", "webhook_url_file"))
+    if table is None:
+        return None
+    has_url, has_file = "webhook_url" in table, "webhook_url_file" in table
+    if has_url and has_file:
+        r.problem("notify.discord.webhook_url_file", "cannot be combined with webhook_url (choose one)")
+        return None
+    if has_url:
+        url = r.get(table, "webhook_url", "notify.discord", _secret_url)
+    elif has_file:
+        url = _url_from_file(r, table["webhook_url_file"], "notify.discord.webhook_url_file")
+    else:
+        url = _url_from_env(r, required=present)
+    return DiscordSettings(webhook_url=url) if url is not None else None
+
+
+def _url_from_env(r: _Reader, *, required: bool) -> str | None:
+    text = r.env.get(DISCORD_ENV, "").strip()
+    if not text:
+        if required:
+            r.problem(
+                "notify.discord",
+                f"set webhook_url or webhook_url_file (or the environment variable {DISCORD_ENV})",
+            )
+        return None
+    return _secret_url(r, text, DISCORD_ENV)
+
+
+def _sqs(r: _Reader, top: dict) -> SqsSettings | None:
+    sources = r.section(top, "sources", "", ("sqs",))
+    if sources is None or "sqs" not in sources:
+        return None
+    table = r.section(sources, "sqs", "sources", ("queue_url",))
+    if table is None:
+        return None
+    return SqsSettings(queue_url=r.get(table, "queue_url", "sources.sqs", _url))
+
+
+def _guards(r: _Reader, top: dict, region: str | None) -> tuple[GuardSettings, ...]:
+    raw = top.get("guard")
+    if raw is None or raw == []:
+        r.problem("guard", "at least one [[guard]] is required")
+        return ()
+    if not isinstance(raw, list):
+        r.problem("guard", f"expected an array of tables ([[guard]]), got {_describe(raw)}")
+        return ()
+    guards = []
+    for i, table in enumerate(raw):
+        if isinstance(table, dict):
+            guards.append((f"guard[{i}]", _guard(r, table, f"guard[{i}]", region)))
+        else:
+            r.problem(f"guard[{i}]", f"expected a table, got {_describe(table)}")
+    _check_unclaimed(r, guards)
+    return tuple(guard for _, guard in guards)
+
+
+def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSettings:
+    r.known_keys(table, path, _GUARD_KEYS)
+    get = lambda key, convert, default=_REQUIRED: r.get(table, key, path, convert, default)  # noqa: E731
+    name = get("name", _matching(_GUARD_NAME, "a guard name (1-63 characters of a-z, 0-9 and -)"))
+    arn = get("target_group_arn", _matching(_TG_ARN.pattern, "an ELBv2 target group ARN"))
+    if arn is not None and region is not None:
+        arn_region = _TG_ARN.fullmatch(arn)["region"]  # type: ignore[index]
+        if arn_region != region:
+            r.problem(f"{path}.target_group_arn", f"is in region {_show(arn_region)}, not aws.region {_show(region)}")
+    has_requests, has_tags = "spot_request_ids" in table, "spot_instance_tags" in table
+    if has_requests and has_tags:
+        r.problem(f"{path}.spot_instance_tags", "cannot be combined with spot_request_ids (choose one)")
+    elif not (has_requests or has_tags):
+        r.problem(f"{path}.spot_request_ids", "required (or spot_instance_tags)")
+    return GuardSettings(
+        name=name,
+        target_group_arn=arn,
+        target_port=get("target_port", _port, None),
+        spot_request_ids=get("spot_request_ids", _array(_matching(_ID_SPOT_REQUEST, "a spot request id")), ()),
+        spot_instance_tags=get("spot_instance_tags", _tags, ()),
+        standby_instance_ids=get("standby_instance_ids", _array(_matching(_ID_INSTANCE, "an instance id"))),
+        failback_grace=get("failback_grace", _duration, 600.0),
+        standby_ready_timeout=get("standby_ready_timeout", _duration, 300.0),
+        unhealthy_grace=get("unhealthy_grace", _duration, 30.0),
+        on_rebalance=get("on_rebalance", _choice(REBALANCE_POLICIES), "ignore"),
+        rebalance_hold=get("rebalance_hold", _duration, 1800.0),
+    )
+
+
+def _check_unclaimed(r: _Reader, guards: list[tuple[str, GuardSettings]]) -> None:
+    """Report every name, target group, spot request, standby and tag set used twice, naming both places."""
+    claims: dict[tuple[str, object], str] = {}
+
+    def claim(kind: str, value: object, where: str, message: str) -> None:
+        if value is None:
+            return
+        first = claims.setdefault((kind, value), where)
+        if first != where:
+            r.problem(where, message.format(first=first))
+
+    for path, g in guards:
+        claim("name", g.name, f"{path}.name", f"{_show(g.name)} is already the name of {{first}}")
+        claim("tg", g.target_group_arn, f"{path}.target_group_arn", "is already the target group of {first}")
+        for field_name in ("spot_request_ids", "standby_instance_ids"):
+            for i, value in enumerate(getattr(g, field_name) or ()):
+                # Spot requests and instances share one namespace per kind, across lists and guards.
+                kind = "sir" if field_name == "spot_request_ids" else "instance"
+                where = f"{path}.{field_name}[{i}]"
+                claim(kind, value, where, f"{_show(value)} is already listed at {{first}}")
+        if g.spot_instance_tags:
+            where = f"{path}.spot_instance_tags"
+            claim("tags", frozenset(g.spot_instance_tags), where, "the same tags already select {first}'s spot instances")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, *, env: Mapping[str, str] | None = None) -> Settings:
+    """The settings in the TOML file at `path`; raises ConfigError (only) listing every problem.
+
+    `env` stands in for os.environ (where SPOTGUARD_DISCORD_WEBHOOK_URL may be).
+    """
+    try:
+        return _load(Path(path), os.environ if env is None else env)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a bug here must still end as a config error, never a traceback
+        raise ConfigError(
+            [f"{_display_path(path)}: internal error while checking the config: {type(exc).__name__}: {exc}"]
+        ) from exc
+
+
+def _load(path: Path, env: Mapping[str, str]) -> Settings:
+    shown = _display_path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{shown}: cannot read: {_os_reason(exc)}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{shown}: larger than {MAX_CONFIG_BYTES} bytes, not a spotguard config"])
+    try:
+        text = data.decode("utf-8-sig")  # tolerate the BOM some editors write
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{shown}: not valid TOML: not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    try:
+        top = tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+        raise ConfigError([f"{shown}: not valid TOML: {' '.join(str(exc).split())}"]) from None
+    reader = _Reader(_base_dir(path), env)
+    settings = _settings(reader, top)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return settings
+
+
+def _base_dir(path: Path) -> Path:
+    try:
+        return Path(os.path.abspath(path)).parent
+    except OSError:  # the working directory is gone
+        return path.parent
