@@ -1,0 +1,111 @@
+"""Logging setup: structlog to one stream, as JSON lines or for a human.
+
+`configure()` is called once by the CLI before anything logs. `json` writes one
+JSON object per line (ISO UTC timestamp, level, event, key-values): what
+journald should get, and what `auto` picks when the stream is not a TTY
+(under systemd stdout is the journal). `console` is structlog's
+ConsoleRenderer, for a person at a terminal.
+
+Records of the standard `logging` module (botocore, apscheduler, urllib3,
+discord-webhook) go through the same renderer at WARNING and above, so the
+journal holds one format only; their DEBUG lines would carry request URLs,
+and the Discord webhook URL is a credential.
+
+This module must not decide what is logged, only how: no event names here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor
+
+FORMATS = ("auto", "json", "console")
+
+# Keys whose values are secrets: dropped from every event before rendering.
+SECRET_KEYS = frozenset({"webhook_url"})
+# Any value that looks like a Discord webhook URL is a secret wherever it hides.
+_WEBHOOK_MARK = "/api/webhooks/"
+REDACTED = "[redacted]"
+
+_HANDLER_MARK = "_spotguard_handler"
+
+
+def drop_secrets(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Processor: drop `webhook_url` keys; redact string values holding a webhook URL."""
+    for key in SECRET_KEYS & event_dict.keys():
+        del event_dict[key]
+    for key, value in event_dict.items():
+        if isinstance(value, str) and _WEBHOOK_MARK in value:
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+def resolve_format(log_format: str, stream: TextIO) -> str:
+    """`auto` → `console` on a TTY, else `json`; other values checked and returned."""
+    if log_format not in FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(FORMATS)}, not {log_format!r}")
+    if log_format == "auto":
+        return "console" if _isatty(stream) else "json"
+    return log_format
+
+
+def configure(log_format: str = "auto", stream: TextIO | None = None, *, level: str = "info") -> str:
+    """Configure structlog (and stdlib logging) to write to `stream`; return the format used."""
+    stream = sys.stdout if stream is None else stream
+    fmt = resolve_format(log_format, stream)
+    levelno = _level(level)
+    renderer: Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+    )
+    # ConsoleRenderer formats exceptions itself; JSON needs them as a string.
+    exc: list[Processor] = [structlog.processors.format_exc_info] if fmt == "json" else []
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        drop_secrets,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *exc, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(levelno),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        # Not cached: loggers bound at import time must follow a later configure()
+        # (tests reconfigure, and structlog.testing.capture_logs needs it).
+        cache_logger_on_first_use=False,
+    )
+    _route_stdlib(stream, [structlog.stdlib.add_logger_name, *shared], [*exc, renderer])
+    return fmt
+
+
+def _route_stdlib(stream: TextIO, pre_chain: list[Processor], render: list[Processor]) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    # Replace only our own handler: others (pytest's capture, say) stay.
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _level(level: str) -> int:
+    try:
+        return logging.getLevelNamesMapping()[level.upper()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}") from None
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

@@ -1,0 +1,252 @@
+"""The state store: one JSON file per guard, written atomically.
+
+The daemon saves a guard's new state before its commands run (write ahead) and
+loads it on start. `encode`/`decode` are the file format, pure and strict;
+`Store` does the file work: temp file in the same directory, fsync, rename,
+fsync the directory, mode 0600.
+
+What is not stored: `rules` come from the current config on every load, and
+`seen` (the last observation) is never persisted: on start the daemon observes
+the world again, which is fresher than anything on disk.
+
+A file that cannot be used (truncated, not JSON, wrong version or shape,
+unreadable) is renamed aside as `<guard>.json.corrupt[-n]`, logged as
+`store.corrupt`, and `load` returns None, so the guard is rebuilt from what AWS
+shows. Such a file is evidence for a person: this module never deletes one.
+It must not interpret the state (that is machine.py's job) nor talk to AWS.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+import structlog
+
+from spotguard.machine import GuardState, Phase, Rules
+
+log = structlog.get_logger(__name__)
+
+VERSION = 1
+# GuardState fields that are deliberately not written; every other field is.
+NOT_PERSISTED = frozenset({"rules", "seen"})
+# Guard names come from config ([a-z0-9-]); checked again so a name can never be a path.
+_GUARD_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
+_TMP_SUFFIX = ".tmp"
+
+
+# --------------------------------------------------------------------------- format
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"expected a number, got {v!r}")
+    try:
+        value = float(v)  # JSON integers are unbounded: 1e400 as an int overflows here
+    except OverflowError:
+        raise ValueError("number out of range") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return value
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else _float(v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else _str(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _str_set(v: Any) -> frozenset[str]:
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list, got {v!r}")
+    return frozenset(_str(item) for item in v)
+
+
+def _phase(v: Any) -> Phase:
+    try:
+        return Phase(_str(v))
+    except ValueError:
+        raise ValueError(f"unknown phase {v!r}") from None
+
+
+# How to read back each type a GuardState field may have.
+_BY_TYPE: dict[Any, Callable[[Any], Any]] = {
+    Phase: _phase,
+    float: _float,
+    float | None: _opt_float,
+    str: _str,
+    str | None: _opt_str,
+    int: _int,
+    frozenset[str]: _str_set,
+}
+
+
+def _field_decoders() -> dict[str, Callable[[Any], Any]]:
+    # Follows GuardState: every field but NOT_PERSISTED is written, so a new field
+    # is never silently dropped, and a field of a type this module cannot write
+    # stops the import instead of losing state at the first save.
+    hints = get_type_hints(GuardState)
+    decoders = {}
+    for f in fields(GuardState):
+        if f.name in NOT_PERSISTED:
+            continue
+        if hints[f.name] not in _BY_TYPE:
+            raise TypeError(f"store cannot persist GuardState.{f.name} of type {hints[f.name]}")
+        decoders[f.name] = _BY_TYPE[hints[f.name]]
+    return decoders
+
+
+_DECODERS = _field_decoders()
+PERSISTED: tuple[str, ...] = tuple(_DECODERS)
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, Phase):
+        return value.value
+    if isinstance(value, frozenset):
+        return sorted(value)
+    return value
+
+
+def encode(state: GuardState) -> dict[str, Any]:
+    """The JSON document for `state`: version plus every field but rules and seen."""
+    data: dict[str, Any] = {"version": VERSION}
+    for name in _DECODERS:
+        data[name] = _encode_value(getattr(state, name))
+    return data
+
+
+def decode(data: Any, rules: Rules) -> GuardState:
+    """The GuardState in `data` with the given rules; ValueError if `data` is not a version-1 state."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("version")
+    if type(version) is not int or version != VERSION:  # bool is an int, 1.0 == 1: both refused
+        raise ValueError(f"unsupported version {version!r}")
+    keys = set(data) - {"version"}
+    if missing := set(_DECODERS) - keys:
+        raise ValueError(f"missing keys: {', '.join(sorted(missing))}")
+    if extra := keys - set(_DECODERS):
+        raise ValueError(f"unknown keys: {', '.join(sorted(map(str, extra)))}")
+    values = {}
+    for name, dec in _DECODERS.items():
+        try:
+            values[name] = dec(data[name])
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return GuardState(rules=rules, **values)
+
+
+# --------------------------------------------------------------------------- files
+
+
+class Store:
+    """Guard states as `<state_dir>/<guard>.json`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.state_dir)!r})"
+
+    def path(self, guard: str) -> Path:
+        if not _GUARD_NAME.match(guard):
+            raise ValueError(f"invalid guard name {guard!r}")
+        return self.state_dir / f"{guard}.json"
+
+    def save(self, guard: str, state: GuardState) -> None:
+        """Write `state` atomically: after a crash the file holds the old state or the new, never a mix."""
+        path = self.path(guard)
+        # Encode first: a state that cannot be written must not touch the disk.
+        payload = json.dumps(encode(state), sort_keys=True, allow_nan=False, indent=1).encode() + b"\n"
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:  # mkstemp creates it 0600 whatever the umask
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        # The rename is durable only once the directory entry is on disk.
+        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def load(self, guard: str, rules: Rules) -> GuardState | None:
+        """The saved state of `guard`, or None when there is none or it cannot be used."""
+        path = self.path(guard)
+        self._remove_stale_temps(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # permission, a directory in its place, I/O error
+            return self._set_aside(guard, path, f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._set_aside(guard, path, "not UTF-8")
+        try:
+            return decode(json.loads(text), rules)
+        except json.JSONDecodeError as exc:
+            return self._set_aside(guard, path, f"not JSON (truncated?): {exc}")
+        except (ValueError, RecursionError) as exc:
+            return self._set_aside(guard, path, str(exc))
+
+    def _set_aside(self, guard: str, path: Path, reason: str) -> None:
+        kept = _free_name(path)
+        try:
+            os.rename(path, kept)
+        except OSError as exc:
+            log.error("store.corrupt", guard=guard, reason=reason, kept=None,
+                      error=f"could not rename aside: {type(exc).__name__}: {exc.strerror or exc}")
+            return None
+        log.error("store.corrupt", guard=guard, reason=reason, kept=str(kept))
+        return None
+
+    def _remove_stale_temps(self, path: Path) -> None:
+        # Left by a crash between mkstemp and rename; only our own temp names, never a state file.
+        for tmp in self.state_dir.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
+            _unlink_quietly(tmp)
+
+
+def _free_name(path: Path) -> Path:
+    candidate = path.with_name(path.name + ".corrupt")
+    n = 1
+    while os.path.lexists(candidate):
+        candidate = path.with_name(f"{path.name}.corrupt-{n}")
+        n += 1
+    return candidate
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

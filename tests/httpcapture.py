@@ -1,0 +1,196 @@
+"""A real local HTTP server for tests that talk HTTP (Discord webhooks, ...).
+
+`CaptureServer` listens on 127.0.0.1 on a free port, in a thread, and records
+every request (method, path, headers, body). How it answers is set by the test:
+status code, JSON body, extra headers, a delay, or "hold" (the handler blocks
+until `release()` or `stop()`, so a stuck server costs no wall-clock time).
+
+`wait_for` / `async_wait_for` poll a condition until a deadline, so tests wait
+for what they need instead of sleeping and hoping. `refused_url()` gives a URL
+whose port is bound but not listening: connecting there is refused at once.
+
+This module must not mock anything: the client under test opens real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+# Upper bound on a "hold": a handler never blocks longer than this, even if a
+# test forgets to release it, so a broken test cannot hang the suite.
+MAX_HOLD = 30.0
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Response:
+    """How the server answers: status, JSON body, extra headers, delay before answering."""
+
+    status: int = 200
+    body: Any = field(default_factory=lambda: {"id": "1"})
+    headers: tuple[tuple[str, str], ...] = ()
+    delay: float = 0.0
+
+
+class CaptureServer:
+    """Threaded HTTP server on 127.0.0.1 that records requests; use as a context manager."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: list[Captured] = []
+        self._response = Response()
+        self._released = threading.Event()
+        self._released.set()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        # A short poll interval: shutdown() waits up to one interval for the loop to notice.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="capture-http", daemon=True
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> "CaptureServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._released.set()  # let held handlers finish
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "CaptureServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- control
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def respond(self, status: int = 200, body: Any = None, *, headers: dict[str, str] | None = None,
+                delay: float = 0.0) -> None:
+        """Answer every following request this way."""
+        with self._lock:
+            self._response = Response(
+                status=status,
+                body={"id": "1"} if body is None else body,
+                headers=tuple((headers or {}).items()),
+                delay=delay,
+            )
+
+    def hold(self) -> None:
+        """Make handlers block before answering, until `release()` (or `stop()`)."""
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    @property
+    def requests(self) -> list[Captured]:
+        with self._lock:
+            return list(self._requests)
+
+    # ----------------------------------------------------------------- handler
+
+    def _record(self, req: Captured) -> Response:
+        with self._lock:
+            self._requests.append(req)
+            return self._response
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                resp = server._record(Captured(self.command, self.path, dict(self.headers.items()), body))
+                server._released.wait(MAX_HOLD)
+                if resp.delay:
+                    time.sleep(resp.delay)
+                payload = b"" if resp.body == b"" else json.dumps(resp.body).encode()
+                try:
+                    self.send_response(resp.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    for name, value in resp.headers:
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (its timeout): nothing to answer
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # keep test output quiet
+
+        return Handler
+
+
+@contextlib.contextmanager
+def refused_url() -> Iterator[str]:
+    """A URL on 127.0.0.1 whose port is bound but not listening: connections are refused.
+
+    Holding the bound socket keeps the port from being reused while the test runs.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+async def async_wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
+    """`wait_for` for async tests: yields to the event loop between polls instead of blocking it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,144 @@
+"""Log output as journald and a person see it: captured from a real stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from datetime import datetime, timezone
+
+import pytest
+import structlog
+
+from spotguard import logs
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """configure() changes process-wide state: put structlog and the root logger back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def json_lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_is_one_object_per_line():
+    out = io.StringIO()
+    assert logs.configure("json", out) == "json"
+    log = structlog.get_logger("spotguard.test")
+    log.info("guard.transition", guard="inference", to="standby-starting")
+    log.warning("poll.describe.failed", code="Throttling", attempt=2)
+    first, second = json_lines(out)
+    assert first["event"] == "guard.transition"
+    assert first["level"] == "info"
+    assert first["guard"] == "inference" and first["to"] == "standby-starting"
+    assert second == {**second, "event": "poll.describe.failed", "level": "warning", "code": "Throttling", "attempt": 2}
+
+
+def test_json_timestamp_is_iso_utc():
+    out = io.StringIO()
+    logs.configure("json", out)
+    before = datetime.now(timezone.utc)
+    structlog.get_logger().info("daemon.started")
+    (line,) = json_lines(out)
+    stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset().total_seconds() == 0
+    assert abs((stamp - before).total_seconds()) < 60
+
+
+def test_json_exception_is_rendered_as_text():
+    out = io.StringIO()
+    logs.configure("json", out)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        structlog.get_logger().exception("executor.command.failed")
+    (line,) = json_lines(out)
+    assert line["level"] == "error"
+    assert "RuntimeError: boom" in line["exception"]
+
+
+def test_console_is_for_people():
+    out = io.StringIO()
+    assert logs.configure("console", out) == "console"
+    structlog.get_logger().info("guard.transition", guard="inference")
+    text = out.getvalue()
+    assert "guard.transition" in text and "guard=inference" in text
+    assert "\x1b[" not in text  # no colour codes when the stream is not a terminal
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text.splitlines()[0])
+
+
+@pytest.mark.parametrize(("stream", "expected"), [(io.StringIO(), "json"), (TTY(), "console")])
+def test_auto_picks_console_only_on_a_tty(stream, expected):
+    assert logs.configure("auto", stream) == expected
+
+
+def test_unknown_format_and_level_are_refused():
+    with pytest.raises(ValueError, match="log_format"):
+        logs.configure("xml", io.StringIO())
+    with pytest.raises(ValueError, match="level"):
+        logs.configure("json", io.StringIO(), level="chatty")
+
+
+def test_level_filters():
+    out = io.StringIO()
+    logs.configure("json", out, level="warning")
+    log = structlog.get_logger()
+    log.debug("poll.tick")
+    log.info("poll.done")
+    log.warning("poll.slow")
+    assert [line["event"] for line in json_lines(out)] == ["poll.slow"]
+
+
+def test_webhook_url_is_never_written():
+    out = io.StringIO()
+    logs.configure("json", out)
+    secret = "https://discord.com/api/webhooks/123/TOKEN-abc"
+    log = structlog.get_logger()
+    log.info("config.loaded", webhook_url=secret, guards=1)
+    log.warning("oops", detail=f"posting to {secret} failed")
+    first, second = json_lines(out)
+    assert "webhook_url" not in first and first["guards"] == 1
+    assert second["detail"] == logs.REDACTED
+    assert "TOKEN-abc" not in out.getvalue()
+
+
+def test_stdlib_records_share_the_format():
+    out = io.StringIO()
+    logs.configure("json", out)
+    logging.getLogger("apscheduler.scheduler").warning("Run time of job %s was missed", "poll")
+    (line,) = json_lines(out)
+    assert line["event"] == "Run time of job poll was missed"
+    assert line["level"] == "warning"
+    assert line["logger"] == "apscheduler.scheduler"
+    assert "timestamp" in line
+
+
+def test_stdlib_debug_lines_stay_out():
+    # urllib3 logs request paths at DEBUG, and a webhook path is a credential.
+    out = io.StringIO()
+    logs.configure("json", out)
+    logging.getLogger("urllib3.connectionpool").debug('"POST /api/webhooks/1/TOKEN HTTP/1.1" 204')
+    logging.getLogger("botocore").info("found credentials")
+    assert out.getvalue() == ""
+
+
+def test_configure_twice_writes_each_line_once():
+    first, second = io.StringIO(), io.StringIO()
+    logs.configure("json", first)
+    logs.configure("json", second)
+    logging.getLogger("x").error("only here")
+    assert first.getvalue() == ""
+    assert len(json_lines(second)) == 1
