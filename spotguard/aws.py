@@ -1,0 +1,122 @@
+"""AWS client factory and error helpers: how spotguard talks to EC2, ELBv2 and SQS.
+
+`clients(region, endpoint_url)` opens the three aiobotocore clients the daemon
+needs, with bounded retries and short timeouts so that a stuck endpoint costs
+seconds, not the two minutes an interruption notice gives us. `error_code(exc)`
+turns any AWS or network exception into the short code that ends up in
+`machine.Failed` and in logs.
+
+This module must not decide anything about guards or make API calls of its own;
+the poll source and the executor do that with the clients it hands out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, NamedTuple
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+# Standard mode retries throttling and transient errors with backoff; five tries
+# bound the worst case so a failover is never stuck behind an endless retry loop.
+RETRIES = {"mode": "standard", "max_attempts": 5}
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 15.0
+# SQS long polls for 20 s; its read timeout must outlast that or every empty
+# poll would end in a ReadTimeoutError.
+SQS_LONG_POLL = 20
+SQS_READ_TIMEOUT = SQS_LONG_POLL + 10.0
+
+
+class Clients(NamedTuple):
+    """The three clients, unpackable as `(ec2, elbv2, sqs)`."""
+
+    ec2: Any
+    elbv2: Any
+    sqs: Any
+
+
+def client_config(service: str, *, max_attempts: int = RETRIES["max_attempts"]) -> AioConfig:
+    """The botocore config for one service: bounded retries, short timeouts."""
+    read_timeout = SQS_READ_TIMEOUT if service == "sqs" else READ_TIMEOUT
+    return AioConfig(
+        retries={**RETRIES, "max_attempts": max_attempts},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=read_timeout,
+    )
+
+
+@asynccontextmanager
+async def client(
+    service: str,
+    region: str,
+    endpoint_url: str | None = None,
+    *,
+    session: AioSession | None = None,
+    max_attempts: int = RETRIES["max_attempts"],
+) -> AsyncIterator[Any]:
+    """One aiobotocore client for `service`, closed on exit."""
+    session = session or get_session()
+    async with session.create_client(
+        service,
+        region_name=region,
+        endpoint_url=endpoint_url,
+        config=client_config(service, max_attempts=max_attempts),
+    ) as c:
+        yield c
+
+
+@asynccontextmanager
+async def clients(
+    region: str,
+    endpoint_url: str | None = None,
+    *,
+    session: AioSession | None = None,
+    max_attempts: int = RETRIES["max_attempts"],
+) -> AsyncIterator[Clients]:
+    """EC2, ELBv2 and SQS clients sharing one session; all closed on exit.
+
+    `endpoint_url` points every client at one endpoint (moto in tests and the
+    lab). Pass one `session` to many calls to load botocore's service models
+    once; `max_attempts` exists for tests that want a failure without backoff.
+    """
+    session = session or get_session()
+    async with AsyncExitStack() as stack:
+        made = [
+            await stack.enter_async_context(
+                client(name, region, endpoint_url, session=session, max_attempts=max_attempts)
+            )
+            for name in ("ec2", "elbv2", "sqs")
+        ]
+        yield Clients(*made)
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ClientError, else the exception's class name.
+
+    Network failures have no AWS code; their botocore class name
+    (`EndpointConnectionError`, `ReadTimeoutError`, `ConnectTimeoutError`) is
+    what a person grepping the journal will recognise.
+    """
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code") or "ClientError")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "Timeout"
+    return type(exc).__name__
+
+
+# Exceptions that mean "AWS or the network said no", as opposed to a bug in
+# spotguard. The executor turns these into Failed; the poller into PollError.
+# aiobotocore maps most aiohttp failures to botocore's; aiohttp.ClientError
+# covers the few it lets through (payload errors, odd disconnects).
+AWS_ERRORS: tuple[type[BaseException], ...] = (
+    ClientError,
+    BotoCoreError,
+    aiohttp.ClientError,
+    OSError,
+    asyncio.TimeoutError,
+)

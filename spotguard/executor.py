@@ -1,0 +1,107 @@
+"""The executor: carries out the machine's commands against EC2 and ELBv2.
+
+`Executor.run(guard_name, command)` performs one Start, Stop, Register or
+Deregister and returns None on success or `machine.Failed(command, code)` when
+AWS or the network said no. Every command is idempotent against reality:
+starting a running instance, stopping a stopped one and deregistering an absent
+target are successes. Every action is logged once as `executor.action` with its
+outcome and duration.
+
+This module must not decide anything (the machine does), retry beyond
+botocore's bounded retries (the machine re-issues on the next observation),
+raise for AWS or network errors, or send alerts (the daemon routes `Alert` to
+the notifier; here it is a no-op).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Iterable
+
+import structlog
+
+from spotguard.aws import AWS_ERRORS, error_code
+from spotguard.machine import Alert, Command, Deregister, Failed, Register, Start, Stop
+
+log = structlog.get_logger("spotguard.executor")
+
+# DeregisterTargets answers InvalidTarget for a target that is not registered
+# (or no longer exists): either way the target is not in the group, which is
+# what Deregister wants.
+ABSENT_TARGET = "InvalidTarget"
+# One action may not take longer than this, retries included; past it the
+# machine hears Failed("Timeout") and decides again from the next observation.
+ACTION_DEADLINE = 60.0
+
+
+class Executor:
+    """Runs commands for the guards it was given, with the clients it was given."""
+
+    def __init__(self, ec2: Any, elbv2: Any, guards: Iterable[Any], *, deadline: float = ACTION_DEADLINE):
+        self.ec2 = ec2
+        self.elbv2 = elbv2
+        self.guards = {g.name: g for g in guards}
+        self.deadline = deadline
+
+    async def run(self, guard_name: str, command: Command) -> Failed | None:
+        """Carry out one command; None on success, Failed with the AWS code otherwise."""
+        if isinstance(command, Alert):
+            return None
+        guard = self.guards[guard_name]  # an unknown guard is a bug, not an AWS error
+        began = time.monotonic()
+        code: str | None = None
+        try:
+            async with asyncio.timeout(self.deadline):
+                outcome = await self._perform(guard, command)
+        except AWS_ERRORS as exc:
+            code = error_code(exc)
+            if isinstance(command, Deregister) and code == ABSENT_TARGET:
+                outcome, code = "absent", None
+            else:
+                outcome = "failed"
+        log_event = log.warning if code else log.info
+        log_event(
+            "executor.action",
+            guard=guard_name,
+            action=type(command).__name__.lower(),
+            instance_id=command.instance_id,
+            outcome=outcome,
+            code=code,
+            duration_ms=round((time.monotonic() - began) * 1000),
+        )
+        return Failed(command, code) if code else None
+
+    async def _perform(self, guard: Any, command: Command) -> str:
+        """Make the call; return the outcome word for the log."""
+        if isinstance(command, Start):
+            reply = await self.ec2.start_instances(InstanceIds=[command.instance_id])
+            return _transition(reply, "StartingInstances", already={"pending", "running"})
+        if isinstance(command, Stop):
+            reply = await self.ec2.stop_instances(InstanceIds=[command.instance_id])
+            return _transition(reply, "StoppingInstances", already={"stopping", "stopped"})
+        if isinstance(command, Register):
+            await self.elbv2.register_targets(
+                TargetGroupArn=guard.target_group_arn, Targets=[_target(guard, command.instance_id)]
+            )
+            return "done"
+        if isinstance(command, Deregister):
+            await self.elbv2.deregister_targets(
+                TargetGroupArn=guard.target_group_arn, Targets=[_target(guard, command.instance_id)]
+            )
+            return "done"
+        raise TypeError(f"executor cannot run {command!r}")
+
+
+def _target(guard: Any, instance_id: str) -> dict[str, Any]:
+    target: dict[str, Any] = {"Id": instance_id}
+    if guard.target_port is not None:
+        target["Port"] = int(guard.target_port)
+    return target
+
+
+def _transition(reply: dict, key: str, *, already: set[str]) -> str:
+    """'already' when the instance was in the wanted state before the call, else 'done'."""
+    changes = reply.get(key) or [{}]
+    previous = changes[0].get("PreviousState", {}).get("Name")
+    return "already" if previous in already else "done"

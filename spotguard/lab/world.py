@@ -1,0 +1,471 @@
+"""An embedded AWS for tests and the lab: moto in server mode, made to act like EC2.
+
+`MotoWorld` starts `moto.server.ThreadedMotoServer` on 127.0.0.1 (a free port),
+builds a deployment in it through the real API (`provision`: VPC, two subnets,
+ALB, target group, a persistent spot request with its running instance, stopped
+On-Demand standbys) and then adds the dynamics moto lacks by driving moto's
+backend objects in-process:
+
+  * `notice` / `terminate_spot` / `fulfil`: a spot interruption and a persistent
+    request's re-fulfilment with a new instance id;
+  * `set_health`: what DescribeTargetHealth reports for a target;
+  * `inject_error`: StartInstances/StopInstances answering an AWS error (e.g.
+    InsufficientInstanceCapacity) for a chosen instance;
+  * EC2's state rules moto skips: starting a terminated/stopping instance or
+    stopping a terminated one answers IncorrectInstanceState.
+
+spotguard's own clients talk to the world over HTTP exactly as they would to
+AWS; nothing here fakes or wraps them.
+
+Not modelled (yet): time. moto starts and stops instances instantly (running /
+stopped on the next Describe), registers targets healthy at once and drops
+deregistered targets without draining; a driver that needs `pending`,
+`initial` or `draining` sets them with the hooks above.
+
+This module must not be imported by the daemon's production path; it is for
+tests and the lab only. The world's patches are class-level on moto's backends
+(so they survive moto's reset, which rebuilds backend instances' state) and
+live while a world is started; at most one world runs per process. Mutations
+happen on the caller's thread while the server thread may be answering a
+request: drive the world between API calls, as tests naturally do.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import boto3
+from moto.backends import get_backend
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models.instances import InstanceBackend
+from moto.elbv2.models import ELBv2Backend, FakeHealthStatus
+from moto.server import ThreadedMotoServer
+
+DEFAULT_REGION = "us-east-1"
+TARGET_PORT = 8080
+SPOT_TYPE = "g5.xlarge"
+HEALTH_STATES = frozenset({"initial", "healthy", "unhealthy", "unused", "draining", "unavailable"})
+# The reason codes ELBv2 gives with each state, so overridden answers look real.
+HEALTH_REASONS: dict[str, tuple[str | None, str | None]] = {
+    "initial": ("Elb.RegistrationInProgress", "Target registration is in progress"),
+    "healthy": (None, None),
+    "unhealthy": ("Target.FailedHealthChecks", "Health checks failed"),
+    "unused": ("Target.InvalidState", "Target is in the stopped state"),
+    "draining": ("Target.DeregistrationInProgress", "Target deregistration is in progress"),
+    "unavailable": ("Elb.InternalError", "Health checks are unavailable"),
+}
+ACTIONS = frozenset({"start", "stop"})
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `provision` built, by id."""
+
+    name: str
+    vpc_id: str
+    subnet_ids: tuple[str, ...]
+    security_group_id: str
+    image_id: str
+    load_balancer_arn: str
+    target_group_arn: str
+    target_port: int
+    spot_request_id: str
+    spot_instance_id: str
+    standby_ids: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------- physics
+
+
+class _Physics:
+    """The world's overrides, read by the patched moto methods below."""
+
+    def __init__(self) -> None:
+        self.health: dict[tuple[str, str], str] = {}  # (target group arn, target id) -> state
+        self.errors: dict[tuple[str, str], tuple[str, str]] = {}  # (action, instance id) -> (code, message)
+
+    def clear(self) -> None:
+        self.health.clear()
+        self.errors.clear()
+
+
+_PHYSICS = _Physics()
+_ORIGINALS: dict[tuple[type, str], Callable[..., Any]] = {}
+
+
+def _check_transition(backend: Any, action: str, instance_ids: list[str]) -> None:
+    """Raise what EC2 would for an injected error or a state EC2 refuses."""
+    refused = {"start": ("terminated", "shutting-down", "stopping"), "stop": ("terminated", "shutting-down")}
+    for iid in instance_ids:
+        injected = _PHYSICS.errors.get((action, iid))
+        if injected:
+            raise EC2ClientError(*injected)
+        instance = backend.get_instance_by_id(iid)
+        # Unknown ids fall through: moto itself answers InvalidInstanceID.NotFound.
+        if instance is not None and instance.state in refused[action]:
+            verb = "started" if action == "start" else "stopped"
+            raise EC2ClientError(
+                "IncorrectInstanceState",
+                f"The instance '{iid}' is not in a state from which it can be {verb}.",
+            )
+
+
+def _start_instances(self: Any, instance_ids: list[str]) -> Any:
+    _check_transition(self, "start", instance_ids)
+    return _ORIGINALS[(InstanceBackend, "start_instances")](self, instance_ids)
+
+
+def _stop_instances(self: Any, instance_ids: list[str]) -> Any:
+    _check_transition(self, "stop", instance_ids)
+    return _ORIGINALS[(InstanceBackend, "stop_instances")](self, instance_ids)
+
+
+def _describe_target_health(self: Any, target_group_arn: str, targets: list[dict[str, Any]]) -> Any:
+    """moto's answer, with the world's health overrides applied.
+
+    moto stores no health: it builds a FakeHealthStatus per target on every
+    call from the registration and the instance state (registered → healthy,
+    stopped → unused), and a whole-group call lists only registered targets. So
+    the override sits here, at the one place that answers DescribeTargetHealth:
+    registered targets get their overridden state, and a deregistered target
+    whose override is `draining` stays listed, as ELBv2 lists it while it drains.
+    """
+    statuses = _ORIGINALS[(ELBv2Backend, "describe_target_health")](self, target_group_arn, targets)
+    overrides = {tid: st for (arn, tid), st in _PHYSICS.health.items() if arn == target_group_arn}
+    if not overrides:
+        return statuses
+    listed = set()
+    for status in statuses:
+        listed.add(status.instance_id)
+        if status.instance_id in overrides:
+            _apply(status, overrides[status.instance_id])
+    if not targets:
+        group = self.target_groups[target_group_arn]
+        for tid, state in overrides.items():
+            gone = group.deregistered_targets.get(tid) or group.terminated_targets.get(tid)
+            if state == "draining" and tid not in listed and gone:
+                status = FakeHealthStatus(tid, gone["Port"], group.health_check_port, state)
+                statuses.append(_apply(status, state))
+    return statuses
+
+
+def _apply(status: Any, state: str) -> Any:
+    status.status = state
+    status.reason, status.description = HEALTH_REASONS[state]
+    return status
+
+
+_PATCHES: dict[tuple[type, str], Callable[..., Any]] = {
+    (InstanceBackend, "start_instances"): _start_instances,
+    (InstanceBackend, "stop_instances"): _stop_instances,
+    (ELBv2Backend, "describe_target_health"): _describe_target_health,
+}
+
+
+def _install() -> None:
+    if _ORIGINALS:
+        raise RuntimeError("a MotoWorld is already running in this process")
+    for (cls, name), patched in _PATCHES.items():
+        _ORIGINALS[(cls, name)] = getattr(cls, name)
+        setattr(cls, name, patched)
+
+
+def _uninstall() -> None:
+    for (cls, name), original in _ORIGINALS.items():
+        setattr(cls, name, original)
+    _ORIGINALS.clear()
+    _PHYSICS.clear()
+
+
+# ---------------------------------------------------------------------- world
+
+
+class MotoWorld:
+    """moto on a free local port, plus the EC2 behaviour tests and the lab need."""
+
+    def __init__(self, region: str = DEFAULT_REGION, account_id: str = DEFAULT_ACCOUNT_ID):
+        self.region = region
+        self.account_id = account_id
+        self._server: ThreadedMotoServer | None = None
+        self._boto: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "MotoWorld":
+        # werkzeug logs every request at INFO on stderr; keep errors only.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        _install()
+        # port=0 works: werkzeug binds an ephemeral port and get_host_and_port reports it.
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        try:
+            self._server.start()
+        except BaseException:
+            _uninstall()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+            self._boto.clear()
+            _uninstall()
+
+    def __enter__(self) -> "MotoWorld":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("MotoWorld is not started")
+        host, port = self._server.get_host_and_port()
+        return f"http://{host}:{port}"
+
+    def reset(self) -> None:
+        """Forget every resource and every override: a blank account."""
+        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            reply.read()
+        _PHYSICS.clear()
+
+    def boto(self, service: str) -> Any:
+        """A plain boto3 client on the world, for building and inspecting it (cached)."""
+        if service not in self._boto:
+            self._boto[service] = boto3.client(service, region_name=self.region, endpoint_url=self.endpoint_url)
+        return self._boto[service]
+
+    @property
+    def ec2_backend(self) -> Any:
+        return get_backend("ec2")[self.account_id][self.region]
+
+    @property
+    def elbv2_backend(self) -> Any:
+        return get_backend("elbv2")[self.account_id][self.region]
+
+    # ------------------------------------------------------------ building
+
+    def provision(
+        self,
+        name: str = "lab",
+        *,
+        standbys: int = 1,
+        spot_tags: Mapping[str, str] | None = None,
+    ) -> Deployment:
+        """A service behind an ALB: one persistent spot request, `standbys` stopped standbys.
+
+        `spot_tags` are put on the spot instances the request launches (now and
+        on every re-fulfilment), for guards that find their spot by tags.
+        """
+        ec2, elbv2 = self.boto("ec2"), self.boto("elbv2")
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        subnets = tuple(
+            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{self.region}{az}")[
+                "Subnet"
+            ]["SubnetId"]
+            for i, az in enumerate("ab")
+        )
+        sg = ec2.create_security_group(GroupName=f"{name}-sg", Description=name, VpcId=vpc)["GroupId"]
+        lb = elbv2.create_load_balancer(Name=f"{name}-alb", Subnets=list(subnets), SecurityGroups=[sg])[
+            "LoadBalancers"
+        ][0]["LoadBalancerArn"]
+        tg = elbv2.create_target_group(
+            Name=f"{name}-tg",
+            Protocol="HTTP",
+            Port=TARGET_PORT,
+            VpcId=vpc,
+            TargetType="instance",
+            HealthCheckPath="/health",
+            HealthCheckIntervalSeconds=5,
+            HealthyThresholdCount=2,
+        )["TargetGroups"][0]["TargetGroupArn"]
+        elbv2.create_listener(
+            LoadBalancerArn=lb, Protocol="HTTP", Port=80, DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}]
+        )
+        image = self._image_id()
+        request = self._request_spot(ec2, name, image, subnets[0], sg, spot_tags or {})
+        spot = request["InstanceId"]
+        standby_ids = self._standbys(ec2, name, image, subnets[1], sg, standbys)
+        elbv2.register_targets(TargetGroupArn=tg, Targets=[{"Id": spot}])
+        return Deployment(
+            name=name,
+            vpc_id=vpc,
+            subnet_ids=subnets,
+            security_group_id=sg,
+            image_id=image,
+            load_balancer_arn=lb,
+            target_group_arn=tg,
+            target_port=TARGET_PORT,
+            spot_request_id=request["SpotInstanceRequestId"],
+            spot_instance_id=spot,
+            standby_ids=standby_ids,
+        )
+
+    def launch_spot(self, subnet_id: str, tags: Mapping[str, str]) -> str:
+        """A running spot instance launched directly (as a fleet or ASG would), tagged."""
+        reply = self.boto("ec2").run_instances(
+            ImageId=self._image_id(),
+            InstanceType=SPOT_TYPE,
+            MinCount=1,
+            MaxCount=1,
+            SubnetId=subnet_id,
+            InstanceMarketOptions={"MarketType": "spot"},
+            TagSpecifications=[{"ResourceType": "instance", "Tags": _tag_list(tags)}],
+        )
+        return reply["Instances"][0]["InstanceId"]
+
+    def _image_id(self) -> str:
+        # Any of moto's bundled AMIs; reading the backend avoids listing 1000+ images over HTTP.
+        return next(iter(self.ec2_backend.amis))
+
+    def _request_spot(
+        self, ec2: Any, name: str, image: str, subnet: str, sg: str, tags: Mapping[str, str]
+    ) -> dict[str, Any]:
+        tag_specs = [{"ResourceType": "spot-instances-request", "Tags": [{"Key": "Name", "Value": f"{name}-spot"}]}]
+        if tags:
+            # AWS only takes request tags here (instances get theirs from a launch
+            # template); moto copies "instance" tags onto every instance it launches
+            # for the request, which is the effect a launch template would have.
+            tag_specs.append({"ResourceType": "instance", "Tags": _tag_list(tags)})
+        reply = ec2.request_spot_instances(
+            InstanceCount=1,
+            Type="persistent",
+            InstanceInterruptionBehavior="terminate",
+            LaunchSpecification={
+                "ImageId": image,
+                "InstanceType": SPOT_TYPE,
+                "SubnetId": subnet,
+                "SecurityGroupIds": [sg],
+            },
+            TagSpecifications=tag_specs,
+        )
+        return reply["SpotInstanceRequests"][0]
+
+    def _standbys(self, ec2: Any, name: str, image: str, subnet: str, sg: str, count: int) -> tuple[str, ...]:
+        if count == 0:
+            return ()
+        reply = ec2.run_instances(
+            ImageId=image,
+            InstanceType=SPOT_TYPE,
+            MinCount=count,
+            MaxCount=count,
+            SubnetId=subnet,
+            SecurityGroupIds=[sg],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": f"{name}-standby"}]}],
+        )
+        ids = tuple(i["InstanceId"] for i in reply["Instances"])
+        ec2.stop_instances(InstanceIds=list(ids))
+        states = _states(ec2, ids)
+        if set(states.values()) != {"stopped"}:
+            raise RuntimeError(f"standbys did not stop: {states}")
+        return ids
+
+    # ------------------------------------------------------------ spot dynamics
+
+    def notice(self, request_id: str, code: str = "instance-terminated-no-capacity") -> None:
+        """The interruption notice: the request's status changes, its instance keeps running."""
+        request = self._spot_request(request_id)
+        request._status_code = code
+        request.status_message = f"Spot capacity is being reclaimed ({code})."
+
+    def terminate_spot(
+        self,
+        request_id: str,
+        code: str = "instance-terminated-no-capacity",
+        *,
+        keep_instance_id: bool = False,
+    ) -> str:
+        """The interruption itself: the instance terminates, the persistent request reopens.
+
+        The request is left `open` with `code` and, unless `keep_instance_id`, no
+        instance. ELBv2 deregisters the terminated target, as it does on AWS.
+        Returns the terminated instance's id.
+        """
+        request = self._spot_request(request_id)
+        if request.instance is None:
+            raise RuntimeError(f"{request_id} has no instance to terminate")
+        instance_id = request.instance.id
+        self.ec2_backend.terminate_instances([instance_id])
+        self.elbv2_backend.notify_terminate_instances([instance_id])
+        request.state = "open" if request.type == "persistent" else "closed"
+        request._status_code = code
+        request.status_message = "Your Spot request is waiting for capacity."
+        if not keep_instance_id:
+            request.instance = None
+        return instance_id
+
+    def fulfil(self, request_id: str) -> str:
+        """Spot capacity is back: the persistent request launches a new running instance."""
+        request = self._spot_request(request_id)
+        if request.instance is not None and request.instance.state != "terminated":
+            raise RuntimeError(f"{request_id} already has a live instance {request.instance.id}")
+        request.instance = request.launch_instance()
+        request.state = "active"
+        request._status_code = "fulfilled"
+        request.status_message = "Your Spot request is fulfilled."
+        return request.instance.id
+
+    def _spot_request(self, request_id: str) -> Any:
+        try:
+            return self.ec2_backend.spot_instance_requests[request_id]
+        except KeyError:
+            raise KeyError(f"no spot request {request_id} in the world") from None
+
+    # ------------------------------------------------------------ ELBv2 and EC2 answers
+
+    def set_health(self, target_group_arn: str, instance_id: str, state: str | None) -> None:
+        """What DescribeTargetHealth says for this target from now on; None forgets it.
+
+        Overrides are sticky until changed: they survive (de)registration, so a
+        driver that models draining or `initial` after a re-register sets them.
+        """
+        key = (target_group_arn, instance_id)
+        if state is None:
+            _PHYSICS.health.pop(key, None)
+            return
+        if state not in HEALTH_STATES:
+            raise ValueError(f"unknown target health state {state!r}")
+        _PHYSICS.health[key] = state
+
+    def inject_error(self, action: str, instance_id: str, code: str, message: str | None = None) -> None:
+        """Make StartInstances or StopInstances of this instance answer `code` until cleared."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {sorted(ACTIONS)}")
+        _PHYSICS.errors[(action, instance_id)] = (code, message or _ERROR_MESSAGES.get(code, code))
+
+    def clear_error(self, action: str, instance_id: str) -> None:
+        _PHYSICS.errors.pop((action, instance_id), None)
+
+    # ------------------------------------------------------------ looking
+
+    def states(self, *instance_ids: str) -> dict[str, str]:
+        """EC2 state names of these instances, as DescribeInstances reports them."""
+        return _states(self.boto("ec2"), instance_ids)
+
+    def health(self, target_group_arn: str) -> dict[str, str]:
+        """Target id → health state, as DescribeTargetHealth reports it."""
+        reply = self.boto("elbv2").describe_target_health(TargetGroupArn=target_group_arn)
+        return {d["Target"]["Id"]: d["TargetHealth"]["State"] for d in reply["TargetHealthDescriptions"]}
+
+
+_ERROR_MESSAGES = {
+    "InsufficientInstanceCapacity": (
+        "We currently do not have sufficient capacity in the Availability Zone you requested."
+    ),
+}
+
+
+def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+def _states(ec2: Any, ids: tuple[str, ...] | list[str]) -> dict[str, str]:
+    reply = ec2.describe_instances(InstanceIds=list(ids))
+    return {i["InstanceId"]: i["State"]["Name"] for r in reply["Reservations"] for i in r["Instances"]}
+

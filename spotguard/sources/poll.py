@@ -1,0 +1,280 @@
+"""The poll source: one batched look at EC2 and ELBv2 for every guard at once.
+
+`Poller.observe()` returns each guard's `machine.Observed` snapshot: its spot
+instances (with the interruption notice read from the spot request status), its
+standbys in config order, and every target of its target group with its health.
+
+Calls per round, whatever the number of guards:
+  * 1 DescribeSpotInstanceRequests for every request id of every guard;
+  * 1 DescribeInstances by id for every spot instance those requests name plus
+    every standby;
+  * 1 DescribeInstances by tag (`tag-key` filter on the union of the tag keys,
+    matched exactly here) when any guard finds its spot by tags;
+  * 1 DescribeTargetHealth per distinct target group.
+A NotFound for one id in a batch falls back to one call per id, so one bad id
+cannot blind every guard. `Poller.calls` counts every call made, per API.
+
+This module must not decide anything (that is the machine's job) nor change
+the world: it only describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import structlog
+
+from spotguard.aws import AWS_ERRORS, error_code
+from spotguard.machine import LIVE_STATES, Instance, Observed, Target
+
+log = structlog.get_logger("spotguard.poll")
+
+# Spot request status codes that mean the instance has been told to go.
+NOTICE_CODES = frozenset(
+    {
+        "instance-terminated-by-price",
+        "instance-terminated-no-capacity",
+        "instance-terminated-capacity-oversubscribed",
+        "instance-terminated-launch-group-constraint",
+    }
+)
+NOTICE_PREFIX = "marked-for-"  # marked-for-stop, -hibernation, -termination
+
+# Every state but terminated: a tag-found spot that is shutting down still counts
+# (the machine sees it leave), a terminated one is history.
+TAGGED_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+
+MISSING = "missing"
+# Codes that blame one id of a batch rather than the call: worth one call per id.
+INSTANCE_BAD_ID = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
+REQUEST_BAD_ID = frozenset({"InvalidSpotInstanceRequestID.NotFound", "InvalidSpotInstanceRequestID.Malformed"})
+TG_NOT_FOUND = "TargetGroupNotFound"
+
+
+class PollError(Exception):
+    """A poll round failed as a whole; the daemon logs it and tries next round."""
+
+    def __init__(self, api: str, code: str):
+        super().__init__(f"{api} failed: {code}")
+        self.api = api
+        self.code = code
+
+
+def is_notice(status_code: str | None) -> bool:
+    """Whether a spot request status code announces an interruption."""
+    code = status_code or ""
+    return code in NOTICE_CODES or code.startswith(NOTICE_PREFIX)
+
+
+class Poller:
+    """Describes the world of every guard in as few calls as it can."""
+
+    def __init__(self, ec2: Any, elbv2: Any, guards: Iterable[Any]):
+        self.ec2 = ec2
+        self.elbv2 = elbv2
+        self.guards = tuple(guards)
+        self.calls: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ round
+
+    async def observe(self) -> dict[str, Observed]:
+        """One snapshot per guard; guards whose target group is gone are left out."""
+        # Independent calls run at once; gather waits for all, so none is left running.
+        results = await asyncio.gather(
+            self._spot_view(), self._tagged_instances(), self._target_health(), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        (requests, instances), tagged, health = results  # type: ignore[misc]
+        return {
+            g.name: self._assemble(g, requests, instances, tagged, health[g.target_group_arn])
+            for g in self.guards
+            if g.target_group_arn in health
+        }
+
+    def _assemble(
+        self,
+        guard: Any,
+        requests: dict[str, dict],
+        instances: dict[str, dict],
+        tagged: list[dict],
+        targets: tuple[Target, ...],
+    ) -> Observed:
+        spots: list[Instance] = []
+        for rid in guard.spot_request_ids:
+            spot = _spot_from_request(requests.get(rid), instances)
+            if spot is not None:
+                spots.append(spot)
+        if guard.spot_instance_tags:
+            known = {s.id for s in spots}
+            spots.extend(
+                _instance(i)
+                for i in tagged
+                if _has_tags(i, guard.spot_instance_tags) and i["InstanceId"] not in known
+            )
+        standbys = tuple(
+            _instance(instances[sid]) if sid in instances else Instance(sid, MISSING)
+            for sid in guard.standby_instance_ids
+        )
+        return Observed(spots=tuple(spots), standbys=standbys, targets=targets)
+
+    # ------------------------------------------------------------------ EC2
+
+    async def _spot_view(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Spot requests by id, then every instance they name plus the standbys, by id."""
+        request_ids = _unique(rid for g in self.guards for rid in g.spot_request_ids)
+        requests = await self._describe_requests(request_ids) if request_ids else {}
+        for rid in request_ids:
+            if rid not in requests:
+                log.error("poll.spot_request.missing", request_id=rid)
+        spot_ids = [r["InstanceId"] for r in requests.values() if r.get("InstanceId")]
+        standby_ids = [sid for g in self.guards for sid in g.standby_instance_ids]
+        instance_ids = _unique([*spot_ids, *standby_ids])
+        instances = await self._describe_instances(instance_ids) if instance_ids else {}
+        return requests, instances
+
+    async def _describe_requests(self, ids: Sequence[str]) -> dict[str, dict]:
+        async def one_call(batch: Sequence[str]) -> list[dict]:
+            reply = await self._call(
+                "DescribeSpotInstanceRequests",
+                self.ec2.describe_spot_instance_requests,
+                SpotInstanceRequestIds=list(batch),
+            )
+            return reply.get("SpotInstanceRequests", [])
+
+        found = await self._batched("DescribeSpotInstanceRequests", one_call, ids, REQUEST_BAD_ID)
+        return {r["SpotInstanceRequestId"]: r for r in found}
+
+    async def _describe_instances(self, ids: Sequence[str]) -> dict[str, dict]:
+        async def one_call(batch: Sequence[str]) -> list[dict]:
+            reply = await self._call(
+                "DescribeInstances", self.ec2.describe_instances, InstanceIds=list(batch)
+            )
+            return [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
+
+        found = await self._batched("DescribeInstances", one_call, ids, INSTANCE_BAD_ID)
+        return {i["InstanceId"]: i for i in found}
+
+    async def _tagged_instances(self) -> list[dict]:
+        """Spot instances carrying any tag key some guard looks for, not terminated.
+
+        EC2 ANDs filters, so one call cannot ask for "guard A's tags OR guard B's";
+        a `tag-key` filter on the union of keys fetches a superset in one call, and
+        `_has_tags` matches each guard's full tag set. The lifecycle is checked here
+        rather than with an `instance-lifecycle` filter, which moto does not implement.
+        """
+        keys = _unique(k for g in self.guards for k, _ in g.spot_instance_tags)
+        if not keys:
+            return []
+        filters = [
+            {"Name": "tag-key", "Values": keys},
+            {"Name": "instance-state-name", "Values": list(TAGGED_STATES)},
+        ]
+        found: list[dict] = []
+        token: str | None = None
+        while True:
+            extra = {"NextToken": token} if token else {}
+            try:
+                reply = await self._call(
+                    "DescribeInstances", self.ec2.describe_instances, Filters=filters, **extra
+                )
+            except AWS_ERRORS as exc:
+                raise self._failed("DescribeInstances", exc) from exc
+            found.extend(i for r in reply.get("Reservations", []) for i in r.get("Instances", []))
+            token = reply.get("NextToken")
+            if not token:
+                break
+        spots = [i for i in found if i.get("InstanceLifecycle") == "spot"]
+        return sorted(spots, key=lambda i: (str(i.get("LaunchTime", "")), i["InstanceId"]))
+
+    # ------------------------------------------------------------------ ELBv2
+
+    async def _target_health(self) -> dict[str, tuple[Target, ...]]:
+        """Targets per target group; a group that is gone is absent from the result."""
+        arns = _unique(g.target_group_arn for g in self.guards)
+        replies = await asyncio.gather(*(self._one_group(arn) for arn in arns), return_exceptions=True)
+        health: dict[str, tuple[Target, ...]] = {}
+        for arn, reply in zip(arns, replies):
+            if isinstance(reply, BaseException):
+                raise reply
+            if reply is not None:
+                health[arn] = reply
+        return health
+
+    async def _one_group(self, arn: str) -> tuple[Target, ...] | None:
+        try:
+            reply = await self._call(
+                "DescribeTargetHealth", self.elbv2.describe_target_health, TargetGroupArn=arn
+            )
+        except AWS_ERRORS as exc:
+            if error_code(exc) == TG_NOT_FOUND:
+                guards = [g.name for g in self.guards if g.target_group_arn == arn]
+                log.error("poll.target_group.missing", target_group_arn=arn, guards=guards)
+                return None
+            raise self._failed("DescribeTargetHealth", exc) from exc
+        return tuple(
+            Target(d["Target"]["Id"], d.get("TargetHealth", {}).get("State", "unavailable"))
+            for d in reply.get("TargetHealthDescriptions", [])
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _call(self, api: str, method: Any, **kwargs: Any) -> dict:
+        self.calls[api] += 1
+        return await method(**kwargs)
+
+    async def _batched(
+        self, api: str, one_call: Any, ids: Sequence[str], bad_id: frozenset[str]
+    ) -> list[dict]:
+        """One call for all ids; when one id is bad, one call per id, skipping the bad ones."""
+        try:
+            return await one_call(ids)
+        except AWS_ERRORS as exc:
+            code = error_code(exc)
+            if code not in bad_id:
+                raise self._failed(api, exc) from exc
+            if len(ids) == 1:
+                log.error("poll.describe.not_found", api=api, id=ids[0], code=code)
+                return []
+            log.warning("poll.describe.fallback", api=api, code=code, ids=len(ids))
+        found: list[dict] = []
+        for one in ids:
+            found.extend(await self._batched(api, one_call, [one], bad_id))
+        return found
+
+    @staticmethod
+    def _failed(api: str, exc: BaseException) -> PollError:
+        code = error_code(exc)
+        log.error("poll.describe.failed", api=api, code=code, error=str(exc))
+        return PollError(api, code)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _spot_from_request(request: dict | None, instances: dict[str, dict]) -> Instance | None:
+    """The request's current instance with its notice; None while it has none."""
+    if not request or not request.get("InstanceId"):
+        return None
+    iid = request["InstanceId"]
+    described = instances.get(iid)
+    state = described["State"]["Name"] if described else MISSING
+    notice = state in LIVE_STATES and is_notice(request.get("Status", {}).get("Code"))
+    return Instance(iid, state, notice=notice)
+
+
+def _instance(described: dict) -> Instance:
+    return Instance(described["InstanceId"], described["State"]["Name"])
+
+
+def _has_tags(described: dict, wanted: Iterable[tuple[str, str]]) -> bool:
+    tags = {t["Key"]: t["Value"] for t in described.get("Tags", [])}
+    return all(tags.get(k) == v for k, v in wanted)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+

@@ -1,0 +1,88 @@
+"""Shared test fixtures: an embedded AWS (moto world), clients on it, guard settings.
+
+Tests talk to moto over HTTP with real aiobotocore clients; the world drives
+moto's backend for the dynamics moto lacks. Dummy credentials keep any real
+AWS account out of reach.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+from aiobotocore.session import AioSession, get_session
+
+# Before any client exists: dummy credentials, no profiles, no IMDS lookups.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_SECURITY_TOKEN="testing",
+    AWS_SESSION_TOKEN="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_CONFIG_FILE="/dev/null",
+    AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+os.environ.pop("AWS_PROFILE", None)
+
+from spotguard.aws import Clients, clients  # noqa: E402
+from spotguard.lab.world import Deployment, MotoWorld  # noqa: E402
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """The slice of a guard's settings that the poller and executor read."""
+
+    name: str
+    target_group_arn: str
+    target_port: int | None = None
+    spot_request_ids: tuple[str, ...] = ()
+    spot_instance_tags: tuple[tuple[str, str], ...] = ()
+    standby_instance_ids: tuple[str, ...] = ()
+
+
+def guard_for(deployment: Deployment, name: str = "inference", **overrides: Any) -> GuardSpec:
+    """A request-based guard over a provisioned deployment; keywords replace fields."""
+    fields: dict[str, Any] = dict(
+        name=name,
+        target_group_arn=deployment.target_group_arn,
+        spot_request_ids=(deployment.spot_request_id,),
+        standby_instance_ids=deployment.standby_ids,
+    )
+    fields.update(overrides)
+    return GuardSpec(**fields)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoWorld]:
+    """One moto server for the whole session (starting it is cheap, but why twice)."""
+    with MotoWorld() as world:
+        yield world
+
+
+@pytest.fixture
+def moto_world(moto_server: MotoWorld) -> MotoWorld:
+    """The session's world, reset to a blank account for this test."""
+    moto_server.reset()
+    return moto_server
+
+
+@pytest.fixture
+def deployment(moto_world: MotoWorld) -> Deployment:
+    """A fresh service: ALB, target group, running spot (registered), two stopped standbys."""
+    return moto_world.provision(standbys=2)
+
+
+@pytest.fixture(scope="session")
+def aio_session() -> AioSession:
+    """One aiobotocore session: botocore loads the (large) service models once."""
+    return get_session()
+
+
+@pytest.fixture
+async def aws(moto_world: MotoWorld, aio_session: AioSession) -> AsyncIterator[Clients]:
+    """spotguard's own aiobotocore clients (ec2, elbv2, sqs) pointed at the world."""
+    async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session) as made:
+        yield made
