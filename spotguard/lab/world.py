@@ -87,10 +87,12 @@ class _Physics:
     def __init__(self) -> None:
         self.health: dict[tuple[str, str], str] = {}  # (target group arn, target id) -> state
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}  # (action, instance id) -> (code, message)
+        self.draining: set[tuple[str, str]] = set()  # (target group arn, target id) drains when deregistered
 
     def clear(self) -> None:
         self.health.clear()
         self.errors.clear()
+        self.draining.clear()
 
 
 _PHYSICS = _Physics()
@@ -136,6 +138,11 @@ def _describe_target_health(self: Any, target_group_arn: str, targets: list[dict
     """
     statuses = _ORIGINALS[(ELBv2Backend, "describe_target_health")](self, target_group_arn, targets)
     overrides = {tid: st for (arn, tid), st in _PHYSICS.health.items() if arn == target_group_arn}
+    listed = {s.instance_id for s in statuses}
+    for arn, tid in _PHYSICS.draining:
+        # Held draining only while deregistered: a re-registered target shows its real health.
+        if arn == target_group_arn and tid not in listed and tid not in overrides:
+            overrides[tid] = "draining"
     if not overrides:
         return statuses
     listed = set()
@@ -432,6 +439,15 @@ class MotoWorld:
         if state not in HEALTH_STATES:
             raise ValueError(f"unknown target health state {state!r}")
         _PHYSICS.health[key] = state
+
+    def hold_draining(self, target_group_arn: str, instance_id: str, hold: bool = True) -> None:
+        """Once deregistered, this target is listed as `draining` until released.
+
+        Unlike `set_health(..., "draining")`, the hold does not touch the target
+        while it is registered, so a re-registration shows its real health.
+        """
+        key = (target_group_arn, instance_id)
+        (_PHYSICS.draining.add if hold else _PHYSICS.draining.discard)(key)
 
     def inject_error(self, action: str, instance_id: str, code: str, message: str | None = None) -> None:
         """Make StartInstances or StopInstances of this instance answer `code` until cleared."""

@@ -1,0 +1,258 @@
+"""The daemon: the imperative shell around `machine.step`.
+
+One loop owns every guard. Each round it observes the world (one batched poll),
+steps each guard's machine with the observation and any notices that arrived,
+persists the new state *before* carrying out its commands (write ahead), runs
+the commands, and feeds failures back into the machine. Guards are handled
+concurrently so a slow AWS call for one never delays another's failover.
+
+This module holds no failover rule (those live in machine.py) and makes no AWS
+call itself (poll source and executor do). `run()` owns the process: logging,
+signals, systemd notification; `Daemon.async_run()` is what tests drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import structlog
+
+from . import machine, sdnotify
+from .machine import Alert, Event, GuardState, Notice, Observed
+
+log = structlog.get_logger("spotguard")
+
+# While a guard is away from spot-healthy, poll this often so a failover or
+# failback is not slowed by the steady-state interval.
+FAST_POLL = 1.0
+
+
+@dataclass
+class Guard:
+    """One guard's settings and its current machine state (the only mutable part)."""
+
+    settings: Any
+    state: GuardState
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+class Daemon:
+    """Runs the guards. Every collaborator is injected so tests pass their own."""
+
+    def __init__(
+        self,
+        settings: Any,
+        *,
+        poller: Any,
+        executor: Any,
+        store: Any,
+        notifier: Any,
+        clock: Callable[[], float] = time.time,
+        fast_poll: float = FAST_POLL,
+    ) -> None:
+        self.settings = settings
+        self.poller = poller
+        self.executor = executor
+        self.store = store
+        self.notifier = notifier
+        self.clock = clock
+        self.fast_poll = fast_poll
+        self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
+        self.notices: asyncio.Queue[Notice] = asyncio.Queue()
+        self.rounds = 0  # completed observation rounds; tests wait on it
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _load(self, settings: Any) -> GuardState:
+        state = self.store.load(settings.name, settings.rules())
+        if state is None:
+            return machine.initial(settings.rules(), self.clock())
+        log.info("guard.resumed", guard=settings.name, phase=state.phase.value, standby=state.standby)
+        return state
+
+    async def async_run(self, stop: asyncio.Event, ready: Callable[[], None] = lambda: None) -> None:
+        """Observe and act until `stop` is set; `ready` is called after the first round."""
+        while not stop.is_set():
+            started = self.clock()
+            await self.round()
+            if self.rounds == 1:
+                ready()
+            await self._wait(stop, started + self._interval())
+
+    def push(self, notice: Notice) -> None:
+        """Hand in a notice from a fast source (SQS, agent); it wakes the loop at once."""
+        self.notices.put_nowait(notice)
+
+    def _interval(self) -> float:
+        busy = any(g.state.phase is not machine.Phase.SPOT_HEALTHY for g in self.guards.values())
+        return min(self.fast_poll, self.settings.daemon.poll_interval) if busy else self.settings.daemon.poll_interval
+
+    async def _wait(self, stop: asyncio.Event, until: float) -> None:
+        """Sleep until the next round is due, a notice arrives, or we are stopped."""
+        timeout = max(0.0, until - self.clock())
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._notice_arrived())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _notice_arrived(self) -> None:
+        notice = await self.notices.get()
+        self.notices.put_nowait(notice)  # leave it for round() to route
+
+    # ------------------------------------------------------------------ one round
+
+    async def round(self) -> None:
+        """One observation round: poll, route pending notices, step every guard."""
+        try:
+            seen = await self.poller.observe()
+        except Exception as exc:  # noqa: BLE001 - a failed poll must never kill the daemon
+            log.error("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
+            seen = {}
+        events: dict[str, list[Event]] = {name: [] for name in self.guards}
+        for notice in self._drain_notices():
+            owner = self._owner(notice.instance_id, seen)
+            if owner is None:
+                log.info("guard.notice.unowned", instance_id=notice.instance_id, kind=notice.kind)
+                continue
+            events[owner].append(notice)
+        for name, observed in seen.items():
+            if name in events:
+                events[name].append(observed)
+        await asyncio.gather(*(self._advance(self.guards[n], evs) for n, evs in events.items()))
+        self.rounds += 1
+
+    def _drain_notices(self) -> list[Notice]:
+        out = []
+        while not self.notices.empty():
+            out.append(self.notices.get_nowait())
+        return out
+
+    def _owner(self, instance_id: str, seen: dict[str, Observed]) -> str | None:
+        for name, guard in self.guards.items():
+            observed = seen.get(name) or guard.state.seen
+            spots = observed.spots if observed else ()
+            if any(i.id == instance_id for i in spots) or instance_id in guard.settings.standby_instance_ids:
+                return name
+        return None
+
+    async def _advance(self, guard: Guard, events: list[Event]) -> None:
+        # A guard whose poll failed gets no Tick: timers must not fire on a stale
+        # picture of the world. Notices still go through; they only start standbys.
+        for event in events:
+            await self.apply(guard, event)
+
+    async def apply(self, guard: Guard, event: Event) -> None:
+        """Step the machine, persist, then carry out the commands (write ahead)."""
+        old = guard.state
+        new, commands = machine.step(old, event, self.clock())
+        guard.state = new
+        if _persistent(old) != _persistent(new):
+            self.store.save(guard.name, new)
+        if new.phase is not old.phase:
+            self._transition(guard, old, new)
+        for command in commands:
+            failed = await self._carry_out(guard, command)
+            if failed is not None:
+                await self.apply(guard, failed)
+
+    def _transition(self, guard: Guard, old: GuardState, new: GuardState) -> None:
+        spots = [i.id for i in new.seen.spots] if new.seen else []
+        log.info(
+            "guard.transition",
+            guard=guard.name,
+            **{"from": old.phase.value, "to": new.phase.value},
+            reason=new.reason,
+            standby=new.standby,
+            spots=spots,
+        )
+        self.notifier.notify(f"[{guard.name}] {old.phase.value} → {new.phase.value}: {new.reason}")
+
+    async def _carry_out(self, guard: Guard, command: machine.Command) -> machine.Failed | None:
+        if isinstance(command, Alert):
+            log.warning("guard.alert", guard=guard.name, text=command.text)
+            self.notifier.notify(f"[{guard.name}] ⚠ {command.text}")
+            return None
+        return await self.executor.run(guard.name, command)
+
+
+def _persistent(state: GuardState) -> GuardState:
+    """The part of a state the store keeps: everything but the last observation."""
+    return replace(state, seen=None)
+
+
+# ---------------------------------------------------------------------- process
+
+
+def run(settings: Any) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the exit code for the process."""
+    from . import logs
+
+    logs.configure(settings.daemon.log_format)
+    try:
+        asyncio.run(_main(settings))
+    except Exception as exc:  # noqa: BLE001 - logged as one line for journald, then systemd restarts us
+        log.critical("daemon.crashed", error=type(exc).__name__, detail=str(exc))
+        return 1
+    return 0
+
+
+def build(settings: Any, aws: Any, notifier: Any) -> Daemon:
+    """The daemon wired to real parts: poll source, executor and store on `aws` clients."""
+    from .executor import Executor
+    from .sources.poll import Poller
+    from .store import Store
+
+    return Daemon(
+        settings,
+        poller=Poller(aws.ec2, aws.elbv2, settings.guards),
+        executor=Executor(aws.ec2, aws.elbv2, settings.guards),
+        store=Store(settings.daemon.state_dir),
+        notifier=notifier,
+    )
+
+
+async def _main(settings: Any) -> None:
+    from .aws import clients
+    from .notify import Notifier
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier(settings.discord.webhook_url if settings.discord else None)
+    await notifier.start()
+    async with clients(settings.aws.region, settings.aws.endpoint_url) as aws:
+        daemon = build(settings, aws, notifier)
+        log.info("daemon.started", guards=list(daemon.guards), poll_interval=settings.daemon.poll_interval)
+        watchdog = asyncio.create_task(_watchdog())
+        try:
+            await daemon.async_run(stop, ready=_ready)
+        finally:
+            watchdog.cancel()
+            sdnotify.stopping()
+            await notifier.close()
+    log.info("daemon.stopped")
+
+
+def _ready() -> None:
+    sdnotify.ready()
+    log.info("daemon.ready")
+
+
+async def _watchdog() -> None:
+    """Ping systemd's watchdog from the event loop: a stuck loop stops the pings."""
+    interval = sdnotify.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        sdnotify.watchdog()
+        await asyncio.sleep(interval)

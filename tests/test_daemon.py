@@ -1,0 +1,269 @@
+"""The daemon end to end against moto in server mode: failover, failback, restarts.
+
+The daemon runs as a user runs it (a TOML config, real aiobotocore clients on
+moto's endpoint); the tests play EC2 by driving moto's backend through the
+world: a notice flips the spot request's status while its instance runs, the
+instance is terminated later, the persistent request is fulfilled again with a
+new instance, and target health is set where ALB timing matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from httpcapture import CaptureServer, async_wait_for
+from spotguard import config
+from spotguard.daemon import build
+from spotguard.machine import Phase
+from spotguard.notify import Notifier
+
+DEADLINE = 15.0
+
+
+def write_config(tmp_path: Path, world, deployments, *, poll="0.2s", grace="1s", extra="") -> config.Settings:
+    guards = "".join(
+        f"""
+[[guard]]
+name = "{d.name}"
+target_group_arn = "{d.target_group_arn}"
+spot_request_ids = ["{d.spot_request_id}"]
+standby_instance_ids = {list(d.standby_ids)!r}
+failback_grace = "{grace}"
+standby_ready_timeout = "30s"
+unhealthy_grace = "30s"
+""".replace("'", '"')
+        for d in deployments
+    )
+    text = f"""
+[aws]
+region = "{world.region}"
+endpoint_url = "{world.endpoint_url}"
+
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+poll_interval = "{poll}"
+log_format = "json"
+{extra}
+{guards}
+"""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+async def until(predicate, timeout: float = DEADLINE, what: str = "condition") -> None:
+    """Wait for `predicate()` with a deadline; never a blind sleep."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(settings, aws, notifier=None, *, kill: bool = False):
+    """The daemon in a task; on exit stopped as by SIGTERM, or with `kill` cancelled
+    mid-flight as by kill -9 (only the state file survives)."""
+    notifier = notifier or Notifier(None)
+    await notifier.start()
+    daemon = build(settings, aws, notifier)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.async_run(stop))
+    try:
+        await until(lambda: daemon.rounds >= 1 or task.done(), what="first round")
+        yield daemon
+    finally:
+        if kill:
+            task.cancel()
+        stop.set()
+        await asyncio.wait([task], timeout=DEADLINE)
+        assert task.done()
+        await notifier.close()
+
+
+def phase(daemon, name: str | None = None) -> Phase:
+    guard = daemon.guards[name] if name else next(iter(daemon.guards.values()))
+    return guard.state.phase
+
+
+def health(world, d) -> dict[str, str]:
+    return world.health(d.target_group_arn)
+
+
+def state(world, iid: str) -> str:
+    return world.states(iid)[iid]
+
+
+async def fail_over(world, daemon, d):
+    """Notice → standby healthy → doomed spot out; returns the doomed spot's id."""
+    spot = d.spot_instance_id if daemon.rounds < 2 else _current_spot(world, d)
+    world.notice(d.spot_request_id)
+    await until(lambda: phase(daemon, d.name) is Phase.BOTH_SERVING, what="both-serving")
+    await until(lambda: spot not in health(world, d), what="doomed spot deregistered")
+    return spot
+
+
+def _current_spot(world, d) -> str:
+    return world._spot_request(d.spot_request_id).instance.id
+
+
+async def replace_spot(world, daemon, d) -> str:
+    """The doomed spot terminates; capacity returns with a new instance."""
+    world.terminate_spot(d.spot_request_id)
+    new = world.fulfil(d.spot_request_id)
+    await until(lambda: health(world, d).get(new) == "healthy", what="new spot registered")
+    return new
+
+
+async def test_full_cycle_failover_then_failback_and_again(tmp_path, moto_world, deployment, aws):
+    settings = write_config(tmp_path, moto_world, [deployment], poll="1s", grace="2s")
+    d, standby = deployment, deployment.standby_ids[0]
+    # The standby will look like a fresh ALB target: `initial` until we say it passed a check.
+    moto_world.set_health(d.target_group_arn, standby, "initial")
+    async with running(settings, aws) as daemon:
+        assert phase(daemon) is Phase.SPOT_HEALTHY
+        noticed = time.monotonic()
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: state(moto_world, standby) == "running", what="standby started")
+        started_after = time.monotonic() - noticed
+        assert started_after <= 1.0 + 2.0, f"standby started {started_after:.1f}s after the notice"
+
+        await until(lambda: standby in health(moto_world, d), what="standby registered")
+        rounds = daemon.rounds
+        await until(lambda: daemon.rounds >= rounds + 2, what="two more rounds")
+        # The standby is not healthy yet: the doomed spot must still be serving.
+        assert health(moto_world, d)[d.spot_instance_id] == "healthy"
+        assert phase(daemon) is Phase.STANDBY_STARTING
+
+        moto_world.set_health(d.target_group_arn, standby, None)  # passed its first check
+        await until(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot out")
+        assert phase(daemon) is Phase.BOTH_SERVING
+        assert state(moto_world, d.standby_ids[1]) == "stopped"
+
+        new = await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.SPOT_RESTORED, what="spot-restored")
+        restored = time.monotonic()
+        await until(lambda: standby not in health(moto_world, d), what="standby deregistered")
+        assert time.monotonic() - restored >= 2.0 - 1.0  # the grace, less one poll of observation lag
+        await until(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="back to spot-healthy")
+        assert health(moto_world, d) == {new: "healthy"}
+
+        # And once more: the cycle repeats cleanly on the new spot.
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="second failover")
+        assert health(moto_world, d) == {standby: "healthy"}
+        await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="second failback")
+        assert state(moto_world, standby) == "stopped"
+        assert state(moto_world, d.standby_ids[1]) == "stopped"
+
+
+async def test_two_guards_in_one_daemon(tmp_path, moto_world, aws):
+    a = moto_world.provision("alpha", standbys=1)
+    b = moto_world.provision("beta", standbys=1)
+    settings = write_config(tmp_path, moto_world, [_named(a, "alpha"), _named(b, "beta")])
+    async with running(settings, aws) as daemon:
+        await fail_over(moto_world, daemon, _named(a, "alpha"))
+        assert phase(daemon, "beta") is Phase.SPOT_HEALTHY
+        assert state(moto_world, b.standby_ids[0]) == "stopped"
+        await fail_over(moto_world, daemon, _named(b, "beta"))
+        for d, name in ((a, "alpha"), (b, "beta")):
+            await replace_spot(moto_world, daemon, _named(d, name))
+        await until(lambda: all(g.state.phase is Phase.SPOT_HEALTHY for g in daemon.guards.values()), what="both back")
+        assert state(moto_world, a.standby_ids[0]) == state(moto_world, b.standby_ids[0]) == "stopped"
+        # One batched Describe of each kind per round for both guards.
+        calls = daemon.poller.calls
+        assert calls["DescribeSpotInstanceRequests"] == calls["DescribeInstances"] == daemon.rounds
+
+
+def _named(d, name):
+    from dataclasses import replace
+
+    return replace(d, name=name)
+
+
+async def test_interruption_during_spot_restored_serves_on_standby(tmp_path, moto_world, deployment, aws):
+    d, standby = deployment, deployment.standby_ids[0]
+    settings = write_config(tmp_path, moto_world, [d], grace="1h")
+    async with running(settings, aws) as daemon:
+        await fail_over(moto_world, daemon, d)
+        new = await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.SPOT_RESTORED, what="spot-restored")
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="back to both-serving")
+        await until(lambda: new not in health(moto_world, d), what="new doomed spot out")
+        assert health(moto_world, d) == {standby: "healthy"}
+        assert state(moto_world, standby) == "running"
+
+
+async def test_interruption_during_standby_draining_reregisters_standby(tmp_path, moto_world, deployment, aws):
+    d, standby = deployment, deployment.standby_ids[0]
+    settings = write_config(tmp_path, moto_world, [d], grace="0s")
+    async with running(settings, aws) as daemon:
+        await fail_over(moto_world, daemon, d)
+        # Deregistration will leave the standby draining, as an ALB does for the delay.
+        moto_world.hold_draining(d.target_group_arn, standby)
+        await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.STANDBY_DRAINING, what="standby-draining")
+        await until(lambda: health(moto_world, d).get(standby) == "draining", what="standby draining")
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="serving on the standby again")
+        assert health(moto_world, d).get(standby) == "healthy"
+        assert state(moto_world, standby) == "running"
+
+
+@pytest.mark.parametrize(
+    "stop_in",
+    [Phase.STANDBY_STARTING, Phase.BOTH_SERVING, Phase.SPOT_RESTORED, Phase.STANDBY_DRAINING],
+)
+async def test_restart_in_each_phase_converges(tmp_path, moto_world, deployment, aws, stop_in):
+    d, standby, second = deployment, deployment.standby_ids[0], deployment.standby_ids[1]
+    # A grace longer than the test holds the first daemon in spot-restored.
+    grace = "1h" if stop_in is Phase.SPOT_RESTORED else "1s"
+    settings = write_config(tmp_path, moto_world, [d], grace=grace)
+    moto_world.set_health(d.target_group_arn, standby, "initial")  # holds it in standby-starting
+    moto_world.hold_draining(d.target_group_arn, standby)  # holds it in standby-draining
+    async with running(settings, aws, kill=True) as daemon:
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: standby in health(moto_world, d), what="standby registered")
+        if stop_in is not Phase.STANDBY_STARTING:
+            moto_world.set_health(d.target_group_arn, standby, None)
+            await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="both-serving")
+        if stop_in in (Phase.SPOT_RESTORED, Phase.STANDBY_DRAINING):
+            await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is stop_in, what=stop_in.value)
+
+    # The restart resumes from the state file, then finishes the cycle.
+    settings = write_config(tmp_path, moto_world, [d], grace="1s")
+    assert build(settings, aws, Notifier(None)).guards[d.name].state.phase is stop_in
+    moto_world.set_health(d.target_group_arn, standby, None)
+    moto_world.hold_draining(d.target_group_arn, standby, False)
+    async with running(settings, aws) as daemon:
+        if stop_in in (Phase.STANDBY_STARTING, Phase.BOTH_SERVING):
+            await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="cycle finished after restart")
+        assert state(moto_world, standby) == "stopped"
+        assert state(moto_world, second) == "stopped", "a second standby was started needlessly"
+        assert set(health(moto_world, d).values()) == {"healthy"}
+
+
+async def test_phase_changes_and_alerts_are_posted_to_discord(tmp_path, moto_world, deployment, aws):
+    d = deployment
+    settings = write_config(tmp_path, moto_world, [d])
+    with CaptureServer() as discord:
+        notifier = Notifier(discord.url + "/api/webhooks/1/secret")
+        moto_world.inject_error("start", d.standby_ids[0], "InsufficientInstanceCapacity")
+        async with running(settings, aws, notifier) as daemon:
+            await fail_over(moto_world, daemon, d)
+            await async_wait_for(lambda: len(discord.requests) >= 3, timeout=DEADLINE)
+        texts = [r.json["content"] for r in discord.requests]
+    assert any("spot-healthy → standby-starting" in t for t in texts), texts
+    assert any("InsufficientInstanceCapacity" in t for t in texts), texts
+    assert any("standby-starting → both-serving" in t for t in texts), texts
+    assert state(moto_world, d.standby_ids[1]) == "running"
