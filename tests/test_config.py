@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -567,9 +566,9 @@ def test_cli_run_with_a_bad_config_starts_nothing(tmp_path):
 
 
 def test_cli_run_hands_the_settings_to_the_daemon(tmp_path, monkeypatch):
-    # daemon.run is the seam: a stand-in module records what it was given and answers an exit code.
+    # daemon.run is the seam: a stand-in function records what it was given and answers an exit code.
     received = []
-    monkeypatch.setitem(sys.modules, "spotguard.daemon", types.SimpleNamespace(run=lambda s: received.append(s) or 7))
+    monkeypatch.setattr("spotguard.daemon.run", lambda s: received.append(s) or 7)
     path = write(tmp_path, VALID)
     monkeypatch.delenv(DISCORD_ENV, raising=False)
     assert cli.main(["run", "--config", str(path)]) == 7
