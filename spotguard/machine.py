@@ -159,6 +159,7 @@ class GuardState:
     prewarm_at: float | None = None  # failover began on a rebalance recommendation
     retry_at: float | None = None  # every standby failed: try again then
     retries: int = 0
+    outage_since: float | None = None  # no healthy target in the group since then
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -189,7 +190,20 @@ def step(state: GuardState, event: Event, now: float) -> Result:
     if not changed or state.seen is None:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
-    return state, commands + decided
+    state, outage = _watch_outage(state, now) if isinstance(event, Observed) else (state, ())
+    return state, commands + decided + outage
+
+
+def _watch_outage(state: GuardState, now: float) -> Result:
+    """Say loudly when the target group has no healthy target, and when it has one again."""
+    up = any(t.health == HEALTHY for t in state.seen.targets)
+    if not up and state.outage_since is None:
+        alert = Alert("no healthy target in the target group: the service is down")
+        return replace(state, outage_since=now), (alert,)
+    if up and state.outage_since is not None:
+        alert = Alert(f"service back: a healthy target again after {now - state.outage_since:.0f}s without one")
+        return replace(state, outage_since=None), (alert,)
+    return state, ()
 
 
 def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:

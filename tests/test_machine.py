@@ -54,6 +54,7 @@ def at(phase, seen, **kw):
 
 
 HEALTHY_SPOT = world("a:running", targets="a:healthy")
+DOWN = Alert("no healthy target in the target group: the service is down")
 
 # (name, state, event, now, expected phase, expected commands)
 ROWS = [
@@ -61,15 +62,15 @@ ROWS = [
     ("steady", at(S, HEALTHY_SPOT), HEALTHY_SPOT, 10, S, ()),
     ("notice by sqs", at(S, HEALTHY_SPOT), Notice("i-a"), 10, P, (Start("i-s1"),)),
     ("notice by poll", at(S, HEALTHY_SPOT), world("a:running!", targets="a:healthy"), 10, P, (Start("i-s1"),)),
-    ("spot gone", at(S, HEALTHY_SPOT), world("", targets="a:unused"), 10, P, (Start("i-s1"),)),
-    ("spot stopping", at(S, HEALTHY_SPOT), world("a:stopping", targets="a:unhealthy"), 10, P, (Start("i-s1"),)),
+    ("spot gone", at(S, HEALTHY_SPOT), world("", targets="a:unused"), 10, P, (Start("i-s1"), DOWN)),
+    ("spot stopping", at(S, HEALTHY_SPOT), world("a:stopping", targets="a:unhealthy"), 10, P, (Start("i-s1"), DOWN)),
     (
         "unhealthy within grace",
         at(S, HEALTHY_SPOT, unhealthy_since=0.0),
         world("a:running", targets="a:unhealthy"),
         29,
         S,
-        (),
+        (DOWN,),
     ),
     (
         "unhealthy past grace",
@@ -77,9 +78,9 @@ ROWS = [
         world("a:running", targets="a:unhealthy"),
         30,
         P,
-        (Start("i-s1"),),
+        (Start("i-s1"), DOWN),
     ),
-    ("new spot registered", at(S, world()), world("a:running"), 10, S, (Register("i-a"),)),
+    ("new spot registered", at(S, world()), world("a:running"), 10, S, (Register("i-a"), DOWN)),
     (
         "rebalance ignored",
         at(S, HEALTHY_SPOT),
@@ -204,7 +205,7 @@ ROWS = [
         world("", "s1:stopped s2:stopped", ""),
         310,
         P,
-        (Start("i-s1"),),
+        (Start("i-s1"), DOWN),
     ),
     # --- spot-restored
     (
@@ -335,3 +336,13 @@ def test_prewarm_drains_after_rebalance_hold():
     seen = world("a:running", "s1:running s2:stopped", "s1:healthy a:healthy")
     assert step(state, seen, 1799)[0].phase is D
     assert step(state, seen, 1800) [1] == (Deregister("i-s1"),)
+
+
+def test_outage_is_said_once_and_its_end_with_its_length():
+    state, cmds = step(at(S, HEALTHY_SPOT), world("a:running", targets="a:unhealthy"), 10)
+    assert cmds == (DOWN,)
+    state, cmds = step(state, world("a:running", targets="a:unhealthy"), 11)
+    assert cmds == ()
+    state, cmds = step(state, HEALTHY_SPOT, 25)
+    assert cmds == (Alert("service back: a healthy target again after 15s without one"),)
+    assert state.outage_since is None
