@@ -157,7 +157,8 @@ async def test_full_cycle_failover_then_failback_and_again(tmp_path, moto_world,
         # And once more: the cycle repeats cleanly on the new spot.
         moto_world.notice(d.spot_request_id)
         await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="second failover")
-        assert health(moto_world, d) == {standby: "healthy"}
+        # The phase is recorded before its commands run: wait for the deregistration itself.
+        await until(lambda: health(moto_world, d) == {standby: "healthy"}, what="serving on the standby alone")
         await replace_spot(moto_world, daemon, d)
         await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="second failback")
         assert state(moto_world, standby) == "stopped"
