@@ -18,5 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# One spot interruption on an embedded AWS, with spotguard and without a standby.
+demo: $(STAMP)
+	$(PY) -m spotguard demo --compare
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

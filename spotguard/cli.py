@@ -7,7 +7,8 @@ uses 2 as well), anything else is the subcommand's own answer.
 
 This module must not hold any logic of its own beyond wiring and printing: the
 config rules live in config.py, the daemon in daemon.py (imported only when
-`run` needs it, so `check-config` stays light and never starts anything).
+`run` needs it, so `check-config` stays light and never starts anything), the
+lab in spotguard/lab (imported only by `demo`: it needs moto, an optional extra).
 """
 
 from __future__ import annotations
@@ -83,9 +84,49 @@ def run(args: argparse.Namespace) -> int:
     return daemon.run(settings)
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speed", type=_positive, default=25.0, metavar="X",
+        help="run scenario time X times faster than the wall clock (default 25: a full cycle in under a minute)",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="also play the same interruption without a standby, side by side"
+    )
+    parser.add_argument(
+        "--rate", type=_positive, default=50.0, metavar="N", help="requests per second sent through the load balancer"
+    )
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def demo(args: argparse.Namespace) -> int:
+    try:
+        from spotguard.lab.demo import demo as play  # lazily: moto is the optional `lab` extra
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("moto", "werkzeug", "flask"):
+            print(f"spotguard demo needs the lab extra ({exc.name} is missing): pip install 'spotguard[lab]'",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        raise
+    return play(speed=args.speed, compare=args.compare, rate=args.rate)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "check-config": Subcommand("check the config file and sum up its guards", _config_argument, check_config),
     "run": Subcommand("run the daemon (the config is checked first; nothing starts if it is wrong)", _config_argument, run),
+    "demo": Subcommand(
+        "watch spotguard keep a service up through a spot interruption on an embedded AWS (needs spotguard[lab])",
+        _demo_arguments,
+        demo,
+    ),
 }
 
 

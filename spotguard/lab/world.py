@@ -12,27 +12,35 @@ backend objects in-process:
   * `inject_error`: StartInstances/StopInstances answering an AWS error (e.g.
     InsufficientInstanceCapacity) for a chosen instance;
   * EC2's state rules moto skips: starting a terminated/stopping instance or
-    stopping a terminated one answers IncorrectInstanceState.
+    stopping a terminated one answers IncorrectInstanceState;
+  * for the lab, opt-in: `model_transitions` (StartInstances leaves an
+    instance `pending`, StopInstances `stopping`, until the driver calls
+    `set_state`) and `set_health_source` (DescribeTargetHealth answered from a
+    live load balancer model instead of moto's registration-only view).
 
 spotguard's own clients talk to the world over HTTP exactly as they would to
 AWS; nothing here fakes or wraps them.
 
-Not modelled (yet): time. moto starts and stops instances instantly (running /
-stopped on the next Describe), registers targets healthy at once and drops
-deregistered targets without draining; a driver that needs `pending`,
-`initial` or `draining` sets them with the hooks above.
+Time itself is the driver's: by default moto starts and stops instances
+instantly (running / stopped on the next Describe), registers targets healthy
+at once and drops deregistered targets without draining; a driver that needs
+`pending`, `initial` or `draining` sets them with the hooks above, and the lab
+(spotguard.lab.fleet, spotguard.lab.balancer) does it with a clock.
 
 This module must not be imported by the daemon's production path; it is for
 tests and the lab only. The world's patches are class-level on moto's backends
 (so they survive moto's reset, which rebuilds backend instances' state) and
 live while a world is started; at most one world runs per process. Mutations
 happen on the caller's thread while the server thread may be answering a
-request: drive the world between API calls, as tests naturally do.
+request: tests drive the world between API calls; the lab drives it
+concurrently, so instance state changes (`set_state` and the patched
+Start/StopInstances) take one lock, and a health source must be thread-safe.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -41,7 +49,7 @@ import boto3
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.exceptions import EC2ClientError
-from moto.ec2.models.instances import InstanceBackend
+from moto.ec2.models.instances import InstanceBackend, InstanceState
 from moto.elbv2.models import ELBv2Backend, FakeHealthStatus
 from moto.server import ThreadedMotoServer
 
@@ -59,6 +67,21 @@ HEALTH_REASONS: dict[str, tuple[str | None, str | None]] = {
     "unavailable": ("Elb.InternalError", "Health checks are unavailable"),
 }
 ACTIONS = frozenset({"start", "stop"})
+# EC2's instance state codes, for states the world sets itself.
+STATE_CODES = {
+    "pending": 0,
+    "running": 16,
+    "shutting-down": 32,
+    "terminated": 48,
+    "stopping": 64,
+    "stopped": 80,
+}
+
+# A health source answers DescribeTargetHealth for a target group: given the
+# group's ARN and the ids moto has registered, the state of every target to
+# list (registered ones, and deregistered ones still draining), or None to
+# leave the group to moto. It is called on moto's server thread.
+HealthSource = Callable[[str, tuple[str, ...]], Mapping[str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -88,11 +111,17 @@ class _Physics:
         self.health: dict[tuple[str, str], str] = {}  # (target group arn, target id) -> state
         self.errors: dict[tuple[str, str], tuple[str, str]] = {}  # (action, instance id) -> (code, message)
         self.draining: set[tuple[str, str]] = set()  # (target group arn, target id) drains when deregistered
+        self.health_source: HealthSource | None = None
+        self.transitions = False  # Start/StopInstances leave pending/stopping for the driver to settle
+        # Instance state changes from the driver's thread and moto's server thread.
+        self.lock = threading.RLock()
 
     def clear(self) -> None:
         self.health.clear()
         self.errors.clear()
         self.draining.clear()
+        self.health_source = None
+        self.transitions = False
 
 
 _PHYSICS = _Physics()
@@ -117,13 +146,29 @@ def _check_transition(backend: Any, action: str, instance_ids: list[str]) -> Non
 
 
 def _start_instances(self: Any, instance_ids: list[str]) -> Any:
-    _check_transition(self, "start", instance_ids)
-    return _ORIGINALS[(InstanceBackend, "start_instances")](self, instance_ids)
+    with _PHYSICS.lock:
+        _check_transition(self, "start", instance_ids)
+        done = _ORIGINALS[(InstanceBackend, "start_instances")](self, instance_ids)
+        # moto runs at once; EC2 boots first. A pending instance stays pending.
+        _hold(done, "pending", from_states=("stopped", "pending"))
+        return done
 
 
 def _stop_instances(self: Any, instance_ids: list[str]) -> Any:
-    _check_transition(self, "stop", instance_ids)
-    return _ORIGINALS[(InstanceBackend, "stop_instances")](self, instance_ids)
+    with _PHYSICS.lock:
+        _check_transition(self, "stop", instance_ids)
+        done = _ORIGINALS[(InstanceBackend, "stop_instances")](self, instance_ids)
+        _hold(done, "stopping", from_states=("pending", "running", "stopping"))
+        return done
+
+
+def _hold(done: list[tuple[Any, Any]], state: str, *, from_states: tuple[str, ...]) -> None:
+    """With transitions modelled, leave changed instances in `state` for the driver to settle."""
+    if not _PHYSICS.transitions:
+        return
+    for instance, previous in done:
+        if previous.name in from_states:
+            instance._state = InstanceState(state, STATE_CODES[state])
 
 
 def _describe_target_health(self: Any, target_group_arn: str, targets: list[dict[str, Any]]) -> Any:
@@ -136,6 +181,12 @@ def _describe_target_health(self: Any, target_group_arn: str, targets: list[dict
     registered targets get their overridden state, and a deregistered target
     whose override is `draining` stays listed, as ELBv2 lists it while it drains.
     """
+    source = _PHYSICS.health_source
+    group = self.target_groups.get(target_group_arn)
+    if source is not None and group is not None:
+        answer = source(target_group_arn, tuple(group.targets))
+        if answer is not None:
+            return _sourced(self, group, targets, answer)
     statuses = _ORIGINALS[(ELBv2Backend, "describe_target_health")](self, target_group_arn, targets)
     overrides = {tid: st for (arn, tid), st in _PHYSICS.health.items() if arn == target_group_arn}
     listed = {s.instance_id for s in statuses}
@@ -157,6 +208,20 @@ def _describe_target_health(self: Any, target_group_arn: str, targets: list[dict
             if state == "draining" and tid not in listed and gone:
                 status = FakeHealthStatus(tid, gone["Port"], group.health_check_port, state)
                 statuses.append(_apply(status, state))
+    return statuses
+
+
+def _sourced(backend: Any, group: Any, targets: list[dict[str, Any]], answer: Mapping[str, str]) -> Any:
+    """DescribeTargetHealth from a health source's answer; asked-for targets it does not list fall to moto."""
+    wanted = [t["Id"] for t in targets] if targets else list(answer)
+    statuses = []
+    for tid in wanted:
+        if tid not in answer:
+            statuses.append(group.health_for({"Id": tid}, backend.ec2_backend))
+            continue
+        known = group.targets.get(tid) or group.deregistered_targets.get(tid) or group.terminated_targets.get(tid)
+        port = known["Port"] if known else group.port
+        statuses.append(_apply(FakeHealthStatus(tid, port, group.health_check_port, answer[tid]), answer[tid]))
     return statuses
 
 
@@ -407,16 +472,29 @@ class MotoWorld:
             request.instance = None
         return instance_id
 
-    def fulfil(self, request_id: str) -> str:
-        """Spot capacity is back: the persistent request launches a new running instance."""
+    def fulfil(self, request_id: str, *, pending: bool = False) -> str:
+        """Spot capacity is back: the persistent request launches a new instance.
+
+        It is `running` at once, or with `pending` left booting until the
+        driver calls `set_state(id, "running")`.
+        """
         request = self._spot_request(request_id)
         if request.instance is not None and request.instance.state != "terminated":
             raise RuntimeError(f"{request_id} already has a live instance {request.instance.id}")
-        request.instance = request.launch_instance()
+        with _PHYSICS.lock:
+            instance = request.launch_instance()
+            if pending:
+                instance._state = InstanceState("pending", STATE_CODES["pending"])
+            request.instance = instance
         request.state = "active"
         request._status_code = "fulfilled"
         request.status_message = "Your Spot request is fulfilled."
-        return request.instance.id
+        return instance.id
+
+    def spot_instance_id(self, request_id: str) -> str | None:
+        """The instance the spot request names now (None while it has none)."""
+        instance = self._spot_request(request_id).instance
+        return instance.id if instance is not None else None
 
     def _spot_request(self, request_id: str) -> Any:
         try:
@@ -457,6 +535,45 @@ class MotoWorld:
 
     def clear_error(self, action: str, instance_id: str) -> None:
         _PHYSICS.errors.pop((action, instance_id), None)
+
+    # ------------------------------------------------------------ the lab's clockwork
+
+    def model_transitions(self, on: bool = True) -> None:
+        """StartInstances leaves instances `pending` and StopInstances `stopping`.
+
+        They stay there until the driver calls `set_state` (the lab does after
+        the boot or shutdown time), as EC2 takes its time. Cleared by `reset`.
+        """
+        _PHYSICS.transitions = on
+
+    def set_state(self, instance_id: str, state: str) -> None:
+        """Move an instance to an EC2 state, as time passing would (running, stopped, ...)."""
+        if state not in STATE_CODES:
+            raise ValueError(f"unknown instance state {state!r}")
+        with _PHYSICS.lock:
+            instance = self.ec2_backend.get_instance_by_id(instance_id)
+            if instance is None:
+                raise KeyError(f"no instance {instance_id} in the world")
+            # A new object, not a mutation: a Describe on the server thread reads name and code together.
+            instance._state = InstanceState(state, STATE_CODES[state])
+
+    def set_health_source(self, source: HealthSource | None) -> None:
+        """Answer DescribeTargetHealth from `source` (see HealthSource); None gives it back to moto.
+
+        A source's answer replaces `set_health`/`hold_draining` for its group.
+        It runs on moto's server thread: it must be thread-safe and quick.
+        """
+        _PHYSICS.health_source = source
+
+    def instance_state(self, instance_id: str) -> str | None:
+        """An instance's EC2 state read from the backend (no API call); None when unknown."""
+        instance = self.ec2_backend.get_instance_by_id(instance_id)
+        return instance.state if instance is not None else None
+
+    def registered_targets(self, target_group_arn: str) -> tuple[str, ...]:
+        """The ids moto has registered in a target group, read from the backend."""
+        # tuple() of a dict copies it in one step under the GIL: safe beside the server thread.
+        return tuple(self.elbv2_backend.target_groups[target_group_arn].targets)
 
     # ------------------------------------------------------------ looking
 

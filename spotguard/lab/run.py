@@ -1,0 +1,502 @@
+"""Plays one Scenario in the embedded AWS and returns its Outcome.
+
+`run_scenario(scenario, speed=..., world=...)` builds the lab on a started
+MotoWorld (reset first), in this order:
+
+  1. the deployment in moto (VPC, subnets, ALB, target group set to the
+     scenario's health checks and deregistration delay, a persistent spot
+     request with its instance, one stopped standby when guarded, an SQS queue
+     for EventBridge-shaped events); EC2 transitions modelled (pending, stopping);
+  2. the fleet (EC2's clock, an app server per running instance) and the
+     balancer (a loopback proxy), which answers moto's DescribeTargetHealth;
+  3. spotguard as a subprocess with a generated config (guarded runs), waited
+     for until its first round is done;
+  4. the load, then the script: the notice, the termination 120 s later, the
+     new spot later still, maybe a second interruption; the run ends when the
+     cycle is over (or at `end_after`), after a short tail.
+
+Everything that happens goes on the timeline, printed live when `out` is given.
+Unguarded runs play the Auto Scaling group: the lab registers each new spot
+instance once it runs, and nobody else acts.
+
+This module must not hold failover rules (spotguard decides, in its own
+process) nor fake spotguard's AWS calls: spotguard talks to moto over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from .balancer import Balancer, HealthCheck
+from .clock import ScenarioClock, clock_text, span_text
+from .fleet import Fleet
+from .guard import SpotguardProcess, write_config
+from .load import LoadGenerator, Sample, longest_outage
+from .scenario import Outcome, Scenario
+from .timeline import Timeline
+
+GUARD = "lab"
+QUEUE = "spotguard-lab-events"
+SETUP_TIMEOUT = 30.0  # wall seconds for the first spot to look healthy
+# Load is summed up every LOAD_WINDOW scenario seconds and printed when something
+# changed (who serves, failures) or LOAD_QUIET passed since the last line.
+LOAD_WINDOW = 30.0
+LOAD_QUIET = 180.0
+# spotguard log lines worth a timeline entry besides transitions, actions and alerts.
+LOUD_LEVELS = frozenset({"warning", "error", "critical"})
+_SECONDS = re.compile(r"\b(\d+(?:\.\d+)?)s\b")
+
+
+async def run_scenario(scenario: Scenario, *, speed: float, world: Any, out: TextIO | None = None) -> Outcome:
+    """Play `scenario` at `speed` in `world` (a started MotoWorld, reset here)."""
+    scenario.check()
+    return await _Run(scenario, speed, world, out).play()
+
+
+class _Run:
+    def __init__(self, scenario: Scenario, speed: float, world: Any, out: TextIO | None) -> None:
+        self.s = scenario
+        self.speed = speed
+        self.world = world
+        self.clock = ScenarioClock(speed)
+        self.timeline = Timeline(self.clock, out)
+        self.phase = "spot-healthy"
+        self.phase_since = 0.0
+        self.notices: list[tuple[str, float]] = []  # (spot id, when)
+        self.terminations: list[tuple[str, float]] = []  # (spot id, when)
+        self.fulfilled_at: float | None = None
+        self.gaps: list[list[float]] = []  # [start, end] spans with no healthy target
+        self.registered_by_lab: set[str] = set()
+        self.deployment: Any = None
+        self.fleet: Fleet | None = None
+        self.balancer: Balancer | None = None
+        self.spotguard: SpotguardProcess | None = None
+        self.load: LoadGenerator | None = None
+
+    # ------------------------------------------------------------------ the run
+
+    async def play(self) -> Outcome:
+        began = time.monotonic()
+        problem: str | None = None
+        completed = False
+        exit_code: int | None = None
+        stop_load = asyncio.Event()
+        tasks: list[asyncio.Task[Any]] = []
+        load_task: asyncio.Task[None] | None = None
+        with tempfile.TemporaryDirectory(prefix="spotguard-lab-") as tmp:
+            try:
+                await self._build()
+                tasks.append(asyncio.create_task(self._keep_time()))
+                await self._until(self._spot_serving, SETUP_TIMEOUT, "the first spot to be healthy")
+                if self.s.guarded:
+                    await self._start_spotguard(Path(tmp))
+                self._begin()
+                self.load = LoadGenerator(
+                    f"{self.balancer.url}/",
+                    self.clock,
+                    rate=self.s.rate,
+                    max_wall=self.clock.wall(self.s.expected_end() * 2) + 60,
+                    origin=self.timeline.start,
+                )
+                load_task = asyncio.create_task(self.load.run(stop_load))
+                tasks.append(asyncio.create_task(self._report_load()))
+                try:
+                    await asyncio.wait_for(self._script(), self.clock.wall(self.s.expected_end() * 1.5) + 30)
+                    completed = True
+                except asyncio.TimeoutError:
+                    problem = f"the cycle did not finish by {clock_text(self.s.expected_end() * 1.5)} (phase {self.phase})"
+                except _Aborted as exc:
+                    problem = str(exc)
+            finally:
+                stop_load.set()
+                if load_task is not None:
+                    await asyncio.wait([load_task], timeout=10)
+                if self.spotguard is not None:
+                    exit_code = await self.spotguard.stop()
+                    if exit_code != 0 and problem is None:
+                        problem = f"spotguard exited {exit_code}: {self.spotguard.stderr_tail()}"
+                    if self.spotguard.reader_errors and problem is None:
+                        problem = f"the lab failed reading spotguard's log: {self.spotguard.reader_errors[0]}"
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self._tear_down()
+        return self._outcome(completed, problem, exit_code, time.monotonic() - began)
+
+    async def _build(self) -> None:
+        s, world = self.s, self.world
+        world.reset()
+        d = self.deployment = world.provision(GUARD, standbys=1 if s.guarded else 0)
+        elbv2 = world.boto("elbv2")
+        elbv2.modify_target_group(
+            TargetGroupArn=d.target_group_arn,
+            HealthCheckIntervalSeconds=int(s.health_interval),
+            HealthCheckTimeoutSeconds=int(s.health_timeout),
+            HealthyThresholdCount=s.healthy_threshold,
+            UnhealthyThresholdCount=s.unhealthy_threshold,
+        )
+        elbv2.modify_target_group_attributes(
+            TargetGroupArn=d.target_group_arn,
+            Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": str(int(s.deregistration_delay))}],
+        )
+        group = elbv2.describe_target_groups(TargetGroupArns=[d.target_group_arn])["TargetGroups"][0]
+        check = HealthCheck.of_target_group(group)
+        self.queue_url = world.boto("sqs").create_queue(QueueName=QUEUE)["QueueUrl"]
+        world.model_transitions(True)
+
+        self.fleet = Fleet(world, self.clock, self.timeline, boot=s.boot, stop_time=s.stop_time, latency=s.latency)
+        self.fleet.follow_spot_request(d.spot_request_id, warm_up=s.warm_up)
+        for sid in d.standby_ids:
+            self.fleet.watch(sid, "standby", warm_up=s.standby_warm, on_demand=True)
+        self.balancer = Balancer(
+            self.clock,
+            check,
+            s.deregistration_delay,
+            self.fleet.port,
+            self.fleet.live,
+            on_change=self._target_changed,
+            request_timeout=5.0,
+        )
+        await self.balancer.start()
+        world.set_health_source(self.balancer.report)
+        self._describe_setup(check)
+
+    def _describe_setup(self, check: HealthCheck) -> None:
+        s, d, say = self.s, self.deployment, self.timeline.say
+        say(f"── {s.name} " + "─" * max(0, 66 - len(s.name)))
+        say(f"  moto (EC2, ELBv2, SQS) at {self.world.endpoint_url}; load balancer at {self.balancer.url}")
+        say(f"  spot-1 = {d.spot_instance_id} (spot request {d.spot_request_id})")
+        for sid in d.standby_ids:
+            say(f"  standby = {sid} (stopped On-Demand)")
+        say(
+            f"  health check every {span_text(check.interval)}, healthy after {check.healthy_threshold} "
+            f"(a new target: 1), unhealthy after {check.unhealthy_threshold}; "
+            f"deregistration delay {span_text(s.deregistration_delay)}"
+        )
+        say(f"  load: {s.rate:g} requests/s (wall) through the load balancer")
+        say()
+
+    def _begin(self) -> None:
+        self.timeline.begin()
+        self.timeline.add("lab", "load starts; spot-1 serving" + ("; standby stopped" if self.s.guarded else ""))
+
+    async def _tear_down(self) -> None:
+        self.world.set_health_source(None)
+        self.world.model_transitions(False)
+        if self.fleet is not None:
+            await self.fleet.close()
+        if self.balancer is not None:
+            await self.balancer.close()
+
+    # ------------------------------------------------------------------ time passing
+
+    async def _keep_time(self) -> None:
+        """EC2's clock, the apps, the balancer's view of the target group; the ASG when unguarded."""
+        pause = min(0.02, self.clock.wall(0.5))
+        arn = self.deployment.target_group_arn
+        while True:
+            await self.fleet.tick()
+            registered = self.world.registered_targets(arn)
+            self.balancer.sync(registered)
+            if not self.s.guarded:
+                await self._register_replacement(registered)
+            await asyncio.sleep(pause)
+
+    async def _register_replacement(self, registered: tuple[str, ...]) -> None:
+        spot = self.world.spot_instance_id(self.deployment.spot_request_id)
+        if spot is None or spot in registered or spot in self.registered_by_lab:
+            return
+        if self.world.instance_state(spot) != "running":
+            return
+        self.registered_by_lab.add(spot)
+        await asyncio.to_thread(
+            self.world.boto("elbv2").register_targets,
+            TargetGroupArn=self.deployment.target_group_arn,
+            Targets=[{"Id": spot}],
+        )
+        self.timeline.add("lab", f"{spot} registered by its Auto Scaling group", kind="asg", instance=spot)
+
+    def _target_changed(self, tid: str, old: str, new: str) -> None:
+        if new == "draining":
+            text = f"{tid} draining for {span_text(self.s.deregistration_delay)}: no new requests"
+        elif new == "gone":
+            text = f"{tid} drained: deregistration complete"
+        else:
+            text = f"{tid} {new}"
+        self.timeline.add("alb", text, kind="health", instance=tid, old=old, new=new)
+        self._note_service()
+
+    def _note_service(self) -> None:
+        serving = bool(self.balancer.healthy())
+        now = self.timeline.now()
+        if not serving and (not self.gaps or self.gaps[-1][1] >= 0):
+            if self.timeline.started:
+                self.gaps.append([now, -1.0])
+                self.timeline.add("alb", "NO HEALTHY TARGET: every request fails", kind="gap")
+        elif serving and self.gaps and self.gaps[-1][1] < 0:
+            self.gaps[-1][1] = now
+            span = now - self.gaps[-1][0]
+            self.timeline.add("alb", f"a healthy target again after {span_text(span)} without one", kind="gap-end")
+
+    # ------------------------------------------------------------------ spotguard
+
+    async def _start_spotguard(self, tmp: Path) -> None:
+        s, d, world = self.s, self.deployment, self.world
+        config = write_config(
+            tmp / "spotguard.toml",
+            region=world.region,
+            endpoint_url=world.endpoint_url,
+            state_dir=tmp / "state",
+            guard_name=GUARD,
+            target_group_arn=d.target_group_arn,
+            spot_request_id=d.spot_request_id,
+            standby_ids=d.standby_ids,
+            speed=self.speed,
+            poll_interval=s.poll_interval,
+            failback_grace=s.failback_grace,
+            standby_ready_timeout=s.standby_ready_timeout,
+            unhealthy_grace=s.unhealthy_grace,
+        )
+        self.spotguard = SpotguardProcess(config, self._spotguard_said)
+        self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g})")
+        await self.spotguard.start()
+
+    def _spotguard_said(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        at = self._when(event)
+        add = lambda text, **data: self.timeline.add("spotguard", text, at=at, **data)  # noqa: E731
+        if name == "guard.transition":
+            self.phase, self.phase_since = event["to"], at
+            add(
+                f"{event['from']} → {event['to']}: {event.get('reason', '')}",
+                kind="transition", **{"from": event["from"], "to": event["to"], "reason": event.get("reason")},
+            )
+        elif name == "executor.action":
+            code = f" ({event['code']})" if event.get("code") else ""
+            add(f"{event['action']} {event['instance_id']}: {event['outcome']}{code}", kind="action",
+                action=event["action"], instance=event["instance_id"], outcome=event["outcome"])
+        elif name == "guard.alert":
+            text = self._in_scenario_time(self.timeline.humane(str(event.get("text"))))
+            add(f"⚠ ALERT: {text}", kind="alert", alert=text)
+        elif name == "daemon.ready":
+            add("running: first observation done", kind="ready")
+        elif event.get("level") in LOUD_LEVELS:
+            details = {k: v for k, v in event.items() if k not in ("event", "level", "timestamp")}
+            add(f"{event.get('level')}: {name} {json.dumps(details)}", kind="log")
+
+    def _in_scenario_time(self, text: str) -> str:
+        """spotguard counts wall seconds: "after 2s" becomes "after 2s (≈1m40s in scenario time)"."""
+        return _SECONDS.sub(lambda m: f"{m.group(0)} (≈{span_text(float(m.group(1)) * self.speed)} scenario)", text)
+
+    def _when(self, event: dict[str, Any]) -> float | None:
+        """The log line's own timestamp in scenario time (None: now)."""
+        if not self.timeline.started:
+            return None
+        try:
+            epoch = datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+        except (KeyError, ValueError):
+            return None
+        return self.clock.at_epoch(epoch) - self.timeline.start
+
+    # ------------------------------------------------------------------ the script
+
+    async def _script(self) -> None:
+        s = self.s
+        await self._at(s.notice_at)
+        await self._interrupt()
+        if s.second_notice_in:
+            fulfilled = self.fulfilled_at
+            await self._until_forever(
+                lambda: self.phase == s.second_notice_in and self.phase_since >= (fulfilled or 0.0),
+            )
+            await self.clock.sleep(s.second_notice_delay)
+            await self._interrupt()
+        if s.end_after is not None:
+            await self._at(s.end_after)
+        else:
+            await self._until_forever(self._cycle_over)
+        self.timeline.add("lab", "cycle over" if s.end_after is None else "scenario end", kind="end")
+        await self.clock.sleep(s.tail)
+
+    async def _interrupt(self) -> None:
+        s, world, rid = self.s, self.world, self.deployment.spot_request_id
+        spot = world.spot_instance_id(rid)
+        world.notice(rid)
+        self.notices.append((spot, self.timeline.now()))
+        self.timeline.add(
+            "ec2",
+            f"INTERRUPTION NOTICE for {spot} (spot request instance-terminated-no-capacity): "
+            f"terminated in {span_text(s.notice_period)}",
+            kind="notice", instance=spot,
+        )
+        await asyncio.to_thread(self._eventbridge, spot)
+        await self.clock.sleep(s.notice_period)
+        world.terminate_spot(rid)
+        self.terminations.append((spot, self.timeline.now()))
+        self.timeline.add("ec2", f"{spot} terminated: the spot capacity is reclaimed", kind="terminated", instance=spot)
+        await self.fleet.tick()
+        if s.refulfil_after is None:
+            return
+        await self.clock.sleep(s.refulfil_after)
+        new = world.fulfil(rid, pending=True)
+        await self.fleet.tick()
+        self.fulfilled_at = self.timeline.now()
+        self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending)", kind="fulfilled",
+                          instance=new)
+
+    def _eventbridge(self, spot: str) -> None:
+        """The notice as EventBridge delivers it to an SQS queue (for an SQS source to read)."""
+        world = self.world
+        event = {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "EC2 Spot Instance Interruption Warning",
+            "source": "aws.ec2",
+            "account": world.account_id,
+            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": world.region,
+            "resources": [f"arn:aws:ec2:{world.region}:{world.account_id}:instance/{spot}"],
+            "detail": {"instance-id": spot, "instance-action": "terminate"},
+        }
+        world.boto("sqs").send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(event))
+
+    def _cycle_over(self) -> bool:
+        if self.fulfilled_at is None:
+            return False
+        if not self.s.guarded:
+            spot = self.world.spot_instance_id(self.deployment.spot_request_id)
+            return spot in self.balancer.healthy()
+        standbys = self.deployment.standby_ids
+        return (
+            self.phase == "spot-healthy"
+            and self.phase_since >= self.fulfilled_at
+            and all(self.world.instance_state(sid) == "stopped" for sid in standbys)
+        )
+
+    def _spot_serving(self) -> bool:
+        return self.deployment.spot_instance_id in self.balancer.healthy()
+
+    async def _at(self, moment: float) -> None:
+        await self.clock.sleep(moment - self.timeline.now())
+
+    async def _until(self, predicate: Any, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise RuntimeError(f"lab setup: timed out after {timeout:g}s waiting for {what}")
+            await asyncio.sleep(0.01)
+
+    async def _until_forever(self, predicate: Any) -> None:
+        """Wait for `predicate` (the caller's deadline bounds it); stop if spotguard dies."""
+        while not predicate():
+            if self.spotguard is not None and self.spotguard.returncode is not None:
+                raise _Aborted(f"spotguard exited {self.spotguard.returncode}: {self.spotguard.stderr_tail()}")
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ load on the timeline
+
+    async def _report_load(self) -> None:
+        """Load lines: when requests start or stop failing, and per window when something changed."""
+        assert self.load is not None
+        seen, window_start, last_window, last_line, failing_since = 0, 0, 0.0, 0.0, None
+        streak, last_servers = 0, None
+        while True:
+            await asyncio.sleep(0.02)
+            samples = self.load.samples
+            for sample in samples[seen:]:
+                if not sample.ok and failing_since is None:
+                    failing_since, streak = sample.sent_at, 0
+                    self.timeline.add("load", f"REQUESTS FAILING: {_cause(sample)}", kind="failing")
+                if not sample.ok:
+                    streak += 1
+                elif failing_since is not None:
+                    span = sample.sent_at - failing_since
+                    self.timeline.add(
+                        "load", f"requests succeed again; {streak} failed over {span_text(span)}", kind="recovered"
+                    )
+                    failing_since = None
+            seen = len(samples)
+            now = self.timeline.now()
+            if now - last_window >= LOAD_WINDOW:
+                window = samples[window_start:seen]
+                servers = frozenset(s.served_by for s in window if s.ok)
+                if servers != last_servers or not all(s.ok for s in window) or now - last_line >= LOAD_QUIET:
+                    self.timeline.add("load", self._load_line(window, now - last_window), kind="load")
+                    last_line = now
+                window_start, last_window, last_servers = seen, now, servers
+
+    def _load_line(self, window: list[Sample], span: float) -> str:
+        ok = [s for s in window if s.ok]
+        by: dict[str, int] = {}
+        for s in ok:
+            name = self.timeline.label(s.served_by)
+            by[name] = by.get(name, 0) + 1
+        served = ", ".join(f"{n} {100 * c // max(1, len(ok))}%" for n, c in sorted(by.items())) or "nobody"
+        rate = len(window) / max(1e-9, self.clock.wall(span))
+        return f"{rate:.0f} req/s, {len(window) - len(ok)} failed (last {span_text(span)}); served by {served}"
+
+    # ------------------------------------------------------------------ verdict
+
+    def _outcome(self, completed: bool, problem: str | None, exit_code: int | None, wall: float) -> Outcome:
+        samples = list(self.load.samples) if self.load else []
+        failures: dict[str, int] = {}
+        for sample in samples:
+            if not sample.ok:
+                failures[_cause(sample)] = failures.get(_cause(sample), 0) + 1
+        end = self.timeline.now()
+        gaps = sum((e if e >= 0 else end) - b for b, e in self.gaps)
+        return Outcome(
+            scenario=self.s,
+            speed=self.speed,
+            completed=completed,
+            problem=problem,
+            sent=len(samples),
+            failed=sum(failures.values()),
+            failures=failures,
+            longest_outage=longest_outage(samples),
+            no_healthy_target=gaps,
+            standby_lead=self._standby_lead(samples),
+            on_demand_seconds=self.fleet.on_demand_seconds() if self.fleet is not None else 0.0,
+            spotguard_exit=exit_code,
+            wall_seconds=wall,
+            entries=tuple(self.timeline.entries),
+        )
+
+    def _standby_lead(self, samples: list[Sample]) -> float | None:
+        """The least time, over the interruptions, the standby served before the spot died."""
+        standbys = set(self.deployment.standby_ids) if self.deployment is not None else set()
+        if not standbys or not self.terminations:
+            return None
+        leads = []
+        for (spot, died), (_, noticed) in zip(self.terminations, self.notices):
+            first = min(
+                (s.sent_at for s in samples if s.ok and s.served_by in standbys and noticed <= s.sent_at <= died),
+                default=None,
+            )
+            if first is None:
+                return None
+            leads.append(died - first)
+        return min(leads)
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _cause(sample: Sample) -> str:
+    """Why a request failed, in words (the balancer's own answers name no instance)."""
+    if sample.status == 503:
+        return "503 from a warming target (fail-open)" if sample.served_by else "503 no healthy target"
+    if sample.status == 502:
+        return "502 target died mid-request"
+    if sample.status == 504:
+        return "504 target did not answer"
+    return sample.error or "?"

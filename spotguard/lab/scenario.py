@@ -1,0 +1,111 @@
+"""What a lab run plays (`Scenario`) and what came of it (`Outcome`): plain data, scenario seconds.
+
+The default scenario is one spot interruption as EC2 makes it, at the scale of
+a real deployment: a 120 s notice; a standby that boots in 20 s and loads its
+model in 40 s; health checks every 5 s; a 60 s deregistration delay; spot
+capacity back 3 minutes after the termination; spotguard's default 10 minute
+failback grace. `unguarded()` is the same interruption with no standby and no
+spotguard: the replacement spot is registered when it runs, as an Auto
+Scaling group would, and nothing serves in between.
+
+This module must not run anything; spotguard.lab.run plays a Scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from .timeline import Entry
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "with spotguard"
+    guarded: bool = True  # spotguard and one stopped On-Demand standby; else neither
+    # EC2 (scenario seconds from the start of the load)
+    notice_at: float = 30.0
+    notice_period: float = 120.0  # notice → termination
+    refulfil_after: float | None = 180.0  # termination → new spot instance; None: capacity never returns
+    boot: float = 20.0  # pending → running
+    stop_time: float = 10.0  # stopping → stopped
+    # the service on each instance
+    warm_up: float = 40.0  # running → serving (the model loading)
+    standby_warm_up: float | None = None  # default: warm_up
+    latency: float = 0.25  # per request
+    # the load balancer (target group settings)
+    health_interval: float = 5.0
+    health_timeout: float = 4.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 2
+    deregistration_delay: float = 60.0
+    # spotguard's config
+    poll_interval: float = 5.0
+    failback_grace: float = 600.0
+    standby_ready_timeout: float = 300.0
+    unhealthy_grace: float = 30.0
+    # a second interruption, of the new spot, when spotguard enters this phase
+    second_notice_in: str | None = None
+    second_notice_delay: float = 10.0
+    # the end: when the cycle is over (spotguard back to spot-healthy with the
+    # standby stopped; unguarded: the replacement healthy), or at end_after
+    end_after: float | None = None
+    tail: float = 20.0
+    rate: float = 50.0  # requests per wall second
+
+    def unguarded(self) -> "Scenario":
+        return replace(self, name="without a standby", guarded=False)
+
+    @property
+    def standby_warm(self) -> float:
+        return self.warm_up if self.standby_warm_up is None else self.standby_warm_up
+
+    def expected_end(self) -> float:
+        """A generous estimate of when the run ends, for its deadline (scenario seconds)."""
+        if self.end_after is not None:
+            return self.end_after + self.tail
+        checks = self.health_interval * (self.healthy_threshold + self.unhealthy_threshold + 2)
+        cycle = self.notice_period + (self.refulfil_after or 0.0) + self.boot + self.warm_up + checks
+        if self.guarded:
+            cycle += self.failback_grace + self.deregistration_delay + self.stop_time + 2 * self.poll_interval
+        cycles = 2 if self.second_notice_in else 1
+        return self.notice_at + cycles * (cycle + self.second_notice_delay) + self.tail
+
+    def check(self) -> None:
+        if self.refulfil_after is None and self.end_after is None:
+            raise ValueError("a scenario where capacity never returns needs end_after")
+        if self.second_notice_in and self.refulfil_after is None:
+            raise ValueError("a second interruption needs a spot to interrupt: set refulfil_after")
+        if not self.health_timeout < self.health_interval:
+            raise ValueError("health_timeout must be shorter than health_interval (ELBv2 rule)")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One run's verdict; times in scenario seconds."""
+
+    scenario: Scenario
+    speed: float
+    completed: bool
+    problem: str | None  # why the run did not complete, or what went wrong around it
+    sent: int
+    failed: int
+    failures: Mapping[str, int]  # failed requests by cause ("503", "502", "timeout", ...)
+    longest_outage: float  # longest stretch in which every request failed
+    no_healthy_target: float  # total time the balancer had no healthy target
+    standby_lead: float | None  # least time the standby served before a spot died; None: it did not
+    on_demand_seconds: float  # standby time in `running`
+    spotguard_exit: int | None
+    wall_seconds: float
+    entries: tuple[Entry, ...] = field(default=(), repr=False)
+
+    @property
+    def lost_requests(self) -> bool:
+        return self.failed > 0
+
+    def transitions(self) -> list[tuple[str, str]]:
+        """spotguard's phase changes in order, as (from, to)."""
+        return [(e.data["from"], e.data["to"]) for e in self.entries if e.data.get("kind") == "transition"]
+
+    def alerts(self) -> list[str]:
+        return [e.data["alert"] for e in self.entries if e.data.get("kind") == "alert"]

@@ -1,0 +1,243 @@
+"""The lab end to end: spotguard (a real `spotguard run` process) through spot interruptions
+on the embedded AWS, with real HTTP traffic through a health-checking load balancer.
+
+The first tests check the lab's own parts against moto (EC2 transitions, the
+balancer as moto's DescribeTargetHealth, an app dying mid-request, the
+generated config); the last three are the issue's end-to-end runs. They run
+at a high speed (scenario seconds per wall second) and with shorter grace and
+re-fulfilment times than the demo, so the file stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from spotguard import config
+from spotguard.cli import build_parser
+from spotguard.lab.app import InstanceApp
+from spotguard.lab.balancer import Balancer, HealthCheck
+from spotguard.lab.clock import ScenarioClock
+from spotguard.lab.guard import write_config
+from spotguard.lab.load import Sample, longest_outage
+from spotguard.lab.report import summary
+from spotguard.lab.run import run_scenario
+from spotguard.lab.scenario import Scenario
+
+SPEED = 50.0
+# The demo's scenario with a shorter grace and capacity back sooner: the same cycle, fewer idle minutes.
+QUICK = Scenario(refulfil_after=60.0, failback_grace=120.0, tail=10.0)
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- the lab's parts
+
+
+def test_transitions_hold_pending_and_stopping_until_time_passes(moto_world):
+    d = moto_world.provision(standbys=1)
+    sid, ec2 = d.standby_ids[0], moto_world.boto("ec2")
+    moto_world.model_transitions(True)
+    ec2.start_instances(InstanceIds=[sid])
+    assert moto_world.states(sid) == {sid: "pending"}
+    ec2.start_instances(InstanceIds=[sid])  # starting a pending instance keeps it booting
+    assert moto_world.states(sid) == {sid: "pending"}
+    moto_world.set_state(sid, "running")
+    reply = ec2.stop_instances(InstanceIds=[sid])
+    assert reply["StoppingInstances"][0]["CurrentState"]["Name"] == "stopping"
+    assert moto_world.states(sid) == {sid: "stopping"}
+    with pytest.raises(ec2.exceptions.ClientError, match="IncorrectInstanceState"):
+        ec2.start_instances(InstanceIds=[sid])
+    moto_world.set_state(sid, "stopped")
+    assert moto_world.states(sid) == {sid: "stopped"}
+    moto_world.terminate_spot(d.spot_request_id)
+    new = moto_world.fulfil(d.spot_request_id, pending=True)  # a re-fulfilled spot boots too
+    assert moto_world.states(new) == {new: "pending"}
+    moto_world.model_transitions(False)
+    ec2.start_instances(InstanceIds=[sid])
+    assert moto_world.states(sid) == {sid: "running"}  # moto's own instant start once the lab lets go
+
+
+async def test_describe_target_health_answers_from_the_balancer(moto_world):
+    """A target warming up is initial, then unhealthy, then healthy; deregistered, it drains, then is gone."""
+    d = moto_world.provision(standbys=1)
+    sid, tg, elbv2 = d.standby_ids[0], d.target_group_arn, moto_world.boto("elbv2")
+    moto_world.boto("ec2").start_instances(InstanceIds=[sid])
+    clock = ScenarioClock(100.0)
+    spot_app = InstanceApp(d.spot_instance_id, clock, warm_up=0.0, latency=0.1)
+    standby_app = InstanceApp(sid, clock, warm_up=30.0, latency=0.1)
+    apps = {d.spot_instance_id: spot_app, sid: standby_app}
+    changes: list[tuple[str, str, str]] = []
+    balancer = Balancer(
+        clock, HealthCheck(interval=5.0, timeout=4.0), 20.0,
+        resolve=lambda tid: apps[tid].port if tid in apps else None,
+        live=lambda tid: moto_world.instance_state(tid) in ("pending", "running"),
+        on_change=lambda *change: changes.append(change),
+    )
+    await balancer.start()
+    moto_world.set_health_source(balancer.report)
+
+    async def keep_syncing():
+        while True:
+            balancer.sync(moto_world.registered_targets(tg))
+            await asyncio.sleep(0.005)
+
+    syncing = asyncio.create_task(keep_syncing())
+    try:
+        await spot_app.start()
+        await until(lambda: balancer.healthy() == [d.spot_instance_id], what="spot healthy")
+        elbv2.register_targets(TargetGroupArn=tg, Targets=[{"Id": sid}])
+        assert moto_world.health(tg)[sid] == "initial"  # asked before any check: registration in progress
+        await standby_app.start()
+        await until(lambda: moto_world.health(tg).get(sid) == "unhealthy", what="standby failing its checks")
+        await until(lambda: moto_world.health(tg).get(sid) == "healthy", what="standby warmed up")
+        assert [c[1:] for c in changes if c[0] == sid] == [("unused", "initial"), ("initial", "unhealthy"), ("unhealthy", "healthy")]
+
+        elbv2.deregister_targets(TargetGroupArn=tg, Targets=[{"Id": sid}])
+        assert moto_world.health(tg)[sid] == "draining"  # at once, before the balancer's next sync
+        async with aiohttp.ClientSession() as client:
+            for _ in range(5):  # a draining target gets no new requests
+                async with client.get(balancer.url + "/") as reply:
+                    assert reply.headers["X-Served-By"] == d.spot_instance_id
+        await until(lambda: sid not in moto_world.health(tg), what="drain over")
+        assert moto_world.health(tg) == {d.spot_instance_id: "healthy"}
+    finally:
+        syncing.cancel()
+        moto_world.set_health_source(None)
+        await balancer.close()
+        spot_app.kill()
+        standby_app.kill()
+
+
+async def test_a_killed_app_fails_its_requests_in_flight():
+    clock = ScenarioClock(1.0)
+    app = InstanceApp("i-0123456789abcdef0", clock, warm_up=0.0, latency=5.0)
+    port = await app.start()
+    async with aiohttp.ClientSession() as client:
+        request = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/"))
+        await asyncio.sleep(0.2)
+        app.kill()
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(request, 5)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await client.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_generated_config_is_one_spotguard_accepts_with_scaled_durations(tmp_path, moto_world):
+    d = moto_world.provision(standbys=1)
+    path = write_config(
+        tmp_path / "c.toml", region=moto_world.region, endpoint_url=moto_world.endpoint_url,
+        state_dir=tmp_path / "state", guard_name="lab", target_group_arn=d.target_group_arn,
+        spot_request_id=d.spot_request_id, standby_ids=d.standby_ids, speed=25.0, poll_interval=5.0,
+        failback_grace=600.0, standby_ready_timeout=300.0, unhealthy_grace=30.0,
+    )
+    settings = config.load(path)
+    assert settings.daemon.poll_interval == 0.2 and settings.daemon.log_format == "json"
+    guard = settings.guards[0]
+    assert (guard.failback_grace, guard.standby_ready_timeout, guard.unhealthy_grace) == (24.0, 12.0, 1.2)
+    assert guard.standby_instance_ids == d.standby_ids and guard.spot_request_ids == (d.spot_request_id,)
+
+
+def test_longest_outage_is_the_longest_run_of_failures():
+    def s(at, ok):
+        return Sample(at, ok, 200 if ok else 503, None if ok else "503", None)
+
+    samples = [s(0, True), s(1, False), s(2, False), s(3, True), s(4, False), s(9, False), s(12, True)]
+    assert longest_outage(samples) == 8.0
+    assert longest_outage([s(0, True)]) == 0.0
+
+
+def test_demo_arguments():
+    args = build_parser().parse_args(["demo", "--compare", "--speed", "40"])
+    assert (args.command, args.compare, args.speed, args.rate) == ("demo", True, 40.0, 50.0)
+    for bad in ("0", "-1", "fast", "inf"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", "--speed", bad])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def test_full_cycle_loses_no_request(moto_world):
+    outcome = await run_scenario(QUICK, speed=SPEED, world=moto_world)
+    assert outcome.completed and outcome.problem is None, outcome.problem
+    assert outcome.sent > 200
+    assert (outcome.failed, outcome.failures) == (0, {})
+    assert outcome.transitions() == [
+        ("spot-healthy", "standby-starting"),
+        ("standby-starting", "both-serving"),
+        ("both-serving", "spot-restored"),
+        ("spot-restored", "standby-draining"),
+        ("standby-draining", "spot-healthy"),
+    ]
+    assert outcome.standby_lead is not None and outcome.standby_lead > 10.0  # served before the spot died
+    assert outcome.no_healthy_target == 0.0 and outcome.spotguard_exit == 0
+    # Billed from standby running to stopping: the standby served the outage and the grace, then stopped.
+    assert QUICK.refulfil_after + QUICK.failback_grace < outcome.on_demand_seconds < 900
+    assert moto_world.states(*outcome_standbys(outcome)) == {sid: "stopped" for sid in outcome_standbys(outcome)}
+    assert "no request lost" in summary([outcome])
+
+
+async def test_standby_warm_up_longer_than_the_notice_loses_requests_and_says_so(moto_world):
+    scenario = replace(
+        QUICK,
+        name="slow standby",
+        standby_warm_up=200.0,  # the model loads for longer than the 120 s notice
+        standby_ready_timeout=100.0,
+        refulfil_after=None,  # capacity does not come back: the standby must carry it
+        end_after=330.0,
+    )
+    outcome = await run_scenario(scenario, speed=SPEED, world=moto_world)
+    assert outcome.completed and outcome.problem is None, outcome.problem
+    assert outcome.failed > 0
+    # Once the spot is gone only the warming standby is registered: ALB fails open to it, and it answers 503.
+    assert set(outcome.failures) <= {"503 no healthy target", "503 from a warming target (fail-open)", "502 target died mid-request"}
+    assert outcome.standby_lead is None  # the standby never served before the spot died
+    # The gap: from the termination until the standby passed its checks (~ +0:53 booted + 200 s warm-up).
+    assert 60.0 < outcome.no_healthy_target < 140.0
+    assert 60.0 < outcome.longest_outage <= outcome.no_healthy_target + 10.0
+    gap = [e for e in outcome.entries if e.data.get("kind") in ("gap", "gap-end")]
+    assert [e.data["kind"] for e in gap] == ["gap", "gap-end"]
+    # spotguard says so: before the spot dies (the standby is not healthy within standby_ready_timeout),
+    # when the service goes down, and when it is back.
+    alerts = [e for e in outcome.entries if e.data.get("kind") == "alert"]
+    died = next(e.at for e in outcome.entries if e.data.get("kind") == "terminated")
+    assert alerts and "not healthy after" in alerts[0].data["alert"] and alerts[0].at < died
+    down = [e for e in alerts if "no healthy target" in e.data["alert"]]
+    back = [e for e in alerts if "service back" in e.data["alert"]]
+    assert len(down) == len(back) == 1 and died < down[0].at < back[0].at
+    assert down[0].at - died < 3 * scenario.poll_interval
+    assert ("standby-starting", "both-serving") in outcome.transitions()  # and it served once warm
+    assert "LOST" in summary([outcome])
+
+
+async def test_second_interruption_while_the_standby_drains(moto_world):
+    scenario = replace(QUICK, name="second notice", failback_grace=60.0, second_notice_in="standby-draining")
+    outcome = await run_scenario(scenario, speed=SPEED, world=moto_world)
+    assert outcome.completed and outcome.problem is None, outcome.problem
+    assert (outcome.failed, outcome.failures) == (0, {})
+    phases = outcome.transitions()
+    draining = phases.index(("spot-restored", "standby-draining"))
+    # Back to the standby straight from draining: it is re-registered, never stopped in between.
+    assert phases[draining + 1][0] == "standby-draining"
+    assert phases[draining + 1][1] in ("standby-starting", "both-serving")
+    notices = [e for e in outcome.entries if e.data.get("kind") == "notice"]
+    assert len(notices) == 2
+    stops = [e for e in outcome.entries if e.data.get("kind") == "action" and e.data.get("action") == "stop"]
+    assert all(e.at > notices[1].at for e in stops), "the standby was stopped before the second interruption"
+    assert phases[-1] == ("standby-draining", "spot-healthy")
+    assert len(stops) >= 1
+
+
+def outcome_standbys(outcome) -> list[str]:
+    return sorted({e.data["instance"] for e in outcome.entries if e.data.get("action") == "start"})
