@@ -154,6 +154,7 @@ class GuardState:
     start_sent: float | None = None  # when StartInstances was last sent for it
     failed: frozenset[str] = frozenset()  # standbys given up on in this failover
     doomed: frozenset[str] = frozenset()  # spot instances with an interruption notice
+    flagged: frozenset[str] = frozenset()  # of those, the ones the poll saw the request flag
     rebalanced: frozenset[str] = frozenset()  # spot instances with a rebalance recommendation
     unhealthy_since: float | None = None  # spot target first seen not healthy
     prewarm_at: float | None = None  # failover began on a rebalance recommendation
@@ -190,7 +191,13 @@ def step(state: GuardState, event: Event, now: float) -> Result:
     if not changed or state.seen is None:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
-    state, outage = _watch_outage(state, now) if isinstance(event, Observed) else (state, ())
+    if not isinstance(event, Observed):
+        # A notice, tick or failure is decided on the last observation, which may be
+        # old (a poll outage) or already overtaken by our own commands. Starting and
+        # registering on it is safe; deregistering and stopping waits for the next
+        # observation, which re-derives them (every command is level-triggered).
+        return state, commands + tuple(c for c in decided if not isinstance(c, (Deregister, Stop)))
+    state, outage = _watch_outage(state, now)
     return state, commands + decided + outage
 
 
@@ -222,12 +229,29 @@ def _observe(state: GuardState, seen: Observed) -> GuardState:
     # nothing can be done about it any more, and the state stays small.
     known = {i.id for i in seen.spots} | {t.id for t in seen.targets}
     flagged = {i.id for i in seen.spots if i.notice}
+    # A notice is carried out once its spot is seen leaving (stopping, shutting down
+    # or gone). One with stop/hibernate behaviour may be started again with the
+    # same id: then it is a good spot, not a doomed one.
+    left = {i.id for i in seen.spots if i.state not in LIVE_STATES}
+    # ... and so is one whose request the poll flagged and now shows live and unflagged
+    # again (restarted under the same id while nobody looked).
+    cleared = {i.id for i in seen.spots if i.id in state.flagged and i.state in LIVE_STATES and not i.notice}
+    state = _doom(state, flagged)
+    over = left | cleared
     return replace(
         state,
         seen=seen,
-        doomed=frozenset((state.doomed | flagged) & known),
+        doomed=frozenset(state.doomed & known - over),
+        flagged=frozenset((state.flagged | flagged) & known - over),
         rebalanced=frozenset(state.rebalanced & known),
     )
+
+
+def _doom(state: GuardState, ids: set[str] | frozenset[str]) -> GuardState:
+    """Remember interruption notices; a real one turns a prewarm into a failover."""
+    if ids <= state.doomed:
+        return state
+    return replace(state, doomed=state.doomed | ids, prewarm_at=None)
 
 
 def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
@@ -235,18 +259,23 @@ def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, 
     if iid in state.rules.standbys:
         return state, False, ()  # On-Demand standbys are never interrupted
     if notice.kind == "interruption":
-        if iid in state.doomed:
-            return state, False, ()
-        return replace(state, doomed=state.doomed | {iid}), True, ()
+        if iid in state.doomed or _seen_leaving(state, iid):
+            return state, False, ()  # known, or late: the spot is already going or gone
+        return _doom(state, {iid}), True, ()
     if iid in state.rebalanced or iid in state.doomed:
         return state, False, ()
     state = replace(state, rebalanced=state.rebalanced | {iid})
     if state.rules.on_rebalance != "prewarm":
         return state, False, (Alert(f"rebalance recommendation for spot {iid}; on_rebalance=ignore, no action"),)
-    if state.phase is not Phase.SPOT_HEALTHY:
-        return state, False, ()  # a standby is already up or coming up
+    ours = state.seen is None or any(i.id == iid and i.state in LIVE_STATES for i in state.seen.spots)
+    if state.phase is not Phase.SPOT_HEALTHY or not ours:
+        return state, False, ()  # a standby is already up or coming up, or not our spot
     # Armed here, once per recommendation: spot-healthy reads it and clears it on the way back.
     return replace(state, prewarm_at=now), True, ()
+
+
+def _seen_leaving(state: GuardState, iid: str) -> bool:
+    return state.seen is not None and any(i.id == iid and i.state not in LIVE_STATES for i in state.seen.spots)
 
 
 def _failed(state: GuardState, failed: Failed, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
@@ -258,13 +287,22 @@ def _failed(state: GuardState, failed: Failed, now: float) -> tuple[GuardState, 
     if failed.code not in GIVE_UP_CODES:
         return replace(state, start_sent=None), False, ()  # transient: retry on the next observation
     alert = Alert(f"standby {cmd.instance_id} could not start ({failed.code}); trying the next standby")
-    state = _give_up(state, cmd.instance_id)
+    state = _give_up(state, cmd.instance_id, now)
     return state, True, (alert,)
 
 
-def _give_up(state: GuardState, iid: str) -> GuardState:
-    state = replace(state, failed=state.failed | {iid}, standby=None, started_at=None, start_sent=None)
-    return replace(state, standby=_pick(state))
+def _give_up(state: GuardState, iid: str, now: float) -> GuardState:
+    return _choose(replace(state, failed=state.failed | {iid}), now, keep=False)
+
+
+def _choose(state: GuardState, now: float, keep: bool = True) -> GuardState:
+    """Settle on a standby (the current one if `keep` and usable) and arm its ready timer."""
+    current = state.standby if keep and state.standby not in state.failed else None
+    sid = current or _pick(state)
+    live = sid is not None and state.seen is not None and _instance(state, sid).state in LIVE_STATES
+    if sid == state.standby and state.started_at is not None:
+        return state
+    return replace(state, standby=sid, started_at=now if live else None, start_sent=None)
 
 
 # --------------------------------------------------------------------------- views
@@ -284,6 +322,11 @@ def _registered(state: GuardState, iid: str) -> bool:
 
 def _healthy(state: GuardState, iid: str) -> bool:
     return _health(state, iid) == HEALTHY
+
+
+def _up(state: GuardState, iid: str) -> bool:
+    """Healthy and running: a stopping instance can still look healthy until the next check."""
+    return _healthy(state, iid) and _instance(state, iid).state == "running"
 
 
 def _instance(state: GuardState, iid: str) -> Instance:
@@ -352,7 +395,10 @@ def _tidy_other_standbys(state: GuardState) -> tuple[Command, ...]:
     for sid in state.rules.standbys:
         if sid == state.standby or _instance(state, sid).state not in LIVE_STATES:
             continue
-        out += _deregister(state, [sid]) if _registered(state, sid) else _stop(state, sid)
+        # Drain it when another target is healthy; a standby that is not healthy
+        # itself may be stopped straight away, even with nothing healthy to drain to.
+        drain = _deregister(state, [sid]) if _registered(state, sid) else ()
+        out += drain or (() if _healthy(state, sid) else _stop(state, sid))
     return out
 
 
@@ -366,12 +412,10 @@ def _enter(state: GuardState, phase: Phase, now: float, reason: str, **changes) 
 def _failover(state: GuardState, now: float, reason: str, prewarm: bool = False) -> Result:
     """Serve on a standby: go straight to both-serving if it is already healthy."""
     prewarm_at = (state.prewarm_at or now) if prewarm else None
-    standby = state.standby if state.standby and state.standby not in state.failed else _pick(state)
-    state = replace(state, standby=standby, prewarm_at=prewarm_at)
-    if standby and _healthy(state, standby):
+    state = _choose(replace(state, prewarm_at=prewarm_at, started_at=None), now)
+    if state.standby and _up(state, state.standby):
         return _serve(state, now, reason)
-    started = now if standby and _instance(state, standby).state in LIVE_STATES else None
-    state = _enter(state, Phase.STANDBY_STARTING, now, reason, started_at=started, start_sent=None)
+    state = _enter(state, Phase.STANDBY_STARTING, now, reason)
     return _decide_starting(state, now)
 
 
@@ -384,7 +428,7 @@ def _serve(state: GuardState, now: float, reason: str) -> Result:
 
 
 def _decide_spot_healthy(state: GuardState, now: float) -> Result:
-    if _serving_doomed_spot(state) or not _live_spots(state):
+    if not _live_spots(state):
         return _failover(state, now, _why_spot_lost(state))
     if state.prewarm_at is not None:
         return _failover(state, now, "rebalance recommendation, on_rebalance=prewarm", prewarm=True)
@@ -405,14 +449,6 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
     return state, _register_new_spots(state) + _drop_doomed(state)
 
 
-def _serving_doomed_spot(state: GuardState) -> Instance | None:
-    """A spot with a notice that is still running and still in the target group."""
-    return next(
-        (i for i in state.seen.spots if i.id in state.doomed and i.state in LIVE_STATES and _registered(state, i.id)),
-        None,
-    )
-
-
 def _why_spot_lost(state: GuardState) -> str:
     doomed = next((i for i in state.seen.spots if i.id in state.doomed and i.state in LIVE_STATES), None)
     if doomed:
@@ -423,14 +459,19 @@ def _why_spot_lost(state: GuardState) -> str:
 
 
 def _decide_starting(state: GuardState, now: float) -> Result:
+    # Whichever standby is up serves, even one given up on a moment ago.
+    up = next((s for s in state.rules.standbys if _up(state, s)), None)
+    if up:
+        return _serve(replace(state, standby=up), now, f"standby {up} healthy")
+    spot = _healthy_spot(state)
+    if spot and (state.prewarm_at is None or state.standby is None):
+        return _abort(state, now, f"spot {spot.id} healthy again before any standby")
     if state.standby is None:
         return _all_failed(state, now)
     sid = state.standby
-    if _healthy(state, sid):
-        return _serve(state, now, f"standby {sid} healthy")
     inst = _instance(state, sid)
     if inst.state in ("missing", "terminated", "shutting-down"):
-        state = _give_up(state, sid)
+        state = _give_up(state, sid, now)
         alert = Alert(f"standby {sid} is {inst.state}; trying the next standby")
         state, cmds = _decide_starting(state, now)
         return state, (alert,) + cmds
@@ -439,8 +480,15 @@ def _decide_starting(state: GuardState, now: float) -> Result:
     return _bring_up(state, inst, now)
 
 
+def _abort(state: GuardState, now: float, reason: str) -> Result:
+    """The spot serves again before a standby could: back to spot-healthy, whose
+    stray-standby rule gives a standby still running the grace and then stops it."""
+    state = _enter(state, Phase.SPOT_HEALTHY, now, reason, **_FAILOVER_RESET)
+    return _decide_spot_healthy(state, now)
+
+
 def _bring_up(state: GuardState, inst: Instance, now: float) -> Result:
-    cmds = _tidy_other_standbys(state)
+    cmds = _tidy_other_standbys(state) + _register_new_spots(state)
     if inst.state == "stopped":
         if state.start_sent is None or now - state.start_sent >= START_RETRY:
             started = state.started_at if state.started_at is not None else now
@@ -454,13 +502,20 @@ def _bring_up(state: GuardState, inst: Instance, now: float) -> Result:
 def _ready_timeout(state: GuardState, now: float) -> Result:
     sid = state.standby
     alert = Alert(f"standby {sid} not healthy after {state.rules.standby_ready_timeout:.0f}s")
-    if _pick(replace(state, failed=state.failed | {sid})) is None:
+    spot = _healthy_spot(state)
+    if spot:  # only a prewarm gets here with a healthy spot: it is not worth more standbys
+        next_state, cmds = _abort(state, now, f"spot {spot.id} healthy; giving up the prewarm")
+        return next_state, (alert,) + cmds
+    if len(state.rules.standbys) == 1:
         # No other standby to try: keep this one (it may still come up) and remind later.
         state = replace(state, started_at=now)
         next_state, cmds = _bring_up(state, _instance(state, sid), now)
         return next_state, (alert,) + cmds
+    if _pick(replace(state, failed=state.failed | {sid})) is None:
+        # Every other standby failed earlier; their trouble (capacity) may be over.
+        state = replace(state, failed=frozenset())
     # The one given up on is now an "other" standby: _tidy_other_standbys drains and stops it.
-    next_state, cmds = _decide_starting(_give_up(state, sid), now)
+    next_state, cmds = _decide_starting(_give_up(state, sid, now), now)
     return next_state, (alert,) + cmds
 
 
@@ -468,12 +523,12 @@ def _all_failed(state: GuardState, now: float) -> Result:
     if state.retry_at is None:
         wait = min(RETRY_CAP, RETRY_BASE * 2**state.retries)
         state = replace(state, retry_at=now + wait)
-        return state, (Alert(f"no standby could start; retrying in {wait:.0f}s"),)
+        alert = Alert(f"no standby could start; retrying in {wait:.0f}s")
+        return state, (alert,) + _register_new_spots(state)
     if now < state.retry_at:
-        return state, ()
+        return state, _register_new_spots(state)
     state = replace(state, failed=frozenset(), retry_at=None, retries=state.retries + 1)
-    state = replace(state, standby=_pick(state))
-    return _decide_starting(state, now)
+    return _decide_starting(_choose(state, now, keep=False), now)
 
 
 def _decide_serving(state: GuardState, now: float) -> Result:
@@ -485,7 +540,7 @@ def _decide_serving(state: GuardState, now: float) -> Result:
     if inst.state == "running" and not _registered(state, sid):
         cmds += (Register(sid),)
     spot = _healthy_spot(state)
-    if spot and _healthy(state, sid):
+    if spot and _up(state, sid):
         state = _enter(state, Phase.SPOT_RESTORED, now, f"spot {spot.id} healthy")
         state, more = _decide_restored(state, now)
         cmds += more
@@ -521,11 +576,7 @@ def _decide_draining(state: GuardState, now: float) -> Result:
     inst = _instance(state, sid)
     cmds = _tidy_other_standbys(state)
     if inst.state not in LIVE_STATES and inst.state != "stopping":
-        state = _enter(
-            state, Phase.SPOT_HEALTHY, now, f"standby {sid} {inst.state}",
-            standby=None, started_at=None, start_sent=None, failed=frozenset(),
-            prewarm_at=None, retry_at=None, retries=0,
-        )
+        state = _enter(state, Phase.SPOT_HEALTHY, now, f"standby {sid} {inst.state}", **_FAILOVER_RESET)
         return state, cmds
     if _registered(state, sid):
         return state, cmds + _deregister(state, [sid])
@@ -533,6 +584,11 @@ def _decide_draining(state: GuardState, now: float) -> Result:
         return state, cmds
     return state, cmds + _stop(state, sid)
 
+
+# What a failover remembers, forgotten when the guard is back on spot alone.
+_FAILOVER_RESET = dict(
+    standby=None, started_at=None, start_sent=None, failed=frozenset(), prewarm_at=None, retry_at=None, retries=0
+)
 
 _DECIDE = {
     Phase.SPOT_HEALTHY: _decide_spot_healthy,

@@ -27,6 +27,14 @@ os.environ.update(
 )
 os.environ.pop("AWS_PROFILE", None)
 
+from hypothesis import settings  # noqa: E402
+
+# CI runs the property tests on a fixed seed, so a landing never hangs on a new
+# random draw; everywhere else each run explores new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 from spotguard.aws import Clients, clients  # noqa: E402
 from spotguard.lab.world import Deployment, MotoWorld  # noqa: E402
 

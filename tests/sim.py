@@ -643,7 +643,12 @@ class _Driver:
             iid = w.interrupt(action.refill)
             self.marks.append(Mark(t, "interrupt", iid or ""))
             for d in action.deliver:
-                if iid is not None:
+                # A notice delivered after a stop-behaviour spot has stopped and may be
+                # running again under the same id cannot be told from a new notice for
+                # it; EventBridge delivers within seconds, so such notices are not played.
+                term_at = w.request.term_at
+                late = w.spot_stops and (term_at is None or t + d >= term_at)
+                if iid is not None and not late:
                     self._schedule_event(t + d, Notice(iid))
         elif isinstance(action, Rebalance):
             iid = w.request.instance_id

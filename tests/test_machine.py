@@ -49,7 +49,9 @@ def world(spots="", standbys="s1:stopped s2:stopped", targets=""):
 
 
 def at(phase, seen, **kw):
-    """A guard in `phase` since t=0 that has already observed `seen`."""
+    """A guard in `phase` since t=0 that has already observed `seen` (and its notices)."""
+    flagged = frozenset(i.id for i in seen.spots if i.notice)
+    kw["doomed"] = kw.get("doomed", frozenset()) | flagged
     return GuardState(rules=kw.pop("rules", RULES), phase=phase, since=0.0, reason="test", seen=seen, **kw)
 
 
