@@ -111,24 +111,35 @@ class Daemon:
     # ------------------------------------------------------------------ one round
 
     async def round(self) -> None:
-        """One observation round: poll, route pending notices, step every guard."""
+        """One round: act on pending notices at once, then poll and step every guard."""
+        # Notices go first, on the last observation: the machine only starts and
+        # registers on them (never deregisters or stops), so a failover starts without
+        # waiting for a whole poll. A notice for an instance no guard has seen yet
+        # (a spot fulfilled since the last poll) waits for this round's poll.
+        later = await self._route(self._drain_notices(), {}, final=False)
         try:
             seen = await self.poller.observe()
         except Exception as exc:  # noqa: BLE001 - a failed poll must never kill the daemon
             log.error("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
             seen = {}
-        events: dict[str, list[Event]] = {name: [] for name in self.guards}
-        for notice in self._drain_notices():
-            owner = self._owner(notice.instance_id, seen)
-            if owner is None:
-                log.info("guard.notice.unowned", instance_id=notice.instance_id, kind=notice.kind)
-                continue
-            events[owner].append(notice)
-        for name, observed in seen.items():
-            if name in events:
-                events[name].append(observed)
-        await asyncio.gather(*(self._advance(self.guards[n], evs) for n, evs in events.items()))
+        await self._route(later, seen, final=True)
+        await asyncio.gather(*(self.apply(self.guards[n], obs) for n, obs in seen.items() if n in self.guards))
         self.rounds += 1
+
+    async def _route(self, notices: list[Notice], seen: dict[str, Observed], final: bool) -> list[Notice]:
+        """Step each notice into its guard; return those no guard owns (yet)."""
+        events: dict[str, list[Event]] = {name: [] for name in self.guards}
+        unowned = []
+        for notice in notices:
+            owner = self._owner(notice.instance_id, seen)
+            if owner is not None:
+                events[owner].append(notice)
+            elif final:
+                log.info("guard.notice.unowned", instance_id=notice.instance_id, kind=notice.kind)
+            else:
+                unowned.append(notice)
+        await asyncio.gather(*(self._advance(self.guards[n], evs) for n, evs in events.items() if evs))
+        return unowned
 
     def _drain_notices(self) -> list[Notice]:
         out = []
@@ -145,8 +156,6 @@ class Daemon:
         return None
 
     async def _advance(self, guard: Guard, events: list[Event]) -> None:
-        # A guard whose poll failed gets no Tick: timers must not fire on a stale
-        # picture of the world. Notices still go through; they only start standbys.
         for event in events:
             await self.apply(guard, event)
 

@@ -19,7 +19,7 @@ import pytest
 from httpcapture import CaptureServer, async_wait_for
 from spotguard import config
 from spotguard.daemon import build
-from spotguard.machine import Phase
+from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
 
 DEADLINE = 15.0
@@ -268,3 +268,19 @@ async def test_phase_changes_and_alerts_are_posted_to_discord(tmp_path, moto_wor
     assert any("InsufficientInstanceCapacity" in t for t in texts), texts
     assert any("standby-starting → both-serving" in t for t in texts), texts
     assert state(moto_world, d.standby_ids[1]) == "running"
+
+
+async def test_a_pushed_notice_starts_the_standby_without_waiting_for_a_poll(tmp_path, moto_world, deployment, aws):
+    # The fast path the SQS source and the agent use: the loop wakes at once, and the
+    # notice is acted on before the round's poll.
+    d, standby = deployment, deployment.standby_ids[0]
+    settings = write_config(tmp_path, moto_world, [d], poll="60s")
+    async with running(settings, aws) as daemon:
+        rounds = daemon.rounds
+        daemon.push(Notice(d.spot_instance_id))
+        await until(lambda: state(moto_world, standby) == "running", timeout=5.0, what="standby started")
+        assert daemon.rounds <= rounds + 1
+        # A notice for an instance no guard owns is dropped, not fatal.
+        daemon.push(Notice("i-0123456789abcdef0"))
+        await until(lambda: daemon.rounds >= rounds + 2, timeout=5.0, what="another round")
+        assert state(moto_world, d.standby_ids[1]) == "stopped"
