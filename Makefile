@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Figures for docs/benchmarks.md: machine.step, poll rounds, notice latency, memory.
+bench: $(STAMP)
+	$(PY) bench/run.py
+
 # One spot interruption on an embedded AWS, with spotguard and without a standby.
 demo: $(STAMP)
 	$(PY) -m spotguard demo --compare

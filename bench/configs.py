@@ -1,0 +1,49 @@
+"""spotguard config files for the benchmark's deployments, written as a user would write them.
+
+`write(path, world, deployments, ...)` writes a TOML config with one `[[guard]]`
+per deployment (a dict as `world_server.provision` returns it) pointed at the
+world's endpoint, and returns the path; `config.load(path)` then gives the
+real Settings the daemon and the poller take. This module must not start
+anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def write(
+    path: Path,
+    world: Any,
+    deployments: Sequence[dict[str, Any]],
+    *,
+    state_dir: Path,
+    poll_interval: float,
+    failback_grace: str = "10m",
+) -> Path:
+    guards = "".join(
+        f"""
+[[guard]]
+name = {json.dumps(d["name"])}
+target_group_arn = {json.dumps(d["target_group_arn"])}
+spot_request_ids = {json.dumps([d["spot_request_id"]])}
+standby_instance_ids = {json.dumps(list(d["standby_ids"]))}
+failback_grace = {json.dumps(failback_grace)}
+"""
+        for d in deployments
+    )
+    path.write_text(
+        f"""# Written by bench/configs.py for one benchmark run.
+[aws]
+region = {json.dumps(world.region)}
+endpoint_url = {json.dumps(world.endpoint_url)}
+
+[daemon]
+state_dir = {json.dumps(str(state_dir))}
+poll_interval = {poll_interval!r}
+log_format = "json"
+{guards}"""
+    )
+    return path
