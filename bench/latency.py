@@ -163,7 +163,7 @@ def _report(results: dict, calls: dict, saves: list[float], runs: int) -> str:
         [
             f"{runs} runs per row, push and poll runs alternating; with 16 guards the notice goes to a "
             "different guard each run; the poll path's notice lands at a uniformly random moment of its interval. \"AWS calls\" is how many calls the poller made between the notice "
-            "and StartInstances (median): the push path still waits for one full poll round before it acts.",
+            "and StartInstances (median): a pushed notice is acted on before the round's poll (0 calls), a polled one needs the whole round.",
             table(
                 [
                     "path", "guards", "poll_interval", "median ms", "p90 ms", "min–max ms", "runs",
