@@ -6,6 +6,17 @@ commands to carry out. It is level-triggered: decisions come from the latest
 observation of the world plus remembered notices, so a missed or repeated event
 is corrected by the next observation.
 
+Rules worth knowing before reading the code:
+* Deregister and Stop are only ever decided on an Observed event. A Notice,
+  Tick or Failed is decided on the last observation, which may be stale, so it
+  can start and register but never take capacity away.
+* Deregistering never leaves the target group without a healthy target
+  (invariant 1); a standby is never stopped while it is the only healthy one
+  (invariant 2).
+* A failover is given up when a spot without a notice is healthy again before
+  any standby is; a standby still running then gets the failback grace and is
+  drained and stopped like any other (no forgotten On-Demand bill).
+
 This module must not do I/O, read a clock, or import asyncio, boto, structlog
 or anything else with side effects. The shell (daemon, executor, store) does
 all of that; keeping it out is what lets the rules be tested by tables and by
