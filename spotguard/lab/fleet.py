@@ -9,7 +9,8 @@ launches) it:
     both at once; the world holds them there, see world.model_transitions);
   * runs the instance's software: an `InstanceApp` starts when the instance is
     running (it serves after its warm-up) and is killed the moment EC2 shows
-    it stopping, stopped or terminated;
+    it stopping, stopped or terminated; its metadata service (an IMDSv2
+    `InstanceMetadata`, for an agent on the host) listens over the same span;
   * logs every state change on the timeline and counts the On-Demand seconds
     (time in `running`, as EC2 bills) of the instances marked on-demand.
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from .app import InstanceApp
 from .clock import ScenarioClock, span_text
+from .imds import InstanceMetadata
 from .timeline import Timeline
 
 LIVE = frozenset({"pending", "running"})
@@ -41,6 +43,7 @@ class _Known:
     running_since: float | None = None
     billed: float = 0.0  # closed running intervals, scenario seconds
     app: InstanceApp | None = None
+    imds: InstanceMetadata | None = None
     announced_ready: bool = False
 
 
@@ -93,6 +96,11 @@ class Fleet:
         app = known.app if known else None
         return app.port if app is not None else None
 
+    def metadata(self, instance_id: str) -> InstanceMetadata | None:
+        """The instance's metadata service, None when it is not running."""
+        known = self._known.get(instance_id)
+        return known.imds if known else None
+
     def live(self, instance_id: str) -> bool:
         """Whether EC2 shows the instance pending or running (reads moto's backend; any thread)."""
         return self.world.instance_state(instance_id) in LIVE
@@ -137,6 +145,7 @@ class Fleet:
         elif known.state != "running" and known.app is not None:
             known.app.kill()
             known.app = None
+            await self._close_imds(known)
             self.timeline.add("app", f"{known.role} killed: any request in flight fails", instance=instance_id)
         if known.app is not None and known.app.ready and not known.announced_ready:
             known.announced_ready = True
@@ -160,6 +169,9 @@ class Fleet:
         known.app = InstanceApp(instance_id, self.clock, warm_up=warm_up, latency=self.latency)
         known.announced_ready = False
         await known.app.start()
+        # A fresh service per boot: what it answered belonged to the instance's last run.
+        known.imds = InstanceMetadata(instance_id)
+        await known.imds.start()
         if warm_up > 0:
             self.timeline.add(
                 "app", f"{known.role} booted: loading its model ({span_text(warm_up)})", instance=instance_id
@@ -170,3 +182,10 @@ class Fleet:
             if known.app is not None:
                 known.app.kill()
                 known.app = None
+            await self._close_imds(known)
+
+    @staticmethod
+    async def _close_imds(known: _Known) -> None:
+        if known.imds is not None:
+            imds, known.imds = known.imds, None
+            await imds.close()

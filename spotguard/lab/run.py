@@ -11,11 +11,14 @@ MotoWorld (reset first), in this order:
      balancer (a loopback proxy), which answers moto's DescribeTargetHealth;
   3. spotguard as a subprocess with a generated config (guarded runs), waited
      for until its first round is done;
-  4. the load, then the script: the notice, the termination 120 s later, the
-     new spot later still, maybe a second interruption; the run ends when the
-     cycle is over (or at `end_after`), after a short tail.
+  4. the load, then the script: the notice (the spot request's status code,
+     an EventBridge-shaped event on the queue, and the spot's IMDS answering
+     spot/instance-action), the termination 120 s later, the new spot later
+     still, maybe a second interruption; the run ends when the cycle is over
+     (or at `end_after`), after a short tail.
 
-Everything that happens goes on the timeline, printed live when `out` is given.
+Everything that happens goes on the timeline, printed live when `out` is given
+and handed to `on_entry` as it happens when that is given.
 Unguarded runs play the Auto Scaling group: the lab registers each new spot
 instance once it runs, and nobody else acts.
 
@@ -31,9 +34,9 @@ import re
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from .balancer import Balancer, HealthCheck
 from .clock import ScenarioClock, clock_text, span_text
@@ -41,7 +44,7 @@ from .fleet import Fleet
 from .guard import SpotguardProcess, write_config
 from .load import LoadGenerator, Sample, longest_outage
 from .scenario import Outcome, Scenario
-from .timeline import Timeline
+from .timeline import Entry, Timeline
 
 GUARD = "lab"
 QUEUE = "spotguard-lab-events"
@@ -55,19 +58,33 @@ LOUD_LEVELS = frozenset({"warning", "error", "critical"})
 _SECONDS = re.compile(r"\b(\d+(?:\.\d+)?)s\b")
 
 
-async def run_scenario(scenario: Scenario, *, speed: float, world: Any, out: TextIO | None = None) -> Outcome:
+async def run_scenario(
+    scenario: Scenario,
+    *,
+    speed: float,
+    world: Any,
+    out: TextIO | None = None,
+    on_entry: Callable[[Entry], None] | None = None,
+) -> Outcome:
     """Play `scenario` at `speed` in `world` (a started MotoWorld, reset here)."""
     scenario.check()
-    return await _Run(scenario, speed, world, out).play()
+    return await _Run(scenario, speed, world, out, on_entry).play()
 
 
 class _Run:
-    def __init__(self, scenario: Scenario, speed: float, world: Any, out: TextIO | None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        speed: float,
+        world: Any,
+        out: TextIO | None,
+        on_entry: Callable[[Entry], None] | None = None,
+    ) -> None:
         self.s = scenario
         self.speed = speed
         self.world = world
         self.clock = ScenarioClock(speed)
-        self.timeline = Timeline(self.clock, out)
+        self.timeline = Timeline(self.clock, out, on_entry)
         self.phase = "spot-healthy"
         self.phase_since = 0.0
         self.notices: list[tuple[str, float]] = []  # (spot id, when)
@@ -182,6 +199,7 @@ class _Run:
             f"deregistration delay {span_text(s.deregistration_delay)}"
         )
         say(f"  load: {s.rate:g} requests/s (wall) through the load balancer")
+        say("  instance metadata: an IMDSv2 on loopback for each running instance")
         say()
 
     def _begin(self) -> None:
@@ -330,12 +348,14 @@ class _Run:
         s, world, rid = self.s, self.world, self.deployment.spot_request_id
         spot = world.spot_instance_id(rid)
         world.notice(rid)
+        imds = self._imds_notice(spot)
         self.notices.append((spot, self.timeline.now()))
+        said = f"IMDS spot/instance-action {json.dumps(imds['instance_action'])}" if imds else "no IMDS listening"
         self.timeline.add(
             "ec2",
-            f"INTERRUPTION NOTICE for {spot} (spot request instance-terminated-no-capacity): "
+            f"INTERRUPTION NOTICE for {spot} (spot request instance-terminated-no-capacity; {said}): "
             f"terminated in {span_text(s.notice_period)}",
-            kind="notice", instance=spot,
+            kind="notice", instance=spot, **imds,
         )
         await asyncio.to_thread(self._eventbridge, spot)
         await self.clock.sleep(s.notice_period)
@@ -351,6 +371,18 @@ class _Run:
         self.fulfilled_at = self.timeline.now()
         self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending)", kind="fulfilled",
                           instance=new)
+
+    def _imds_notice(self, spot: str) -> dict[str, Any]:
+        """The spot's IMDS answers the interruption: terminate when the scenario terminates it.
+
+        The time is on the wall clock, as an agent on the host reads it: now plus
+        the notice period in wall seconds. Returns the timeline data ({} with no IMDS).
+        """
+        metadata = self.fleet.metadata(spot)
+        if metadata is None:
+            return {}
+        at = datetime.now(timezone.utc) + timedelta(seconds=self.clock.wall(self.s.notice_period))
+        return {"imds": metadata.url, "instance_action": metadata.set_interruption(at)}
 
     def _eventbridge(self, spot: str) -> None:
         """The notice as EventBridge delivers it to an SQS queue (for an SQS source to read)."""

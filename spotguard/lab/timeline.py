@@ -7,7 +7,8 @@ entries here; each is printed at once as one line
 
 with instance ids replaced by their role (`spot-1`, `standby`), and kept with
 its data so the summary and the tests can read what happened rather than
-parse text.
+parse text; `on_entry`, when given, is handed each entry as it is added (a
+test acting during a run, on the lab's event loop).
 
 This module must not decide anything nor look at the world; it records and prints.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 from .clock import ScenarioClock, clock_text
 
@@ -33,9 +34,12 @@ class Entry:
 
 
 class Timeline:
-    def __init__(self, clock: ScenarioClock, out: TextIO | None = None) -> None:
+    def __init__(
+        self, clock: ScenarioClock, out: TextIO | None = None, on_entry: Callable[[Entry], None] | None = None
+    ) -> None:
         self.clock = clock
         self.out = out
+        self.on_entry = on_entry
         self.start = clock.now()  # scenario second 0; moved by begin()
         self.started = False  # before begin(): setup, printed without a time
         self.entries: list[Entry] = []
@@ -74,6 +78,8 @@ class Timeline:
         self.entries.append(entry)
         when = clock_text(entry.at) if self.started else "setup"
         self.say(f"{when:>7}  {source:<10} {entry.text}")
+        if self.on_entry is not None:
+            self.on_entry(entry)
         return entry
 
     def say(self, line: str = "") -> None:
