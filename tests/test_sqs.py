@@ -1,0 +1,458 @@
+"""The SQS source against moto's SQS in server mode, and its body parser by property.
+
+Messages go into a real (moto) queue with boto3; the source reads them with
+spotguard's own aiobotocore client. Every test ends by checking the queue is
+empty: whatever a message says, it must not come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from spotguard.aws import client
+from spotguard.machine import Notice
+from spotguard.sources.sqs import (
+    FULFILLMENT,
+    INSTANCE_ID,
+    INTERRUPTION,
+    REASON_CAP,
+    REBALANCE,
+    STATE_CHANGE,
+    Malformed,
+    Parsed,
+    SqsSource,
+    parse,
+    stoppable_sleep,
+)
+
+OWNED = "i-0123456789abcdef0"
+OTHER = "i-0fedcba9876543210"
+NEW_SPOT = "i-00000000aaaaaaaa1"
+
+
+def event(
+    detail_type: str, instance_id: str = OWNED, *, source: str = "aws.ec2", event_id: str | None = None, **detail: Any
+) -> dict:
+    """An EventBridge envelope as EC2 (or the agent) sends it."""
+    if detail_type == INTERRUPTION:
+        detail.setdefault("instance-action", "terminate")
+    if detail_type == FULFILLMENT:
+        detail.setdefault("spot-instance-request-id", "sir-12345678")
+    if detail_type == STATE_CHANGE:
+        detail.setdefault("state", "running")
+    return {
+        "version": "0",
+        "id": event_id or str(uuid.uuid4()),
+        "detail-type": detail_type,
+        "source": source,
+        "account": "123456789012",
+        "time": "2026-11-28T08:20:00Z",
+        "region": "us-east-1",
+        "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, **detail},
+    }
+
+
+class Harness:
+    """A queue, a source on it, and what the source pushed and woke."""
+
+    def __init__(self, moto_world: Any, sqs: Any, **options: Any):
+        self.boto = moto_world.boto("sqs")
+        self.queue_url = self.boto.create_queue(QueueName=f"spotguard-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+        self.pushed: list[Notice] = []
+        self.wakes = 0
+        self.owned = {OWNED}
+        options.setdefault("wait_seconds", 0)
+        self.source = SqsSource(
+            sqs, self.queue_url, owns=self.owned.__contains__, push=self.pushed.append, wake=self._wake, **options
+        )
+
+    def _wake(self) -> None:
+        self.wakes += 1
+
+    def send(self, *bodies: dict | str) -> None:
+        for body in bodies:
+            text = body if isinstance(body, str) else json.dumps(body)
+            self.boto.send_message(QueueUrl=self.queue_url, MessageBody=text)
+
+    async def drain(self) -> None:
+        """receive_once until a batch comes back empty (a batch holds at most 10)."""
+        for _ in range(20):
+            received = self.source.counts["received"]
+            assert await self.source.receive_once() is True
+            if self.source.counts["received"] == received:
+                return
+        raise AssertionError("queue never drained")
+
+    def assert_empty(self) -> None:
+        attrs = self.boto.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["All"])["Attributes"]
+        assert attrs["ApproximateNumberOfMessages"] == "0"
+        assert attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+        # And nothing comes back once visibility no longer hides it.
+        again = self.boto.receive_message(
+            QueueUrl=self.queue_url, WaitTimeSeconds=0, VisibilityTimeout=0, MaxNumberOfMessages=10
+        )
+        assert again.get("Messages", []) == []
+
+
+@pytest.fixture
+def harness(moto_world, aws) -> Harness:
+    return Harness(moto_world, aws.sqs)
+
+
+def events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e["event"] == name]
+
+
+# ---------------------------------------------------------------------- detail-types
+
+
+@pytest.mark.parametrize("action", ["terminate", "stop", "hibernate"])
+async def test_interruption_warning_pushes_an_interruption(harness, action):
+    harness.send(event(INTERRUPTION, **{"instance-action": action}))
+    with capture_logs() as logs:
+        await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "interruption")]
+    assert [e["instance_id"] for e in events(logs, "source.sqs.notice")] == [OWNED]
+    assert harness.source.counts["notices"] == 1 and harness.source.counts["deleted"] == 1
+    harness.assert_empty()
+
+
+async def test_rebalance_recommendation_pushes_a_rebalance(harness):
+    harness.send(event(REBALANCE))
+    await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "rebalance")]
+    harness.assert_empty()
+
+
+async def test_the_agents_events_are_understood_too(harness):
+    harness.send(event(INTERRUPTION, source="spotguard.agent", **{"instance-action": "stop"}))
+    await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "interruption")]
+    harness.assert_empty()
+
+
+async def test_fulfillment_wakes_without_a_notice(harness):
+    # A fulfilment names a spot no guard has seen yet: wake the poll regardless.
+    harness.send(event(FULFILLMENT, NEW_SPOT))
+    await harness.drain()
+    assert harness.pushed == [] and harness.wakes == 1
+    harness.assert_empty()
+
+
+async def test_state_change_wakes_only_for_an_owned_instance(harness):
+    harness.send(event(STATE_CHANGE, OWNED, state="stopping"), event(STATE_CHANGE, OTHER, state="stopping"))
+    await harness.drain()
+    assert harness.pushed == [] and harness.wakes == 1
+    assert harness.source.counts["deleted"] == 2
+    harness.assert_empty()
+
+
+async def test_wake_is_optional(moto_world, aws):
+    h = Harness(moto_world, aws.sqs)
+    h.source.wake = None
+    h.send(event(FULFILLMENT, NEW_SPOT))
+    await h.drain()
+    assert h.source.counts["wakes"] == 1
+    h.assert_empty()
+
+
+# ---------------------------------------------------------------------- dedupe
+
+
+async def test_duplicate_event_id_is_pushed_once(harness):
+    same = event(INTERRUPTION)
+    harness.send(same, same, same)
+    await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "interruption")]
+    assert harness.source.counts["duplicates"] == 2 and harness.source.counts["deleted"] == 3
+    harness.assert_empty()
+
+
+async def test_same_instance_and_kind_from_two_sources_is_pushed_once(harness):
+    harness.send(
+        event(INTERRUPTION),
+        event(INTERRUPTION, source="spotguard.agent"),
+        event(INTERRUPTION, **{"instance-action": "stop"}),
+        event(REBALANCE),  # another kind: its own notice
+    )
+    await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "interruption"), Notice(OWNED, "rebalance")]
+    assert harness.source.counts["duplicates"] == 2
+    harness.assert_empty()
+
+
+async def test_same_notice_after_the_window_is_pushed_again(moto_world, aws):
+    # A stop-behaviour spot can be restarted with the same id and interrupted again.
+    now = [1000.0]
+    h = Harness(moto_world, aws.sqs, clock=lambda: now[0], notice_window=600.0)
+    h.send(event(INTERRUPTION))
+    await h.drain()
+    now[0] += 601.0
+    h.send(event(INTERRUPTION))
+    await h.drain()
+    assert h.pushed == [Notice(OWNED, "interruption")] * 2
+    h.assert_empty()
+
+
+async def test_dedupe_memory_is_bounded(moto_world, aws):
+    h = Harness(moto_world, aws.sqs, dedupe_keys=3)
+    h.owned.update(f"i-{n:017x}" for n in range(5))
+    h.send(*(event(INTERRUPTION, f"i-{n:017x}") for n in range(5)))
+    await h.drain()
+    assert len(h.pushed) == 5
+    assert len(h.source._event_ids) == 3 and len(h.source._notices) == 3
+    # The oldest key was forgotten: its notice goes through again.
+    h.send(event(INTERRUPTION, "i-00000000000000000"))
+    await h.drain()
+    assert len(h.pushed) == 6
+    h.assert_empty()
+
+
+# ---------------------------------------------------------------------- unowned
+
+
+async def test_unowned_instance_is_deleted_not_pushed(harness):
+    harness.send(event(INTERRUPTION, OTHER), event(REBALANCE, OTHER))
+    with capture_logs() as logs:
+        await harness.drain()
+    assert harness.pushed == []
+    assert [(e["instance_id"], e["kind"]) for e in events(logs, "source.sqs.unowned")] == [
+        (OTHER, "interruption"),
+        (OTHER, "rebalance"),
+    ]
+    assert harness.source.counts["unowned"] == 2 and harness.source.counts["deleted"] == 2
+    harness.assert_empty()
+
+
+async def test_unowned_then_owned_is_pushed(harness):
+    # The poll may learn of a new spot between the EventBridge event and the agent's copy.
+    harness.send(event(INTERRUPTION, NEW_SPOT))
+    await harness.drain()
+    harness.owned.add(NEW_SPOT)
+    harness.send(event(INTERRUPTION, NEW_SPOT, source="spotguard.agent"))
+    await harness.drain()
+    assert harness.pushed == [Notice(NEW_SPOT, "interruption")]
+    harness.assert_empty()
+
+
+# ---------------------------------------------------------------------- malformed
+
+
+def _without_detail() -> dict:
+    body = event(INTERRUPTION)
+    del body["detail"]
+    return body
+
+
+MALFORMED = {
+    "not json": "<html>nope</html>",
+    "a json list": json.dumps([event(INTERRUPTION)]),
+    "missing detail": json.dumps(_without_detail()),
+    "bad instance id": json.dumps(event(INTERRUPTION, "i-NOTHEX00")),
+    "short instance id": json.dumps(event(INTERRUPTION, "i-0123")),
+    "unknown detail-type": json.dumps(event("EC2 Instance Launch Successful")),
+    "unknown source": json.dumps(event(INTERRUPTION, source="evil.corp")),
+    "bad instance-action": json.dumps(event(INTERRUPTION, **{"instance-action": "explode"})),
+    "id not a string": json.dumps({**event(INTERRUPTION), "id": 7}),
+    "huge body": json.dumps({**event("X" * 250_000)}),
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_is_logged_counted_deleted_never_pushed(harness, body):
+    harness.send(body)
+    with capture_logs() as logs:
+        await harness.drain()
+    assert harness.pushed == [] and harness.wakes == 0
+    bad = events(logs, "source.sqs.malformed")
+    assert len(bad) == 1
+    assert bad[0]["message_id"] and len(bad[0]["reason"]) <= REASON_CAP + 1
+    assert all(len(json.dumps(e, default=str)) < 1000 for e in logs)  # never the whole body
+    assert harness.source.counts["malformed"] == 1 and harness.source.counts["deleted"] == 1
+    harness.assert_empty()
+
+
+async def test_a_malformed_message_does_not_spoil_its_batch(harness):
+    harness.send("{", event(INTERRUPTION), "[]", event(REBALANCE, OTHER))
+    await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "interruption")]
+    c = harness.source.counts
+    assert (c["received"], c["malformed"], c["notices"], c["unowned"], c["deleted"]) == (4, 2, 1, 1, 4)
+    harness.assert_empty()
+
+
+async def test_a_failing_push_still_deletes(moto_world, aws):
+    h = Harness(moto_world, aws.sqs)
+
+    def broken(_: Notice) -> None:
+        raise RuntimeError("queue closed")
+
+    h.source.push = broken
+    h.send(event(INTERRUPTION))
+    with capture_logs() as logs:
+        await h.drain()
+    assert [e["error"] for e in events(logs, "source.sqs.handle.failed")] == ["RuntimeError"]
+    assert h.source.counts["errors"] == 1
+    h.assert_empty()
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def test_parse_examples():
+    parsed = parse(json.dumps(event(INTERRUPTION, event_id="e1")))
+    assert parsed == Parsed("e1", "aws.ec2", INTERRUPTION, OWNED, "interruption")
+    assert parse(json.dumps(event(STATE_CHANGE, event_id="e2"))).kind is None
+    assert parse("null") == Malformed("not an object: NoneType")
+    assert parse("[" * 100_000) == Malformed("not json")  # deep nesting: RecursionError caught
+    assert isinstance(parse("\ud800"), Malformed)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_near = st.fixed_dictionaries(
+    {},
+    optional={
+        "version": _json,
+        "id": st.text(max_size=8) | _json,
+        "detail-type": st.sampled_from([INTERRUPTION, REBALANCE, FULFILLMENT, STATE_CHANGE, ""]) | _json,
+        "source": st.sampled_from(["aws.ec2", "spotguard.agent", "x"]) | _json,
+        "resources": st.lists(st.text(max_size=5), max_size=2) | _json,
+        "detail": st.fixed_dictionaries(
+            {},
+            optional={
+                "instance-id": st.sampled_from([OWNED, "i-0", "I-0123456789ABCDEF0", OWNED + "\n"]) | _json,
+                "instance-action": st.sampled_from(["terminate", "stop", "hibernate", "boom"]) | _json,
+            },
+        )
+        | _json,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(max_size=200), _json.map(json.dumps), _near.map(json.dumps)))
+def test_parse_never_raises(body):
+    result = parse(body)
+    assert isinstance(result, (Parsed, Malformed))
+    if isinstance(result, Parsed):
+        assert INSTANCE_ID.fullmatch(result.instance_id)
+        assert result.kind in ("interruption", "rebalance", None)
+    else:
+        assert len(result.reason) <= REASON_CAP + 1
+
+
+# ---------------------------------------------------------------------- run loop and failures
+
+
+async def test_receive_failure_is_logged_not_raised(aio_session):
+    async with client("sqs", "us-east-1", "http://127.0.0.1:9", session=aio_session, max_attempts=1) as dead:
+        source = SqsSource(
+            dead, "http://127.0.0.1:9/123456789012/q", owns=lambda _: True, push=lambda _: None, wait_seconds=0
+        )
+        with capture_logs() as logs:
+            assert await source.receive_once() is False
+    failed = events(logs, "source.sqs.receive.failed")
+    assert [(e["api"], e["code"]) for e in failed] == [("ReceiveMessage", "EndpointConnectionError")]
+    assert source.counts["errors"] == 1
+
+
+async def test_run_backs_off_on_failures_and_stops(aio_session):
+    stop = asyncio.Event()
+    slept: list[float] = []
+
+    async def sleep(seconds: float, _: asyncio.Event) -> None:
+        slept.append(seconds)
+        if len(slept) == 4:
+            stop.set()
+
+    async with client("sqs", "us-east-1", "http://127.0.0.1:9", session=aio_session, max_attempts=1) as dead:
+        source = SqsSource(
+            dead, "http://127.0.0.1:9/123456789012/q", owns=lambda _: True, push=lambda _: None,
+            wait_seconds=0, backoff=(1.0, 4.0), sleep=sleep,
+        )
+        with capture_logs() as logs:
+            await asyncio.wait_for(source.run(stop), timeout=30)
+    assert slept == [1.0, 2.0, 4.0, 4.0]  # doubling, capped
+    assert len(events(logs, "source.sqs.receive.failed")) == 4
+    assert events(logs, "source.sqs.stopped")
+
+
+async def test_stoppable_sleep_returns_when_stopped():
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    loop.call_later(0.05, stop.set)
+    await asyncio.wait_for(stoppable_sleep(30.0, stop), timeout=5)
+    assert loop.time() - started < 1
+    started = loop.time()
+    await stoppable_sleep(0.01, asyncio.Event())  # and returns after the time when not
+    assert loop.time() - started >= 0.01
+
+
+async def test_run_delivers_and_stops_during_a_long_poll(moto_world, aws):
+    h = Harness(moto_world, aws.sqs, wait_seconds=20)
+    stop = asyncio.Event()
+    task = asyncio.create_task(h.source.run(stop))
+    h.send(event(INTERRUPTION))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not (h.pushed and h.source.counts["deleted"]) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert h.pushed == [Notice(OWNED, "interruption")]
+    # The source is now inside a 20 s long poll on an empty queue: stop must not wait it out.
+    started = loop.time()
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
+    assert loop.time() - started < 2
+    h.assert_empty()
+
+
+async def test_cancelling_run_leaves_no_request_behind(moto_world, aws):
+    h = Harness(moto_world, aws.sqs, wait_seconds=20)
+    before = asyncio.all_tasks()
+    task = asyncio.create_task(h.source.run(asyncio.Event()))
+    await asyncio.sleep(0.2)  # inside the long poll
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
+    assert asyncio.all_tasks() == before
+
+
+async def test_run_recovers_after_a_failure(moto_world, aws):
+    # The first receive fails (the queue does not exist yet), then it appears and works.
+    stop = asyncio.Event()
+    slept: list[float] = []
+
+    async def sleep(seconds: float, _: asyncio.Event) -> None:
+        slept.append(seconds)
+        h.source.queue_url = h.queue_url
+
+    h = Harness(moto_world, aws.sqs, sleep=sleep)
+    h.source.queue_url = h.queue_url + "-later"
+
+    h.send(event(REBALANCE))
+    task = asyncio.create_task(h.source.run(stop))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not h.pushed and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+    assert slept == [1.0]
+    assert h.pushed == [Notice(OWNED, "rebalance")]
+    h.assert_empty()
