@@ -66,6 +66,7 @@ class Daemon:
         self.fast_poll = fast_poll
         self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
         self.notices: asyncio.Queue[Notice] = asyncio.Queue()
+        self.woken = asyncio.Event()  # set by push()/wake(): start a round now
         self.rounds = 0  # completed observation rounds; tests wait on it
 
     # ------------------------------------------------------------------ lifecycle
@@ -89,24 +90,29 @@ class Daemon:
     def push(self, notice: Notice) -> None:
         """Hand in a notice from a fast source (SQS, agent); it wakes the loop at once."""
         self.notices.put_nowait(notice)
+        self.woken.set()
+
+    def wake(self) -> None:
+        """Look at the world now rather than at the next poll (e.g. a spot was fulfilled)."""
+        self.woken.set()
+
+    def owns(self, instance_id: str) -> bool:
+        """Whether a guard knows this instance, as of the last observation."""
+        return self._owner(instance_id, {}) is not None
 
     def _interval(self) -> float:
         busy = any(g.state.phase is not machine.Phase.SPOT_HEALTHY for g in self.guards.values())
         return min(self.fast_poll, self.settings.daemon.poll_interval) if busy else self.settings.daemon.poll_interval
 
     async def _wait(self, stop: asyncio.Event, until: float) -> None:
-        """Sleep until the next round is due, a notice arrives, or we are stopped."""
+        """Sleep until the next round is due, we are woken, or we are stopped."""
         timeout = max(0.0, until - self.clock())
-        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._notice_arrived())]
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.woken.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
-
-    async def _notice_arrived(self) -> None:
-        notice = await self.notices.get()
-        self.notices.put_nowait(notice)  # leave it for round() to route
 
     # ------------------------------------------------------------------ one round
 
@@ -116,6 +122,7 @@ class Daemon:
         # registers on them (never deregisters or stops), so a failover starts without
         # waiting for a whole poll. A notice for an instance no guard has seen yet
         # (a spot fulfilled since the last poll) waits for this round's poll.
+        self.woken.clear()
         later = await self._route(self._drain_notices(), {}, final=False)
         try:
             seen = await self.poller.observe()
@@ -244,12 +251,28 @@ async def _main(settings: Any) -> None:
         log.info("daemon.started", guards=list(daemon.guards), poll_interval=settings.daemon.poll_interval)
         watchdog = asyncio.create_task(_watchdog())
         try:
-            await daemon.async_run(stop, ready=_ready)
+            await serve(daemon, settings, aws, stop, ready=_ready)
         finally:
             watchdog.cancel()
             sdnotify.stopping()
             await notifier.close()
     log.info("daemon.stopped")
+
+
+async def serve(daemon: Daemon, settings: Any, aws: Any, stop: asyncio.Event, ready: Callable[[], None] = lambda: None) -> None:
+    """The daemon's loop plus its fast sources (SQS when `[sources.sqs]` is set), until `stop`."""
+    sqs = None
+    if settings.sqs is not None:
+        from .sources.sqs import SqsSource
+
+        source = SqsSource(aws.sqs, settings.sqs.queue_url, owns=daemon.owns, push=daemon.push, wake=daemon.wake)
+        sqs = asyncio.create_task(source.run(stop))
+    try:
+        await daemon.async_run(stop, ready=ready)
+    finally:
+        if sqs is not None:
+            sqs.cancel()  # a no-op when stop already ended it
+            await asyncio.gather(sqs, return_exceptions=True)
 
 
 def _ready() -> None:

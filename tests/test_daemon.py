@@ -10,6 +10,7 @@ new instance, and target health is set where ALB timing matters.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from httpcapture import CaptureServer, async_wait_for
 from spotguard import config
-from spotguard.daemon import build
+from spotguard.daemon import build, serve
 from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
 
@@ -73,7 +74,7 @@ async def running(settings, aws, notifier=None, *, kill: bool = False):
     await notifier.start()
     daemon = build(settings, aws, notifier)
     stop = asyncio.Event()
-    task = asyncio.create_task(daemon.async_run(stop))
+    task = asyncio.create_task(serve(daemon, settings, aws, stop))
     try:
         await until(lambda: daemon.rounds >= 1 or task.done(), what="first round")
         yield daemon
@@ -284,3 +285,37 @@ async def test_a_pushed_notice_starts_the_standby_without_waiting_for_a_poll(tmp
         daemon.push(Notice("i-0123456789abcdef0"))
         await until(lambda: daemon.rounds >= rounds + 2, timeout=5.0, what="another round")
         assert state(moto_world, d.standby_ids[1]) == "stopped"
+
+
+async def test_an_eventbridge_warning_on_sqs_starts_the_standby_at_once(tmp_path, moto_world, deployment, aws):
+    # [sources.sqs]: the EventBridge rule's message arrives long before the next poll.
+    d, standby = deployment, deployment.standby_ids[0]
+    sqs = moto_world.boto("sqs")
+    queue_url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
+    settings = write_config(tmp_path, moto_world, [d], poll="60s", extra=f'[sources.sqs]\nqueue_url = "{queue_url}"')
+    async with running(settings, aws) as daemon:
+        sent = time.monotonic()
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(_warning(d.spot_instance_id)))
+        await until(lambda: state(moto_world, standby) == "running", timeout=10.0, what="standby started")
+        assert time.monotonic() - sent < 5.0
+        assert phase(daemon) in (Phase.STANDBY_STARTING, Phase.BOTH_SERVING)
+
+        def queue_empty() -> bool:
+            attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+            return attrs["ApproximateNumberOfMessages"] == attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+        await until(queue_empty, what="the message deleted")
+
+
+def _warning(instance_id: str) -> dict:
+    return {
+        "version": "0",
+        "id": "7bf73129-1428-4cd3-a780-95db273d1602",
+        "detail-type": "EC2 Spot Instance Interruption Warning",
+        "source": "aws.ec2",
+        "account": "123456789012",
+        "time": "2026-11-28T08:20:00Z",
+        "region": "us-east-1",
+        "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "instance-action": "terminate"},
+    }
