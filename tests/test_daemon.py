@@ -26,7 +26,7 @@ from spotguard.notify import Notifier
 DEADLINE = 15.0
 
 
-def write_config(tmp_path: Path, world, deployments, *, poll="0.2s", grace="1s", extra="") -> config.Settings:
+def write_config(tmp_path: Path, world, deployments, *, poll="0.2s", grace="1s", extra="", rules="") -> config.Settings:
     guards = "".join(
         f"""
 [[guard]]
@@ -37,6 +37,7 @@ standby_instance_ids = {list(d.standby_ids)!r}
 failback_grace = "{grace}"
 standby_ready_timeout = "30s"
 unhealthy_grace = "30s"
+{rules}
 """.replace("'", '"')
         for d in deployments
     )
@@ -319,3 +320,56 @@ def _warning(instance_id: str) -> dict:
         "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
         "detail": {"instance-id": instance_id, "instance-action": "terminate"},
     }
+
+
+def _rebalance(instance_id: str) -> dict:
+    return {
+        **_warning(instance_id),
+        "id": "c7e7e1b2-0d5a-4a51-9a55-5d4bd1b0f1a9",
+        "detail-type": "EC2 Instance Rebalance Recommendation",
+        "detail": {"instance-id": instance_id},
+    }
+
+
+def _queue(tmp_path, world, d, **kw):
+    sqs = world.boto("sqs")
+    url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
+    settings = write_config(tmp_path, world, [d], extra=f'[sources.sqs]\nqueue_url = "{url}"', **kw)
+    return sqs, url, settings
+
+
+@pytest.mark.parametrize("policy", ["ignore", "prewarm"])
+async def test_rebalance_recommendation_then_nothing(tmp_path, moto_world, deployment, aws, policy):
+    d, standby = deployment, deployment.standby_ids[0]
+    rules = f'on_rebalance = "{policy}"\nrebalance_hold = "2s"'
+    sqs, url, settings = _queue(tmp_path, moto_world, d, poll="0.2s", grace="1h", rules=rules)
+    async with running(settings, aws) as daemon:
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_rebalance(d.spot_instance_id)))
+        if policy == "ignore":
+            # Noise: nothing starts, however long we look.
+            rounds = daemon.rounds
+            await until(lambda: daemon.rounds >= rounds + 10, what="ten rounds")
+            assert state(moto_world, standby) == "stopped" and phase(daemon) is Phase.SPOT_HEALTHY
+            return
+        await until(lambda: phase(daemon) is Phase.SPOT_RESTORED, what="prewarmed: both serving")
+        assert health(moto_world, d) == {d.spot_instance_id: "healthy", standby: "healthy"}
+        # No interruption within rebalance_hold (not the 1 h failback_grace): back to spot alone.
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="prewarm given back")
+        assert state(moto_world, standby) == "stopped"
+        assert health(moto_world, d) == {d.spot_instance_id: "healthy"}
+
+
+async def test_rebalance_prewarm_then_interruption(tmp_path, moto_world, deployment, aws):
+    d, standby = deployment, deployment.standby_ids[0]
+    rules = 'on_rebalance = "prewarm"\nrebalance_hold = "2s"'
+    sqs, url, settings = _queue(tmp_path, moto_world, d, poll="0.2s", grace="1h", rules=rules)
+    async with running(settings, aws) as daemon:
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_rebalance(d.spot_instance_id)))
+        await until(lambda: phase(daemon) is Phase.SPOT_RESTORED, what="prewarmed: both serving")
+        moto_world.notice(d.spot_request_id)
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_warning(d.spot_instance_id)))
+        await until(lambda: health(moto_world, d) == {standby: "healthy"}, what="doomed spot out")
+        # The interruption turned the prewarm into a failover: rebalance_hold no longer applies.
+        rounds = daemon.rounds
+        await until(lambda: daemon.rounds >= rounds + 15, what="past rebalance_hold")
+        assert phase(daemon) is Phase.BOTH_SERVING and state(moto_world, standby) == "running"
