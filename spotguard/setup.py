@@ -1,0 +1,320 @@
+"""`spotguard setup`: creates, idempotently, the AWS side of the SQS detection path.
+
+Four things, in this order (each needs what the one before it made):
+
+1. the SQS queue named by the last path segment of `[sources.sqs] queue_url`.
+   A new queue gets MessageRetentionPeriod 1 h and VisibilityTimeout 30 s; an
+   existing queue is kept as it is (its attributes are the owner's choice, and
+   the consumer works with any of them), so it only ever reports `exists`;
+2. one EventBridge rule per detail-type the SQS source understands, on the
+   default bus, pattern {"source": ["aws.ec2"], "detail-type": [that type]},
+   named `spotguard-<slug>`; a rule whose pattern or state drifted is put back;
+3. the queue policy statement (Sid `spotguard-eventbridge`) letting
+   `events.amazonaws.com` SendMessage from exactly those rules. Other
+   statements in the policy are kept: only ours is added or replaced;
+4. each rule's target: the queue, with target Id derived from the queue name,
+   so two deployments in one account each add their own target to the shared
+   rules instead of taking them from each other.
+
+Every thing gets one printed line: `created`, `exists`, `updated`, or with
+`dry_run` `would create` / `would update`. A dry run makes read calls only.
+Running setup twice changes nothing the second time: every desired state is
+compared with what AWS describes before anything is written.
+
+This module must not touch the daemon's state, guards or any AWS API beyond
+SQS and EventBridge; it never deletes anything (a rule or target it did not
+create is none of its business).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from botocore.exceptions import ClientError
+
+from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.config import Settings
+from spotguard.sources.sqs import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+EVENT_SOURCE = "aws.ec2"
+# detail-type -> rule name. Short fixed slugs read better in the console than
+# slugified detail-types, and stay well under EventBridge's 64-character limit.
+RULES: dict[str, str] = {
+    INTERRUPTION: "spotguard-spot-interruption",
+    REBALANCE: "spotguard-rebalance-recommendation",
+    FULFILLMENT: "spotguard-spot-fulfillment",
+    STATE_CHANGE: "spotguard-instance-state-change",
+}
+# Messages are acted on within a second or deleted; an hour covers a daemon
+# restart without keeping stale notices (a notice is worthless after 2 min).
+NEW_QUEUE_ATTRIBUTES = {"MessageRetentionPeriod": "3600", "VisibilityTimeout": "30"}
+POLICY_SID = "spotguard-eventbridge"
+EVENTS_PRINCIPAL = "events.amazonaws.com"
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
+TARGET_ID_MAX = 64
+# Hosts of SQS queue URLs that name a region: sqs.<region>.amazonaws.com[.cn]
+# and the legacy <region>.queue.amazonaws.com.
+URL_REGION = re.compile(r"(?:sqs\.(?P<a>[a-z0-9-]+)|(?P<b>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?")
+MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+
+
+class SetupError(Exception):
+    """The config names a queue setup cannot make (exit 2)."""
+
+
+@dataclass(frozen=True)
+class QueueRef:
+    """What the config's queue URL tells us before any AWS call."""
+
+    url: str
+    name: str
+    account: str | None  # the URL's account segment, if it looks like one
+
+
+def queue_ref(queue_url: str, region: str) -> QueueRef:
+    """Parse `[sources.sqs] queue_url`; SetupError if no usable queue name or a different region."""
+    parts = urlsplit(queue_url)
+    segments = [s for s in parts.path.split("/") if s]
+    if not segments:
+        raise SetupError(f"sources.sqs.queue_url: {queue_url!r} has no queue name in its path")
+    name = segments[-1]
+    if name.endswith(".fifo"):
+        raise SetupError(f"sources.sqs.queue_url: {name!r} is a FIFO queue; setup makes a standard queue only")
+    if not QUEUE_NAME.fullmatch(name):
+        raise SetupError(f"sources.sqs.queue_url: {name!r} is not a valid queue name ([A-Za-z0-9_-], 1-80)")
+    host = URL_REGION.fullmatch(parts.hostname or "")
+    if host and (host["a"] or host["b"]) != region:
+        raise SetupError(
+            f"sources.sqs.queue_url: the queue is in {host['a'] or host['b']}, but aws.region is {region}"
+        )
+    account = segments[-2] if len(segments) >= 2 and re.fullmatch(r"\d{12}", segments[-2]) else None
+    return QueueRef(queue_url, name, account)
+
+
+def partition(region: str) -> str:
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def event_pattern(detail_type: str) -> dict[str, list[str]]:
+    return {"source": [EVENT_SOURCE], "detail-type": [detail_type]}
+
+
+def target_id(queue_name: str) -> str:
+    return queue_name[:TARGET_ID_MAX]
+
+
+def policy_statement(queue_arn: str, rule_arns: list[str]) -> dict[str, Any]:
+    return {
+        "Sid": POLICY_SID,
+        "Effect": "Allow",
+        "Principal": {"Service": EVENTS_PRINCIPAL},
+        "Action": "sqs:SendMessage",
+        "Resource": queue_arn,
+        "Condition": {"ArnEquals": {"aws:SourceArn": sorted(rule_arns)}},
+    }
+
+
+def merge_policy(existing: str | None, statement: dict[str, Any], queue_arn: str) -> dict[str, Any]:
+    """The policy with our statement added or replaced (by Sid); every other statement kept."""
+    policy = json.loads(existing) if existing else {"Version": "2012-10-17", "Id": f"{queue_arn}/SQSDefaultPolicy"}
+    statements = policy.get("Statement", [])
+    if isinstance(statements, dict):  # IAM allows a lone statement object
+        statements = [statements]
+    others = [s for s in statements if not (isinstance(s, dict) and s.get("Sid") == POLICY_SID)]
+    return {**policy, "Statement": [*others, statement]}
+
+
+def our_statement(existing: str | None) -> dict[str, Any] | None:
+    if not existing:
+        return None
+    statements = json.loads(existing).get("Statement", [])
+    if isinstance(statements, dict):
+        statements = [statements]
+    return next((s for s in statements if isinstance(s, dict) and s.get("Sid") == POLICY_SID), None)
+
+
+def normal(value: Any) -> Any:
+    """A policy value in a canonical form: AWS may hand back a one-item list as a
+    bare string and reorder lists, neither of which changes the meaning."""
+    if isinstance(value, dict):
+        return {k: normal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [normal(v) for v in value]
+        if len(items) == 1:
+            return items[0]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    return value
+
+
+# ---------------------------------------------------------------------- the steps
+
+
+class _Report:
+    def __init__(self, out: TextIO, dry_run: bool):
+        self.out = out
+        self.dry_run = dry_run
+
+    def line(self, thing: str, status: str) -> None:
+        if self.dry_run and status in ("created", "updated"):
+            status = "would " + status[:-1]  # created -> would create, updated -> would update
+        print(f"{thing}: {status}", file=self.out, flush=True)
+
+
+async def setup(
+    settings: Settings, sqs: Any, events: Any, *, dry_run: bool, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Create or converge the queue, rules, policy statement and targets. Returns an exit code.
+
+    `out` (the lines) and `err` (problems) default to sys.stdout/sys.stderr as
+    they are at call time, so a redirected or captured stream is honoured.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if settings.sqs is None:
+        print("setup needs [sources.sqs] queue_url in the config: it names the queue to create", file=err)
+        return EXIT_CONFIG
+    region = settings.aws.region
+    try:
+        ref = queue_ref(settings.sqs.queue_url, region)
+    except SetupError as exc:
+        print(exc, file=err)
+        return EXIT_CONFIG
+    report = _Report(out, dry_run)
+    try:
+        queue_url, queue_arn, policy = await _queue(sqs, ref, region, report)
+        rule_arns = [await _rule(events, name, kind, ref, region, report) for kind, name in RULES.items()]
+        await _policy(sqs, queue_url, queue_arn, policy, rule_arns, report)
+        for name in RULES.values():
+            await _target(events, name, ref.name, queue_arn, report)
+    except AWS_ERRORS as exc:
+        message = exc.response["Error"].get("Message", "") if isinstance(exc, ClientError) else str(exc)
+        print(f"setup failed: {error_code(exc)}: {message}", file=err)
+        return EXIT_FAILED
+    if ref.account and f"/{ref.account}/" not in queue_url + "/" and not dry_run:
+        print(f"note: the queue is {queue_url}, but sources.sqs.queue_url says {ref.url}", file=err)
+    return 0
+
+
+async def _queue(sqs: Any, ref: QueueRef, region: str, report: _Report) -> tuple[str, str, str | None]:
+    """(url, arn, policy) of the queue, created unless it exists (or it is a dry run)."""
+    thing = f"queue {ref.name}"
+    try:
+        url = (await sqs.get_queue_url(QueueName=ref.name))["QueueUrl"]
+    except ClientError as exc:
+        if error_code(exc) not in MISSING_QUEUE:
+            raise
+    else:
+        attributes = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn", "Policy"]))["Attributes"]
+        report.line(thing, "exists")
+        return url, attributes["QueueArn"], attributes.get("Policy")
+    report.line(thing, "created")
+    if report.dry_run:
+        # Nothing to describe yet: the ARN a new queue would get, from the URL's account.
+        arn = f"arn:{partition(region)}:sqs:{region}:{ref.account or '<account>'}:{ref.name}"
+        return ref.url, arn, None
+    url = (await sqs.create_queue(QueueName=ref.name, Attributes=NEW_QUEUE_ATTRIBUTES))["QueueUrl"]
+    attributes = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"]))["Attributes"]
+    return url, attributes["QueueArn"], None
+
+
+async def _rule(events: Any, name: str, detail_type: str, ref: QueueRef, region: str, report: _Report) -> str:
+    """The rule's ARN, after putting it if it is missing or drifted."""
+    thing = f"rule {name}"
+    pattern = event_pattern(detail_type)
+    try:
+        current = await events.describe_rule(Name=name)
+    except ClientError as exc:
+        if error_code(exc) != "ResourceNotFoundException":
+            raise
+        current = None
+    if current is not None:
+        same = json.loads(current.get("EventPattern") or "null") == pattern and current.get("State") == "ENABLED"
+        if same:
+            report.line(thing, "exists")
+            return current["Arn"]
+        report.line(thing, "updated")
+    else:
+        report.line(thing, "created")
+    if report.dry_run:
+        if current is not None:
+            return current["Arn"]
+        return f"arn:{partition(region)}:events:{region}:{ref.account or '<account>'}:rule/{name}"
+    put = await events.put_rule(
+        Name=name,
+        EventPattern=json.dumps(pattern),
+        State="ENABLED",
+        Description=f"spotguard: {detail_type} events from {EVENT_SOURCE} to SQS",
+    )
+    return put["RuleArn"]
+
+
+async def _policy(
+    sqs: Any, queue_url: str, queue_arn: str, policy: str | None, rule_arns: list[str], report: _Report
+) -> None:
+    thing = f"queue policy statement {POLICY_SID}"
+    wanted = policy_statement(queue_arn, rule_arns)
+    current = our_statement(policy)
+    if current is not None and normal(current) == normal(wanted):
+        report.line(thing, "exists")
+        return
+    report.line(thing, "created" if current is None else "updated")
+    if not report.dry_run:
+        merged = merge_policy(policy, wanted, queue_arn)
+        await sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(merged)})
+
+
+async def _target(events: Any, rule: str, queue_name: str, queue_arn: str, report: _Report) -> None:
+    wanted = {"Id": target_id(queue_name), "Arn": queue_arn}
+    thing = f"target {rule} -> {queue_name}"
+    try:
+        targets = (await events.list_targets_by_rule(Rule=rule))["Targets"]
+    except ClientError as exc:
+        # Only in a dry run can the rule be missing here.
+        if not (report.dry_run and error_code(exc) == "ResourceNotFoundException"):
+            raise
+        targets = []
+    current = next((t for t in targets if t.get("Id") == wanted["Id"]), None)
+    # Any Input/InputPath/InputTransformer would change the body the SQS source parses.
+    if current == wanted:
+        report.line(thing, "exists")
+        return
+    report.line(thing, "created" if current is None else "updated")
+    if not report.dry_run:
+        put = await events.put_targets(Rule=rule, Targets=[wanted])
+        if put.get("FailedEntryCount"):
+            failed = put["FailedEntries"][0]
+            code = failed.get("ErrorCode", "PutTargetsFailed")
+            raise ClientError({"Error": {"Code": code, "Message": failed.get("ErrorMessage", "")}}, "PutTargets")
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def main(args: argparse.Namespace) -> int:
+    """`spotguard setup --config PATH [--dry-run]`: exit 0 done, 1 AWS said no, 2 bad config."""
+    from spotguard.cli import _load_or_report  # lazily: cli may import this module
+
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    return asyncio.run(_run(settings, dry_run=args.dry_run))
+
+
+async def _run(settings: Settings, *, dry_run: bool) -> int:
+    region, endpoint = settings.aws.region, settings.aws.endpoint_url
+    async with client("sqs", region, endpoint) as sqs, client("events", region, endpoint) as events:
+        return await setup(settings, sqs, events, dry_run=dry_run)

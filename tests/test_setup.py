@@ -1,0 +1,303 @@
+"""`spotguard setup` against moto's SQS and EventBridge in server mode.
+
+setup runs with spotguard's own aiobotocore clients; the tests inspect the
+account with plain boto3. "Changed nothing" is checked by comparing everything
+the account describes (queue attributes including LastModifiedTimestamp, rules,
+targets) before and after. moto does not enforce queue policies on delivery, so
+the policy is checked as a document; the end-to-end test proves the rule ->
+target -> queue wiring with events.put_events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotguard.aws import client
+from spotguard.config import AwsSettings, Settings, SqsSettings
+from spotguard.setup import POLICY_SID, RULES, main, setup
+from spotguard.sources.sqs import INTERRUPTION, Parsed, parse
+
+QUEUE = "spotguard"
+INSTANCE = "i-0123456789abcdef0"
+
+
+def settings_for(world: Any, queue: str = QUEUE) -> Settings:
+    return Settings(
+        aws=AwsSettings(region=world.region, endpoint_url=world.endpoint_url),
+        sqs=SqsSettings(queue_url=f"{world.endpoint_url}/123456789012/{queue}"),
+    )
+
+
+async def run_setup(
+    world: Any, session: Any, settings: Settings, *, dry_run: bool = False
+) -> tuple[int, list[str], str]:
+    out, err = io.StringIO(), io.StringIO()
+    async with client("sqs", world.region, world.endpoint_url, session=session) as sqs, client(
+        "events", world.region, world.endpoint_url, session=session
+    ) as events:
+        code = await setup(settings, sqs, events, dry_run=dry_run, out=out, err=err)
+    return code, out.getvalue().splitlines(), err.getvalue()
+
+
+def statuses(lines: list[str]) -> set[str]:
+    return {line.rsplit(": ", 1)[1] for line in lines}
+
+
+def snapshot(world: Any) -> dict[str, Any]:
+    """Everything setup could have touched, as the account describes it."""
+    sqs, events = world.boto("sqs"), world.boto("events")
+    queues = {}
+    for url in sqs.list_queues().get("QueueUrls", []):
+        queues[url] = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    rules = {}
+    for rule in events.list_rules()["Rules"]:
+        described = events.describe_rule(Name=rule["Name"])
+        described.pop("ResponseMetadata")
+        rules[rule["Name"]] = (described, events.list_targets_by_rule(Rule=rule["Name"])["Targets"])
+    return {"queues": queues, "rules": rules}
+
+
+def queue_policy(world: Any, queue: str = QUEUE) -> dict[str, Any]:
+    sqs = world.boto("sqs")
+    url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+    return json.loads(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"]["Policy"])
+
+
+async def test_fresh_account_gets_everything_created(moto_world, aio_session):
+    code, lines, err = await run_setup(moto_world, aio_session, settings_for(moto_world))
+
+    assert (code, err) == (0, "")
+    assert lines == [
+        f"queue {QUEUE}: created",
+        *(f"rule {name}: created" for name in RULES.values()),
+        f"queue policy statement {POLICY_SID}: created",
+        *(f"target {name} -> {QUEUE}: created" for name in RULES.values()),
+    ]
+    sqs, events = moto_world.boto("sqs"), moto_world.boto("events")
+    url = sqs.get_queue_url(QueueName=QUEUE)["QueueUrl"]
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert (attributes["MessageRetentionPeriod"], attributes["VisibilityTimeout"]) == ("3600", "30")
+    rule_arns = []
+    for detail_type, name in RULES.items():
+        rule = events.describe_rule(Name=name)
+        assert json.loads(rule["EventPattern"]) == {"source": ["aws.ec2"], "detail-type": [detail_type]}
+        assert (rule["State"], rule.get("EventBusName", "default")) == ("ENABLED", "default")
+        targets = events.list_targets_by_rule(Rule=name)["Targets"]
+        assert targets == [{"Id": QUEUE, "Arn": attributes["QueueArn"]}]
+        rule_arns.append(rule["Arn"])
+    (statement,) = queue_policy(moto_world)["Statement"]
+    assert statement == {
+        "Sid": POLICY_SID,
+        "Effect": "Allow",
+        "Principal": {"Service": "events.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": attributes["QueueArn"],
+        "Condition": {"ArnEquals": {"aws:SourceArn": sorted(rule_arns)}},
+    }
+
+
+async def test_second_run_finds_everything_and_changes_nothing(moto_world, aio_session):
+    settings = settings_for(moto_world)
+    await run_setup(moto_world, aio_session, settings)
+    before = snapshot(moto_world)
+
+    code, lines, err = await run_setup(moto_world, aio_session, settings)
+
+    assert (code, err) == (0, "")
+    assert len(lines) == 1 + 2 * len(RULES) + 1
+    assert statuses(lines) == {"exists"}
+    assert snapshot(moto_world) == before
+
+
+async def test_dry_run_on_a_fresh_account_says_what_it_would_create_and_creates_nothing(moto_world, aio_session):
+    before = snapshot(moto_world)
+
+    code, lines, err = await run_setup(moto_world, aio_session, settings_for(moto_world), dry_run=True)
+
+    assert (code, err) == (0, "")
+    assert len(lines) == 1 + 2 * len(RULES) + 1
+    assert statuses(lines) == {"would create"}
+    assert snapshot(moto_world) == before == {"queues": {}, "rules": {}}
+
+
+async def test_dry_run_after_setup_says_exists(moto_world, aio_session):
+    settings = settings_for(moto_world)
+    await run_setup(moto_world, aio_session, settings)
+    before = snapshot(moto_world)
+
+    code, lines, _ = await run_setup(moto_world, aio_session, settings, dry_run=True)
+
+    assert code == 0 and statuses(lines) == {"exists"}
+    assert snapshot(moto_world) == before
+
+
+async def test_existing_queue_keeps_its_attributes_and_unrelated_policy_statement(moto_world, aio_session):
+    sqs = moto_world.boto("sqs")
+    url = sqs.create_queue(QueueName=QUEUE, Attributes={"VisibilityTimeout": "120"})["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    theirs = {
+        "Sid": "their-sns",
+        "Effect": "Allow",
+        "Principal": {"Service": "sns.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": arn,
+    }
+    sqs.set_queue_attributes(
+        QueueUrl=url,
+        Attributes={"Policy": json.dumps({"Version": "2012-10-17", "Id": "theirs", "Statement": [theirs]})},
+    )
+
+    code, lines, _ = await run_setup(moto_world, aio_session, settings_for(moto_world))
+
+    assert code == 0
+    assert lines[0] == f"queue {QUEUE}: exists"
+    assert f"queue policy statement {POLICY_SID}: created" in lines
+    policy = queue_policy(moto_world)
+    assert policy["Id"] == "theirs"
+    assert [s["Sid"] for s in policy["Statement"]] == ["their-sns", POLICY_SID]
+    assert policy["Statement"][0] == theirs
+    assert sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])["Attributes"] == {
+        "VisibilityTimeout": "120"
+    }
+
+
+async def test_drifted_rule_target_and_statement_are_updated_and_others_kept(moto_world, aio_session):
+    settings = settings_for(moto_world)
+    await run_setup(moto_world, aio_session, settings)
+    events, sqs = moto_world.boto("events"), moto_world.boto("sqs")
+    drifted_rule, drifted_target = list(RULES.values())[0], list(RULES.values())[1]
+    events.put_rule(Name=drifted_rule, EventPattern=json.dumps({"source": ["aws.ec2"]}), State="DISABLED")
+    events.put_targets(Rule=drifted_target, Targets=[{"Id": QUEUE, "Arn": "arn:aws:sqs:us-east-1:123456789012:other"}])
+    someone_else = {"Id": "someone-else", "Arn": "arn:aws:sqs:us-east-1:123456789012:x"}
+    events.put_targets(Rule=drifted_target, Targets=[someone_else])
+    url = sqs.get_queue_url(QueueName=QUEUE)["QueueUrl"]
+    policy = queue_policy(moto_world)
+    policy["Statement"][0]["Condition"]["ArnEquals"]["aws:SourceArn"] = ["arn:aws:events:us-east-1:123456789012:rule/x"]
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(policy)})
+
+    code, lines, _ = await run_setup(moto_world, aio_session, settings)
+
+    assert code == 0
+    assert [line for line in lines if not line.endswith(": exists")] == [
+        f"rule {drifted_rule}: updated",
+        f"queue policy statement {POLICY_SID}: updated",
+        f"target {drifted_target} -> {QUEUE}: updated",
+    ]
+    assert [t["Id"] for t in events.list_targets_by_rule(Rule=drifted_target)["Targets"]] == [QUEUE, "someone-else"]
+    _, again, _ = await run_setup(moto_world, aio_session, settings)
+    assert statuses(again) == {"exists"}
+
+
+async def test_put_events_reaches_the_queue_and_the_sqs_source_parses_it(moto_world, aio_session):
+    # moto accepts a custom PutEvents with source aws.ec2 (real AWS refuses "aws."
+    # sources from PutEvents) and delivers it through the rule's SQS target; it does
+    # not evaluate the queue policy, so this proves the rule -> target -> queue wiring.
+    await run_setup(moto_world, aio_session, settings_for(moto_world))
+    events, sqs = moto_world.boto("events"), moto_world.boto("sqs")
+    detail = {"instance-id": INSTANCE, "instance-action": "terminate"}
+    put = events.put_events(
+        Entries=[{"Source": "aws.ec2", "DetailType": INTERRUPTION, "Detail": json.dumps(detail),
+                  "Resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{INSTANCE}"]}]
+    )
+    assert put["FailedEntryCount"] == 0
+    # A near-miss must not match: another source, same detail-type.
+    events.put_events(Entries=[{"Source": "custom.app", "DetailType": INTERRUPTION, "Detail": json.dumps(detail)}])
+
+    url = sqs.get_queue_url(QueueName=QUEUE)["QueueUrl"]
+    bodies: list[str] = []
+    deadline = time.monotonic() + 5
+    while not bodies and time.monotonic() < deadline:
+        received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        bodies = [m["Body"] for m in received.get("Messages", [])]
+    more = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+
+    assert len(bodies) == 1 and more == []
+    parsed = parse(bodies[0])
+    assert parsed == Parsed(put["Entries"][0]["EventId"], "aws.ec2", INTERRUPTION, INSTANCE, "interruption")
+
+
+async def test_without_sources_sqs_it_says_so_and_exits_2(moto_world, aio_session):
+    settings = Settings(aws=AwsSettings(region=moto_world.region, endpoint_url=moto_world.endpoint_url))
+
+    code, lines, err = await run_setup(moto_world, aio_session, settings)
+
+    assert (code, lines) == (2, [])
+    assert "[sources.sqs]" in err
+    assert snapshot(moto_world) == {"queues": {}, "rules": {}}
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("https://sqs.us-east-1.amazonaws.com/", "has no queue name"),
+        ("https://sqs.us-east-1.amazonaws.com/123456789012/q.fifo", "FIFO"),
+        ("https://sqs.us-east-1.amazonaws.com/123456789012/bad%20name", "not a valid queue name"),
+        ("https://sqs.eu-west-1.amazonaws.com/123456789012/spotguard", "in eu-west-1, but aws.region is us-east-1"),
+    ],
+)
+async def test_unusable_queue_urls_exit_2_before_any_change(moto_world, aio_session, url, problem):
+    settings = Settings(aws=AwsSettings(region="us-east-1", endpoint_url=moto_world.endpoint_url),
+                        sqs=SqsSettings(queue_url=url))
+
+    code, lines, err = await run_setup(moto_world, aio_session, settings)
+
+    assert (code, lines) == (2, [])
+    assert problem in err
+
+
+def write_config(tmp_path: Path, world: Any, *, sqs: bool) -> str:
+    text = f'[aws]\nregion = "{world.region}"\nendpoint_url = "{world.endpoint_url}"\n'
+    if sqs:
+        text += f'[sources.sqs]\nqueue_url = "{world.endpoint_url}/123456789012/{QUEUE}"\n'
+    text += (
+        '[[guard]]\nname = "inference"\n'
+        f'target_group_arn = "arn:aws:elasticloadbalancing:{world.region}:123456789012:'
+        'targetgroup/inference/0123456789abcdef"\n'
+        'spot_request_ids = ["sir-8x4kq2bn"]\nstandby_instance_ids = ["i-0123456789abcdef1"]\n'
+    )
+    path = tmp_path / "spotguard.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_main_runs_setup_from_a_config_file(moto_world, tmp_path, capsys):
+    config = write_config(tmp_path, moto_world, sqs=True)
+
+    assert main(argparse.Namespace(config=config, dry_run=True)) == 0
+    assert statuses(capsys.readouterr().out.splitlines()) == {"would create"}
+    assert main(argparse.Namespace(config=config, dry_run=False)) == 0
+    assert statuses(capsys.readouterr().out.splitlines()) == {"created"}
+    assert main(argparse.Namespace(config=config, dry_run=False)) == 0
+    assert statuses(capsys.readouterr().out.splitlines()) == {"exists"}
+
+
+def test_main_reports_config_problems_like_check_config(moto_world, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[aws]\nregoin = "us-east-1"\n')
+    assert main(argparse.Namespace(config=str(bad), dry_run=False)) == 2
+    assert "aws.region: required" in capsys.readouterr().err
+
+    no_sqs = write_config(tmp_path, moto_world, sqs=False)
+    assert main(argparse.Namespace(config=no_sqs, dry_run=False)) == 2
+    captured = capsys.readouterr()
+    assert "[sources.sqs]" in captured.err and captured.out == ""
+
+
+async def test_an_unreachable_endpoint_is_reported_and_exits_1(moto_world, aio_session):
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused at once
+    settings = settings_for(moto_world)
+    err = io.StringIO()
+    async with client("sqs", moto_world.region, dead, session=aio_session, max_attempts=1) as sqs, client(
+        "events", moto_world.region, dead, session=aio_session, max_attempts=1
+    ) as events:
+        code = await setup(settings, sqs, events, dry_run=False, out=io.StringIO(), err=err)
+
+    assert code == 1
+    assert err.getvalue().startswith("setup failed: EndpointConnectionError")
