@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install bench demo clean
+.PHONY: test install bench bench-detect demo clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 # Figures for docs/benchmarks.md: machine.step, poll rounds, notice latency, memory.
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Notice appears → StartInstances, 30 trials per path (SQS, agent, poll), into docs/benchmarks.md.
+bench-detect: $(STAMP)
+	$(PY) bench/detect.py
 
 # One spot interruption on an embedded AWS, with spotguard and without a standby.
 demo: $(STAMP)

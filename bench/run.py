@@ -24,6 +24,7 @@ import asyncio
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     document = _document(bodies, started_at, elapsed, load, args.quick)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(document)
+        out.write_text(document + _kept_blocks(out))
         print(f"wrote {_shown(out)} ({elapsed:.0f} s)", file=sys.stderr)
     return 0
 
@@ -135,6 +136,13 @@ def _document(bodies: list[str], started_at: dt.datetime, elapsed: float, load: 
     for (title, about), body in zip(SECTIONS, bodies):
         parts += [f"## {title}", about, body]
     return "\n\n".join(parts) + "\n"
+
+
+def _kept_blocks(out: Path) -> str:
+    """Sections other commands own (e.g. `make bench-detect`'s), carried over from the old file."""
+    old = out.read_text() if out.exists() else ""
+    marked = re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", old, flags=re.S)
+    return "".join(f"\n{m.group(0)}\n" for m in marked)
 
 
 def _machine_table(started_at: dt.datetime, elapsed: float, load: str, quick: bool) -> str:
