@@ -119,6 +119,44 @@ def demo(args: argparse.Namespace) -> int:
     return play(speed=args.speed, compare=args.compare, rate=args.rate)
 
 
+def _agent_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue-url", required=True, type=_url, metavar="URL",
+                        help="the SQS queue the daemon reads (its [sources.sqs] queue_url)")
+    parser.add_argument("--imds-url", type=_url, default="http://169.254.169.254", metavar="URL",
+                        help="the instance metadata service (default http://169.254.169.254)")
+    parser.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
+                        help="seconds between metadata reads (default 1)")
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
+    return text
+
+
+def agent(args: argparse.Namespace) -> int:
+    import os
+
+    from spotguard import agent as forwarder  # lazily: only the spot host runs it
+
+    region = forwarder.region_from_env(dict(os.environ))
+    if region is None:
+        print("spotguard agent: no region: set AWS_REGION (or AWS_DEFAULT_REGION)", file=sys.stderr)
+        return EXIT_CONFIG
+    return forwarder.main(args.queue_url, args.imds_url, args.interval, region)
+
+
+def _setup_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("--dry-run", action="store_true", help="say what would be created or updated; change nothing")
+
+
+def setup(args: argparse.Namespace) -> int:
+    from spotguard import setup as sqs_setup  # lazily: check-config must not pay for aiobotocore
+
+    return sqs_setup.main(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "check-config": Subcommand("check the config file and sum up its guards", _config_argument, check_config),
     "run": Subcommand("run the daemon (the config is checked first; nothing starts if it is wrong)", _config_argument, run),
@@ -126,6 +164,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "watch spotguard keep a service up through a spot interruption on an embedded AWS (needs spotguard[lab])",
         _demo_arguments,
         demo,
+    ),
+    "setup": Subcommand(
+        "create the SQS queue, its policy and the EventBridge rules feeding it (idempotent; --dry-run changes nothing)",
+        _setup_arguments,
+        setup,
+    ),
+    "agent": Subcommand(
+        "on the spot instance: forward its IMDS interruption and rebalance notices to the SQS queue",
+        _agent_arguments,
+        agent,
     ),
 }
 

@@ -301,3 +301,18 @@ async def test_an_unreachable_endpoint_is_reported_and_exits_1(moto_world, aio_s
 
     assert code == 1
     assert err.getvalue().startswith("setup failed: EndpointConnectionError")
+
+
+def test_the_cli_runs_setup_twice_without_a_change(moto_world, tmp_path):
+    # `spotguard setup` as a person runs it: a real process, the config naming moto's endpoint.
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, moto_world, sqs=True)
+    argv = [sys.executable, "-m", "spotguard", "setup", "--config", config]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert statuses(first.stdout.splitlines()) == {"created"}
+    assert statuses(again.stdout.splitlines()) == {"exists"}
