@@ -373,3 +373,16 @@ async def test_rebalance_prewarm_then_interruption(tmp_path, moto_world, deploym
         rounds = daemon.rounds
         await until(lambda: daemon.rounds >= rounds + 15, what="past rebalance_hold")
         assert phase(daemon) is Phase.BOTH_SERVING and state(moto_world, standby) == "running"
+
+
+async def test_an_sqs_notice_starts_the_right_guards_standby(tmp_path, moto_world, aws):
+    a = _named(moto_world.provision("alpha", standbys=1), "alpha")
+    b = _named(moto_world.provision("beta", standbys=1), "beta")
+    sqs = moto_world.boto("sqs")
+    url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
+    settings = write_config(tmp_path, moto_world, [a, b], poll="60s", extra=f'[sources.sqs]\nqueue_url = "{url}"')
+    async with running(settings, aws) as daemon:
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_warning(b.spot_instance_id)))
+        await until(lambda: state(moto_world, b.standby_ids[0]) == "running", timeout=10.0, what="beta's standby")
+        assert state(moto_world, a.standby_ids[0]) == "stopped"
+        assert phase(daemon, "alpha") is Phase.SPOT_HEALTHY
