@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remote import RemoteWorld, use_dummy_credentials
+from remote import RemoteWorld, start_time, until, use_dummy_credentials
 
 use_dummy_credentials()  # before any botocore import reads the environment
 
@@ -172,19 +172,14 @@ async def _trial(
             agent = agent_class(imds.url, aws.sqs, queue_url, interval=AGENT_INTERVAL)
             tasks.append(asyncio.create_task(agent.run(stop)))
             # Steady state first: the agent has its token and its instance id.
-            await _until(lambda: agent.instance_id is not None or tasks[-1].done(), "agent ready")
-        await _until(lambda: daemon.rounds >= 1 or any(t.done() for t in tasks), "first round")
+            await until(lambda: agent.instance_id is not None or tasks[-1].done(), "agent ready")
+        await until(lambda: daemon.rounds >= 1 or any(t.done() for t in tasks), "first round")
         await asyncio.sleep(offset)  # the notice lands anywhere in the interval
         seen = await asyncio.to_thread(world.call, "starts")
         began = await _notice(world, sqs, path, d, queue_url, imds)
-        started = await asyncio.to_thread(world.call, "wait_start", after=seen, timeout=DEADLINE)
-        if started is None:
-            raise AssertionError(f"{path}: no StartInstances within {DEADLINE} s")
-        at, ids = started
-        if ids != [d["standby_ids"][0]]:
-            raise AssertionError(f"{path}: StartInstances for {ids}, expected {d['standby_ids'][0]}")
+        at = await start_time(world, seen, d["standby_ids"][0], path, DEADLINE)
         guard = daemon.guards[d["name"]]
-        await _until(lambda: guard.state.phase is not Phase.SPOT_HEALTHY, "failover phase")
+        await until(lambda: guard.state.phase is not Phase.SPOT_HEALTHY, "failover phase")
         return at - began
     finally:
         stop.set()
@@ -243,14 +238,6 @@ def _warning(instance_id: str) -> dict:
         "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
         "detail": {"instance-id": instance_id, "instance-action": "terminate"},
     }
-
-
-async def _until(predicate: Any, what: str) -> None:
-    end = time.monotonic() + DEADLINE
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 # ---------------------------------------------------------------------- reporting

@@ -40,6 +40,7 @@ from spotguard.notify import Notifier
 from spotguard.store import Store
 
 import configs
+from remote import start_time, until
 import cycle
 from stats import fmt, spread, summarize, table
 
@@ -98,7 +99,7 @@ async def _one(
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.async_run(stop))
     try:
-        await _until(lambda: daemon.rounds >= 1 or task.done(), "first round")
+        await until(lambda: daemon.rounds >= 1 or task.done(), "first round")
         # A random moment: for the poll path, anywhere in the interval before the next round.
         await asyncio.sleep(rng.uniform(0.0, POLL_INTERVAL if case.path == "poll" else 0.3))
         seen = await asyncio.to_thread(world.call, "starts")
@@ -108,14 +109,9 @@ async def _one(
             daemon.push(Notice(target["spot_instance_id"]))
         else:
             began = await asyncio.to_thread(world.call, "notice", request_id=target["spot_request_id"])
-        started = await asyncio.to_thread(world.call, "wait_start", after=seen, timeout=DEADLINE)
-        if started is None:
-            raise AssertionError(f"{case}: no StartInstances within {DEADLINE}s")
-        at, ids = started
-        if ids != [target["standby_ids"][0]]:
-            raise AssertionError(f"{case}: StartInstances for {ids}, expected {target['standby_ids'][0]}")
+        at = await start_time(world, seen, target["standby_ids"][0], str(case), DEADLINE)
         guard = daemon.guards[target["name"]]
-        await _until(lambda: guard.state.phase is not Phase.SPOT_HEALTHY, "failover phase")
+        await until(lambda: guard.state.phase is not Phase.SPOT_HEALTHY, "failover phase")
         return at - began, sum(daemon.poller.calls.values()) - calls
     finally:
         stop.set()
@@ -123,14 +119,6 @@ async def _one(
         await notifier.close()
         if task.done() and task.exception():
             raise task.exception()
-
-
-async def _until(predicate: Any, what: str) -> None:
-    end = time.monotonic() + DEADLINE
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def _store_saves(state_dir: Path, count: int) -> list[float]:

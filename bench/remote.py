@@ -11,11 +11,13 @@ its CPU clock holds spotguard's work only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +91,23 @@ class RemoteWorld:
         if "error" in reply:
             raise RuntimeError(reply["error"])
         return reply["ok"]
+
+
+async def until(predicate: Any, what: str, deadline: float = 15.0) -> None:
+    """Wait for `predicate()` with a deadline (5 ms steps: the latencies measured are ms)."""
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def start_time(world: "RemoteWorld", seen: Any, standby_id: str, label: str, deadline: float = 15.0) -> float:
+    """When moto's EC2 backend received StartInstances (after `seen`), checked to be for `standby_id`."""
+    started = await asyncio.to_thread(world.call, "wait_start", after=seen, timeout=deadline)
+    if started is None:
+        raise AssertionError(f"{label}: no StartInstances within {deadline}s")
+    at, ids = started
+    if ids != [standby_id]:
+        raise AssertionError(f"{label}: StartInstances for {ids}, expected {standby_id}")
+    return at
