@@ -1,14 +1,15 @@
 """The daemon: the imperative shell around `machine.step`.
 
-One loop owns every guard. Each round it observes the world (one batched poll),
-steps each guard's machine with the observation and any notices that arrived,
-persists the new state *before* carrying out its commands (write ahead), runs
-the commands, and feeds failures back into the machine. Guards are handled
+One loop owns every guard. Each round it first steps any notices that arrived
+(SQS, agent) into their guards, then observes the world (one batched poll) and
+steps every guard with it. Each new state is persisted *before* its commands
+run (write ahead); failures are fed back into the machine. Guards are handled
 concurrently so a slow AWS call for one never delays another's failover.
 
 This module holds no failover rule (those live in machine.py) and makes no AWS
-call itself (poll source and executor do). `run()` owns the process: logging,
-signals, systemd notification; `Daemon.async_run()` is what tests drive.
+call itself (poll source, executor and SQS source do). `run()` owns the
+process: logging, signals, systemd notification; `serve()` is the loop plus
+its fast sources, and is what tests drive.
 """
 
 from __future__ import annotations
