@@ -157,6 +157,19 @@ def setup(args: argparse.Namespace) -> int:
     return sqs_setup.main(args)
 
 
+def _iam_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument(
+        "--agent", action="store_true", help="the agent's policy instead (sqs:SendMessage on the [sources.sqs] queue only)"
+    )
+
+
+def iam_policy(args: argparse.Namespace) -> int:
+    from spotguard import iam  # lazily, like the other handlers
+
+    return iam.main(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "check-config": Subcommand("check the config file and sum up its guards", _config_argument, check_config),
     "run": Subcommand("run the daemon (the config is checked first; nothing starts if it is wrong)", _config_argument, run),
@@ -169,6 +182,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "create the SQS queue, its policy and the EventBridge rules feeding it (idempotent; --dry-run changes nothing)",
         _setup_arguments,
         setup,
+    ),
+    "iam-policy": Subcommand(
+        "print the least-privilege IAM policy (JSON) for the daemon, or with --agent for the agent",
+        _iam_arguments,
+        iam_policy,
     ),
     "agent": Subcommand(
         "on the spot instance: forward its IMDS interruption and rebalance notices to the SQS queue",

@@ -1,0 +1,137 @@
+"""Least-privilege IAM policies for the daemon and the agent, derived from the config.
+
+`daemon_policy(settings)` is what the instance profile (or user) running
+`spotguard run` needs, and nothing more:
+
+* the Describe calls of the poll, on Resource "*" because AWS cannot scope
+  them: ec2:DescribeInstances, ec2:DescribeSpotInstanceRequests and
+  elasticloadbalancing:DescribeTargetHealth support no resource-level
+  permissions (service authorization reference);
+* ec2:StartInstances / ec2:StopInstances on each guard's standbys only;
+* elasticloadbalancing:RegisterTargets / DeregisterTargets on the guards'
+  target groups only;
+* with `[sources.sqs]`: sqs:ReceiveMessage and sqs:DeleteMessage on the queue
+  (DeleteMessageBatch, which the source calls, is authorized as DeleteMessage;
+  the source never calls GetQueueAttributes, so it is not granted).
+
+`agent_policy(settings)` is sqs:SendMessage on the queue, for the spot
+instance's role. Partition and account come from the target group ARNs (which
+config.py validates); the queue's account from its URL.
+
+A standby whose EBS volumes are encrypted with a customer-managed KMS key also
+needs kms:CreateGrant on that key to start; the config does not name the key,
+so that statement is the operator's to add.
+
+This module must not talk to AWS: it only reads the settings it is given.
+`main(args)` is the `spotguard iam-policy` entry (cli.py wires it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from spotguard.config import GuardSettings, Settings
+
+EXIT_CONFIG = 2
+VERSION = "2012-10-17"
+
+DESCRIBE_ACTIONS = (
+    "ec2:DescribeInstances",
+    "ec2:DescribeSpotInstanceRequests",
+    "elasticloadbalancing:DescribeTargetHealth",
+)
+INSTANCE_ACTIONS = ("ec2:StartInstances", "ec2:StopInstances")
+TARGET_ACTIONS = ("elasticloadbalancing:RegisterTargets", "elasticloadbalancing:DeregisterTargets")
+QUEUE_READ_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage")
+QUEUE_SEND_ACTIONS = ("sqs:SendMessage",)
+
+_TG_ARN = re.compile(r"arn:(?P<partition>aws[-a-z]*):elasticloadbalancing:(?P<region>[^:]+):(?P<account>\d{12}):.+")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
+_ACCOUNT = re.compile(r"\d{12}")
+
+
+class IamError(Exception):
+    """No policy can be written for these settings (exit 2)."""
+
+
+def daemon_policy(settings: Settings) -> dict[str, Any]:
+    """The IAM policy document the daemon needs for `settings`."""
+    statements = [
+        _statement("Describe", DESCRIBE_ACTIONS, "*"),
+        _statement("StartStopStandbys", INSTANCE_ACTIONS, _standby_arns(settings)),
+        _statement("RegisterTargets", TARGET_ACTIONS, _unique(g.target_group_arn for g in settings.guards)),
+    ]
+    if settings.sqs is not None:
+        statements.append(_statement("ReadQueue", QUEUE_READ_ACTIONS, queue_arn(settings)))
+    return {"Version": VERSION, "Statement": statements}
+
+
+def agent_policy(settings: Settings) -> dict[str, Any]:
+    """The IAM policy document `spotguard agent` needs; IamError without [sources.sqs]."""
+    if settings.sqs is None:
+        raise IamError("the agent sends to the [sources.sqs] queue, and this config has none")
+    return {"Version": VERSION, "Statement": [_statement("SendToQueue", QUEUE_SEND_ACTIONS, queue_arn(settings))]}
+
+
+def queue_arn(settings: Settings) -> str:
+    """`arn:<partition>:sqs:<aws.region>:<account>:<name>` for the configured queue URL."""
+    if settings.sqs is None:
+        raise IamError("no [sources.sqs] queue in this config")
+    url = settings.sqs.queue_url
+    segments = [s for s in urlsplit(url).path.split("/") if s]
+    if not segments or not _QUEUE_NAME.fullmatch(segments[-1]):
+        raise IamError(f"sources.sqs.queue_url: {url!r} does not end in a queue name")
+    if len(segments) >= 2 and _ACCOUNT.fullmatch(segments[-2]):
+        account = segments[-2]
+    else:
+        accounts = _unique(_arn_part(g, "account") for g in settings.guards)
+        if len(accounts) != 1:
+            raise IamError(f"sources.sqs.queue_url: {url!r} names no account, and the target groups name several")
+        account = accounts[0]
+    partition = _arn_part(settings.guards[0], "partition")
+    return f"arn:{partition}:sqs:{settings.aws.region}:{account}:{segments[-1]}"
+
+
+def _standby_arns(settings: Settings) -> list[str]:
+    # A guard's standbys are registered in its target group, so they live in that group's account.
+    return _unique(
+        f"arn:{_arn_part(g, 'partition')}:ec2:{settings.aws.region}:{_arn_part(g, 'account')}:instance/{iid}"
+        for g in settings.guards
+        for iid in g.standby_instance_ids
+    )
+
+
+def _arn_part(guard: GuardSettings, part: str) -> str:
+    match = _TG_ARN.fullmatch(guard.target_group_arn)
+    if match is None:  # config.py already refuses such an ARN; a hand-built Settings may not
+        raise IamError(f"guard {guard.name}: {guard.target_group_arn!r} is not a target group ARN")
+    return match[part]
+
+
+def _statement(sid: str, actions: tuple[str, ...], resources: str | list[str]) -> dict[str, Any]:
+    return {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resources}
+
+
+def _unique(items: Any) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def main(args: argparse.Namespace) -> int:
+    """`spotguard iam-policy --config PATH [--agent]`: the policy as JSON on stdout; exit 2 on a bad config."""
+    from spotguard.cli import _load_or_report  # lazily: cli imports this module lazily too
+
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        policy = agent_policy(settings) if args.agent else daemon_policy(settings)
+    except IamError as exc:
+        print(f"spotguard iam-policy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(policy, indent=2))
+    return 0
