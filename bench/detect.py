@@ -61,6 +61,7 @@ from spotguard.machine import Phase  # noqa: E402
 from spotguard.notify import Notifier  # noqa: E402
 
 import configs  # noqa: E402
+from run import loadavg, shown  # noqa: E402
 from stats import fmt, percentile, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (None if args.quick else DEFAULT_OUT)
 
     agent, missing = _agent_class()
-    began, started_at, load = time.monotonic(), dt.datetime.now(dt.timezone.utc), _loadavg()
+    began, started_at, load = time.monotonic(), dt.datetime.now(dt.timezone.utc), loadavg()
     with tempfile.TemporaryDirectory(prefix="spotguard-detect-") as tmp, RemoteWorld() as world:
         workdir = Path(tmp)
         with open(workdir / "daemon.log", "w") as log_stream:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         old = out.read_text() if out.exists() else ""
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(splice(old, block))
-        print(f"wrote {_shown(out)} ({elapsed:.0f} s)", file=sys.stderr)
+        print(f"wrote {shown(out)} ({elapsed:.0f} s)", file=sys.stderr)
     return 0
 
 
@@ -268,7 +269,7 @@ def _block(
         met = "met" if p99 <= goal.limit else "**not met**"
         rows.append([path, tick, fmt(p50 * 1e3), fmt(p99 * 1e3), fmt(xs[-1] * 1e3), len(xs),
                      f"{goal.about} ({fmt(goal.limit * 1e3)} ms)", met])
-    command = shlex.join([_shown(Path(sys.executable)), *sys.argv])
+    command = shlex.join([shown(Path(sys.executable)), *sys.argv])
     # With no arguments this is exactly what the Makefile target runs.
     made = f"`make bench-detect` (runs `{command}`)" if len(sys.argv) == 1 else f"`{command}`"
     return "\n\n".join([
@@ -291,21 +292,6 @@ def _block(
         f"nproc {os.cpu_count()}; load average at start {load}.",
         END,
     ])
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.absolute().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " / ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or (None if args.quick else DEFAULT_OUT)
 
-    began, started_at, load = time.monotonic(), dt.datetime.now(dt.timezone.utc), _loadavg()
+    began, started_at, load = time.monotonic(), dt.datetime.now(dt.timezone.utc), loadavg()
     bodies = []
     with tempfile.TemporaryDirectory(prefix="spotguard-bench-") as tmp, RemoteWorld() as world:
         workdir = Path(tmp)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(document + _kept_blocks(out))
-        print(f"wrote {_shown(out)} ({elapsed:.0f} s)", file=sys.stderr)
+        print(f"wrote {shown(out)} ({elapsed:.0f} s)", file=sys.stderr)
     return 0
 
 
@@ -146,7 +146,7 @@ def _kept_blocks(out: Path) -> str:
 
 
 def _machine_table(started_at: dt.datetime, elapsed: float, load: str, quick: bool) -> str:
-    command = shlex.join([_shown(Path(sys.executable)), *sys.argv])
+    command = shlex.join([shown(Path(sys.executable)), *sys.argv])
     rows = [
         ("command", ("`make bench` → " if os.environ.get("MAKELEVEL") else "") + f"`{command}`"
          + (" (quick: few repetitions)" if quick else "")),
@@ -165,7 +165,7 @@ def _machine_table(started_at: dt.datetime, elapsed: float, load: str, quick: bo
     return "\n".join(lines)
 
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
     """A path relative to the repository when it is inside it."""
     try:
         return str(path.absolute().relative_to(ROOT))
@@ -193,7 +193,7 @@ def _mem_total() -> str:
         return "unknown"
 
 
-def _loadavg() -> str:
+def loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
             return " / ".join(f.read().split()[:3])
