@@ -95,6 +95,22 @@ class DiscordSettings:
 class SqsSettings:
     queue_url: str
 
+    @property
+    def queue_name(self) -> str | None:
+        """The URL's last path segment: the queue's name (None when the path is empty)."""
+        segments = _path_segments(self.queue_url)
+        return segments[-1] if segments else None
+
+    @property
+    def account(self) -> str | None:
+        """The 12-digit account segment before the name, when the URL has one."""
+        segments = _path_segments(self.queue_url)
+        return segments[-2] if len(segments) >= 2 and re.fullmatch(r"\d{12}", segments[-2]) else None
+
+
+def _path_segments(url: str) -> list[str]:
+    return [s for s in urlsplit(url).path.split("/") if s]
+
 
 @dataclass(frozen=True)
 class GuardSettings:

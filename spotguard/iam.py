@@ -33,7 +33,6 @@ import json
 import re
 import sys
 from typing import Any
-from urllib.parse import urlsplit
 
 from spotguard.config import GuardSettings, Settings
 
@@ -52,7 +51,6 @@ QUEUE_SEND_ACTIONS = ("sqs:SendMessage",)
 
 _TG_ARN = re.compile(r"arn:(?P<partition>aws[-a-z]*):elasticloadbalancing:(?P<region>[^:]+):(?P<account>\d{12}):.+")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
-_ACCOUNT = re.compile(r"\d{12}")
 
 
 class IamError(Exception):
@@ -82,19 +80,16 @@ def queue_arn(settings: Settings) -> str:
     """`arn:<partition>:sqs:<aws.region>:<account>:<name>` for the configured queue URL."""
     if settings.sqs is None:
         raise IamError("no [sources.sqs] queue in this config")
-    url = settings.sqs.queue_url
-    segments = [s for s in urlsplit(url).path.split("/") if s]
-    if not segments or not _QUEUE_NAME.fullmatch(segments[-1]):
+    url, name, account = settings.sqs.queue_url, settings.sqs.queue_name, settings.sqs.account
+    if name is None or not _QUEUE_NAME.fullmatch(name):
         raise IamError(f"sources.sqs.queue_url: {url!r} does not end in a queue name")
-    if len(segments) >= 2 and _ACCOUNT.fullmatch(segments[-2]):
-        account = segments[-2]
-    else:
+    if account is None:
         accounts = _unique(_arn_part(g, "account") for g in settings.guards)
         if len(accounts) != 1:
             raise IamError(f"sources.sqs.queue_url: {url!r} names no account, and the target groups name several")
         account = accounts[0]
     partition = _arn_part(settings.guards[0], "partition")
-    return f"arn:{partition}:sqs:{settings.aws.region}:{account}:{segments[-1]}"
+    return f"arn:{partition}:sqs:{settings.aws.region}:{account}:{name}"
 
 
 def _standby_arns(settings: Settings) -> list[str]:

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 
 from spotguard.aws import AWS_ERRORS, client, error_code
-from spotguard.config import Settings
+from spotguard.config import Settings, SqsSettings
 from spotguard.sources.sqs import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
 
 EXIT_FAILED = 1
@@ -81,24 +81,21 @@ class QueueRef:
     account: str | None  # the URL's account segment, if it looks like one
 
 
-def queue_ref(queue_url: str, region: str) -> QueueRef:
-    """Parse `[sources.sqs] queue_url`; SetupError if no usable queue name or a different region."""
-    parts = urlsplit(queue_url)
-    segments = [s for s in parts.path.split("/") if s]
-    if not segments:
+def queue_ref(sqs: SqsSettings, region: str) -> QueueRef:
+    """Check `[sources.sqs] queue_url`; SetupError if no usable queue name or a different region."""
+    queue_url, name = sqs.queue_url, sqs.queue_name
+    if name is None:
         raise SetupError(f"sources.sqs.queue_url: {queue_url!r} has no queue name in its path")
-    name = segments[-1]
     if name.endswith(".fifo"):
         raise SetupError(f"sources.sqs.queue_url: {name!r} is a FIFO queue; setup makes a standard queue only")
     if not QUEUE_NAME.fullmatch(name):
         raise SetupError(f"sources.sqs.queue_url: {name!r} is not a valid queue name ([A-Za-z0-9_-], 1-80)")
-    host = URL_REGION.fullmatch(parts.hostname or "")
+    host = URL_REGION.fullmatch(urlsplit(queue_url).hostname or "")
     if host and (host["a"] or host["b"]) != region:
         raise SetupError(
             f"sources.sqs.queue_url: the queue is in {host['a'] or host['b']}, but aws.region is {region}"
         )
-    account = segments[-2] if len(segments) >= 2 and re.fullmatch(r"\d{12}", segments[-2]) else None
-    return QueueRef(queue_url, name, account)
+    return QueueRef(queue_url, name, sqs.account)
 
 
 def partition(region: str) -> str:
@@ -189,7 +186,7 @@ async def setup(
         return EXIT_CONFIG
     region = settings.aws.region
     try:
-        ref = queue_ref(settings.sqs.queue_url, region)
+        ref = queue_ref(settings.sqs, region)
     except SetupError as exc:
         print(exc, file=err)
         return EXIT_CONFIG
