@@ -41,6 +41,7 @@ import os
 import re
 import stat
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -84,11 +85,23 @@ class DaemonSettings:
     state_dir: Path = DEFAULT_STATE_DIR
     poll_interval: float = 5.0
     log_format: str = "auto"  # auto | json | console
+    metrics_port: int | None = None  # Prometheus endpoint on 127.0.0.1; None: no endpoint
 
 
 @dataclass(frozen=True)
 class DiscordSettings:
     webhook_url: str = field(repr=False)  # a credential: never in repr or logs
+    daily_summary: str | None = None  # "HH:MM": one summary message per guard each day
+    timezone: str = "UTC"  # the zone daily_summary is read in (IANA name)
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """Two controllers, one leader, through a DynamoDB lease ([ha]; absent: run alone)."""
+
+    table: str
+    lease: float = 15.0
+    holder: str | None = None  # None: host name and process id, decided at start
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,8 @@ class GuardSettings:
     unhealthy_grace: float = 30.0
     on_rebalance: str = "ignore"  # ignore | prewarm
     rebalance_hold: float = 1800.0
+    on_demand_hourly: float | None = None  # USD per standby hour, for status and summaries
+    spot_hourly: float | None = None  # USD per spot hour
 
     def rules(self) -> Rules:
         return Rules(
@@ -144,6 +159,7 @@ class Settings:
     discord: DiscordSettings | None = None
     sqs: SqsSettings | None = None
     guards: tuple[GuardSettings, ...] = ()
+    ha: HaSettings | None = None
 
 
 # --------------------------------------------------------------------------- durations
@@ -386,6 +402,36 @@ def _port(r: _Reader, value: Any, path: str) -> int | None:
     return value
 
 
+def _price(r: _Reader, value: Any, path: str) -> float | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e6:
+        r.problem(path, f"expected a price in USD per hour (a number, 0 or more), got {_describe(value)}")
+        return None
+    return float(value)
+
+
+def _clock_time(r: _Reader, value: Any, path: str) -> str | None:
+    text = _string(r, value, path)
+    if text is None:
+        return None
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", text)
+    if match is None:
+        r.problem(path, f'expected a time of day like "09:00" (24-hour HH:MM), got {_show(text)}')
+        return None
+    return text
+
+
+def _timezone(r: _Reader, value: Any, path: str) -> str | None:
+    text = _string(r, value, path)
+    if text is None:
+        return None
+    try:
+        zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        r.problem(path, f'{_show(text)} is not a known time zone (an IANA name like "UTC" or "Asia/Seoul")')
+        return None
+    return text
+
+
 def _path(r: _Reader, value: Any, path: str) -> Path | None:
     text = _string(r, value, path)
     if text is None:
@@ -479,8 +525,9 @@ _TG_ARN = re.compile(
     r"targetgroup/[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?/[0-9a-f]{16}"
 )
 _GUARD_NAME = r"[a-z0-9-]{1,63}"
+_DDB_TABLE = r"[A-Za-z0-9_.-]{3,255}"
 
-_TOP_KEYS = ("aws", "daemon", "notify", "sources", "guard")
+_TOP_KEYS = ("aws", "daemon", "notify", "sources", "guard", "ha")
 _GUARD_KEYS = (
     "name",
     "target_group_arn",
@@ -493,6 +540,8 @@ _GUARD_KEYS = (
     "unhealthy_grace",
     "on_rebalance",
     "rebalance_hold",
+    "on_demand_hourly",
+    "spot_hourly",
 )
 
 
@@ -505,6 +554,7 @@ def _settings(r: _Reader, top: dict) -> Settings:
         discord=_discord(r, top),
         sqs=_sqs(r, top),
         guards=_guards(r, top, aws.region),
+        ha=_ha(r, top),
     )
 
 
@@ -519,13 +569,14 @@ def _aws(r: _Reader, top: dict) -> AwsSettings:
 
 
 def _daemon(r: _Reader, top: dict) -> DaemonSettings:
-    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format"))
+    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format", "metrics_port"))
     if table is None:
         return DaemonSettings()
     return DaemonSettings(
         state_dir=r.get(table, "state_dir", "daemon", _path, DEFAULT_STATE_DIR),
         poll_interval=r.get(table, "poll_interval", "daemon", _positive_duration, 5.0),
         log_format=r.get(table, "log_format", "daemon", _choice(LOG_FORMATS), "auto"),
+        metrics_port=r.get(table, "metrics_port", "daemon", _port, None),
     )
 
 
@@ -534,7 +585,7 @@ def _discord(r: _Reader, top: dict) -> DiscordSettings | None:
     if notify is None:
         return None
     present = "discord" in notify
-    table = r.section(notify, "discord", "notify", ("webhook_url", "webhook_url_file"))
+    table = r.section(notify, "discord", "notify", ("webhook_url", "webhook_url_file", "daily_summary", "timezone"))
     if table is None:
         return None
     has_url, has_file = "webhook_url" in table, "webhook_url_file" in table
@@ -547,7 +598,9 @@ def _discord(r: _Reader, top: dict) -> DiscordSettings | None:
         url = _url_from_file(r, table["webhook_url_file"], "notify.discord.webhook_url_file")
     else:
         url = _url_from_env(r, required=present)
-    return DiscordSettings(webhook_url=url) if url is not None else None
+    summary = r.get(table, "daily_summary", "notify.discord", _clock_time, None)
+    zone = r.get(table, "timezone", "notify.discord", _timezone, "UTC")
+    return DiscordSettings(webhook_url=url, daily_summary=summary, timezone=zone) if url is not None else None
 
 
 def _url_from_env(r: _Reader, *, required: bool) -> str | None:
@@ -570,6 +623,22 @@ def _sqs(r: _Reader, top: dict) -> SqsSettings | None:
     if table is None:
         return None
     return SqsSettings(queue_url=r.get(table, "queue_url", "sources.sqs", _url))
+
+
+def _ha(r: _Reader, top: dict) -> HaSettings | None:
+    if "ha" not in top:
+        return None
+    table = r.section(top, "ha", "", ("table", "lease", "holder"))
+    if table is None:
+        return None
+    lease = r.get(table, "lease", "ha", _positive_duration, 15.0)
+    if lease is not None and lease < 3:
+        r.problem("ha.lease", f"must be at least 3s (renewed every third of it), got {format_duration(lease)}")
+    return HaSettings(
+        table=r.get(table, "table", "ha", _matching(_DDB_TABLE, "a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")),
+        lease=lease,
+        holder=r.get(table, "holder", "ha", _matching(r"[\x21-\x7e]{1,128}", "a holder name (1-128 printable characters, no spaces)"), None),
+    )
 
 
 def _guards(r: _Reader, top: dict, region: str | None) -> tuple[GuardSettings, ...]:
@@ -616,6 +685,8 @@ def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSetti
         unhealthy_grace=get("unhealthy_grace", _duration, 30.0),
         on_rebalance=get("on_rebalance", _choice(REBALANCE_POLICIES), "ignore"),
         rebalance_hold=get("rebalance_hold", _duration, 1800.0),
+        on_demand_hourly=get("on_demand_hourly", _price, None),
+        spot_hourly=get("spot_hourly", _price, None),
     )
 
 

@@ -332,6 +332,22 @@ CASES = [
     ("guard[0].rebalance_hold", math.inf, "guard[0].rebalance_hold: inf is too long a duration"),
     ("guard[0].rebalance_hold", [1], 'guard[0].rebalance_hold: expected a number of seconds or a string like "90s", "10m", "1h30m", got an array'),
     ("guard[0].on_rebalance", "start", 'guard[0].on_rebalance: "start" is not one of ignore | prewarm'),
+    # prices, metrics, daily summary, ha
+    ("guard[0].on_demand_hourly", -1, "guard[0].on_demand_hourly: expected a price in USD per hour (a number, 0 or more), got an integer (-1)"),
+    ("guard[0].spot_hourly", "0.3", 'guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a string ("0.3")'),
+    ("guard[0].spot_hourly", math.nan, "guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a float (nan)"),
+    ("daemon.metrics_port", 70000, "daemon.metrics_port: 70000 is not a port (1-65535)"),
+    ("notify.discord", {"webhook_url": HOOK, "daily_summary": "9am"},
+     'notify.discord.daily_summary: expected a time of day like "09:00" (24-hour HH:MM), got "9am"'),
+    ("notify.discord", {"webhook_url": HOOK, "timezone": "Seoul"},
+     'notify.discord.timezone: "Seoul" is not a known time zone (an IANA name like "UTC" or "Asia/Seoul")'),
+    ("ha", {}, "ha.table: required"),
+    ("ha", {"table": "spotguard", "lease": "2s"}, "ha.lease: must be at least 3s (renewed every third of it), got 2s"),
+    ("ha", {"table": "x!"}, 'ha.table: "x!" is not a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)'),
+    ("ha", {"table": "spotguard", "holder": "two words"},
+     'ha.holder: "two words" is not a holder name (1-128 printable characters, no spaces)'),
+    ("ha", "on", 'ha: expected a table, got a string ("on")'),
+    ("ha.tabel", "x", "ha.tabel: unknown key (did you mean table?)"),
 ]
 
 
@@ -510,12 +526,28 @@ def test_the_example_file_loads():
     assert guard.standby_instance_ids and guard.spot_request_ids
 
 
+def test_operator_keys_have_their_defaults_and_values(tmp_path):
+    plain = load(write(tmp_path, VALID), env={})
+    assert plain.ha is None and plain.daemon.metrics_port is None
+    assert plain.guards[0].on_demand_hourly is None and plain.guards[0].spot_hourly is None
+    doc = edited(edited(VALID, "ha", {"table": "spotguard"}), "daemon.metrics_port", 9108)
+    doc = edited(edited(doc, "guard[0].on_demand_hourly", 1.006), "guard[0].spot_hourly", 0)
+    doc = edited(doc, "notify.discord", {"webhook_url": HOOK, "daily_summary": "09:30", "timezone": "Asia/Seoul"})
+    settings = load(write(tmp_path, doc), env={})
+    assert (settings.ha.table, settings.ha.lease, settings.ha.holder) == ("spotguard", 15.0, None)
+    assert settings.daemon.metrics_port == 9108
+    assert (settings.guards[0].on_demand_hourly, settings.guards[0].spot_hourly) == (1.006, 0.0)
+    assert (settings.discord.daily_summary, settings.discord.timezone) == ("09:30", "Asia/Seoul")
+
+
 def test_the_example_file_has_every_key():
     text = EXAMPLE.read_text()
     for key in ["region", "endpoint_url", "state_dir", "poll_interval", "log_format", "[notify.discord]",
                 "webhook_url_file", "webhook_url", "[sources.sqs]", "queue_url", "[[guard]]", "name",
                 "target_group_arn", "target_port", "spot_request_ids", "spot_instance_tags", "standby_instance_ids",
-                "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance", "rebalance_hold"]:
+                "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance", "rebalance_hold",
+                "metrics_port", "daily_summary", "timezone", "on_demand_hourly", "spot_hourly", "[ha]", "table",
+                "lease", "holder"]:
         assert key in text, key
 
 
