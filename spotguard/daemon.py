@@ -18,7 +18,7 @@ import asyncio
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import structlog
 
@@ -44,6 +44,20 @@ class Guard:
         return self.settings.name
 
 
+class Observer(Protocol):
+    """Watches what the daemon does (metrics, the ledger behind `status`, summaries).
+
+    Observers are told after the fact and must not block or raise: an
+    observer's failure is logged and never stops a failover.
+    """
+
+    def event(self, guard: str, event: Event, at: float) -> None: ...
+
+    def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None: ...
+
+    def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float, at: float) -> None: ...
+
+
 class Daemon:
     """Runs the guards. Every collaborator is injected so tests pass their own."""
 
@@ -57,6 +71,7 @@ class Daemon:
         notifier: Any,
         clock: Callable[[], float] = time.time,
         fast_poll: float = FAST_POLL,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.settings = settings
         self.poller = poller
@@ -65,6 +80,7 @@ class Daemon:
         self.notifier = notifier
         self.clock = clock
         self.fast_poll = fast_poll
+        self.observers = tuple(observers)
         self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
         self.notices: asyncio.Queue[Notice] = asyncio.Queue()
         self.woken = asyncio.Event()  # set by push()/wake(): start a round now
@@ -169,13 +185,15 @@ class Daemon:
 
     async def apply(self, guard: Guard, event: Event) -> None:
         """Step the machine, persist, then carry out the commands (write ahead)."""
-        old = guard.state
-        new, commands = machine.step(old, event, self.clock())
+        old, now = guard.state, self.clock()
+        self._tell("event", guard.name, event, now)
+        new, commands = machine.step(old, event, now)
         guard.state = new
         if _persistent(old) != _persistent(new):
             self.store.save(guard.name, new)
         if new.phase is not old.phase:
             self._transition(guard, old, new)
+            self._tell("transition", guard.name, old, new, now)
         for command in commands:
             failed = await self._carry_out(guard, command)
             if failed is not None:
@@ -198,7 +216,17 @@ class Daemon:
             log.warning("guard.alert", guard=guard.name, text=command.text)
             self.notifier.notify(f"[{guard.name}] ⚠ {command.text}")
             return None
-        return await self.executor.run(guard.name, command)
+        started = time.monotonic()
+        failed = await self.executor.run(guard.name, command)
+        self._tell("action", guard.name, command, failed, time.monotonic() - started, self.clock())
+        return failed
+
+    def _tell(self, what: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, what)(*args)
+            except Exception as exc:  # noqa: BLE001 - an observer must never stop a failover
+                log.error("guard.observer.failed", observer=type(observer).__name__, hook=what, error=type(exc).__name__, detail=str(exc))
 
 
 def _persistent(state: GuardState) -> GuardState:
@@ -222,7 +250,7 @@ def run(settings: Any) -> int:
     return 0
 
 
-def build(settings: Any, aws: Any, notifier: Any) -> Daemon:
+def build(settings: Any, aws: Any, notifier: Any, observers: Sequence[Observer] = ()) -> Daemon:
     """The daemon wired to real parts: poll source, executor and store on `aws` clients."""
     from .executor import Executor
     from .sources.poll import Poller
@@ -234,6 +262,7 @@ def build(settings: Any, aws: Any, notifier: Any) -> Daemon:
         executor=Executor(aws.ec2, aws.elbv2, settings.guards),
         store=Store(settings.daemon.state_dir),
         notifier=notifier,
+        observers=observers,
     )
 
 

@@ -68,12 +68,12 @@ async def until(predicate, timeout: float = DEADLINE, what: str = "condition") -
 
 
 @asynccontextmanager
-async def running(settings, aws, notifier=None, *, kill: bool = False):
+async def running(settings, aws, notifier=None, *, kill: bool = False, observers=()):
     """The daemon in a task; on exit stopped as by SIGTERM, or with `kill` cancelled
     mid-flight as by kill -9 (only the state file survives)."""
     notifier = notifier or Notifier(None)
     await notifier.start()
-    daemon = build(settings, aws, notifier)
+    daemon = build(settings, aws, notifier, observers)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(daemon, settings, aws, stop))
     try:
@@ -165,6 +165,43 @@ async def test_full_cycle_failover_then_failback_and_again(tmp_path, moto_world,
         await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="second failback")
         assert state(moto_world, standby) == "stopped"
         assert state(moto_world, d.standby_ids[1]) == "stopped"
+
+
+class Recorder:
+    """An observer keeping what it is told, as metrics and the ledger will."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def event(self, guard, event, at):
+        self.seen.append(("event", guard, type(event).__name__))
+
+    def transition(self, guard, old, new, at):
+        self.seen.append(("transition", guard, old.phase, new.phase))
+
+    def action(self, guard, command, failed, seconds, at):
+        assert seconds >= 0
+        self.seen.append(("action", guard, type(command).__name__, failed))
+
+
+class Broken:
+    def __getattr__(self, name):
+        def hook(*args):
+            raise RuntimeError("observer bug")
+        return hook
+
+
+async def test_observers_are_told_and_a_broken_one_stops_nothing(tmp_path, moto_world, deployment, aws):
+    settings = write_config(tmp_path, moto_world, [deployment])
+    recorder = Recorder()
+    async with running(settings, aws, observers=(Broken(), recorder)) as daemon:
+        await fail_over(moto_world, daemon, deployment)
+    name = deployment.name
+    assert ("transition", name, Phase.SPOT_HEALTHY, Phase.STANDBY_STARTING) in recorder.seen
+    assert ("transition", name, Phase.STANDBY_STARTING, Phase.BOTH_SERVING) in recorder.seen
+    actions = [s[2] for s in recorder.seen if s[0] == "action"]
+    assert actions[:2] == ["Start", "Register"] and "Deregister" in actions
+    assert ("event", name, "Observed") in recorder.seen
 
 
 async def test_two_guards_in_one_daemon(tmp_path, moto_world, aws):
