@@ -1,0 +1,510 @@
+"""`spotguard check`: is this deployment ready for a spot interruption? One line per check.
+
+    ✓ what is fine
+    ✗ what is wrong — what to do about it
+    ! what may hurt (a warning: it does not fail the check)
+
+Exit 0 when no line is ✗, 1 otherwise (2 for a bad config, like every command).
+
+What is checked, per guard: the target group exists (instance targets) with its
+health check and deregistration delay; each spot request or tagged spot
+instance exists and is running; each standby exists, is stopped, is On-Demand
+and is in the target group's VPC; the daemon may StartInstances/StopInstances
+each standby (EC2 DryRun: `DryRunOperation` means allowed,
+`UnauthorizedOperation` not; ELBv2 has no DryRun, so RegisterTargets and
+DeregisterTargets cannot be checked without changing the target group); and
+the timing budget against the 120 s notice (design.md § Timing budget):
+deregistration delay, how long a new target needs to pass its health checks,
+and the last `spotguard rehearse` measurement. Globally: the credentials work
+(sts:GetCallerIdentity, which needs no permission) and the [sources.sqs] queue
+exists.
+
+check reads more than the daemon needs (elasticloadbalancing:DescribeTargetGroups
+and DescribeTargetGroupAttributes, sqs:GetQueueAttributes), so it is best run
+with a person's read-only credentials; a describe refused is a ✗ naming the call.
+
+The shape: `gather` makes the AWS calls (thin, describes and DryRuns only) into
+a `Seen`; the `*_lines` functions turn what was seen into `Line`s and are pure.
+This module must not change anything in AWS (every call is a Describe, a
+GetCallerIdentity, a GetQueueAttributes or a DryRun) nor read the daemon's
+state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TextIO
+
+from botocore.exceptions import ClientError
+
+from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.config import GuardSettings, Settings, format_duration
+from spotguard.rehearse import NOTICE, Budget, Rehearsal, detection_seconds, read_rehearsal
+from spotguard.sources.poll import is_notice
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+OK, FAIL, WARN = "ok", "fail", "warn"
+SYMBOLS = {OK: "✓", FAIL: "✗", WARN: "!"}
+
+# Draining the doomed spot starts only once the standby is healthy, and must end
+# before the spot is gone: a delay of the whole notice can never fit, and past
+# ~100 s nothing is left for detection and the standby's start.
+DRAIN_LIMIT = NOTICE
+DRAIN_WARN = 100.0
+# What a new target's health checks may take: the notice minus a ~60 s drain,
+# ~20 s StartInstances → running and a few seconds of detection leaves ~30 s for
+# the service to boot and pass its checks.
+HEALTH_WARN = 30.0
+# StartInstances → running on a stopped EBS-backed instance (design.md): used
+# for an estimate until a rehearsal measures the real thing.
+START_ESTIMATE = 20.0
+
+INSTANCE_NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
+REQUEST_NOT_FOUND = frozenset({"InvalidSpotInstanceRequestID.NotFound", "InvalidSpotInstanceRequestID.Malformed"})
+GROUP_NOT_FOUND = frozenset({"TargetGroupNotFound", "ValidationError"})
+QUEUE_NOT_FOUND = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+DRY_RUN_ALLOWED = "DryRunOperation"
+DRY_RUN_DENIED = "UnauthorizedOperation"
+DELAY_KEY = "deregistration_delay.timeout_seconds"
+TAGGED_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """AWS or the network said no: the error code, and AWS's message."""
+
+    code: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Line:
+    status: str  # ok | fail | warn
+    text: str
+    fix: str | None = None  # what to do, for fail and warn
+
+    def render(self) -> str:
+        return f"{SYMBOLS[self.status]} {self.text}" + (f" — {self.fix}" if self.fix else "")
+
+
+@dataclass(frozen=True)
+class GuardSeen:
+    """What AWS said about one guard's resources (a `Refused` where it said no)."""
+
+    group: Mapping[str, Any] | Refused  # DescribeTargetGroups' entry
+    attributes: Mapping[str, str] | Refused  # target group attributes, key -> value
+    health: Mapping[str, str] | Refused  # registered target id -> health state
+    requests: Mapping[str, Mapping[str, Any] | Refused] = field(default_factory=dict)  # by request id
+    instances: Mapping[str, Mapping[str, Any] | Refused] = field(default_factory=dict)  # by instance id
+    tagged: tuple[Mapping[str, Any], ...] | Refused = ()  # instances carrying all the spot tags
+    dry_runs: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (action, standby) -> code
+    rehearsal: Rehearsal | str | None = None  # the last rehearsal, a reason it is unreadable, or None
+
+
+@dataclass(frozen=True)
+class Seen:
+    identity: Mapping[str, Any] | Refused
+    guards: Mapping[str, GuardSeen] = field(default_factory=dict)
+    queue: Mapping[str, Any] | Refused | None = None  # queue attributes; None without [sources.sqs]
+
+
+# ---------------------------------------------------------------------- pure: seen -> lines
+
+
+def identity_line(identity: Mapping[str, Any] | Refused) -> Line:
+    if isinstance(identity, Refused):
+        return Line(FAIL, f"credentials: {identity.code}: {identity.message}".rstrip(": "),
+                    "give this host working AWS credentials (instance profile, AWS_PROFILE or environment)")
+    return Line(OK, f"credentials: {identity.get('Arn')} (account {identity.get('Account')})")
+
+
+def group_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    """The target group: exists, takes instance targets, health check, deregistration delay."""
+    arn = guard.target_group_arn
+    group = seen.group
+    if isinstance(group, Refused):
+        if group.code in GROUP_NOT_FOUND:
+            return [Line(FAIL, f"target group {arn} not found", f"fix guard {guard.name}'s target_group_arn")]
+        return [_refused(f"target group {arn}", "elasticloadbalancing:DescribeTargetGroups", group)]
+    name = group.get("TargetGroupName", arn)
+    lines = []
+    if group.get("TargetType", "instance") != "instance":
+        lines.append(Line(FAIL, f"target group {name} takes {group['TargetType']} targets",
+                          "spotguard registers instance ids: use a target group of target type instance"))
+    else:
+        lines.append(Line(OK, f"target group {name}: {group.get('Protocol')}:{group.get('Port')}, "
+                              f"instance targets, in {group.get('VpcId')}"))
+    lines.append(health_check_line(group))
+    lines.append(delay_line(name, arn, seen.attributes))
+    return lines
+
+
+def health_check_seconds(group: Mapping[str, Any]) -> float:
+    """How long a new target may take to pass its health checks: interval × healthy threshold."""
+    return float(group.get("HealthCheckIntervalSeconds", 30)) * int(group.get("HealthyThresholdCount", 5))
+
+
+def health_check_line(group: Mapping[str, Any]) -> Line:
+    interval, threshold = group.get("HealthCheckIntervalSeconds", 30), group.get("HealthyThresholdCount", 5)
+    seconds = health_check_seconds(group)
+    text = (f"health check: {group.get('HealthCheckPath') or group.get('HealthCheckProtocol', '')} every "
+            f"{interval}s, healthy after {threshold} passing: a new target needs up to "
+            f"{threshold} × {interval}s = {format_duration(seconds)}")
+    if seconds > HEALTH_WARN:
+        return Line(WARN, text, f"more than {format_duration(HEALTH_WARN)} of the {format_duration(NOTICE)} notice: "
+                                "set HealthCheckIntervalSeconds to 5-10 and HealthyThresholdCount to 2-3")
+    return Line(OK, text)
+
+
+def deregistration_delay(attributes: Mapping[str, str] | Refused) -> float | None:
+    if isinstance(attributes, Refused) or DELAY_KEY not in attributes:
+        return None
+    return float(attributes[DELAY_KEY])
+
+
+def delay_line(name: str, arn: str, attributes: Mapping[str, str] | Refused) -> Line:
+    if isinstance(attributes, Refused):
+        return _refused(f"target group {name} attributes", "elasticloadbalancing:DescribeTargetGroupAttributes",
+                        attributes)
+    delay = deregistration_delay(attributes)
+    if delay is None:
+        return Line(WARN, f"deregistration delay of {name}: not reported", "check it in the console")
+    text = f"deregistration delay {format_duration(delay)}"
+    fix = ("set it to 90s or less: aws elbv2 modify-target-group-attributes --target-group-arn "
+           f"{arn} --attributes Key={DELAY_KEY},Value=90")
+    if delay >= DRAIN_LIMIT:
+        return Line(FAIL, f"{text}: the doomed spot's requests cannot drain within the "
+                          f"{format_duration(NOTICE)} notice", fix)
+    if delay > DRAIN_WARN:
+        return Line(WARN, f"{text}: leaves under {format_duration(NOTICE - delay)} of the "
+                          f"{format_duration(NOTICE)} notice for detection and the standby's start", fix)
+    return Line(OK, text)
+
+
+def spot_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    if guard.spot_request_ids:
+        return [request_line(rid, seen.requests.get(rid, Refused("NotDescribed")), seen) for rid in guard.spot_request_ids]
+    return tagged_lines(guard, seen)
+
+
+def request_line(rid: str, request: Mapping[str, Any] | Refused, seen: GuardSeen) -> Line:
+    if isinstance(request, Refused):
+        if request.code in REQUEST_NOT_FOUND:
+            return Line(FAIL, f"spot request {rid} not found", "fix spot_request_ids (or aws.region)")
+        return _refused(f"spot request {rid}", "ec2:DescribeSpotInstanceRequests", request)
+    state, code = request.get("State"), request.get("Status", {}).get("Code")
+    kind = request.get("Type", "one-time")
+    if state in ("cancelled", "closed", "failed"):
+        return Line(FAIL, f"spot request {rid} is {state} ({code})",
+                    "it launches no more instances: create a persistent spot request and put its id in the config")
+    iid = request.get("InstanceId")
+    if not iid:
+        return Line(FAIL, f"spot request {rid} has no instance ({code})",
+                    "wait until it is fulfilled (a guard without a running spot fails over at once)")
+    text = f"spot request {rid}: {kind}, {state}; instance {iid}"
+    instance = seen.instances.get(iid)
+    running = _state(instance)
+    if running != "running":
+        return Line(FAIL, f"{text} is {running}", "wait until the spot instance runs")
+    if is_notice(code):  # the poll's own rule, so check and daemon agree
+        return Line(WARN, f"{text} running with an interruption notice ({code})", "a failover is due")
+    health = _health_text(iid, seen.health)
+    if kind != "persistent":
+        return Line(WARN, f"{text} running, {health}",
+                    "a one-time request is not re-fulfilled after an interruption, so the standby would keep "
+                    "running until you act: use a persistent request")
+    return _spot_health_line(f"{text} running", iid, seen.health)
+
+
+def tagged_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    tags = ", ".join(f"{k}={v}" for k, v in guard.spot_instance_tags)
+    if isinstance(seen.tagged, Refused):
+        return [_refused(f"spot instances tagged {tags}", "ec2:DescribeInstances", seen.tagged)]
+    spots = [i for i in seen.tagged if i.get("InstanceLifecycle") == "spot"]
+    lines = [Line(WARN, f"instance {i['InstanceId']} has the spot tags {tags} but is On-Demand",
+                  "spotguard ignores it; untag it if it is not meant as a spot")
+             for i in seen.tagged if i.get("InstanceLifecycle") != "spot"]
+    running = [i for i in spots if _state(i) == "running"]
+    if not running:
+        found = ", ".join(f"{i['InstanceId']} {_state(i)}" for i in spots) or "none found"
+        lines.append(Line(FAIL, f"no running spot instance tagged {tags} ({found})",
+                          "launch one, or fix spot_instance_tags"))
+    for i in running:
+        lines.append(_spot_health_line(f"spot instance {i['InstanceId']} (tagged {tags}) running",
+                                       i["InstanceId"], seen.health))
+    return lines
+
+
+def _spot_health_line(text: str, iid: str, health: Mapping[str, str] | Refused) -> Line:
+    state = None if isinstance(health, Refused) else health.get(iid)
+    if state in ("healthy", "initial") or isinstance(health, Refused):
+        return Line(OK, f"{text}, {_health_text(iid, health)}")
+    if state is None:
+        return Line(WARN, f"{text}, not registered in the target group", "the daemon registers it once it runs")
+    return Line(WARN, f"{text}, {state} in the target group",
+                "the daemon fails over when the spot target stays unhealthy for unhealthy_grace")
+
+
+def _health_text(iid: str, health: Mapping[str, str] | Refused) -> str:
+    if isinstance(health, Refused):
+        return f"target health unknown ({health.code})"
+    state = health.get(iid)
+    return f"{state} in the target group" if state else "not registered in the target group"
+
+
+def standby_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    vpc = seen.group.get("VpcId") if not isinstance(seen.group, Refused) else None
+    spot_ids = {r.get("InstanceId") for r in seen.requests.values() if not isinstance(r, Refused)}
+    if not isinstance(seen.tagged, Refused):
+        spot_ids |= {i["InstanceId"] for i in seen.tagged if i.get("InstanceLifecycle") == "spot"}
+    return [standby_line(sid, seen.instances.get(sid, Refused("NotDescribed")), vpc, sid in spot_ids, seen.health)
+            for sid in guard.standby_instance_ids]
+
+
+def standby_line(sid: str, described: Mapping[str, Any] | Refused, group_vpc: str | None, is_spot_of_guard: bool,
+                 health: Mapping[str, str] | Refused) -> Line:
+    if isinstance(described, Refused):
+        if described.code in INSTANCE_NOT_FOUND:
+            return Line(FAIL, f"standby {sid} not found", "fix standby_instance_ids (or aws.region)")
+        return _refused(f"standby {sid}", "ec2:DescribeInstances", described)
+    if described.get("InstanceLifecycle") == "spot" or is_spot_of_guard:
+        return Line(FAIL, f"standby {sid} is a spot instance",
+                    "a standby must be On-Demand: spot capacity is what is missing when it is needed")
+    state, instance_vpc = _state(described), described.get("VpcId")
+    if state != "stopped":
+        registered = "" if isinstance(health, Refused) or sid not in health else f", {health[sid]} in the target group"
+        return Line(FAIL, f"standby {sid} is {state}, not stopped{registered}",
+                    f"stop it (aws ec2 stop-instances --instance-ids {sid}); spotguard starts it for a failover")
+    if group_vpc and instance_vpc != group_vpc:
+        return Line(FAIL, f"standby {sid} is in {instance_vpc}, the target group in {group_vpc}",
+                    f"the target group cannot take it: use a standby in {group_vpc}")
+    return Line(OK, f"standby {sid}: stopped, On-Demand {described.get('InstanceType')}, in {instance_vpc}")
+
+
+def permission_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    """StartInstances/StopInstances on each standby, from the DryRun answers (standbys not found are skipped)."""
+    lines, allowed = [], []
+    for sid in guard.standby_instance_ids:
+        for action in ("StartInstances", "StopInstances"):
+            code = seen.dry_runs.get((action, sid))
+            if code is None:
+                continue
+            if code == DRY_RUN_ALLOWED:
+                allowed.append((action, sid))
+            elif code == DRY_RUN_DENIED:
+                lines.append(Line(FAIL, f"not allowed to ec2:{action} {sid}",
+                                  "grant it (`spotguard iam-policy --config PATH` prints the policy the daemon needs)"))
+            else:
+                lines.append(Line(WARN, f"could not check ec2:{action} on {sid}: {code}", None))
+    if allowed:
+        ids = ", ".join(dict.fromkeys(sid for _, sid in allowed))
+        lines.insert(0, Line(OK, f"permissions: ec2:StartInstances/StopInstances allowed on {ids} (DryRun); "
+                                 "RegisterTargets/DeregisterTargets have no DryRun and are not checked"))
+    return lines
+
+
+def timing_line(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> Line:
+    """The failover against the notice: detection + standby ready + drain."""
+    drain = deregistration_delay(seen.attributes)
+    detect = detection_seconds(settings)
+    rehearsal = seen.rehearsal
+    rehearse_cmd = f"spotguard rehearse --config PATH --guard {guard.name}"
+    if isinstance(rehearsal, str):
+        return Line(WARN, f"timing: cannot read the last rehearsal: {rehearsal}", f"run `{rehearse_cmd}` again")
+    if rehearsal is None:
+        checks = 0.0 if isinstance(seen.group, Refused) else health_check_seconds(seen.group)
+        estimate = Budget(detect, START_ESTIMATE + checks, drain or 0.0)
+        ready = f"start ~{format_duration(START_ESTIMATE)} + health checks {format_duration(checks)}"
+        return Line(WARN, f"timing: not rehearsed; leaving out your service's boot: {estimate.text(ready)}",
+                    f"measure StartInstances → healthy with `{rehearse_cmd}`")
+    when = f"rehearsed {rehearsal.at} on {rehearsal.standby}"
+    if rehearsal.healthy is None:
+        return Line(WARN, f"timing: {when}: {rehearsal.outcome}", "fix the standby's service, then rehearse again")
+    budget = Budget(detect, rehearsal.healthy, drain or 0.0)
+    text = f"timing ({when}): {budget.text()}"
+    if budget.fits:
+        return Line(OK, text)
+    return Line(WARN, text, "speed up the standby's boot or health checks, or shorten the deregistration delay")
+
+
+def guard_lines(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    return [
+        *group_lines(guard, seen),
+        *spot_lines(guard, seen),
+        *standby_lines(guard, seen),
+        *permission_lines(guard, seen),
+        timing_line(settings, guard, seen),
+    ]
+
+
+def queue_line(settings: Settings, queue: Mapping[str, Any] | Refused) -> Line:
+    name = settings.sqs.queue_name if settings.sqs else None
+    if isinstance(queue, Refused):
+        if queue.code in QUEUE_NOT_FOUND:
+            return Line(FAIL, f"queue {name} does not exist", "create it: spotguard setup --config PATH")
+        return _refused(f"queue {name}", "sqs:GetQueueAttributes", queue)
+    return Line(OK, f"queue {name}: exists ({queue.get('QueueArn')})")
+
+
+def _refused(thing: str, call: str, refused: Refused) -> Line:
+    return Line(FAIL, f"{thing}: {call} said {refused.code}",
+                "give these credentials read access, or check the network" if _is_access(refused.code) else None)
+
+
+def _is_access(code: str) -> bool:
+    return code in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation")
+
+
+def _state(described: Mapping[str, Any] | Refused | None) -> str:
+    if described is None or isinstance(described, Refused):
+        return "missing"
+    return described.get("State", {}).get("Name", "unknown")
+
+
+def report(settings: Settings, seen: Seen, config: str) -> list[str]:
+    """The whole checklist as printed lines, summary last."""
+    out = [Line(OK, f"config {config}: {len(settings.guards)} guard(s)").render()]
+    identity = identity_line(seen.identity)
+    out.append(identity.render())
+    fails = warns = 0
+    every = [identity]
+    if identity.status != FAIL:
+        for guard in settings.guards:
+            out.append(f"guard {guard.name}:")
+            lines = guard_lines(settings, guard, seen.guards[guard.name])
+            out.extend("  " + line.render() for line in lines)
+            every.extend(lines)
+        if settings.sqs is not None and seen.queue is not None:
+            queue = queue_line(settings, seen.queue)
+            out.append(queue.render())
+            every.append(queue)
+    else:
+        out.append("(the other checks need working credentials: skipped)")
+    fails = sum(line.status == FAIL for line in every)
+    warns = sum(line.status == WARN for line in every)
+    out.append(f"{_count(fails, 'problem')}, {_count(warns, 'warning')}")
+    return out
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def passed(seen_lines: list[str]) -> bool:
+    return not any(line.lstrip().startswith(SYMBOLS[FAIL]) for line in seen_lines)
+
+
+# ---------------------------------------------------------------------- AWS: describes and DryRuns only
+
+
+async def _ask(call: Any, **kwargs: Any) -> dict | Refused:
+    try:
+        return await call(**kwargs)
+    except AWS_ERRORS as exc:
+        message = exc.response.get("Error", {}).get("Message", "") if isinstance(exc, ClientError) else str(exc)
+        return Refused(error_code(exc), message)
+
+
+async def gather(settings: Settings, *, sts: Any, ec2: Any, elbv2: Any, sqs: Any) -> Seen:
+    """Everything the checks read. Stops after the identity when the credentials do not work."""
+    identity = await _ask(sts.get_caller_identity)
+    if isinstance(identity, dict):
+        identity.pop("ResponseMetadata", None)
+    if isinstance(identity, Refused):
+        return Seen(identity)
+    guards = {g.name: await _gather_guard(settings, g, ec2, elbv2) for g in settings.guards}
+    queue = None
+    if settings.sqs is not None:
+        reply = await _ask(sqs.get_queue_attributes, QueueUrl=settings.sqs.queue_url, AttributeNames=["QueueArn"])
+        queue = reply if isinstance(reply, Refused) else reply.get("Attributes", {})
+    return Seen(identity, guards, queue)
+
+
+async def _gather_guard(settings: Settings, guard: GuardSettings, ec2: Any, elbv2: Any) -> GuardSeen:
+    arn = guard.target_group_arn
+    groups = await _ask(elbv2.describe_target_groups, TargetGroupArns=[arn])
+    group: Mapping[str, Any] | Refused = groups if isinstance(groups, Refused) else groups["TargetGroups"][0]
+    attributes: Mapping[str, str] | Refused = Refused("TargetGroupNotFound")
+    health: Mapping[str, str] | Refused = Refused("TargetGroupNotFound")
+    if not isinstance(group, Refused):
+        reply = await _ask(elbv2.describe_target_group_attributes, TargetGroupArn=arn)
+        attributes = reply if isinstance(reply, Refused) else {a["Key"]: a["Value"] for a in reply["Attributes"]}
+        reply = await _ask(elbv2.describe_target_health, TargetGroupArn=arn)
+        health = reply if isinstance(reply, Refused) else {
+            d["Target"]["Id"]: d.get("TargetHealth", {}).get("State", "unavailable")
+            for d in reply["TargetHealthDescriptions"]
+        }
+    requests = {rid: await _request(ec2, rid) for rid in guard.spot_request_ids}
+    spot_ids = [r["InstanceId"] for r in requests.values() if not isinstance(r, Refused) and r.get("InstanceId")]
+    instances = {iid: await _instance(ec2, iid) for iid in dict.fromkeys([*spot_ids, *guard.standby_instance_ids])}
+    tagged = await _tagged(ec2, guard) if guard.spot_instance_tags else ()
+    dry_runs = {}
+    for sid in guard.standby_instance_ids:
+        if isinstance(instances[sid], Refused):
+            continue
+        for action, call in (("StartInstances", ec2.start_instances), ("StopInstances", ec2.stop_instances)):
+            reply = await _ask(call, InstanceIds=[sid], DryRun=True)
+            # A DryRun never succeeds: it answers DryRunOperation (allowed) or an error.
+            dry_runs[(action, sid)] = reply.code if isinstance(reply, Refused) else "NoDryRunAnswer"
+    return GuardSeen(group, attributes, health, requests, instances, tagged, dry_runs,
+                     read_rehearsal(settings.daemon.state_dir, guard.name))
+
+
+async def _request(ec2: Any, rid: str) -> dict | Refused:
+    reply = await _ask(ec2.describe_spot_instance_requests, SpotInstanceRequestIds=[rid])
+    if isinstance(reply, Refused):
+        return reply
+    found = reply.get("SpotInstanceRequests", [])
+    return found[0] if found else Refused("InvalidSpotInstanceRequestID.NotFound")  # moto answers an empty list
+
+
+async def _instance(ec2: Any, iid: str) -> dict | Refused:
+    reply = await _ask(ec2.describe_instances, InstanceIds=[iid])
+    if isinstance(reply, Refused):
+        return reply
+    found = [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
+    return found[0] if found else Refused("InvalidInstanceID.NotFound")
+
+
+async def _tagged(ec2: Any, guard: GuardSettings) -> tuple[dict, ...] | Refused:
+    filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in guard.spot_instance_tags]
+    filters.append({"Name": "instance-state-name", "Values": list(TAGGED_STATES)})
+    reply = await _ask(ec2.describe_instances, Filters=filters)
+    if isinstance(reply, Refused):
+        return reply
+    return tuple(i for r in reply.get("Reservations", []) for i in r.get("Instances", []))
+
+
+async def check(settings: Settings, *, config: str, sts: Any, ec2: Any, elbv2: Any, sqs: Any,
+                out: TextIO | None = None) -> int:
+    """Print the checklist; 0 when nothing is ✗, else 1."""
+    out = sys.stdout if out is None else out
+    lines = report(settings, await gather(settings, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs), config)
+    for line in lines:
+        print(line, file=out, flush=True)
+    return 0 if passed(lines) else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def main(args: argparse.Namespace) -> int:
+    """`spotguard check --config PATH`: exit 0 ready, 1 something is ✗, 2 bad config."""
+    from spotguard.cli import _load_or_report  # lazily: cli imports this module lazily too
+
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    return asyncio.run(_run(settings, args.config))
+
+
+async def _run(settings: Settings, config: str) -> int:
+    region, endpoint = settings.aws.region, settings.aws.endpoint_url
+    async with client("sts", region, endpoint) as sts, client("ec2", region, endpoint) as ec2, \
+            client("elbv2", region, endpoint) as elbv2, client("sqs", region, endpoint) as sqs:
+        return await check(settings, config=config, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs)

@@ -1,0 +1,457 @@
+"""`spotguard rehearse`: a failover's standby half on the live deployment, timed, then undone.
+
+It starts the guard's first standby and times StartInstances → running →
+registered → healthy (ELBv2 target health), then deregisters it, waits out the
+draining and stops it again. The result goes to `<state_dir>/<guard>.rehearsal.json`
+(atomic, 0600), which `spotguard check` reads to judge the timing budget; the
+budget against the 120 s notice is printed: detection + ready + drain.
+
+While registered and healthy, the standby serves real traffic through the load
+balancer for a few seconds: rehearse only a standby whose service is sound.
+
+Refusals (exit 1, nothing touched): the guard's saved state (the daemon's
+`<guard>.json`) is not spot-healthy, the standby is not stopped, or it is
+already registered in the target group.
+
+Leaving things as they were: whatever happens after StartInstances (SIGINT,
+SIGTERM, a timeout, an AWS error), rehearse deregisters the standby if it
+registered it, waits for the drain, and stops it if it started it. Signals that
+arrive while it is putting things back are noted and ignored (SIGKILL still
+works, and leaves the standby to the daemon, see below). Two exceptions, where
+putting back would do harm: it never deregisters the standby when that would
+leave the target group without another healthy target, and it leaves the
+standby alone when the daemon's saved state shows a failover began meanwhile
+(`standby-starting`, `both-serving`); it says so and exits 1.
+
+Interplay with a running daemon: to the daemon, the rehearsal's standby is a
+stray standby running outside a failover. Seen in spot-healthy, it moves the
+guard to `spot-restored` with that standby and starts the failback grace; when
+rehearse stops the standby within the grace, the daemon sees it stopped,
+passes through `standby-draining` and is back in `spot-healthy`. If the
+rehearsal outlasts `failback_grace`, the daemon drains and stops the standby
+itself; rehearse notices the target draining or the instance stopping and
+ends with "changed by someone else", and its own putting back is then a no-op.
+If a real interruption arrives mid-rehearsal, the daemon (in spot-restored)
+keeps the already-warm standby and goes to `both-serving`: rehearse sees that
+phase and hands the standby over instead of stopping it. The daemon's state
+file is read here directly and never written (Store.load is not used: it
+deletes the daemon's temp files and renames unreadable state aside, which a
+second process must not do under a running daemon).
+
+This module must not decide failovers or write the daemon's state; besides
+its own `.rehearsal.json` it only starts, registers, deregisters and stops the
+one standby it rehearses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.config import GuardSettings, Settings, format_duration
+from spotguard.machine import Phase
+from spotguard.store import Store, decode
+
+EXIT_REFUSED = 1
+EXIT_CONFIG = 2
+
+NOTICE = 120.0  # spot interruption notice → instance gone (best effort)
+SQS_DETECTION = 1.0  # SQS/agent notice → daemon, measured (README)
+POLL = 1.0  # seconds between describes while waiting
+DRAIN_MARGIN = 60.0  # past the deregistration delay, stop waiting for a drain
+STOP_DEADLINE = 600.0  # StopInstances → stopped, at most
+VERSION = 1
+FAILOVER_PHASES = frozenset({Phase.STANDBY_STARTING, Phase.BOTH_SERVING})
+ABSENT_TARGET = "InvalidTarget"  # DeregisterTargets of a target not in the group
+GONE_STATES = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
+
+
+# ---------------------------------------------------------------------- the budget (pure)
+
+
+def detection_seconds(settings: Settings) -> float:
+    """How late the daemon may hear of a notice: ~1 s with SQS, else up to one poll."""
+    poll = settings.daemon.poll_interval
+    return min(SQS_DETECTION, poll) if settings.sqs is not None else poll
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A failover against the notice: detect it, get the standby healthy, drain the doomed spot."""
+
+    detect: float
+    ready: float  # StartInstances → healthy target
+    drain: float  # the target group's deregistration delay
+    notice: float = NOTICE
+
+    @property
+    def total(self) -> float:
+        return self.detect + self.ready + self.drain
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.notice
+
+    def text(self, ready: str | None = None) -> str:
+        """`detect 5s + ready 25s + drain 30s = 1m of the 2m notice, 1m to spare`; `ready` words that part."""
+        margin = self.notice - self.total
+        end = f"{_s(margin)} to spare" if self.fits else f"{_s(-margin)} over"
+        return (f"detect {_s(self.detect)} + {ready or 'ready ' + _s(self.ready)} + drain {_s(self.drain)} "
+                f"= {_s(self.total)} of the {_s(self.notice)} notice, {end}")
+
+
+def _s(seconds: float) -> str:
+    return format_duration(round(seconds, 1))
+
+
+# ---------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    """One rehearsal's result: seconds after StartInstances, None where it never got."""
+
+    guard: str
+    standby: str
+    at: str  # when it began, ISO 8601 UTC
+    outcome: str  # "healthy", or what went wrong
+    running: float | None = None
+    registered: float | None = None
+    healthy: float | None = None
+
+
+def rehearsal_path(state_dir: Path, guard: str) -> Path:
+    return Store(state_dir).path(guard).with_name(f"{guard}.rehearsal.json")
+
+
+def write_rehearsal(state_dir: Path, rehearsal: Rehearsal) -> Path:
+    """Atomically (temp file, fsync, rename), mode 0600."""
+    path = rehearsal_path(Path(state_dir), rehearsal.guard)
+    payload = json.dumps({"version": VERSION, **asdict(rehearsal)}, indent=1, sort_keys=True).encode() + b"\n"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_rehearsal(state_dir: Path, guard: str) -> Rehearsal | str | None:
+    """The last rehearsal, None when there is none, or why the file cannot be used."""
+    path = rehearsal_path(Path(state_dir), guard)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"{path}: {type(exc).__name__}: {exc}"
+    try:
+        if data.pop("version") != VERSION:
+            raise ValueError("unsupported version")
+        rehearsal = Rehearsal(**data)
+        for name in ("running", "registered", "healthy"):
+            value = getattr(rehearsal, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} is not a number")
+        return rehearsal
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return f"{path}: not a rehearsal record ({exc})"
+
+
+# ---------------------------------------------------------------------- the rehearsal
+
+
+class _Stop(Exception):
+    """The rehearsal cannot go on: why, in words for the person running it."""
+
+
+class Rehearser:
+    """One rehearsal of one guard's first standby; `interrupt` is the signal handler's entry."""
+
+    def __init__(self, settings: Settings, guard: GuardSettings, *, ec2: Any, elbv2: Any,
+                 out: TextIO | None = None, interval: float = POLL, clock: Callable[[], float] = time.monotonic):
+        self.settings, self.guard = settings, guard
+        self.ec2, self.elbv2 = ec2, elbv2
+        self.out = sys.stdout if out is None else out
+        self.interval, self.clock = interval, clock
+        self.standby = guard.standby_instance_ids[0]
+        self.target: dict[str, Any] = {"Id": self.standby}
+        if guard.target_port is not None:
+            self.target["Port"] = int(guard.target_port)
+        self.started = self.registered = False
+        self.putting_back = False
+        self.signal: int | None = None
+        self.drain: float | None = None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def interrupt(self, signum: int, task: asyncio.Task) -> None:
+        """First signal: stop rehearsing and put things back. Later ones: noted, ignored."""
+        if self.signal is None and not self.putting_back:
+            self.signal = signum
+            task.cancel()
+            return
+        self.signal = self.signal or signum
+        self.say(f"{signal.Signals(signum).name}: still putting {self.standby} back; please wait")
+
+    async def run(self) -> int:
+        """Refuse, or rehearse and put back. 0 done, 1 refused or failed, 128+signal interrupted."""
+        try:
+            refusal = await self._refusal()
+            if refusal:
+                self.say(f"refused: {refusal}")
+                return EXIT_REFUSED
+            outcome = await self._measure()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.say(f"interrupted ({signal.Signals(self.signal or signal.SIGINT).name}): putting {self.standby} back")
+            await self._put_back()
+            return 128 + (self.signal or signal.SIGINT)
+        except Exception:
+            await self._put_back()  # a bug here must not leave an On-Demand standby running either
+            raise
+        ok = await self._put_back()
+        if self.signal is not None:
+            return 128 + self.signal
+        return 0 if ok and outcome else EXIT_REFUSED
+
+    # ------------------------------------------------------------------ before anything
+
+    async def _refusal(self) -> str | None:
+        phase = self._saved_phase()
+        if isinstance(phase, str):
+            return phase
+        if phase is not None and phase[0] != Phase.SPOT_HEALTHY:
+            return (f"guard {self.guard.name} is {phase[0].value} ({phase[1]}); "
+                    "rehearse only while it is spot-healthy")
+        try:
+            state = await self._instance_state()
+            registered = await self._health()
+            attributes = await self.elbv2.describe_target_group_attributes(TargetGroupArn=self.guard.target_group_arn)
+        except AWS_ERRORS as exc:
+            return f"cannot describe the standby or its target group: {error_code(exc)}"
+        if state != "stopped":
+            return f"standby {self.standby} is {state}, not stopped"
+        if self.standby in registered:
+            return f"standby {self.standby} is already in the target group ({registered[self.standby]})"
+        delay = {a["Key"]: a["Value"] for a in attributes["Attributes"]}.get("deregistration_delay.timeout_seconds")
+        self.drain = float(delay) if delay is not None else None
+        if phase is None:
+            self.say(f"note: no saved state for guard {self.guard.name} in {self.settings.daemon.state_dir} "
+                     "(is the daemon running with this config?)")
+        return None
+
+    def _saved_phase(self) -> tuple[Phase, str] | str | None:
+        """The daemon's saved (phase, reason); None when none is saved; a string when unreadable."""
+        path = Store(self.settings.daemon.state_dir).path(self.guard.name)
+        try:
+            saved = decode(json.loads(path.read_bytes()), self.guard.rules())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as exc:
+            return f"cannot read the guard's saved state {path}: {exc}"
+        return saved.phase, saved.reason
+
+    # ------------------------------------------------------------------ the measurement
+
+    async def _measure(self) -> bool:
+        """Start, register, wait healthy; record the result. False when it did not get healthy."""
+        at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        began = self.clock()
+        marks: dict[str, float] = {}
+        deadline = began + self.guard.standby_ready_timeout
+        try:
+            self.say(f"StartInstances {self.standby}")
+            self.started = True  # before the call: if it is interrupted, the standby may be starting
+            await self.ec2.start_instances(InstanceIds=[self.standby])
+            await self._until_running(deadline)
+            marks["running"] = self.clock() - began
+            self.say(f"running after {marks['running']:.1f}s; RegisterTargets")
+            self.registered = True
+            await self.elbv2.register_targets(TargetGroupArn=self.guard.target_group_arn, Targets=[self.target])
+            marks["registered"] = self.clock() - began
+            self.say(f"registered after {marks['registered']:.1f}s; waiting for healthy")
+            await self._until_healthy(deadline)
+            marks["healthy"] = self.clock() - began
+        except _Stop as exc:
+            self.say(f"rehearsal failed: {exc}")
+            self._record(at, str(exc), marks)
+            return False
+        except AWS_ERRORS as exc:
+            self.say(f"rehearsal failed: {error_code(exc)}")
+            self._record(at, f"failed: {error_code(exc)}", marks)
+            return False
+        self.say(f"healthy after {marks['healthy']:.1f}s")
+        path = self._record(at, "healthy", marks)
+        budget = Budget(detection_seconds(self.settings), marks["healthy"], self.drain or 0.0)
+        drain = "" if self.drain is not None else " (deregistration delay unknown)"
+        self.say(f"budget: {budget.text()}{drain}" + ("" if budget.fits else " — it does not fit"))
+        self.say(f"recorded in {path}")
+        return True
+
+    def _record(self, at: str, outcome: str, marks: dict[str, float]) -> Path:
+        rounded = {k: round(v, 2) for k, v in marks.items()}
+        return write_rehearsal(self.settings.daemon.state_dir,
+                               Rehearsal(self.guard.name, self.standby, at, outcome, **rounded))
+
+    async def _until_running(self, deadline: float) -> None:
+        while True:
+            state = await self._instance_state()
+            if state == "running":
+                return
+            if state in GONE_STATES - {"stopped"}:  # stopped: not yet pending (eventual consistency)
+                raise _Stop(f"{self.standby} is {state}: changed by someone else (the daemon?)")
+            await self._wait(deadline, f"not running within {format_duration(self.guard.standby_ready_timeout)}")
+
+    async def _until_healthy(self, deadline: float) -> None:
+        last = None
+        while True:
+            reply = await self.elbv2.describe_target_health(
+                TargetGroupArn=self.guard.target_group_arn, Targets=[self.target])
+            health = reply["TargetHealthDescriptions"][0]["TargetHealth"]
+            state = health.get("State")
+            if state == "healthy":
+                return
+            if state != last:
+                self.say(f"target {self.standby}: {state} ({health.get('Reason', '')})")
+                last = state
+            if state in ("draining", "unused"):
+                raise _Stop(f"target {self.standby} is {state}: changed by someone else (the daemon?)")
+            await self._wait(deadline, f"not healthy within {format_duration(self.guard.standby_ready_timeout)} "
+                                       f"(last: {state})")
+
+    async def _wait(self, deadline: float, why: str) -> None:
+        if self.clock() >= deadline:
+            raise _Stop(why)
+        await asyncio.sleep(self.interval)
+
+    # ------------------------------------------------------------------ putting back
+
+    async def _put_back(self) -> bool:
+        """Deregister (wait out the drain) and stop, as far as this rehearsal did them. False if left."""
+        self.putting_back = True
+        try:
+            handover = self._handover()
+            if handover and (self.started or self.registered):
+                self.say(f"leaving {self.standby} running and registered: {handover}")
+                return False
+            if self.registered:
+                if not await self._others_healthy():
+                    self.say(f"leaving {self.standby} registered and running: it is the only healthy target "
+                             "(spotguard never empties a target group); the daemon will stop it once the spot serves")
+                    return False
+                await self._deregister()
+            if self.started:
+                await self._stop()
+            return True
+        except (AWS_ERRORS + (_Stop,)) as exc:
+            code = error_code(exc) if not isinstance(exc, _Stop) else str(exc)
+            self.say(f"could not put {self.standby} back: {code}; check it by hand "
+                     f"(a running daemon stops a stray standby after failback_grace)")
+            return False
+
+    def _handover(self) -> str | None:
+        phase = self._saved_phase()
+        if isinstance(phase, tuple) and phase[0] in FAILOVER_PHASES:
+            return f"a failover began meanwhile (guard {self.guard.name} is {phase[0].value}: {phase[1]})"
+        return None
+
+    async def _others_healthy(self) -> bool:
+        return any(state == "healthy" for tid, state in (await self._health()).items() if tid != self.standby)
+
+    async def _deregister(self) -> None:
+        began = self.clock()
+        try:
+            await self.elbv2.deregister_targets(TargetGroupArn=self.guard.target_group_arn, Targets=[self.target])
+        except AWS_ERRORS as exc:
+            if error_code(exc) != ABSENT_TARGET:  # someone deregistered it already: as wanted
+                raise
+        self.registered = False
+        delay = self.drain if self.drain is not None else 300.0
+        self.say(f"DeregisterTargets {self.standby}; draining (deregistration delay {format_duration(delay)})")
+        deadline = began + delay + DRAIN_MARGIN
+        while self.standby in await self._health():
+            await self._wait(deadline, f"{self.standby} still draining after {format_duration(delay + DRAIN_MARGIN)}")
+        self.say(f"drained after {self.clock() - began:.1f}s")
+
+    async def _stop(self) -> None:
+        began = self.clock()
+        self.say(f"StopInstances {self.standby}")
+        await self.ec2.stop_instances(InstanceIds=[self.standby])
+        self.started = False
+        deadline = began + STOP_DEADLINE
+        while (state := await self._instance_state()) != "stopped":
+            await self._wait(deadline, f"{self.standby} still {state} after {format_duration(STOP_DEADLINE)}")
+        self.say(f"stopped after {self.clock() - began:.1f}s")
+
+    # ------------------------------------------------------------------ describes
+
+    async def _instance_state(self) -> str:
+        reply = await self.ec2.describe_instances(InstanceIds=[self.standby])
+        found = [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
+        return found[0]["State"]["Name"] if found else "missing"
+
+    async def _health(self) -> dict[str, str]:
+        """Every listed target of the group (registered or draining) → its state."""
+        reply = await self.elbv2.describe_target_health(TargetGroupArn=self.guard.target_group_arn)
+        return {d["Target"]["Id"]: d["TargetHealth"]["State"] for d in reply["TargetHealthDescriptions"]}
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def main(args: argparse.Namespace) -> int:
+    """`spotguard rehearse --config PATH --guard NAME`.
+
+    Exit 0: rehearsed and put back (whether the budget fits is for `check` to
+    judge); 1: refused, failed, or the standby left running on purpose; 2: bad
+    config or no such guard; 128+N: stopped by signal N, and put back.
+    """
+    from spotguard.cli import _load_or_report  # lazily: cli imports this module lazily too
+
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    guard = next((g for g in settings.guards if g.name == args.guard), None)
+    if guard is None:
+        names = ", ".join(g.name for g in settings.guards)
+        print(f"spotguard rehearse: no guard named {args.guard!r} (the config has: {names})", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_run(settings, guard))
+
+
+async def _run(settings: Settings, guard: GuardSettings) -> int:
+    region, endpoint = settings.aws.region, settings.aws.endpoint_url
+    async with client("ec2", region, endpoint) as ec2, client("elbv2", region, endpoint) as elbv2:
+        rehearser = Rehearser(settings, guard, ec2=ec2, elbv2=elbv2)
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, rehearser.interrupt, sig, task)
+        try:
+            return await rehearser.run()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

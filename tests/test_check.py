@@ -1,0 +1,330 @@
+"""`spotguard check` against a deployment in moto (server mode), and its pure line functions.
+
+The sound deployment is MotoWorld.provision's with one change a real
+deployment needs too: provision leaves the target group's deregistration delay
+at the AWS default of 300 s, which cannot fit the 120 s notice, so `sound`
+sets it to 30 s. Each failure test breaks one thing and checks that the ✗ line
+names the culprit by id. moto answers every EC2 DryRun with DryRunOperation,
+so a denied DryRun is checked on the pure function.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotguard import cli, config
+from spotguard.aws import client
+from spotguard.check import GuardSeen, Refused, check, permission_lines
+from spotguard.lab.world import Deployment, MotoWorld
+from spotguard.rehearse import Rehearsal, write_rehearsal
+
+DELAY_KEY = "deregistration_delay.timeout_seconds"
+
+
+def write_config(
+    tmp_path: Path,
+    world: MotoWorld,
+    d: Deployment,
+    *,
+    standbys: tuple[str, ...] | None = None,
+    target_group_arn: str | None = None,
+    spot: str | None = None,
+    extra: str = "",
+    poll: str = "5s",
+    guard_extra: str = "",
+) -> Path:
+    """A config for deployment `d` (keywords replace the guard's resources)."""
+    standbys = d.standby_ids if standbys is None else standbys
+    spot = spot if spot is not None else f'spot_request_ids = ["{d.spot_request_id}"]'
+    text = f"""
+[aws]
+region = "{world.region}"
+endpoint_url = "{world.endpoint_url}"
+
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+poll_interval = "{poll}"
+{extra}
+
+[[guard]]
+name = "{d.name}"
+target_group_arn = "{target_group_arn or d.target_group_arn}"
+{spot}
+standby_instance_ids = {list(standbys)!r}
+{guard_extra}
+""".replace("'", '"')
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def set_delay(world: MotoWorld, d: Deployment, seconds: int) -> None:
+    world.boto("elbv2").modify_target_group_attributes(
+        TargetGroupArn=d.target_group_arn, Attributes=[{"Key": DELAY_KEY, "Value": str(seconds)}]
+    )
+
+
+@pytest.fixture
+def sound(deployment: Deployment, moto_world: MotoWorld) -> Deployment:
+    set_delay(moto_world, deployment, 30)
+    return deployment
+
+
+async def run_check(world: MotoWorld, session: Any, path: Path) -> tuple[int, list[str]]:
+    settings = config.load(path)
+    out = io.StringIO()
+    region, endpoint = world.region, world.endpoint_url
+    async with client("sts", region, endpoint, session=session) as sts, client(
+        "ec2", region, endpoint, session=session
+    ) as ec2, client("elbv2", region, endpoint, session=session) as elbv2, client(
+        "sqs", region, endpoint, session=session
+    ) as sqs:
+        code = await check(settings, config=str(path), sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs, out=out)
+    return code, out.getvalue().splitlines()
+
+
+def marked(lines: list[str], symbol: str) -> list[str]:
+    return [line.strip() for line in lines if line.strip().startswith(symbol)]
+
+
+# ---------------------------------------------------------------------- the sound deployment
+
+
+async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_path):
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+
+    assert code == 0, "\n".join(lines)
+    assert marked(lines, "✗") == []
+    ok = "\n".join(marked(lines, "✓"))
+    assert "credentials: arn:aws:" in ok
+    assert "target group lab-tg: HTTP:8080, instance targets" in ok
+    assert "every 5s, healthy after 2 passing: a new target needs up to 2 × 5s = 10s" in ok
+    assert "deregistration delay 30s" in ok
+    assert f"spot request {sound.spot_request_id}: persistent, active; instance {sound.spot_instance_id} running, healthy" in ok
+    for sid in sound.standby_ids:
+        assert f"standby {sid}: stopped, On-Demand" in ok
+    assert "ec2:StartInstances/StopInstances allowed on " + ", ".join(sound.standby_ids) in ok
+    # Not rehearsed yet: a warning with the estimate, not a failure.
+    (timing,) = [line for line in marked(lines, "!") if "timing" in line]
+    assert "not rehearsed" in timing and "spotguard rehearse --config PATH --guard lab" in timing
+    assert lines[-1] == "0 problems, 1 warning"
+
+
+def test_the_cli_runs_check_as_a_real_process(moto_world, sound, tmp_path):
+    path = write_config(tmp_path, moto_world, sound)
+    argv = [sys.executable, "-m", "spotguard", "check", "--config", str(path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert (done.returncode, done.stderr) == (0, ""), done.stdout
+    assert done.stdout.splitlines()[-1] == "0 problems, 1 warning"
+
+
+
+def test_a_bad_config_exits_2_like_every_command(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[aws]\nregoin = "us-east-1"\n')
+
+    assert cli.main(["check", "--config", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "aws.region: required" in captured.err
+
+
+# ---------------------------------------------------------------------- failures name the culprit
+
+
+async def test_a_running_standby_fails_naming_it(moto_world, aio_session, sound, tmp_path):
+    running = sound.standby_ids[1]
+    moto_world.boto("ec2").start_instances(InstanceIds=[running])
+
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+
+    assert code == 1
+    (fail,) = marked(lines, "✗")
+    assert fail.startswith(f"✗ standby {running} is running, not stopped — stop it")
+    assert f"aws ec2 stop-instances --instance-ids {running}" in fail
+
+
+async def test_a_standby_that_does_not_exist_fails_naming_it(moto_world, aio_session, sound, tmp_path):
+    ghost = "i-0123456789abcdef0"
+    path = write_config(tmp_path, moto_world, sound, standbys=(sound.standby_ids[0], ghost))
+
+    code, lines = await run_check(moto_world, aio_session, path)
+
+    assert code == 1
+    assert marked(lines, "✗") == [f"✗ standby {ghost} not found — fix standby_instance_ids (or aws.region)"]
+    # The missing one gets no DryRun; the other is still checked.
+    assert any(f"allowed on {sound.standby_ids[0]} (DryRun)" in line for line in lines)
+
+
+async def test_a_target_group_that_does_not_exist_fails_naming_it(moto_world, aio_session, sound, tmp_path):
+    ghost = sound.target_group_arn.rsplit("/", 1)[0] + "/0123456789abcdef"
+    path = write_config(tmp_path, moto_world, sound, target_group_arn=ghost)
+
+    code, lines = await run_check(moto_world, aio_session, path)
+
+    assert code == 1
+    assert marked(lines, "✗") == [f"✗ target group {ghost} not found — fix guard lab's target_group_arn"]
+
+
+async def test_a_spot_request_that_does_not_exist_fails_naming_it(moto_world, aio_session, sound, tmp_path):
+    path = write_config(tmp_path, moto_world, sound, spot='spot_request_ids = ["sir-0123456789abcdef0"]')
+
+    code, lines = await run_check(moto_world, aio_session, path)
+
+    assert code == 1
+    assert marked(lines, "✗") == ["✗ spot request sir-0123456789abcdef0 not found — fix spot_request_ids (or aws.region)"]
+
+
+async def test_a_spot_request_without_an_instance_fails(moto_world, aio_session, sound, tmp_path):
+    moto_world.terminate_spot(sound.spot_request_id)
+
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+
+    assert code == 1
+    (fail,) = marked(lines, "✗")
+    assert fail.startswith(f"✗ spot request {sound.spot_request_id} has no instance (instance-terminated-no-capacity)")
+
+
+async def test_a_standby_that_is_a_spot_instance_or_in_another_vpc_fails(moto_world, aio_session, sound, tmp_path):
+    spot_standby = moto_world.launch_spot(sound.subnet_ids[1], {"Role": "oops"})
+    moto_world.boto("ec2").stop_instances(InstanceIds=[spot_standby])
+    other = moto_world.provision("other", standbys=1).standby_ids[0]
+    path = write_config(tmp_path, moto_world, sound, standbys=(spot_standby, other))
+
+    code, lines = await run_check(moto_world, aio_session, path)
+
+    assert code == 1
+    fails = marked(lines, "✗")
+    assert fails[0].startswith(f"✗ standby {spot_standby} is a spot instance — a standby must be On-Demand")
+    assert fails[1].startswith(f"✗ standby {other} is in vpc-") and f"the target group in {sound.vpc_id}" in fails[1]
+
+
+async def test_tagged_spot_instances_are_found_or_missed(moto_world, aio_session, sound, tmp_path):
+    tags = 'spot_instance_tags = { Role = "inference-spot" }'
+    path = write_config(tmp_path, moto_world, sound, spot=tags)
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 1
+    assert marked(lines, "✗")[0].startswith("✗ no running spot instance tagged Role=inference-spot (none found)")
+
+    spot = moto_world.launch_spot(sound.subnet_ids[0], {"Role": "inference-spot"})
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 0
+    assert f"! spot instance {spot} (tagged Role=inference-spot) running, not registered in the target group" in "\n".join(
+        marked(lines, "!"))
+
+
+# ---------------------------------------------------------------------- the timing budget
+
+
+async def test_a_deregistration_delay_past_the_notice_fails_and_one_near_it_warns(
+    moto_world, aio_session, deployment, tmp_path
+):
+    path = write_config(tmp_path, moto_world, deployment)
+    code, lines = await run_check(moto_world, aio_session, path)  # provision leaves the AWS default, 300 s
+    assert code == 1
+    (fail,) = marked(lines, "✗")
+    assert fail.startswith("✗ deregistration delay 5m: the doomed spot's requests cannot drain within the 2m notice")
+    assert f"--target-group-arn {deployment.target_group_arn} --attributes Key={DELAY_KEY},Value=90" in fail
+
+    set_delay(moto_world, deployment, 110)
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 0
+    assert any(line.startswith("! deregistration delay 1m50s: leaves under 10s") for line in marked(lines, "!"))
+
+
+async def test_slow_health_checks_warn_with_the_figure(moto_world, aio_session, sound, tmp_path):
+    moto_world.boto("elbv2").modify_target_group(
+        TargetGroupArn=sound.target_group_arn, HealthCheckIntervalSeconds=30, HealthyThresholdCount=5
+    )
+
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+
+    assert code == 0
+    (health,) = [line for line in marked(lines, "!") if line.startswith("! health check:")]
+    assert "a new target needs up to 5 × 30s = 2m30s" in health
+    assert "set HealthCheckIntervalSeconds to 5-10 and HealthyThresholdCount to 2-3" in health
+
+
+@pytest.mark.parametrize(
+    "healthy, symbol, expected",
+    [
+        (25.0, "✓", "detect 5s + ready 25s + drain 30s = 1m of the 2m notice, 1m to spare"),
+        (100.0, "!", "detect 5s + ready 1m40s + drain 30s = 2m15s of the 2m notice, 15s over"),
+    ],
+)
+async def test_the_last_rehearsal_is_read_back_against_the_notice(
+    moto_world, aio_session, sound, tmp_path, healthy, symbol, expected
+):
+    path = write_config(tmp_path, moto_world, sound)
+    write_rehearsal(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
+                                                  running=12.0, registered=12.1, healthy=healthy))
+
+    code, lines = await run_check(moto_world, aio_session, path)
+
+    assert code == 0
+    (timing,) = [line.strip() for line in lines if "timing" in line]
+    assert timing.startswith(f"{symbol} timing (rehearsed 2026-11-28T21:30:00Z on {sound.standby_ids[0]}): {expected}")
+
+
+async def test_with_sqs_detection_is_a_second_and_a_missing_queue_fails(moto_world, aio_session, sound, tmp_path):
+    queue_url = f"{moto_world.endpoint_url}/123456789012/spotguard"
+    path = write_config(tmp_path, moto_world, sound, extra=f'\n[sources.sqs]\nqueue_url = "{queue_url}"\n')
+    write_rehearsal(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
+                                                  healthy=20.0))
+
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 1
+    assert marked(lines, "✗") == ["✗ queue spotguard does not exist — create it: spotguard setup --config PATH"]
+    assert any("detect 1s + ready 20s + drain 30s = 51s" in line for line in lines)
+
+    moto_world.boto("sqs").create_queue(QueueName="spotguard")
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 0
+    assert any(line.startswith("✓ queue spotguard: exists (arn:aws:sqs:") for line in lines)
+
+
+async def test_an_unreachable_endpoint_fails_at_the_credentials_and_skips_the_rest(aio_session, tmp_path, moto_world):
+    settings = config.load(write_config(tmp_path, moto_world, moto_world.provision()))
+    dead = "http://127.0.0.1:9"
+    out = io.StringIO()
+    async with client("sts", "us-east-1", dead, session=aio_session, max_attempts=1) as sts:
+        code = await check(settings, config="c.toml", sts=sts, ec2=None, elbv2=None, sqs=None, out=out)
+    lines = out.getvalue().splitlines()
+    assert code == 1
+    assert lines[1].startswith("✗ credentials: EndpointConnectionError")
+    assert lines[2:] == ["(the other checks need working credentials: skipped)", "1 problem, 0 warnings"]
+
+
+# ---------------------------------------------------------------------- pure
+
+
+def test_a_denied_dry_run_fails_and_names_the_action_and_standby():
+    guard = config.GuardSettings(name="g", target_group_arn="arn", standby_instance_ids=("i-0aaaaaaaaaaaaaaaa",))
+    sid = guard.standby_instance_ids[0]
+    seen = GuardSeen(group={}, attributes={}, health={},
+                     dry_runs={("StartInstances", sid): "DryRunOperation", ("StopInstances", sid): "UnauthorizedOperation"})
+
+    lines = permission_lines(guard, seen)
+
+    assert [line.render() for line in lines] == [
+        f"✓ permissions: ec2:StartInstances/StopInstances allowed on {sid} (DryRun); "
+        "RegisterTargets/DeregisterTargets have no DryRun and are not checked",
+        f"✗ not allowed to ec2:StopInstances {sid} — grant it (`spotguard iam-policy --config PATH` prints the "
+        "policy the daemon needs)",
+    ]
+
+
+def test_a_refused_describe_names_the_call():
+    guard = config.GuardSettings(name="g", target_group_arn="arn:tg", standby_instance_ids=("i-0aaaaaaaaaaaaaaaa",))
+    from spotguard.check import group_lines
+
+    (line,) = group_lines(guard, GuardSeen(group=Refused("AccessDenied", "no"), attributes={}, health={}))
+
+    assert line.render() == ("✗ target group arn:tg: elasticloadbalancing:DescribeTargetGroups said AccessDenied — "
+                             "give these credentials read access, or check the network")
