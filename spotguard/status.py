@@ -1,0 +1,264 @@
+"""`spotguard status`: what each guard is doing now and what this month cost.
+
+Per guard: the phase and since when (and why), the spot and standby instances
+with their EC2 states and target health as last observed, the last
+transitions with their reasons, and this month's hours and money (UTC calendar
+month, up to now):
+
+    standby_hours   the On-Demand hours the standbys ran (ledger runs)
+    spot_hours      the hours spot instances ran (ledger runs)
+    cost            = spot_hours × spot_hourly + standby_hours × on_demand_hourly
+    on_demand_cost  = hours × on_demand_hourly   (one On-Demand instance all month to now)
+    saving          = on_demand_cost − cost
+
+where `hours` runs from the month's start, or from the ledger's first record
+when that is later, to now. Money is "unknown" (JSON null) unless the guard
+sets both on_demand_hourly and spot_hourly. The formula lives in
+ledger.Estimate; `--json` output is described in docs/status-json.md.
+
+It reads only the daemon's files in state_dir: the state file (decoded with
+store.decode, read-only: unlike Store.load it never sets a file aside or
+removes the daemon's temp files), `<guard>.seen.json` and the ledger. Each is
+read whole in one go, and the daemon replaces files by rename, so a read while
+the daemon runs sees an old file or a new one. A file that cannot be read is
+reported as a problem for its guard (exit 1), not a traceback.
+
+This module must not talk to AWS, write anything, or print a secret (it never
+touches the Discord settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from spotguard import ledger, store
+from spotguard.config import ConfigError, GuardSettings, Settings, load
+from spotguard.machine import GuardState
+
+JSON_VERSION = 1
+LAST_TRANSITIONS = 10
+EXIT_CONFIG = 2
+EXIT_PROBLEM = 1
+
+
+# --------------------------------------------------------------------------- the document
+
+
+def report(settings: Settings, now: float) -> dict[str, Any]:
+    """The status document (what `--json` prints): version 1, one entry per guard."""
+    return {
+        "version": JSON_VERSION,
+        "generated_at": iso(now),
+        "state_dir": str(settings.daemon.state_dir),
+        "guards": [guard_report(settings.daemon.state_dir, g, now) for g in settings.guards],
+    }
+
+
+def guard_report(state_dir: Path, guard: GuardSettings, now: float) -> dict[str, Any]:
+    problems: list[str] = []
+    state = _attempt(problems, "state file", lambda: read_state(state_dir, guard))
+    seen = _attempt(problems, "seen file", lambda: ledger.read_seen(state_dir, guard.name))
+    view = _attempt(problems, "ledger", lambda: ledger.read(state_dir, guard.name)) or ledger.LedgerView(())
+    return {
+        "name": guard.name,
+        **_phase(state, seen),
+        "observed": _observed(seen),
+        "transitions": [
+            {"at": iso(t.at), "from": t.old, "to": t.new, "reason": t.reason}
+            for t in view.transitions()[-LAST_TRANSITIONS:]
+        ],
+        "month": month_report(view, guard, now),
+        "problems": problems,
+    }
+
+
+def read_state(state_dir: Path, guard: GuardSettings) -> GuardState | None:
+    """The guard's saved state, or None when the daemon has saved none; ValueError if unusable."""
+    path = store.Store(state_dir).path(guard.name)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return store.decode(json.loads(raw), guard.rules())
+
+
+def _attempt(problems: list[str], what: str, read: Any) -> Any:
+    try:
+        return read()
+    except OSError as exc:
+        problems.append(f"{what}: cannot read: {exc.strerror or type(exc).__name__}")
+    except (ValueError, RecursionError) as exc:
+        problems.append(f"{what}: unusable: {exc}")
+    return None
+
+
+def _phase(state: GuardState | None, seen: dict[str, Any] | None) -> dict[str, Any]:
+    if state is not None:
+        return {"phase": state.phase.value, "since": iso(state.since), "reason": state.reason,
+                "standby": state.standby}
+    # The daemon saves a state only once it changes: observed but never saved is spot-healthy.
+    return {"phase": "spot-healthy" if seen is not None else None, "since": None, "reason": None, "standby": None}
+
+
+def _observed(seen: dict[str, Any] | None) -> dict[str, Any] | None:
+    if seen is None:
+        return None
+    since = seen.get("since")
+    return {
+        "since": iso(since) if isinstance(since, (int, float)) else None,
+        "spots": [_instance(i, notice=True) for i in seen.get("spots", [])],
+        "standbys": [_instance(i) for i in seen.get("standbys", [])],
+        "targets": [{"id": t.get("id"), "health": t.get("health")} for t in seen.get("targets", [])],
+    }
+
+
+def _instance(i: dict[str, Any], notice: bool = False) -> dict[str, Any]:
+    out = {"id": i.get("id"), "state": i.get("state"), "target": i.get("target")}
+    if notice:
+        out["notice"] = bool(i.get("notice"))
+    return out
+
+
+def month_report(view: ledger.LedgerView, guard: GuardSettings, now: float) -> dict[str, Any]:
+    start = ledger.month_start(now)
+    est = view.estimate(start, now, guard.on_demand_hourly, guard.spot_hourly)
+    return {
+        "start": iso(start),
+        "end": iso(now),
+        "counted_from": iso(est.start),
+        "hours": round(est.hours, 4),
+        "spot_hours": round(est.spot_hours, 4),
+        "standby_hours": round(est.standby_hours, 4),
+        "interruptions": len(view.interruptions(start, now)),
+        "on_demand_hourly": est.on_demand_hourly,
+        "spot_hourly": est.spot_hourly,
+        "cost": _money(est.cost),
+        "on_demand_cost": _money(est.on_demand_cost),
+        "saving": _money(est.saving),
+    }
+
+
+def _money(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def iso(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- text
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The status document for people."""
+    return "\n\n".join(_render_guard(g, doc["generated_at"]) for g in doc["guards"]) + "\n"
+
+
+def _render_guard(g: dict[str, Any], now: str) -> str:
+    lines = [_headline(g, now)]
+    if g["reason"]:
+        lines.append(f"  why: {g['reason']}")
+    obs = g["observed"]
+    if obs is None:
+        lines.append("  not observed yet (no seen file: the daemon has not polled this guard)")
+    else:
+        for role, items in (("spot", obs["spots"]), ("standby", obs["standbys"])):
+            for i in items:
+                lines.append(_instance_line(role, i, g["standby"]))
+        if not obs["spots"]:
+            lines.append("  spot     none (the spot request has no instance)")
+        if obs["since"]:
+            lines.append(f"  world as last observed, unchanged since {_when(obs['since'])}")
+    if g["transitions"]:
+        lines.append("  last transitions:")
+        lines += [f"    {_when(t['at'])}  {t['from']} → {t['to']}  {t['reason']}" for t in g["transitions"]]
+    lines += _month_lines(g["month"])
+    lines += [f"  problem: {p}" for p in g["problems"]]
+    return "\n".join(lines)
+
+
+def _headline(g: dict[str, Any], now: str) -> str:
+    if g["phase"] is None:
+        return f"guard {g['name']}: unknown (no state or observation in the state directory yet)"
+    if g["since"] is None:
+        return f"guard {g['name']}: {g['phase']} (no phase change recorded yet)"
+    ago = _parse(now) - _parse(g["since"])
+    return f"guard {g['name']}: {g['phase']} since {_when(g['since'])} ({_duration(ago)} ago)"
+
+
+def _instance_line(role: str, i: dict[str, Any], in_use: str | None) -> str:
+    state = i["state"] + (" (interruption notice)" if i.get("notice") else "")
+    target = f"target {i['target']}" if i["target"] else "not registered"
+    mark = "  ← serving this failover" if role == "standby" and i["id"] == in_use else ""
+    return f"  {role:<8} {i['id']:<20} {state:<32} {target}{mark}"
+
+
+def _month_lines(m: dict[str, Any]) -> list[str]:
+    counted = "" if m["counted_from"] == m["start"] else f", counted from {_when(m['counted_from'])}"
+    n = m["interruptions"]
+    lines = [
+        f"  this month ({m['start'][:10]} to now{counted}): {n} interruption{'s' * (n != 1)}; "
+        f"standbys ran {_hours(m['standby_hours'])} On-Demand; spot ran {_hours(m['spot_hours'])}",
+    ]
+    if m["cost"] is None:
+        lines.append("  cost: unknown (set on_demand_hourly and spot_hourly for this guard)")
+    else:
+        lines.append(
+            f"  cost: est. {_usd(m['cost'])} (spot {m['spot_hours']:.2f} h × ${m['spot_hourly']}/h"
+            f" + standby {m['standby_hours']:.2f} h × ${m['on_demand_hourly']}/h); "
+            f"On-Demand all month {_usd(m['on_demand_cost'])}; saving {_usd(m['saving'])}"
+        )
+    return lines
+
+
+def _hours(hours: float) -> str:
+    return _duration(hours * 3600) if hours < 1 else f"{hours:.2f} h"
+
+
+def _usd(amount: float) -> str:
+    cents = round(amount * 100)
+    return f"{'-' if cents < 0 else ''}${abs(cents) / 100:,.2f}"
+
+
+def _parse(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _when(text: str) -> str:
+    return text.replace("T", " ").replace("Z", " UTC")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+# --------------------------------------------------------------------------- command
+
+
+def main(args: argparse.Namespace) -> int:
+    """0 fine, 1 some guard's file could not be read, 2 bad config."""
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    doc = report(settings, time.time())
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else render(doc))
+    return EXIT_PROBLEM if any(g["problems"] for g in doc["guards"]) else 0

@@ -1,0 +1,239 @@
+"""`spotguard status` against a daemon running on moto, plus its month arithmetic by table.
+
+The daemon runs in-process as in test_daemon.py, with a real Ledger observer
+writing to its state_dir; status reads only those files, both through its
+function and as the CLI in a subprocess, while the daemon runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spotguard import ledger, status, store
+from spotguard.config import GuardSettings
+from spotguard.ledger import Ledger, LedgerView
+from spotguard.machine import Phase
+from test_daemon import health, phase, replace_spot, running, until, write_config
+
+SECRET = "SECRET-webhook-token-never-printed"
+PRICES = "on_demand_hourly = 1.006\nspot_hourly = 0.35"
+GUARD_FIELDS = {"name", "phase", "since", "reason", "standby", "observed", "transitions", "month", "problems"}
+MONTH_FIELDS = {"start", "end", "counted_from", "hours", "spot_hours", "standby_hours", "interruptions",
+                "on_demand_hourly", "spot_hourly", "cost", "on_demand_cost", "saving"}
+
+
+def configured(tmp_path, world, d):
+    extra = f'[notify.discord]\nwebhook_url = "http://127.0.0.1:9/api/webhooks/1/{SECRET}"\n'
+    return write_config(tmp_path, world, [d], poll="0.2s", grace="1s", extra=extra, rules=PRICES)
+
+
+async def cli(config: Path, *flags: str) -> tuple[int, str]:
+    """The real command in a subprocess, awaited without blocking the daemon's loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spotguard", "status", "--config", str(config), *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert err == b"", err
+    return proc.returncode, out.decode()
+
+
+def guard_doc(settings) -> dict:
+    (g,) = status.report(settings, time.time())["guards"]
+    return g
+
+
+async def test_status_follows_a_failover_phase_by_phase(tmp_path, moto_world, deployment, aws):
+    d, standby = deployment, deployment.standby_ids[0]
+    settings = configured(tmp_path, moto_world, d)
+    config = tmp_path / "config.toml"
+    moto_world.set_health(d.target_group_arn, standby, "initial")  # holds standby-starting
+    moto_world.hold_draining(d.target_group_arn, standby)  # holds standby-draining
+    outputs: list[str] = []
+    seen_phases: list[str] = []
+
+    def check(expected: Phase) -> dict:
+        g = guard_doc(settings)
+        assert g["phase"] == expected.value, g
+        assert g["problems"] == []
+        seen_phases.append(g["phase"])
+        outputs.append(json.dumps(g))
+        return g
+
+    async with running(settings, aws, observers=[Ledger(settings.daemon.state_dir, settings.guards)]) as daemon:
+        g = check(Phase.SPOT_HEALTHY)
+        assert g["since"] is None  # nothing saved yet: the daemon has only observed
+        assert [s["id"] for s in g["observed"]["spots"]] == [d.spot_instance_id]
+        assert g["observed"]["spots"][0]["target"] == "healthy"
+
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: phase(daemon) is Phase.STANDBY_STARTING and standby in health(moto_world, d),
+                    what="standby-starting, standby registered")
+        await until(lambda: (guard_doc(settings)["observed"]["standbys"][0]["target"] == "initial"),
+                    what="status sees the standby registered")
+        g = check(Phase.STANDBY_STARTING)
+        assert g["standby"] == standby
+        assert g["observed"]["spots"][0]["notice"] is True
+        assert g["transitions"][-1]["from"] == "spot-healthy"
+        assert "interruption notice" in g["transitions"][-1]["reason"]
+
+        moto_world.set_health(d.target_group_arn, standby, None)  # passed its first check
+        await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="both-serving")
+        check(Phase.BOTH_SERVING)
+        code, out = await cli(config, "--json")  # the real CLI, while the daemon runs
+        assert code == 0
+        doc = json.loads(out)
+        assert doc["version"] == 1 and doc["guards"][0]["phase"] in ("both-serving", "spot-restored")
+        assert set(doc) == {"version", "generated_at", "state_dir", "guards"}  # docs/status-json.md
+        assert set(doc["guards"][0]) == GUARD_FIELDS and set(doc["guards"][0]["month"]) == MONTH_FIELDS
+        outputs.append(out)
+        code, text = await cli(config)
+        print(text)  # what a person sees mid-failover (pytest -s)
+        outputs.append(text)
+
+        await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.SPOT_RESTORED or phase(daemon) is Phase.STANDBY_DRAINING,
+                    what="spot back")
+        if phase(daemon) is Phase.SPOT_RESTORED:  # a 1 s grace: may already be draining
+            check(Phase.SPOT_RESTORED)
+        await until(lambda: phase(daemon) is Phase.STANDBY_DRAINING, what="standby-draining")
+        g = check(Phase.STANDBY_DRAINING)
+        assert g["reason"] == "failback_grace passed"
+        code, text = await cli(config)
+        assert code == 0 and "guard lab: standby-draining since" in text, text
+        outputs.append(text)
+
+        moto_world.hold_draining(d.target_group_arn, standby, False)
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="back to spot-healthy")
+        g = check(Phase.SPOT_HEALTHY)
+        text = status.render(status.report(settings, time.time()))
+        outputs.append(text)
+        print(text)  # what a person sees after the cycle (pytest -s)
+
+    assert [t["to"] for t in g["transitions"]] == [
+        "standby-starting", "both-serving", "spot-restored", "standby-draining", "spot-healthy"]
+    month = g["month"]
+    assert 0 < month["standby_hours"] < 0.02 and month["interruptions"] == 1
+    assert month["cost"] is not None and month["saving"] == pytest.approx(month["on_demand_cost"] - month["cost"], abs=1e-3)
+    # Nothing status prints, in either form, holds the webhook URL.
+    assert not any(SECRET in o or "/api/webhooks" in o for o in outputs)
+
+
+async def test_status_while_files_are_replaced_under_it(tmp_path):
+    # A writer thread keeps saving the state, rewriting the seen file and appending
+    # (with rotations) while status reads: every read must be whole.
+    guard = GuardSettings(name="busy", target_group_arn="arn:x", standby_instance_ids=("i-0000000000000000a",))
+    from spotguard.machine import GuardState, Instance, Observed
+
+    book, saver = Ledger(tmp_path, [guard]), store.Store(tmp_path)
+    done, written = threading.Event(), threading.Event()
+
+    def write() -> None:
+        n = 0
+        while not done.is_set():
+            n += 1
+            saver.save("busy", GuardState(rules=guard.rules(), phase=Phase.BOTH_SERVING, since=n, reason=f"r{n}"))
+            book.event("busy", Observed(spots=(Instance(f"i-{n:017x}", "running"),)), 1e9 + n * 86400 * 20)
+            written.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    written.wait(5)
+    try:
+        for _ in range(150):
+            g = status.guard_report(tmp_path, guard, time.time())
+            assert g["problems"] == [] and g["phase"] == "both-serving"
+    finally:
+        done.set()
+        writer.join()
+
+
+def test_a_corrupt_state_file_is_reported_and_left_alone(tmp_path, capsys):
+    path = tmp_path / "lab.json"
+    path.write_text("{ truncated")
+    guard = GuardSettings(name="lab", target_group_arn="arn:x")
+    g = status.guard_report(tmp_path, guard, time.time())
+    assert g["problems"] and g["problems"][0].startswith("state file: unusable")
+    assert path.read_text() == "{ truncated"  # evidence for a person; only the daemon sets it aside
+    assert g["phase"] is None and "unknown" in status.render({"guards": [g], "generated_at": status.iso(0)})
+
+
+def test_a_bad_config_exits_2(tmp_path):
+    (tmp_path / "c.toml").write_text("[aws]\n")
+    from spotguard.cli import main
+
+    assert main(["status", "--config", str(tmp_path / "c.toml")]) == 2
+
+
+# --------------------------------------------------------------------------- month arithmetic
+
+H = 3600.0
+SB, SPOT = "i-0000000000000000a", "i-00000000000000001"
+
+
+def t(text: str) -> float:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def runs(*spans) -> LedgerView:
+    records = []
+    for role, start, stop in spans:
+        iid = SB if role == "standby" else SPOT
+        records.append({"v": 1, "at": start, "kind": "run-start", "role": role, "instance": iid})
+        if stop is not None:
+            records.append({"v": 1, "at": stop, "kind": "run-stop", "role": role, "instance": iid})
+    return LedgerView(tuple(sorted(records, key=lambda r: r["at"])))
+
+
+GUARD = GuardSettings(name="lab", target_group_arn="arn:x", on_demand_hourly=1.0, spot_hourly=0.3)
+
+
+@pytest.mark.parametrize(
+    ("spans", "now", "expected"),
+    [
+        pytest.param(
+            [("spot", t("2026-11-01 00:00"), None)], t("2026-11-11 00:00"),
+            dict(hours=240, spot_hours=240, standby_hours=0, cost=72.0, on_demand_cost=240.0, saving=168.0),
+            id="spot all month, no failover",
+        ),
+        pytest.param(
+            [("spot", t("2026-10-01 00:00"), None), ("standby", t("2026-10-31 22:00"), t("2026-11-01 03:00"))],
+            t("2026-11-03 00:00"),
+            dict(hours=48, spot_hours=48, standby_hours=3, cost=48 * 0.3 + 3, on_demand_cost=48.0, saving=48 - 17.4),
+            id="standby run across the month boundary: only November's 3 h",
+        ),
+        pytest.param(
+            [("spot", t("2026-11-01 00:00"), t("2026-11-01 10:00")), ("standby", t("2026-11-01 09:58"), None)],
+            t("2026-11-01 12:00"),
+            dict(hours=12, spot_hours=10, standby_hours=2 + 2 / 60, cost=3 + (2 + 2 / 60), on_demand_cost=12.0,
+                 saving=12 - 3 - (2 + 2 / 60)),
+            id="open standby run counts up to now",
+        ),
+        pytest.param(
+            [("spot", t("2026-11-20 00:00"), None)], t("2026-11-21 00:00"),
+            dict(hours=24, spot_hours=24, standby_hours=0, cost=7.2, on_demand_cost=24.0, saving=16.8),
+            id="ledger begins mid-month: counted from its first record",
+        ),
+    ],
+)
+def test_month_by_table(spans, now, expected):
+    m = status.month_report(runs(*spans), GUARD, now)
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, abs=1e-3), key
+    assert m["start"] == status.iso(ledger.month_start(now))
+
+
+def test_month_without_prices_says_unknown():
+    guard = GuardSettings(name="lab", target_group_arn="arn:x", on_demand_hourly=1.0)
+    m = status.month_report(runs(("standby", t("2026-11-01 00:00"), t("2026-11-01 02:00"))), guard,
+                            t("2026-11-02 00:00"))
+    assert (m["cost"], m["on_demand_cost"], m["saving"], m["standby_hours"]) == (None, None, None, 2)
+    assert "cost: unknown" in "\n".join(status._month_lines(m))
