@@ -1,0 +1,321 @@
+"""Prometheus metrics: a daemon observer, and the loopback endpoint that serves it.
+
+`Metrics(guards)` is an `Observer` (see daemon.py): the daemon tells it of every
+event, phase change and AWS action, and it keeps Prometheus metrics in its own
+`CollectorRegistry` (never the process-global one, so tests and several daemons
+in one process do not collide). `serve(port, metrics)` exposes that registry on
+http://127.0.0.1:<port>/metrics from a daemon thread; `close()` stops it.
+
+Metrics (every name starts `spotguard_`):
+
+* `spotguard_phase{guard,phase}` gauge: 1 for the guard's current phase, 0 for
+  the others (the usual enum pattern; every phase is always present). Read from
+  the daemon's guards at scrape time once `watch_phases(daemon.guards)` is
+  called (so a phase resumed from the state file, or adopted from the [ha]
+  leader, shows); before that, from the transition hook.
+* `spotguard_phase_changes_total{guard,from,to}` counter.
+* `spotguard_failovers_total{guard}` counter: spot-healthy → standby-starting.
+* `spotguard_detection_latency_seconds{guard}` histogram, and
+  `spotguard_last_detection_latency_seconds{guard}` gauge: from the first event
+  that tells the daemon of an interruption (a `Notice` of kind interruption, or
+  an observation whose spot request is newly flagged) to the StartInstances that
+  succeeds for that guard. A failed start (no capacity) keeps the clock running
+  until the next standby starts. The clock is dropped, unrecorded, when the guard
+  reaches any phase but standby-starting without a start (the standby was already
+  up). Rebalance recommendations and unhealthy-target failovers start no clock.
+* `spotguard_standby_seconds_total{guard}` counter: instance-seconds of standbys
+  in EC2 state `running` (what On-Demand bills). Each event of the guard adds the
+  time since its previous event times the number of standbys the last
+  observation showed running: the last observed state is taken to hold until
+  the next event (so it lags by at most one poll interval).
+* `spotguard_aws_actions_total{guard,action,outcome}` counter: one per AWS call
+  the executor made (action StartInstances | StopInstances | RegisterTargets |
+  DeregisterTargets; outcome ok | failed), and
+  `spotguard_aws_action_seconds{action}` histogram of their durations.
+* `spotguard_aws_errors_total{guard,action,code}` counter: failed actions by the
+  AWS error code the executor reported (e.g. InsufficientInstanceCapacity).
+
+This module must not decide anything, call AWS, block the event loop, or raise
+into the daemon (the daemon also guards against that). It reads the clock only
+through the `at` the daemon passes in. Counters count what this daemon stepped
+and did: with [ha], a follower's stay flat while the leader's move.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from . import machine
+from .machine import Deregister, Event, GuardState, Notice, Observed, Phase, Register, Start, Stop
+
+log = structlog.get_logger("spotguard.metrics")
+
+LOOPBACK = "127.0.0.1"
+SHUTDOWN_POLL = 0.05  # seconds; how soon close() is noticed by the serving thread
+
+# The AWS API call behind each command: what an operator sees in CloudTrail.
+ACTIONS: dict[type, str] = {
+    Start: "StartInstances",
+    Stop: "StopInstances",
+    Register: "RegisterTargets",
+    Deregister: "DeregisterTargets",
+}
+
+# Notice to StartInstances done: ~1 s on the SQS/agent path, up to a poll
+# interval more on the poll path; the whole budget is the 120 s notice.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+ACTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class _Watch:
+    """What one guard's metrics need to remember between hooks (loop thread only)."""
+
+    phase: Phase = Phase.SPOT_HEALTHY
+    standbys: frozenset[str] = frozenset()  # from the settings: notices for these are not interruptions
+    noticed_at: float | None = None  # the detection clock, running since the first notice
+    doomed: frozenset[str] = frozenset()  # spots already known interrupted (a repeat starts no clock)
+    running: int = 0  # standbys running in the last observation
+    last_at: float | None = None  # the previous event of this guard
+
+
+class Metrics:
+    """The daemon observer behind the Prometheus endpoint; `registry` holds its metrics."""
+
+    def __init__(self, guards: Iterable[Any] = ()) -> None:
+        """`guards`: the guard settings (or just names); their series exist from the start."""
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._phases: Mapping[str, Any] | None = None  # the daemon's guards, once watched
+        r.register(_PhaseCollector(self))
+        self.phase_changes = Counter(
+            "spotguard_phase_changes",
+            "Phase changes of the guard, by the phase left and the phase entered.",
+            ["guard", "from", "to"],
+            registry=r,
+        )
+        self.failovers = Counter("spotguard_failovers", "Failovers begun: spot-healthy to standby-starting.", ["guard"], registry=r)
+        self.latency = Histogram(
+            "spotguard_detection_latency_seconds",
+            "Seconds from the daemon learning of a spot interruption to StartInstances of a standby succeeding.",
+            ["guard"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.last_latency = Gauge(
+            "spotguard_last_detection_latency_seconds",
+            "The latest detection latency: interruption known to standby StartInstances succeeded, in seconds.",
+            ["guard"],
+            registry=r,
+        )
+        self.standby_seconds = Counter(
+            "spotguard_standby_seconds",
+            "Instance-seconds of standbys observed running (On-Demand billed time), as of the guard's last event.",
+            ["guard"],
+            registry=r,
+        )
+        self.actions = Counter(
+            "spotguard_aws_actions",
+            "AWS actions carried out, by API call and outcome (ok or failed).",
+            ["guard", "action", "outcome"],
+            registry=r,
+        )
+        self.action_seconds = Histogram(
+            "spotguard_aws_action_seconds", "Duration of AWS actions, retries included.", ["action"], buckets=ACTION_BUCKETS, registry=r
+        )
+        self.errors = Counter(
+            "spotguard_aws_errors", "Failed AWS actions by API call and AWS error code.", ["guard", "action", "code"], registry=r
+        )
+        self._watch: dict[str, _Watch] = {}
+        for guard in guards:
+            name = guard if isinstance(guard, str) else guard.name
+            self._add(name, frozenset(getattr(guard, "standby_instance_ids", None) or ()))
+
+    # ------------------------------------------------------------------ setup
+
+    def _add(self, name: str, standbys: frozenset[str] = frozenset()) -> _Watch:
+        watch = self._watch[name] = _Watch(standbys=standbys)
+        self.failovers.labels(name)
+        self.standby_seconds.labels(name)
+        return watch
+
+    def _guard(self, name: str) -> _Watch:
+        return self._watch.get(name) or self._add(name)
+
+    def watch_phases(self, guards: Mapping[str, Any]) -> None:
+        """Read `spotguard_phase` from the daemon's guards (`daemon.guards`) at each scrape.
+
+        Without this the gauge follows the transition hook, which misses a phase
+        loaded from the state file at start and, with [ha], the leader's states a
+        follower adopts. Reading a guard's (immutable) state from the server
+        thread is safe: the loop only ever swaps the reference.
+        """
+        self._phases = guards
+
+    def current_phases(self) -> dict[str, Phase]:
+        """Each guard's phase as the gauge shows it."""
+        phases = {name: watch.phase for name, watch in list(self._watch.items())}
+        if self._phases is not None:
+            phases.update({name: guard.state.phase for name, guard in list(self._phases.items())})
+        return phases
+
+    # ------------------------------------------------------------------ Observer hooks
+
+    def event(self, guard: str, event: Event, at: float) -> None:
+        watch = self._guard(guard)
+        self._advance_standby(guard, watch, at)
+        if isinstance(event, Observed):
+            watch.running = sum(1 for i in event.standbys if i.state == "running")
+            # As the machine does: forget notices about instances no longer ours.
+            known = {i.id for i in event.spots}
+            flagged = {i.id for i in event.spots if i.notice}
+            self._noticed(watch, flagged, at)
+            watch.doomed &= known
+        elif isinstance(event, Notice) and event.kind == "interruption" and event.instance_id not in watch.standbys:
+            self._noticed(watch, {event.instance_id}, at)
+
+    def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None:
+        watch = self._guard(guard)
+        watch.phase = new.phase
+        self.phase_changes.labels(guard, old.phase.value, new.phase.value).inc()
+        if old.phase is Phase.SPOT_HEALTHY and new.phase is Phase.STANDBY_STARTING:
+            self.failovers.labels(guard).inc()
+        if new.phase is not Phase.STANDBY_STARTING:
+            watch.noticed_at = None  # served without a start: nothing to measure
+
+    def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float, at: float) -> None:
+        name = ACTIONS.get(type(command))
+        if name is None:
+            return  # an Alert is no AWS call (the daemon does not report them anyway)
+        self.actions.labels(guard, name, "failed" if failed else "ok").inc()
+        self.action_seconds.labels(name).observe(max(0.0, seconds))
+        if failed is not None:
+            self.errors.labels(guard, name, failed.code).inc()
+            return
+        watch = self._guard(guard)
+        if isinstance(command, Start) and watch.noticed_at is not None:
+            latency = max(0.0, at - watch.noticed_at)
+            watch.noticed_at = None
+            self.latency.labels(guard).observe(latency)
+            self.last_latency.labels(guard).set(latency)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _noticed(self, watch: _Watch, ids: set[str], at: float) -> None:
+        new = ids - watch.doomed
+        if not new:
+            return
+        watch.doomed |= new
+        if watch.noticed_at is None:
+            watch.noticed_at = at
+
+    def _advance_standby(self, guard: str, watch: _Watch, at: float) -> None:
+        if watch.last_at is not None and watch.running and at > watch.last_at:
+            self.standby_seconds.labels(guard).inc((at - watch.last_at) * watch.running)
+        # A clock stepped back is not time served; the next event counts from here.
+        watch.last_at = at
+
+
+class _PhaseCollector:
+    """`spotguard_phase`, computed at scrape time so it is never stale."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for name, current in sorted(self.metrics.current_phases().items()):
+            for phase in Phase:
+                family.add_metric([name, phase.value], 1 if phase is current else 0)
+        yield family
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("spotguard_phase", "1 for the guard's current phase, 0 for the others.", labels=["guard", "phase"])
+
+
+# ---------------------------------------------------------------------- endpoint
+
+
+class Server:
+    """The running endpoint: `port` is the one bound (useful with port 0); `close()` stops it."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.host, self.port = httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and release the port (within one SHUTDOWN_POLL)."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5.0)
+        log.info("metrics.stopped", port=self.port)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log on stderr: a scrape every 15 s is not news for journald."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve(port: int, metrics: Metrics) -> Server:
+    """Serve `metrics` on 127.0.0.1:`port` (0: any free port) from a daemon thread.
+
+    Loopback only: the endpoint has no authentication, and the nano's own
+    agent (or an SSH tunnel) is what scrapes it. Raises OSError if the port is taken.
+    """
+    # prometheus_client's start_http_server, but with a short shutdown poll (its
+    # serve_forever polls every 0.5 s, which a SIGTERM and every test would wait).
+    httpd = make_server(LOOPBACK, port, make_wsgi_app(metrics.registry), ThreadingWSGIServer, handler_class=_Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL}, name="spotguard-metrics", daemon=True)
+    thread.start()
+    server = Server(httpd, thread)
+    log.info("metrics.serving", url=server.url)
+    return server
+
+
+@contextmanager
+def exposed(port: int | None, guards: Iterable[Any]) -> Iterator[Metrics | None]:
+    """The daemon's metrics, served on 127.0.0.1:`port` while inside; None without a port.
+
+    Without a port (no `[daemon] metrics_port`) nothing is created and nothing
+    listens. A port that cannot be bound is logged (`metrics.serve.failed`) and
+    the daemon runs on without the endpoint: failover matters more than metrics.
+    """
+    if port is None:
+        yield None
+        return
+    metrics = Metrics(guards)
+    try:
+        server: Server | None = serve(port, metrics)
+    except OSError as exc:
+        log.error("metrics.serve.failed", port=port, error=type(exc).__name__, detail=str(exc))
+        server = None
+    try:
+        yield metrics
+    finally:
+        if server is not None:
+            server.close()
