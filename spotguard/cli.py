@@ -170,9 +170,52 @@ def iam_policy(args: argparse.Namespace) -> int:
     return iam.main(args)
 
 
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print the stable JSON document (docs/status-json.md)")
+
+
+def status(args: argparse.Namespace) -> int:
+    from spotguard import status as report  # lazily, like the other handlers
+
+    return report.main(args)
+
+
+def check(args: argparse.Namespace) -> int:
+    from spotguard import check as checklist  # lazily: it needs aiobotocore
+
+    return checklist.main(args)
+
+
+def _rehearse_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("--guard", required=True, metavar="NAME", help="the guard to rehearse")
+
+
+def rehearse(args: argparse.Namespace) -> int:
+    from spotguard import rehearse as rehearsal  # lazily: it needs aiobotocore
+
+    return rehearsal.main(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "check-config": Subcommand("check the config file and sum up its guards", _config_argument, check_config),
     "run": Subcommand("run the daemon (the config is checked first; nothing starts if it is wrong)", _config_argument, run),
+    "status": Subcommand(
+        "show each guard's phase, instances, last transitions and this month's standby hours and cost",
+        _status_arguments,
+        status,
+    ),
+    "check": Subcommand(
+        "check the deployment in AWS is ready for an interruption: one line per check, exit 1 on any ✗",
+        _config_argument,
+        check,
+    ),
+    "rehearse": Subcommand(
+        "start a guard's first standby, time it to healthy in the target group, then drain and stop it again",
+        _rehearse_arguments,
+        rehearse,
+    ),
     "demo": Subcommand(
         "watch spotguard keep a service up through a spot interruption on an embedded AWS (needs spotguard[lab])",
         _demo_arguments,
