@@ -12,7 +12,13 @@
   target groups only;
 * with `[sources.sqs]`: sqs:ReceiveMessage and sqs:DeleteMessage on the queue
   (DeleteMessageBatch, which the source calls, is authorized as DeleteMessage;
-  the source never calls GetQueueAttributes, so it is not granted).
+  the source never calls GetQueueAttributes, so it is not granted);
+* with `[ha]`: on the table only, dynamodb:GetItem and UpdateItem (read,
+  acquire and renew the lease), BatchGetItem (load the guards' shared
+  states), PutItem and ConditionCheckItem (the fenced state write: a
+  TransactWriteItems call is authorized as the actions inside it, and
+  there is no dynamodb:TransactWriteItems action to grant). The table's
+  account is the target groups' (one account, as for a queue URL without one).
 
 `agent_policy(settings)` is sqs:SendMessage on the queue, for the spot
 instance's role. Partition and account come from the target group ARNs (which
@@ -48,6 +54,13 @@ INSTANCE_ACTIONS = ("ec2:StartInstances", "ec2:StopInstances")
 TARGET_ACTIONS = ("elasticloadbalancing:RegisterTargets", "elasticloadbalancing:DeregisterTargets")
 QUEUE_READ_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage")
 QUEUE_SEND_ACTIONS = ("sqs:SendMessage",)
+TABLE_ACTIONS = (
+    "dynamodb:GetItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:BatchGetItem",
+    "dynamodb:PutItem",
+    "dynamodb:ConditionCheckItem",
+)
 
 _TG_ARN = re.compile(r"arn:(?P<partition>aws[-a-z]*):elasticloadbalancing:(?P<region>[^:]+):(?P<account>\d{12}):.+")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
@@ -66,6 +79,8 @@ def daemon_policy(settings: Settings) -> dict[str, Any]:
     ]
     if settings.sqs is not None:
         statements.append(_statement("ReadQueue", QUEUE_READ_ACTIONS, queue_arn(settings)))
+    if settings.ha is not None:
+        statements.append(_statement("LeaseTable", TABLE_ACTIONS, table_arn(settings)))
     return {"Version": VERSION, "Statement": statements}
 
 
@@ -84,12 +99,25 @@ def queue_arn(settings: Settings) -> str:
     if name is None or not _QUEUE_NAME.fullmatch(name):
         raise IamError(f"sources.sqs.queue_url: {url!r} does not end in a queue name")
     if account is None:
-        accounts = _unique(_arn_part(g, "account") for g in settings.guards)
-        if len(accounts) != 1:
-            raise IamError(f"sources.sqs.queue_url: {url!r} names no account, and the target groups name several")
-        account = accounts[0]
+        account = _one_account(settings, f"sources.sqs.queue_url: {url!r} names no account")
     partition = _arn_part(settings.guards[0], "partition")
     return f"arn:{partition}:sqs:{settings.aws.region}:{account}:{name}"
+
+
+def table_arn(settings: Settings) -> str:
+    """`arn:<partition>:dynamodb:<aws.region>:<account>:table/<name>` for the [ha] table."""
+    if settings.ha is None:
+        raise IamError("no [ha] table in this config")
+    account = _one_account(settings, f"ha.table: {settings.ha.table!r} has no account of its own")
+    partition = _arn_part(settings.guards[0], "partition")
+    return f"arn:{partition}:dynamodb:{settings.aws.region}:{account}:table/{settings.ha.table}"
+
+
+def _one_account(settings: Settings, what: str) -> str:
+    accounts = _unique(_arn_part(g, "account") for g in settings.guards)
+    if len(accounts) != 1:
+        raise IamError(f"{what}, and the target groups name several")
+    return accounts[0]
 
 
 def _standby_arns(settings: Settings) -> list[str]:

@@ -1,6 +1,11 @@
-"""`spotguard setup`: creates, idempotently, the AWS side of the SQS detection path.
+"""`spotguard setup`: creates, idempotently, the AWS side of the SQS detection path and of [ha].
 
-Four things, in this order (each needs what the one before it made):
+With `[ha]`, first the DynamoDB table holding the lease and the shared guard
+states: partition key `pk` (string), on-demand billing (PAY_PER_REQUEST, see
+docs/ha.md for what it costs). An existing table is kept as it is when its key
+is right; a table with another key is an error (exit 1), never changed.
+
+With `[sources.sqs]`, four things, in this order (each needs what the one before it made):
 
 1. the SQS queue named by the last path segment of `[sources.sqs] queue_url`.
    A new queue gets MessageRetentionPeriod 1 h and VisibilityTimeout 30 s; an
@@ -22,7 +27,7 @@ Running setup twice changes nothing the second time: every desired state is
 compared with what AWS describes before anything is written.
 
 This module must not touch the daemon's state, guards or any AWS API beyond
-SQS and EventBridge; it never deletes anything (a rule or target it did not
+SQS, EventBridge and DynamoDB's table calls; it never deletes anything (a rule or target it did not
 create is none of its business).
 """
 
@@ -33,6 +38,7 @@ import asyncio
 import json
 import re
 import sys
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -41,6 +47,7 @@ from botocore.exceptions import ClientError
 
 from spotguard.aws import AWS_ERRORS, client, error_code
 from spotguard.config import Settings, SqsSettings
+from spotguard.ha import table_spec
 from spotguard.sources.sqs import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
 
 EXIT_FAILED = 1
@@ -172,26 +179,38 @@ class _Report:
 
 
 async def setup(
-    settings: Settings, sqs: Any, events: Any, *, dry_run: bool, out: TextIO | None = None, err: TextIO | None = None
+    settings: Settings,
+    sqs: Any,
+    events: Any,
+    *,
+    dry_run: bool,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    dynamodb: Any = None,
 ) -> int:
-    """Create or converge the queue, rules, policy statement and targets. Returns an exit code.
+    """Create or converge the [ha] table, then the queue, rules, policy statement and targets.
 
-    `out` (the lines) and `err` (problems) default to sys.stdout/sys.stderr as
-    they are at call time, so a redirected or captured stream is honoured.
+    Returns an exit code. `dynamodb` is needed only with [ha]. `out` (the lines)
+    and `err` (problems) default to sys.stdout/sys.stderr as they are at call
+    time, so a redirected or captured stream is honoured.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    if settings.sqs is None:
-        print("setup needs [sources.sqs] queue_url in the config: it names the queue to create", file=err)
+    if settings.sqs is None and settings.ha is None:
+        print("setup needs [sources.sqs] queue_url (the queue to create) or [ha] table in the config", file=err)
         return EXIT_CONFIG
     region = settings.aws.region
     try:
-        ref = queue_ref(settings.sqs, region)
+        ref = queue_ref(settings.sqs, region) if settings.sqs is not None else None
     except SetupError as exc:
         print(exc, file=err)
         return EXIT_CONFIG
     report = _Report(out, dry_run)
     try:
+        if settings.ha is not None:
+            await _table(dynamodb, settings.ha.table, report)
+        if ref is None:
+            return 0
         queue_url, queue_arn, policy = await _queue(sqs, ref, region, report)
         rule_arns = [await _rule(events, name, kind, ref, region, report) for kind, name in RULES.items()]
         await _policy(sqs, queue_url, queue_arn, policy, rule_arns, report)
@@ -201,9 +220,36 @@ async def setup(
         message = exc.response["Error"].get("Message", "") if isinstance(exc, ClientError) else str(exc)
         print(f"setup failed: {error_code(exc)}: {message}", file=err)
         return EXIT_FAILED
+    except SetupError as exc:
+        print(f"setup failed: {exc}", file=err)
+        return EXIT_FAILED
     if ref.account and f"/{ref.account}/" not in queue_url + "/" and not dry_run:
         print(f"note: the queue is {queue_url}, but sources.sqs.queue_url says {ref.url}", file=err)
     return 0
+
+
+async def _table(dynamodb: Any, table: str, report: _Report) -> None:
+    """The [ha] table: created on-demand unless it exists; SetupError if it exists with another key."""
+    thing = f"table {table}"
+    spec = table_spec(table)
+    try:
+        current = (await dynamodb.describe_table(TableName=table))["Table"]
+    except ClientError as exc:
+        if error_code(exc) != "ResourceNotFoundException":
+            raise
+    else:
+        if current.get("KeySchema") != spec["KeySchema"]:
+            key = ", ".join(f"{k['AttributeName']} ({k['KeyType']})" for k in current.get("KeySchema", []))
+            raise SetupError(f"table {table} exists with key {key}; spotguard needs pk (HASH, string) alone")
+        report.line(thing, "exists")
+        return
+    report.line(thing, "created")
+    if report.dry_run:
+        return
+    await dynamodb.create_table(**spec)
+    # A new table takes a few seconds to become ACTIVE on AWS; the daemon needs it so.
+    waiter = dynamodb.get_waiter("table_exists")
+    await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
 
 
 async def _queue(sqs: Any, ref: QueueRef, region: str, report: _Report) -> tuple[str, str, str | None]:
@@ -313,5 +359,10 @@ def main(args: argparse.Namespace) -> int:
 
 async def _run(settings: Settings, *, dry_run: bool) -> int:
     region, endpoint = settings.aws.region, settings.aws.endpoint_url
-    async with client("sqs", region, endpoint) as sqs, client("events", region, endpoint) as events:
-        return await setup(settings, sqs, events, dry_run=dry_run)
+    async with AsyncExitStack() as stack:
+        sqs = await stack.enter_async_context(client("sqs", region, endpoint))
+        events = await stack.enter_async_context(client("events", region, endpoint))
+        dynamodb = None
+        if settings.ha is not None:  # no DynamoDB client (or call) without [ha]
+            dynamodb = await stack.enter_async_context(client("dynamodb", region, endpoint))
+        return await setup(settings, sqs, events, dry_run=dry_run, dynamodb=dynamodb)

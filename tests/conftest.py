@@ -8,6 +8,7 @@ AWS account out of reach.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
@@ -63,9 +64,35 @@ def guard_for(deployment: Deployment, name: str = "inference", **overrides: Any)
     return GuardSpec(**fields)
 
 
+def _atomic_dynamodb() -> None:
+    """Make moto's DynamoDB writes atomic, as DynamoDB's are.
+
+    moto's threaded server evaluates a ConditionExpression and applies the
+    write without a lock, so two daemons acquiring the [ha] lease at the same
+    moment could both see it free and both win: a split brain DynamoDB itself
+    never allows. One lock around every item operation restores the guarantee
+    the lease relies on.
+    """
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    for name in ("put_item", "update_item", "delete_item", "get_item", "transact_write_items", "transact_get_items", "batch_get_item"):
+        original = getattr(DynamoDBBackend, name)
+        if getattr(original, "_spotguard_atomic", False):
+            continue
+
+        def atomic(self, *args, _original=original, **kwargs):
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        atomic._spotguard_atomic = True  # type: ignore[attr-defined]
+        setattr(DynamoDBBackend, name, atomic)
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoWorld]:
     """One moto server for the whole session (starting it is cheap, but why twice)."""
+    _atomic_dynamodb()
     with MotoWorld() as world:
         yield world
 

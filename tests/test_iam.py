@@ -11,6 +11,7 @@ not allow fails the test, and so does a granted action nobody calls.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
@@ -30,10 +31,14 @@ from test_daemon import _warning, health, phase, replace_spot, running, state, u
 ROOT = Path(__file__).resolve().parent.parent
 TG = "arn:aws:elasticloadbalancing:ap-northeast-2:123456789012:targetgroup/inference/6d0ecf831eec9f09"
 SCOPED = ("ec2:StartInstances", "ec2:StopInstances", "elasticloadbalancing:RegisterTargets",
-          "elasticloadbalancing:DeregisterTargets", "sqs:")
+          "elasticloadbalancing:DeregisterTargets", "sqs:", "dynamodb:")
 # SQS batch calls are authorized as their single-message actions (SQS developer guide, batch actions).
 BATCH_AS = {"DeleteMessageBatch": "DeleteMessage", "SendMessageBatch": "SendMessage",
             "ChangeMessageVisibilityBatch": "ChangeMessageVisibility"}
+# DynamoDB transactions are authorized as the item actions inside them (DynamoDB developer
+# guide, "Using IAM with DynamoDB transactions"); there is no TransactWriteItems IAM action.
+TRANSACT_AS = {"ConditionCheck": "ConditionCheckItem", "Put": "PutItem", "Update": "UpdateItem",
+               "Delete": "DeleteItem"}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -91,6 +96,11 @@ class Recorder:
 
     def _record(self, params: dict, model: Any, **_: Any) -> None:
         prefix = model.service_model.signing_name  # "elasticloadbalancing" for elbv2: the IAM prefix
+        if model.name == "TransactWriteItems":
+            for item in params["TransactItems"]:
+                ((kind, body),) = item.items()
+                self.calls.append((f"{prefix}:{TRANSACT_AS[kind]}", {"TableName": body["TableName"]}))
+            return
         self.calls.append((f"{prefix}:{BATCH_AS.get(model.name, model.name)}", dict(params)))
 
     def actions(self) -> set[str]:
@@ -105,6 +115,9 @@ def resources(action: str, params: dict, world: Any, queue_arns: dict[str, str])
         return [params["TargetGroupArn"]]
     if action.startswith("sqs:"):
         return [queue_arns[params["QueueUrl"]]]
+    if action.startswith("dynamodb:"):
+        tables = [params["TableName"]] if "TableName" in params else list(params["RequestItems"])
+        return [f"arn:aws:dynamodb:{world.region}:{world.account_id}:table/{t}" for t in tables]
     return ["*"]
 
 
@@ -330,3 +343,60 @@ def test_the_cli_prints_the_same_policies():
         )
         assert done.returncode == 0, done.stderr
         assert _json.loads(done.stdout) == expected
+
+
+# ---------------------------------------------------------------------- [ha]
+
+
+def test_ha_adds_the_table_actions_on_the_table_only(tmp_path):
+    settings = load(tmp_path, '[aws]\nregion = "ap-northeast-2"\n[ha]\ntable = "spotguard"\n'
+                    + guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"))
+    assert by_sid(daemon_policy(settings))["LeaseTable"] == {
+        "Sid": "LeaseTable",
+        "Effect": "Allow",
+        "Action": ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:BatchGetItem", "dynamodb:PutItem",
+                   "dynamodb:ConditionCheckItem"],
+        "Resource": "arn:aws:dynamodb:ap-northeast-2:123456789012:table/spotguard",
+    }
+    tg2 = "arn:aws:elasticloadbalancing:ap-northeast-2:210987654321:targetgroup/chat/0123456789abcdef"
+    two = load(tmp_path, '[aws]\nregion = "ap-northeast-2"\n[ha]\ntable = "spotguard"\n'
+               + guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn")
+               + guard("chat", tg2, ["i-0123456789abcdef0"], "sir-aaaabbbb"))
+    with pytest.raises(IamError, match="ha.table"):
+        daemon_policy(two)
+
+
+async def test_every_call_of_an_ha_daemon_cycle_is_allowed_and_every_grant_is_used(tmp_path, moto_world, deployment,
+                                                                                  aws, aio_session):
+    from spotguard import ha
+    from spotguard.daemon import build, serve
+    from spotguard.notify import Notifier
+
+    d, standby = deployment, deployment.standby_ids[0]
+    moto_world.boto("dynamodb").create_table(**ha.table_spec("spotguard-ha"))
+    settings = write_config(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
+                            extra='[ha]\ntable = "spotguard-ha"\nlease = "3s"\nholder = "a"')
+    recorder = Recorder()
+    recorder.attach(*aws)
+    async with client("dynamodb", moto_world.region, moto_world.endpoint_url, session=aio_session) as ddb:
+        recorder.attach(ddb)
+        notifier = Notifier(None)
+        leadership = ha.Leadership(ddb, "spotguard-ha", lease=3.0, holder="a")
+        daemon = build(settings, aws, notifier, ha=leadership)
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(daemon, settings, aws, stop))
+        try:
+            await until(lambda: daemon.loaded_epoch == 1, what="leading")
+            moto_world.notice(d.spot_request_id)
+            await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="failover")
+            await until(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot deregistered")
+            await replace_spot(moto_world, daemon, d)
+            await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="failback")
+            await until(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
+        finally:
+            stop.set()
+            await asyncio.wait([task], timeout=15)
+
+    policy = daemon_policy(settings)
+    assert refused(recorder, policy, moto_world, {}) == []
+    assert recorder.actions() == granted_actions(policy)

@@ -316,3 +316,72 @@ def test_the_cli_runs_setup_twice_without_a_change(moto_world, tmp_path):
     assert first.returncode == again.returncode == 0, first.stderr + again.stderr
     assert statuses(first.stdout.splitlines()) == {"created"}
     assert statuses(again.stdout.splitlines()) == {"exists"}
+
+
+# ---------------------------------------------------------------------- [ha]: the lease table
+
+TABLE = "spotguard-ha"
+
+
+def ha_settings(world: Any, *, sqs: bool = False) -> Settings:
+    from spotguard.config import HaSettings
+
+    base = settings_for(world) if sqs else Settings(aws=AwsSettings(region=world.region, endpoint_url=world.endpoint_url))
+    return Settings(aws=base.aws, sqs=base.sqs, ha=HaSettings(table=TABLE))
+
+
+async def run_ha_setup(world: Any, session: Any, settings: Settings, *, dry_run: bool = False):
+    out, err = io.StringIO(), io.StringIO()
+    async with client("sqs", world.region, world.endpoint_url, session=session) as sqs, client(
+        "events", world.region, world.endpoint_url, session=session
+    ) as events, client("dynamodb", world.region, world.endpoint_url, session=session) as dynamodb:
+        code = await setup(settings, sqs, events, dry_run=dry_run, out=out, err=err, dynamodb=dynamodb)
+    return code, out.getvalue().splitlines(), err.getvalue()
+
+
+async def test_ha_gets_an_on_demand_table_keyed_by_pk_and_a_second_run_changes_nothing(moto_world, aio_session):
+    code, lines, err = await run_ha_setup(moto_world, aio_session, ha_settings(moto_world))
+
+    assert (code, lines, err) == (0, [f"table {TABLE}: created"], "")
+    table = moto_world.boto("dynamodb").describe_table(TableName=TABLE)["Table"]
+    assert table["TableStatus"] == "ACTIVE"
+    assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}]
+    assert table["AttributeDefinitions"] == [{"AttributeName": "pk", "AttributeType": "S"}]
+    # No queue and no rules without [sources.sqs].
+    assert snapshot(moto_world) == {"queues": {}, "rules": {}}
+
+    code, lines, _ = await run_ha_setup(moto_world, aio_session, ha_settings(moto_world))
+    assert (code, lines) == (0, [f"table {TABLE}: exists"])
+
+
+async def test_ha_dry_run_creates_no_table_and_with_sqs_the_table_comes_first(moto_world, aio_session):
+    code, lines, _ = await run_ha_setup(moto_world, aio_session, ha_settings(moto_world, sqs=True), dry_run=True)
+    assert code == 0 and lines[0] == f"table {TABLE}: would create" and statuses(lines) == {"would create"}
+    assert moto_world.boto("dynamodb").list_tables()["TableNames"] == []
+
+    code, lines, _ = await run_ha_setup(moto_world, aio_session, ha_settings(moto_world, sqs=True))
+    assert code == 0 and lines[0] == f"table {TABLE}: created" and statuses(lines) == {"created"}
+    assert len(lines) == 1 + 1 + 2 * len(RULES) + 1
+
+
+async def test_ha_table_with_another_key_is_an_error_and_is_left_alone(moto_world, aio_session):
+    ddb = moto_world.boto("dynamodb")
+    ddb.create_table(TableName=TABLE, BillingMode="PAY_PER_REQUEST",
+                     AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                     KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}])
+
+    code, lines, err = await run_ha_setup(moto_world, aio_session, ha_settings(moto_world))
+
+    assert (code, lines) == (1, [])
+    assert err.startswith(f"setup failed: table {TABLE} exists with key id (HASH)")
+    assert ddb.describe_table(TableName=TABLE)["Table"]["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+
+
+def test_main_creates_the_ha_table_from_a_config_file(moto_world, tmp_path, capsys):
+    path = Path(write_config(tmp_path, moto_world, sqs=False))
+    path.write_text(path.read_text() + f'[ha]\ntable = "{TABLE}"\n')
+
+    assert main(argparse.Namespace(config=str(path), dry_run=False)) == 0
+    assert capsys.readouterr().out.splitlines() == [f"table {TABLE}: created"]
+    assert TABLE in moto_world.boto("dynamodb").list_tables()["TableNames"]
