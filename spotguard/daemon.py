@@ -6,8 +6,17 @@ steps every guard with it. Each new state is persisted *before* its commands
 run (write ahead); failures are fed back into the machine. Guards are handled
 concurrently so a slow AWS call for one never delays another's failover.
 
+With `[ha]` (see ha.py and docs/ha.md) two daemons run and only the lease
+holder acts: `apply` steps and acts only while `Leadership.leading()`, saves
+each state to DynamoDB fenced by the lease, and carries out nothing after a
+refused save. A follower observes the world every round and adopts the
+leader's shared states, but never steps the machine (so it issues no command);
+on winning the lease it loads the shared states (consistent read) before its
+first step. The SQS source runs only while leading: a follower must not take
+notices off the queue that the leader needs.
+
 This module holds no failover rule (those live in machine.py) and makes no AWS
-call itself (poll source, executor and SQS source do). `run()` owns the
+call itself (poll source, executor, SQS source and ha.py do). `run()` owns the
 process: logging, signals, systemd notification; `serve()` is the loop plus
 its fast sources, and is what tests drive.
 """
@@ -17,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, ContextManager, Protocol, Sequence
 
 import structlog
 
@@ -72,6 +82,7 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         fast_poll: float = FAST_POLL,
         observers: Sequence[Observer] = (),
+        ha: Any = None,
     ) -> None:
         self.settings = settings
         self.poller = poller
@@ -81,6 +92,8 @@ class Daemon:
         self.clock = clock
         self.fast_poll = fast_poll
         self.observers = tuple(observers)
+        self.ha = ha  # ha.Leadership with [ha]; None: this daemon runs alone and always acts
+        self.loaded_epoch: int | None = None  # the lease epoch whose shared states we loaded
         self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
         self.notices: asyncio.Queue[Notice] = asyncio.Queue()
         self.woken = asyncio.Event()  # set by push()/wake(): start a round now
@@ -140,6 +153,10 @@ class Daemon:
         # waiting for a whole poll. A notice for an instance no guard has seen yet
         # (a spot fulfilled since the last poll) waits for this round's poll.
         self.woken.clear()
+        if self.ha is not None and not await self._lead():
+            await self._follow()
+            self.rounds += 1
+            return
         later = await self._route(self._drain_notices(), {}, final=False)
         try:
             seen = await self.poller.observe()
@@ -149,6 +166,48 @@ class Daemon:
         await self._route(later, seen, final=True)
         await asyncio.gather(*(self.apply(self.guards[n], obs) for n, obs in seen.items() if n in self.guards))
         self.rounds += 1
+
+    async def _lead(self) -> bool:
+        """Whether to act this round; on a newly won lease, the shared states are loaded first."""
+        if not self.ha.leading():
+            return False
+        if self.loaded_epoch == self.ha.epoch:
+            return True
+        epoch = self.ha.epoch
+        shared = await self.ha.states(self._rules(), consistent=True)
+        if shared is None or self.ha.epoch != epoch:
+            return False
+        self._adopt(shared)
+        self.loaded_epoch = epoch
+        log.info("ha.states.loaded", epoch=epoch, guards={n: g.state.phase.value for n, g in self.guards.items()})
+        return True
+
+    async def _follow(self) -> None:
+        """A follower's round: observe and adopt the leader's states; step nothing, so act on nothing."""
+        for notice in self._drain_notices():  # the leader's own sources see the same notices
+            log.info("ha.follower.notice.dropped", instance_id=notice.instance_id, kind=notice.kind)
+        self.loaded_epoch = None
+        try:
+            seen = await self.poller.observe()
+        except Exception as exc:  # noqa: BLE001 - a follower's failed poll changes nothing
+            log.warning("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
+            seen = {}
+        shared = await self.ha.states(self._rules(), consistent=False)
+        self._adopt(shared or {})
+        for name, observed in seen.items():
+            if name in self.guards:
+                self.guards[name].state = replace(self.guards[name].state, seen=observed)
+
+    def _rules(self) -> dict[str, machine.Rules]:
+        return {name: g.settings.rules() for name, g in self.guards.items()}
+
+    def _adopt(self, shared: dict[str, GuardState]) -> None:
+        # The shared state never holds an observation; ours is as fresh as any.
+        for name, state in shared.items():
+            guard = self.guards[name]
+            if _persistent(guard.state) != _persistent(state):
+                self.store.save(name, state)  # the local mirror `status` reads
+            guard.state = replace(state, seen=guard.state.seen)
 
     async def _route(self, notices: list[Notice], seen: dict[str, Observed], final: bool) -> list[Notice]:
         """Step each notice into its guard; return those no guard owns (yet)."""
@@ -185,19 +244,42 @@ class Daemon:
 
     async def apply(self, guard: Guard, event: Event) -> None:
         """Step the machine, persist, then carry out the commands (write ahead)."""
+        if not self._may_act(guard, "step"):
+            return
         old, now = guard.state, self.clock()
         self._tell("event", guard.name, event, now)
         new, commands = machine.step(old, event, now)
         guard.state = new
-        if _persistent(old) != _persistent(new):
-            self.store.save(guard.name, new)
+        if _persistent(old) != _persistent(new) and not await self._save(guard, old, new):
+            return
         if new.phase is not old.phase:
             self._transition(guard, old, new)
             self._tell("transition", guard.name, old, new, now)
         for command in commands:
+            if not self._may_act(guard, type(command).__name__.lower()):
+                return
             failed = await self._carry_out(guard, command)
             if failed is not None:
                 await self.apply(guard, failed)
+
+    def _may_act(self, guard: Guard, what: str) -> bool:
+        """With [ha]: only while the lease is ours and valid by our own clock, and its states loaded."""
+        if self.ha is None or (self.ha.leading() and self.ha.epoch == self.loaded_epoch):
+            return True
+        log.warning("ha.gate.closed", guard=guard.name, skipped=what, holder=self.ha.holder)
+        return False
+
+    async def _save(self, guard: Guard, old: GuardState, new: GuardState) -> bool:
+        """Persist before acting. With [ha] the write is fenced: refused or failed, the state
+        reverts (so the next round decides the same step again) and nothing is carried out."""
+        if self.ha is None:
+            self.store.save(guard.name, new)
+            return True
+        if await self.ha.save(guard.name, new):
+            self.store.save(guard.name, new)  # a local mirror, so `status` reads the phase on either controller
+            return True
+        guard.state = old
+        return False
 
     def _transition(self, guard: Guard, old: GuardState, new: GuardState) -> None:
         spots = [i.id for i in new.seen.spots] if new.seen else []
@@ -250,8 +332,9 @@ def run(settings: Any) -> int:
     return 0
 
 
-def build(settings: Any, aws: Any, notifier: Any, observers: Sequence[Observer] = ()) -> Daemon:
-    """The daemon wired to real parts: poll source, executor and store on `aws` clients."""
+def build(settings: Any, aws: Any, notifier: Any, observers: Sequence[Observer] = (), *, ha: Any = None) -> Daemon:
+    """The daemon wired to real parts: poll source, executor and store on `aws` clients;
+    `ha` is the ha.Leadership gating it when `[ha]` is set."""
     from .executor import Executor
     from .sources.poll import Poller
     from .store import Store
@@ -263,11 +346,13 @@ def build(settings: Any, aws: Any, notifier: Any, observers: Sequence[Observer] 
         store=Store(settings.daemon.state_dir),
         notifier=notifier,
         observers=observers,
+        ha=ha,
     )
 
 
 async def _main(settings: Any) -> None:
     from .aws import clients
+    from .ledger import Ledger
     from .notify import Notifier
 
     stop = asyncio.Event()
@@ -276,33 +361,104 @@ async def _main(settings: Any) -> None:
         loop.add_signal_handler(sig, stop.set)
     notifier = Notifier(settings.discord.webhook_url if settings.discord else None)
     await notifier.start()
-    async with clients(settings.aws.region, settings.aws.endpoint_url) as aws:
-        daemon = build(settings, aws, notifier)
-        log.info("daemon.started", guards=list(daemon.guards), poll_interval=settings.daemon.poll_interval)
-        watchdog = asyncio.create_task(_watchdog())
-        try:
-            await serve(daemon, settings, aws, stop, ready=_ready)
-        finally:
-            watchdog.cancel()
-            sdnotify.stopping()
-            await notifier.close()
+    with _metrics(settings) as metrics:
+        async with clients(settings.aws.region, settings.aws.endpoint_url) as aws, _leadership(settings, notifier) as ha:
+            observers = [Ledger(settings.daemon.state_dir, settings.guards), *([metrics] if metrics else [])]
+            daemon = build(settings, aws, notifier, observers, ha=ha)
+            if metrics is not None:
+                metrics.watch_phases(daemon.guards)  # phases resumed from the state files, or adopted with [ha]
+            summary = _summary(settings, notifier, ha)
+            log.info("daemon.started", guards=list(daemon.guards), poll_interval=settings.daemon.poll_interval,
+                     holder=ha.holder if ha else None, metrics_port=settings.daemon.metrics_port)
+            watchdog = asyncio.create_task(_watchdog())
+            try:
+                await serve(daemon, settings, aws, stop, ready=_ready)
+            finally:
+                if summary is not None:
+                    summary.shutdown()
+                watchdog.cancel()
+                sdnotify.stopping()
+                if ha is not None:
+                    await ha.release()  # the follower takes over at its next look, not a lease later
+                await notifier.close()
     log.info("daemon.stopped")
+
+
+def _metrics(settings: Any) -> ContextManager[Any]:
+    """The Prometheus endpoint on loopback with [daemon] metrics_port; without it nothing
+    listens and prometheus-client is never imported (start-up time on a t4g.nano)."""
+    if settings.daemon.metrics_port is None:
+        return nullcontext(None)
+    from .metrics import exposed
+
+    return exposed(settings.daemon.metrics_port, settings.guards)
+
+
+def _summary(settings: Any, notifier: Any, ha: Any) -> Any:
+    """The daily Discord summary, scheduled, when daily_summary is set (apscheduler imported only then)."""
+    if settings.discord is None or settings.discord.daily_summary is None:
+        return None
+    from .summary import DailySummary
+
+    summary = DailySummary(settings, notifier, leading=ha.leading if ha else lambda: True)
+    summary.start()
+    return summary
+
+
+@asynccontextmanager
+async def _leadership(settings: Any, notifier: Any) -> AsyncIterator[Any]:
+    """The lease on its own DynamoDB client with [ha]; None (and no client) without."""
+    if settings.ha is None:
+        yield None
+        return
+    from .aws import client
+    from .ha import MAX_ATTEMPTS, Leadership, default_holder
+
+    async with client("dynamodb", settings.aws.region, settings.aws.endpoint_url, max_attempts=MAX_ATTEMPTS) as ddb:
+        yield Leadership(ddb, settings.ha.table, lease=settings.ha.lease,
+                         holder=settings.ha.holder or default_holder(), notifier=notifier)
 
 
 async def serve(daemon: Daemon, settings: Any, aws: Any, stop: asyncio.Event, ready: Callable[[], None] = lambda: None) -> None:
     """The daemon's loop plus its fast sources (SQS when `[sources.sqs]` is set), until `stop`."""
-    sqs = None
+    tasks = []
     if settings.sqs is not None:
         from .sources.sqs import SqsSource
 
         source = SqsSource(aws.sqs, settings.sqs.queue_url, owns=daemon.owns, push=daemon.push, wake=daemon.wake)
-        sqs = asyncio.create_task(source.run(stop))
+        run_source = source.run if daemon.ha is None else (lambda s: _while_leading(daemon.ha, source.run, s))
+        tasks.append(asyncio.create_task(run_source(stop)))
+    if daemon.ha is not None:
+        tasks.append(asyncio.create_task(daemon.ha.run(stop)))
+        tasks.append(asyncio.create_task(_wake_on_change(daemon, stop)))
     try:
         await daemon.async_run(stop, ready=ready)
     finally:
-        if sqs is not None:
-            sqs.cancel()  # a no-op when stop already ended it
-            await asyncio.gather(sqs, return_exceptions=True)
+        for task in tasks:
+            task.cancel()  # a no-op when stop already ended it
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wake_on_change(daemon: Daemon, stop: asyncio.Event) -> None:
+    """A won lease starts a round at once: a takeover must not wait for the poll interval."""
+    while not stop.is_set():
+        await daemon.ha.changed.wait()
+        daemon.ha.changed.clear()
+        daemon.wake()
+
+
+async def _while_leading(ha: Any, run: Callable[[asyncio.Event], Any], stop: asyncio.Event) -> None:
+    """Run a source only during each term of leadership (checked every poll of the lease)."""
+    while not stop.is_set():
+        if not ha.leading():
+            await asyncio.sleep(ha.renew_every / 4)
+            continue
+        term = asyncio.Event()
+        task = asyncio.create_task(run(term))
+        while ha.leading() and not stop.is_set():
+            await asyncio.sleep(ha.renew_every / 4)
+        term.set()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _ready() -> None:

@@ -62,3 +62,41 @@ def test_run_notifies_systemd_and_exits_0_on_sigterm(tmp_path, moto_world, deplo
     assert events[0] == "daemon.started"
     assert "daemon.ready" in events and events[-1] == "daemon.stopped"
     assert "Traceback" not in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_wires_the_ledger_metrics_and_daily_summary(tmp_path, moto_world, deployment):
+    """The operator's parts are wired into the real process, not only into tests' daemons."""
+    port = free_port()
+    extra = f'metrics_port = {port}\n[notify.discord]\nwebhook_url = "http://127.0.0.1:9/hook"\ndaily_summary = "09:00"\n'
+    write_config(tmp_path, moto_world, [deployment], poll="0.5s", extra=extra)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spotguard", "run", "--config", str(tmp_path / "config.toml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    seen = tmp_path / "state" / f"{deployment.name}.seen.json"
+    try:
+        end, page = time.monotonic() + 20, ""
+        while time.monotonic() < end and not (seen.exists() and "spotguard_phase{" in page):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                    page = b"".join(iter(lambda: conn.recv(65536), b"")).decode()
+            except OSError:
+                time.sleep(0.05)  # not listening yet: poll again until the deadline
+        assert seen.exists(), "the ledger wrote no snapshot of the observation"
+        assert f'spotguard_phase{{guard="{deployment.name}",phase="spot-healthy"}} 1.0' in page
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "/hook" not in out + err  # the webhook URL is a credential
