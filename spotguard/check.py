@@ -16,18 +16,22 @@ DeregisterTargets cannot be checked without changing the target group); and
 the timing budget against the 120 s notice (design.md § Timing budget):
 deregistration delay, how long a new target needs to pass its health checks,
 and the last `spotguard rehearse` measurement. Globally: the credentials work
-(sts:GetCallerIdentity, which needs no permission) and the [sources.sqs] queue
-exists.
+(sts:GetCallerIdentity, which needs no permission), the [sources.sqs] queue
+exists, and with [ha] the DynamoDB table exists with the key spotguard needs
+(DescribeTable) and who holds the lease (one consistent GetItem, ha.leader).
+Without [ha] no DynamoDB client is made and no line printed.
 
-check reads more than the daemon needs (elasticloadbalancing:DescribeTargetGroups
-and DescribeTargetGroupAttributes, sqs:GetQueueAttributes), so it is best run
-with a person's read-only credentials; a describe refused is a ✗ naming the call.
+Besides what the daemon calls, check reads elasticloadbalancing:DescribeTargetGroups
+and DescribeTargetGroupAttributes, sqs:GetQueueAttributes and, with [ha],
+dynamodb:DescribeTable; `spotguard iam-policy` grants these read-only actions
+to the daemon too, so check runs on the controller with its role (or with a
+person's read-only credentials). A describe refused is a ✗ naming the call.
 
 The shape: `gather` makes the AWS calls (thin, describes and DryRuns only) into
 a `Seen`; the `*_lines` functions turn what was seen into `Line`s and are pure.
 This module must not change anything in AWS (every call is a Describe, a
-GetCallerIdentity, a GetQueueAttributes or a DryRun) nor read the daemon's
-state file.
+GetCallerIdentity, a GetQueueAttributes, a DryRun or, with [ha], one GetItem of
+the lease) nor read the daemon's state file.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TextIO
 
 from botocore.exceptions import ClientError
 
+from spotguard import ha
 from spotguard.aws import AWS_ERRORS, client, error_code
 from spotguard.config import GuardSettings, Settings, format_duration
 from spotguard.rehearse import NOTICE, Budget, Rehearsal, detection_seconds, read_rehearsal
@@ -68,6 +75,7 @@ INSTANCE_NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID
 REQUEST_NOT_FOUND = frozenset({"InvalidSpotInstanceRequestID.NotFound", "InvalidSpotInstanceRequestID.Malformed"})
 GROUP_NOT_FOUND = frozenset({"TargetGroupNotFound", "ValidationError"})
 QUEUE_NOT_FOUND = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+TABLE_NOT_FOUND = "ResourceNotFoundException"
 DRY_RUN_ALLOWED = "DryRunOperation"
 DRY_RUN_DENIED = "UnauthorizedOperation"
 DELAY_KEY = "deregistration_delay.timeout_seconds"
@@ -107,10 +115,20 @@ class GuardSeen:
 
 
 @dataclass(frozen=True)
+class HaSeen:
+    """What DynamoDB said about the [ha] table and its lease."""
+
+    table: Mapping[str, Any] | Refused  # DescribeTable's Table
+    leader: Mapping[str, Any] | Refused | None  # ha.leader(): None when no daemon ever held the lease
+    now: float  # the wall clock the lease was judged by
+
+
+@dataclass(frozen=True)
 class Seen:
     identity: Mapping[str, Any] | Refused
     guards: Mapping[str, GuardSeen] = field(default_factory=dict)
     queue: Mapping[str, Any] | Refused | None = None  # queue attributes; None without [sources.sqs]
+    ha: HaSeen | None = None  # None without [ha]
 
 
 # ---------------------------------------------------------------------- pure: seen -> lines
@@ -351,6 +369,69 @@ def queue_line(settings: Settings, queue: Mapping[str, Any] | Refused) -> Line:
     return Line(OK, f"queue {name}: exists ({queue.get('QueueArn')})")
 
 
+def table_problem(table: Mapping[str, Any]) -> str | None:
+    """Why a described table cannot hold the lease (its key is not pk, a string, alone), or None."""
+    spec = ha.table_spec(str(table.get("TableName")))
+    types = {a.get("AttributeName"): a.get("AttributeType") for a in table.get("AttributeDefinitions", [])}
+    if table.get("KeySchema") == spec["KeySchema"] and types.get(ha.KEY) == "S":
+        return None
+    key = ", ".join(f"{k.get('AttributeName')} ({k.get('KeyType')}, {types.get(k.get('AttributeName'), '?')})"
+                    for k in table.get("KeySchema", []))
+    return f"its key is {key or 'unknown'}; spotguard needs {ha.KEY} (HASH, S) alone"
+
+
+def table_line(settings: Settings, table: Mapping[str, Any] | Refused) -> Line:
+    name = settings.ha.table if settings.ha else None
+    setup = "`spotguard setup --config PATH` creates it"
+    if isinstance(table, Refused):
+        if table.code == TABLE_NOT_FOUND:
+            return Line(FAIL, f"[ha] table {name} does not exist", setup)
+        return _refused(f"[ha] table {name}", "dynamodb:DescribeTable", table)
+    problem = table_problem(table)
+    if problem is not None:
+        return Line(FAIL, f"[ha] table {name}: {problem}",
+                    "set ha.table to a new name: `spotguard setup --config PATH` creates it "
+                    "(it never changes an existing table)")
+    status = table.get("TableStatus", "ACTIVE")
+    if status != "ACTIVE":
+        return Line(WARN, f"[ha] table {name}: key {ha.KEY}, {status}", "wait until it is ACTIVE")
+    return Line(OK, f"[ha] table {name}: key {ha.KEY}, {status}")
+
+
+def leader_line(seen: HaSeen) -> Line:
+    """Who holds the lease, as ha.leader() read it `seen.now`."""
+    lease = seen.leader
+    if isinstance(lease, Refused):
+        return _refused("leader", "dynamodb:GetItem", lease)
+    start = "start `spotguard run` with this config (on two hosts for [ha])"
+    if lease is None:
+        return Line(WARN, "no leader: no daemon holds the lease", start)
+    who = f"{lease['holder']} (epoch {lease['epoch']})"
+    left = float(lease["expires"]) - seen.now
+    if lease["valid"]:
+        return Line(OK, f"leader: {who}, lease valid for {_seconds(left)}")
+    if float(lease["expires"]) <= 0:  # Leadership.release() on a clean stop
+        return Line(WARN, f"no leader: {who} released the lease (a clean stop)", start)
+    return Line(WARN, f"no leader: the lease of {who} expired {_seconds(-left)} ago and nobody renewed it",
+                f"is `spotguard run` running and able to reach DynamoDB? {start}")
+
+
+def table_usable(table: Mapping[str, Any] | Refused) -> bool:
+    """Whether the lease is worth reading: the table exists with the right key (or DescribeTable was refused)."""
+    if isinstance(table, Refused):
+        return table.code != TABLE_NOT_FOUND
+    return table_problem(table) is None
+
+
+def ha_lines(settings: Settings, seen: HaSeen) -> list[Line]:
+    table = table_line(settings, seen.table)
+    return [table, leader_line(seen)] if table_usable(seen.table) else [table]
+
+
+def _seconds(seconds: float) -> str:
+    return format_duration(max(0, round(seconds)))
+
+
 def _refused(thing: str, call: str, refused: Refused) -> Line:
     return Line(FAIL, f"{thing}: {call} said {refused.code}",
                 "give these credentials read access, or check the network" if _is_access(refused.code) else None)
@@ -383,6 +464,10 @@ def report(settings: Settings, seen: Seen, config: str) -> list[str]:
             queue = queue_line(settings, seen.queue)
             out.append(queue.render())
             every.append(queue)
+        if settings.ha is not None and seen.ha is not None:
+            for line in ha_lines(settings, seen.ha):
+                out.append(line.render())
+                every.append(line)
     else:
         out.append("(the other checks need working credentials: skipped)")
     fails = sum(line.status == FAIL for line in every)
@@ -406,12 +491,19 @@ async def _ask(call: Any, **kwargs: Any) -> dict | Refused:
     try:
         return await call(**kwargs)
     except AWS_ERRORS as exc:
-        message = exc.response.get("Error", {}).get("Message", "") if isinstance(exc, ClientError) else str(exc)
-        return Refused(error_code(exc), message)
+        return _refusal(exc)
 
 
-async def gather(settings: Settings, *, sts: Any, ec2: Any, elbv2: Any, sqs: Any) -> Seen:
-    """Everything the checks read. Stops after the identity when the credentials do not work."""
+def _refusal(exc: BaseException) -> Refused:
+    message = exc.response.get("Error", {}).get("Message", "") if isinstance(exc, ClientError) else str(exc)
+    return Refused(error_code(exc), message)
+
+
+async def gather(settings: Settings, *, sts: Any, ec2: Any, elbv2: Any, sqs: Any, dynamodb: Any = None) -> Seen:
+    """Everything the checks read. Stops after the identity when the credentials do not work.
+
+    `dynamodb` is needed (and used) only with [ha].
+    """
     identity = await _ask(sts.get_caller_identity)
     if isinstance(identity, dict):
         identity.pop("ResponseMetadata", None)
@@ -422,7 +514,22 @@ async def gather(settings: Settings, *, sts: Any, ec2: Any, elbv2: Any, sqs: Any
     if settings.sqs is not None:
         reply = await _ask(sqs.get_queue_attributes, QueueUrl=settings.sqs.queue_url, AttributeNames=["QueueArn"])
         queue = reply if isinstance(reply, Refused) else reply.get("Attributes", {})
-    return Seen(identity, guards, queue)
+    lease_seen = await _lease(settings, dynamodb) if settings.ha is not None else None
+    return Seen(identity, guards, queue, lease_seen)
+
+
+async def _lease(settings: Settings, dynamodb: Any) -> HaSeen:
+    assert settings.ha is not None
+    reply = await _ask(dynamodb.describe_table, TableName=settings.ha.table)
+    table = reply if isinstance(reply, Refused) else reply["Table"]
+    if not table_usable(table):
+        return HaSeen(table, None, time.time())
+    now = time.time()
+    try:
+        lease = await ha.leader(settings, dynamodb, now=now)
+    except AWS_ERRORS as exc:
+        lease = _refusal(exc)
+    return HaSeen(table, lease, now)
 
 
 async def _gather_guard(settings: Settings, guard: GuardSettings, ec2: Any, elbv2: Any) -> GuardSeen:
@@ -481,10 +588,11 @@ async def _tagged(ec2: Any, guard: GuardSettings) -> tuple[dict, ...] | Refused:
 
 
 async def check(settings: Settings, *, config: str, sts: Any, ec2: Any, elbv2: Any, sqs: Any,
-                out: TextIO | None = None) -> int:
-    """Print the checklist; 0 when nothing is ✗, else 1."""
+                dynamodb: Any = None, out: TextIO | None = None) -> int:
+    """Print the checklist; 0 when nothing is ✗, else 1. `dynamodb` only with [ha]."""
     out = sys.stdout if out is None else out
-    lines = report(settings, await gather(settings, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs), config)
+    seen = await gather(settings, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs, dynamodb=dynamodb)
+    lines = report(settings, seen, config)
     for line in lines:
         print(line, file=out, flush=True)
     return 0 if passed(lines) else EXIT_FAILED
@@ -505,6 +613,10 @@ def main(args: argparse.Namespace) -> int:
 
 async def _run(settings: Settings, config: str) -> int:
     region, endpoint = settings.aws.region, settings.aws.endpoint_url
-    async with client("sts", region, endpoint) as sts, client("ec2", region, endpoint) as ec2, \
-            client("elbv2", region, endpoint) as elbv2, client("sqs", region, endpoint) as sqs:
-        return await check(settings, config=config, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs)
+    async with AsyncExitStack() as stack:
+        sts, ec2, elbv2, sqs = [await stack.enter_async_context(client(name, region, endpoint))
+                                for name in ("sts", "ec2", "elbv2", "sqs")]
+        dynamodb = None
+        if settings.ha is not None:  # no DynamoDB client (or call) without [ha]
+            dynamodb = await stack.enter_async_context(client("dynamodb", region, endpoint))
+        return await check(settings, config=config, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs, dynamodb=dynamodb)

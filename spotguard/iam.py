@@ -6,19 +6,28 @@
 * the Describe calls of the poll, on Resource "*" because AWS cannot scope
   them: ec2:DescribeInstances, ec2:DescribeSpotInstanceRequests and
   elasticloadbalancing:DescribeTargetHealth support no resource-level
-  permissions (service authorization reference);
+  permissions (service authorization reference); and, for `spotguard check`
+  run on the controller with its role, elasticloadbalancing:DescribeTargetGroups
+  and DescribeTargetGroupAttributes, unscoped for the same reason (read-only);
 * ec2:StartInstances / ec2:StopInstances on each guard's standbys only;
 * elasticloadbalancing:RegisterTargets / DeregisterTargets on the guards'
   target groups only;
 * with `[sources.sqs]`: sqs:ReceiveMessage and sqs:DeleteMessage on the queue
-  (DeleteMessageBatch, which the source calls, is authorized as DeleteMessage;
-  the source never calls GetQueueAttributes, so it is not granted);
+  (DeleteMessageBatch, which the source calls, is authorized as DeleteMessage),
+  and sqs:GetQueueAttributes, which only `check` calls (does the queue exist);
 * with `[ha]`: on the table only, dynamodb:GetItem and UpdateItem (read,
   acquire and renew the lease), BatchGetItem (load the guards' shared
   states), PutItem and ConditionCheckItem (the fenced state write: a
   TransactWriteItems call is authorized as the actions inside it, and
-  there is no dynamodb:TransactWriteItems action to grant). The table's
-  account is the target groups' (one account, as for a queue URL without one).
+  there is no dynamodb:TransactWriteItems action to grant), and
+  dynamodb:DescribeTable, which only `check` calls (the table's key). The
+  table's account is the target groups' (one account, as for a queue URL
+  without one).
+
+`check`'s sts:GetCallerIdentity needs no permission (AWS allows it to anyone)
+and its ec2 DryRuns are authorized as StartInstances/StopInstances on the
+standbys, which the daemon has anyway; `status` with [ha] reads the lease with
+GetItem. So the daemon's role can run `check` and `status` too.
 
 `agent_policy(settings)` is sqs:SendMessage on the queue, for the spot
 instance's role. Partition and account come from the target group ARNs (which
@@ -49,10 +58,12 @@ DESCRIBE_ACTIONS = (
     "ec2:DescribeInstances",
     "ec2:DescribeSpotInstanceRequests",
     "elasticloadbalancing:DescribeTargetHealth",
+    "elasticloadbalancing:DescribeTargetGroups",  # check
+    "elasticloadbalancing:DescribeTargetGroupAttributes",  # check
 )
 INSTANCE_ACTIONS = ("ec2:StartInstances", "ec2:StopInstances")
 TARGET_ACTIONS = ("elasticloadbalancing:RegisterTargets", "elasticloadbalancing:DeregisterTargets")
-QUEUE_READ_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage")
+QUEUE_READ_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")  # the last: check
 QUEUE_SEND_ACTIONS = ("sqs:SendMessage",)
 TABLE_ACTIONS = (
     "dynamodb:GetItem",
@@ -60,6 +71,7 @@ TABLE_ACTIONS = (
     "dynamodb:BatchGetItem",
     "dynamodb:PutItem",
     "dynamodb:ConditionCheckItem",
+    "dynamodb:DescribeTable",  # check
 )
 
 _TG_ARN = re.compile(r"arn:(?P<partition>aws[-a-z]*):elasticloadbalancing:(?P<region>[^:]+):(?P<account>\d{12}):.+")

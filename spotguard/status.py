@@ -23,13 +23,22 @@ read whole in one go, and the daemon replaces files by rename, so a read while
 the daemon runs sees an old file or a new one. A file that cannot be read is
 reported as a problem for its guard (exit 1), not a traceback.
 
-This module must not talk to AWS, write anything, or print a secret (it never
-touches the Discord settings).
+With [ha] it also shows who leads: one consistent GetItem of the lease item
+through ha.leader(), the only AWS call status makes, so with [ha] it needs
+credentials that may read the table (dynamodb:GetItem: the daemon's role has
+it). Any AWS or network error there (no credentials, no table, no network,
+10 s at most) shows the leader as unknown with the error's code; the rest is
+printed all the same and the exit code does not change. Without [ha] no AWS
+client is made (aiobotocore is not even imported).
+
+This module must not talk to AWS beyond that one read, write anything, or
+print a secret (it never touches the Discord settings).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import sys
@@ -45,19 +54,49 @@ JSON_VERSION = 1
 LAST_TRANSITIONS = 10
 EXIT_CONFIG = 2
 EXIT_PROBLEM = 1
+# The lease read is one GetItem; status is for a person at a prompt, so it waits no longer than this.
+HA_TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------- the document
 
 
-def report(settings: Settings, now: float) -> dict[str, Any]:
-    """The status document (what `--json` prints): version 1, one entry per guard."""
+def report(settings: Settings, now: float, *, ha: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status document (what `--json` prints): version 1, one entry per guard.
+
+    `ha` is `read_ha`'s answer, required with [ha] (ValueError without it) and ignored without.
+    """
+    if settings.ha is not None and ha is None:
+        raise ValueError("with [ha], pass the lease as read_ha() read it")
     return {
         "version": JSON_VERSION,
         "generated_at": iso(now),
         "state_dir": str(settings.daemon.state_dir),
+        "ha": ha if settings.ha is not None else None,
         "guards": [guard_report(settings.daemon.state_dir, g, now) for g in settings.guards],
     }
+
+
+async def read_ha(settings: Settings, dynamodb: Any, now: float) -> dict[str, Any] | None:
+    """The document's "ha": None without [ha]; else the table, the leader (or None) and an error code (or None)."""
+    if settings.ha is None:
+        return None
+    from spotguard import ha  # lazily: without [ha] status never loads the AWS libraries
+    from spotguard.aws import AWS_ERRORS, error_code
+
+    try:
+        async with asyncio.timeout(HA_TIMEOUT):
+            lease = await ha.leader(settings, dynamodb, now=now)
+    except AWS_ERRORS as exc:
+        return {"table": settings.ha.table, "leader": None, "error": error_code(exc)}
+    return {"table": settings.ha.table, "leader": _leader(lease), "error": None}
+
+
+def _leader(lease: dict[str, Any] | None) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    return {"holder": lease["holder"], "epoch": lease["epoch"], "expires": iso(lease["expires"]),
+            "valid": lease["valid"]}
 
 
 def guard_report(state_dir: Path, guard: GuardSettings, now: float) -> dict[str, Any]:
@@ -157,7 +196,26 @@ def iso(at: float) -> str:
 
 def render(doc: dict[str, Any]) -> str:
     """The status document for people."""
-    return "\n\n".join(_render_guard(g, doc["generated_at"]) for g in doc["guards"]) + "\n"
+    blocks = [_render_guard(g, doc["generated_at"]) for g in doc["guards"]]
+    if doc.get("ha") is not None:
+        blocks.insert(0, _ha_line(doc["ha"], doc["generated_at"]))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _ha_line(h: dict[str, Any], now: str) -> str:
+    start = f"ha (table {h['table']}): "
+    lease = h["leader"]
+    if h["error"] is not None:
+        return start + f"leader unknown ({h['error']}: the table could not be read)"
+    if lease is None:
+        return start + "no leader (no daemon has held the lease yet)"
+    who = f"{lease['holder']} (epoch {lease['epoch']})"
+    left = _parse(lease["expires"]) - _parse(now)
+    if lease["valid"]:
+        return start + f"leader {who}, lease valid until {_when(lease['expires'])} ({_duration(left)} left)"
+    if _parse(lease["expires"]) <= 0:  # released on a clean stop
+        return start + f"no leader ({who} released the lease on a clean stop)"
+    return start + f"no leader (the lease of {who} expired at {_when(lease['expires'])}, {_duration(-left)} ago)"
 
 
 def _render_guard(g: dict[str, Any], now: str) -> str:
@@ -251,14 +309,25 @@ def _duration(seconds: float) -> str:
 # --------------------------------------------------------------------------- command
 
 
+async def _read_ha(settings: Settings, now: float) -> dict[str, Any] | None:
+    from spotguard import ha
+    from spotguard.aws import client
+
+    async with client("dynamodb", settings.aws.region, settings.aws.endpoint_url,
+                      max_attempts=ha.MAX_ATTEMPTS) as dynamodb:
+        return await read_ha(settings, dynamodb, now)
+
+
 def main(args: argparse.Namespace) -> int:
-    """0 fine, 1 some guard's file could not be read, 2 bad config."""
+    """0 fine, 1 some guard's file could not be read, 2 bad config (a failed lease read changes nothing)."""
     try:
         settings = load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    doc = report(settings, time.time())
+    now = time.time()
+    lease = asyncio.run(_read_ha(settings, now)) if settings.ha is not None else None
+    doc = report(settings, now, ha=lease)
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else render(doc))
     return EXIT_PROBLEM if any(g["problems"] for g in doc["guards"]) else 0

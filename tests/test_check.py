@@ -6,6 +6,10 @@ at the AWS default of 300 s, which cannot fit the 120 s notice, so `sound`
 sets it to 30 s. Each failure test breaks one thing and checks that the ✗ line
 names the culprit by id. moto answers every EC2 DryRun with DryRunOperation,
 so a denied DryRun is checked on the pure function.
+
+Every check run here records the AWS calls it makes (test_iam's Recorder) and
+checks each against `spotguard iam-policy`'s daemon policy for the same
+config: operators run check on the controller with the daemon's role.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ import io
 import os
 import subprocess
 import sys
+import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from spotguard import cli, config
+from spotguard import cli, config, ha
 from spotguard.aws import client
-from spotguard.check import GuardSeen, Refused, check, permission_lines
+from spotguard.check import GuardSeen, HaSeen, Refused, check, leader_line, permission_lines
+from spotguard.iam import daemon_policy
 from spotguard.lab.world import Deployment, MotoWorld
 from spotguard.rehearse import Rehearsal, write_rehearsal
 
@@ -78,15 +85,24 @@ def sound(deployment: Deployment, moto_world: MotoWorld) -> Deployment:
 
 
 async def run_check(world: MotoWorld, session: Any, path: Path) -> tuple[int, list[str]]:
+    """check on `path`'s config; every AWS call it makes must be allowed by the daemon's policy."""
+    from test_iam import Recorder, refused  # lazily: test_iam imports the daemon's test helpers
+
     settings = config.load(path)
     out = io.StringIO()
     region, endpoint = world.region, world.endpoint_url
-    async with client("sts", region, endpoint, session=session) as sts, client(
-        "ec2", region, endpoint, session=session
-    ) as ec2, client("elbv2", region, endpoint, session=session) as elbv2, client(
-        "sqs", region, endpoint, session=session
-    ) as sqs:
-        code = await check(settings, config=str(path), sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs, out=out)
+    recorder = Recorder()
+    async with AsyncExitStack() as stack:
+        sts, ec2, elbv2, sqs = [await stack.enter_async_context(client(name, region, endpoint, session=session))
+                                for name in ("sts", "ec2", "elbv2", "sqs")]
+        ddb = None
+        if settings.ha is not None:
+            ddb = await stack.enter_async_context(client("dynamodb", region, endpoint, session=session))
+        recorder.attach(*(c for c in (sts, ec2, elbv2, sqs, ddb) if c is not None))
+        code = await check(settings, config=str(path), sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs, dynamodb=ddb, out=out)
+    queues = {} if settings.sqs is None else {settings.sqs.queue_url: (
+        f"arn:aws:sqs:{world.region}:{world.account_id}:{settings.sqs.queue_name}")}
+    assert refused(recorder, daemon_policy(settings), world, queues) == []
     return code, out.getvalue().splitlines()
 
 
@@ -114,6 +130,7 @@ async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_p
     # Not rehearsed yet: a warning with the estimate, not a failure.
     (timing,) = [line for line in marked(lines, "!") if "timing" in line]
     assert "not rehearsed" in timing and "spotguard rehearse --config PATH --guard lab" in timing
+    assert not any("[ha]" in line or "leader" in line for line in lines)  # no [ha]: no table, no lease
     assert lines[-1] == "0 problems, 1 warning"
 
 
@@ -328,3 +345,76 @@ def test_a_refused_describe_names_the_call():
 
     assert line.render() == ("✗ target group arn:tg: elasticloadbalancing:DescribeTargetGroups said AccessDenied — "
                              "give these credentials read access, or check the network")
+
+
+# ---------------------------------------------------------------------- [ha]
+
+TABLE = "spotguard-ha"
+HA = f'\n[ha]\ntable = "{TABLE}"\nlease = "30s"\n'
+
+
+async def test_with_ha_the_table_and_the_leader_are_checked(moto_world, aio_session, sound, tmp_path):
+    moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
+    path = write_config(tmp_path, moto_world, sound, extra=HA)
+
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 0, "\n".join(lines)
+    assert f"✓ [ha] table {TABLE}: key pk, ACTIVE" in lines
+    assert ("! no leader: no daemon holds the lease — start `spotguard run` with this config "
+            "(on two hosts for [ha])") in lines
+    assert lines[-1] == "0 problems, 2 warnings"
+
+    async with client("dynamodb", moto_world.region, moto_world.endpoint_url, session=aio_session) as ddb:
+        leadership = ha.Leadership(ddb, TABLE, lease=30.0, holder="controller-a")
+        await leadership.tick()
+        code, lines = await run_check(moto_world, aio_session, path)
+        assert code == 0
+        (leader,) = [line for line in lines if "leader" in line]
+        assert leader in ("✓ leader: controller-a (epoch 1), lease valid for 30s",
+                          "✓ leader: controller-a (epoch 1), lease valid for 29s")
+        assert lines[-1] == "0 problems, 1 warning"
+
+        await leadership.release()  # a clean stop
+        code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 0
+    assert any(line.startswith("! no leader: controller-a (epoch 1) released the lease (a clean stop)")
+               for line in lines)
+
+
+async def test_with_ha_a_missing_or_wrong_table_fails_naming_it(moto_world, aio_session, sound, tmp_path):
+    path = write_config(tmp_path, moto_world, sound, extra=HA)
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 1
+    assert marked(lines, "✗") == [
+        f"✗ [ha] table {TABLE} does not exist — `spotguard setup --config PATH` creates it"]
+    assert not any("leader" in line for line in lines)  # no table, no lease to read
+
+    moto_world.boto("dynamodb").create_table(
+        TableName=TABLE, BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "N"}],
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+    )
+    code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 1
+    (fail,) = marked(lines, "✗")
+    assert fail == (f"✗ [ha] table {TABLE}: its key is id (HASH, N); spotguard needs pk (HASH, S) alone — "
+                    "set ha.table to a new name: `spotguard setup --config PATH` creates it "
+                    "(it never changes an existing table)")
+
+
+def test_the_cli_makes_its_dynamodb_client_only_with_ha(moto_world, sound, tmp_path, capsys):
+    moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
+    assert cli.main(["check", "--config", str(write_config(tmp_path, moto_world, sound, extra=HA))]) == 0
+    assert f"✓ [ha] table {TABLE}: key pk, ACTIVE" in capsys.readouterr().out.splitlines()
+
+
+def test_an_expired_lease_warns_with_its_age():
+    now = time.time()
+    lease = {"holder": "controller-b", "epoch": 7, "expires": now - 42.2, "valid": False}
+    line = leader_line(HaSeen(table={}, leader=lease, now=now))
+    assert line.render() == ("! no leader: the lease of controller-b (epoch 7) expired 42s ago and nobody renewed it "
+                             "— is `spotguard run` running and able to reach DynamoDB? start `spotguard run` with "
+                             "this config (on two hosts for [ha])")
+    denied = leader_line(HaSeen(table={}, leader=Refused("AccessDeniedException", "no"), now=now))
+    assert denied.render() == ("✗ leader: dynamodb:GetItem said AccessDeniedException — "
+                               "give these credentials read access, or check the network")

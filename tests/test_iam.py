@@ -1,17 +1,22 @@
 """The IAM policies: exact statements for known configs, and proof against the calls the code makes.
 
-The key tests run a real daemon (failover through SQS, failback, stop) and a
-real agent against moto, record every AWS call their aiobotocore clients make
-through botocore's own event system (`before-parameter-build` on each
-client's `meta.events`), and check each call, with the resources it names,
-against the generated policy with a small IAM matcher. A call the policy does
-not allow fails the test, and so does a granted action nobody calls.
+The key tests run a real daemon (failover through SQS, failback, stop), then
+`spotguard check` on the same config (operators run it on the controller with
+the daemon's role), and a real agent against moto, record every AWS call their
+aiobotocore clients make through botocore's own event system
+(`before-parameter-build` on each client's `meta.events`), and check each
+call, with the resources it names, against the generated policy with a small
+IAM matcher. A call the policy does not allow fails the test, and so does a
+granted action that neither the daemon nor check calls. Besides, every check
+run in test_check.py is recorded and matched against the daemon's policy for
+its config (test_check.run_check), so each of check's paths is covered.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
@@ -39,6 +44,9 @@ BATCH_AS = {"DeleteMessageBatch": "DeleteMessage", "SendMessageBatch": "SendMess
 # guide, "Using IAM with DynamoDB transactions"); there is no TransactWriteItems IAM action.
 TRANSACT_AS = {"ConditionCheck": "ConditionCheckItem", "Put": "PutItem", "Update": "UpdateItem",
                "Delete": "DeleteItem"}
+# "No permissions are required to perform this operation" (STS API reference, GetCallerIdentity):
+# an explicit deny cannot even stop it. check calls it to show who it runs as.
+NO_PERMISSION = frozenset({"sts:GetCallerIdentity"})
 
 
 # ---------------------------------------------------------------------- helpers
@@ -126,8 +134,21 @@ def refused(recorder: Recorder, policy: dict, world: Any, queue_arns: dict[str, 
         f"{action} on {arn}"
         for action, params in recorder.calls
         for arn in resources(action, params, world, queue_arns)
-        if not allows(policy, action, arn)
+        if action not in NO_PERMISSION and not allows(policy, action, arn)
     )
+
+
+async def check_with(recorder: Recorder, settings: config.Settings, world: Any, session: Any, aws: Any,
+                     ddb: Any = None) -> list[str]:
+    """`spotguard check` on the daemon's own clients (plus an STS one), recorded; its lines."""
+    from spotguard.check import check
+
+    out = io.StringIO()
+    async with client("sts", world.region, world.endpoint_url, session=session) as sts:
+        recorder.attach(sts)
+        await check(settings, config="config.toml", sts=sts, ec2=aws.ec2, elbv2=aws.elbv2, sqs=aws.sqs, dynamodb=ddb,
+                    out=out)
+    return out.getvalue().splitlines()
 
 
 def cli(path: Path, *, agent: bool = False) -> int:
@@ -146,7 +167,8 @@ def test_the_example_config_gets_exactly_these_statements():
                 "Sid": "Describe",
                 "Effect": "Allow",
                 "Action": ["ec2:DescribeInstances", "ec2:DescribeSpotInstanceRequests",
-                           "elasticloadbalancing:DescribeTargetHealth"],
+                           "elasticloadbalancing:DescribeTargetHealth", "elasticloadbalancing:DescribeTargetGroups",
+                           "elasticloadbalancing:DescribeTargetGroupAttributes"],
                 "Resource": "*",
             },
             {
@@ -167,7 +189,7 @@ def test_the_example_config_gets_exactly_these_statements():
             {
                 "Sid": "ReadQueue",
                 "Effect": "Allow",
-                "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
+                "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
                 "Resource": "arn:aws:sqs:ap-northeast-2:123456789012:spotguard",
             },
         ],
@@ -258,8 +280,8 @@ def queue(moto_world) -> tuple[str, dict[str, str]]:
     return url, {url: arn}
 
 
-async def test_every_call_of_a_daemon_cycle_is_allowed_and_every_grant_is_used(tmp_path, moto_world, deployment,
-                                                                               aws, queue):
+async def test_every_call_of_a_daemon_cycle_and_check_is_allowed_and_every_grant_is_used(
+        tmp_path, moto_world, deployment, aws, queue, aio_session):
     d, standby = deployment, deployment.standby_ids[0]
     url, queue_arns = queue
     settings = write_config(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
@@ -275,11 +297,18 @@ async def test_every_call_of_a_daemon_cycle_is_allowed_and_every_grant_is_used(t
         await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="failback")
         await until(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
         await until(lambda: "sqs:DeleteMessage" in recorder.actions(), what="the message deleted")
+    daemon_calls = recorder.actions()
+    lines = await check_with(recorder, settings, moto_world, aio_session, aws)
+    assert lines[-1].endswith("warning") and "queue spotguard: exists" in "\n".join(lines), lines
 
     policy = daemon_policy(settings)
     assert refused(recorder, policy, moto_world, queue_arns) == []
-    # Least privilege the other way round: nothing granted that the cycle did not use.
-    assert recorder.actions() == granted_actions(policy)
+    # Least privilege the other way round: nothing granted that the cycle and check did not use.
+    assert recorder.actions() - NO_PERMISSION == granted_actions(policy)
+    # check's read-only extras are granted for check alone; the daemon itself never calls them.
+    assert recorder.actions() - daemon_calls - NO_PERMISSION == {
+        "elasticloadbalancing:DescribeTargetGroups", "elasticloadbalancing:DescribeTargetGroupAttributes",
+        "sqs:GetQueueAttributes"}
 
 
 async def test_the_check_catches_a_missing_grant(tmp_path, moto_world, deployment, aws, queue):
@@ -355,7 +384,7 @@ def test_ha_adds_the_table_actions_on_the_table_only(tmp_path):
         "Sid": "LeaseTable",
         "Effect": "Allow",
         "Action": ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:BatchGetItem", "dynamodb:PutItem",
-                   "dynamodb:ConditionCheckItem"],
+                   "dynamodb:ConditionCheckItem", "dynamodb:DescribeTable"],
         "Resource": "arn:aws:dynamodb:ap-northeast-2:123456789012:table/spotguard",
     }
     tg2 = "arn:aws:elasticloadbalancing:ap-northeast-2:210987654321:targetgroup/chat/0123456789abcdef"
@@ -396,7 +425,11 @@ async def test_every_call_of_an_ha_daemon_cycle_is_allowed_and_every_grant_is_us
         finally:
             stop.set()
             await asyncio.wait([task], timeout=15)
+        daemon_calls = recorder.actions()
+        lines = await check_with(recorder, settings, moto_world, aio_session, aws, ddb)
+        assert "✓ [ha] table spotguard-ha: key pk, ACTIVE" in lines, lines
 
     policy = daemon_policy(settings)
     assert refused(recorder, policy, moto_world, {}) == []
-    assert recorder.actions() == granted_actions(policy)
+    assert recorder.actions() - NO_PERMISSION == granted_actions(policy)
+    assert "dynamodb:DescribeTable" not in daemon_calls and "dynamodb:DescribeTable" in recorder.actions()

@@ -92,7 +92,8 @@ async def test_status_follows_a_failover_phase_by_phase(tmp_path, moto_world, de
         assert code == 0
         doc = json.loads(out)
         assert doc["version"] == 1 and doc["guards"][0]["phase"] in ("both-serving", "spot-restored")
-        assert set(doc) == {"version", "generated_at", "state_dir", "guards"}  # docs/status-json.md
+        assert set(doc) == {"version", "generated_at", "state_dir", "ha", "guards"}  # docs/status-json.md
+        assert doc["ha"] is None  # no [ha]: no DynamoDB, no field value
         assert set(doc["guards"][0]) == GUARD_FIELDS and set(doc["guards"][0]["month"]) == MONTH_FIELDS
         outputs.append(out)
         code, text = await cli(config)
@@ -164,6 +165,112 @@ def test_a_corrupt_state_file_is_reported_and_left_alone(tmp_path, capsys):
     assert g["problems"] and g["problems"][0].startswith("state file: unusable")
     assert path.read_text() == "{ truncated"  # evidence for a person; only the daemon sets it aside
     assert g["phase"] is None and "unknown" in status.render({"guards": [g], "generated_at": status.iso(0)})
+
+
+# --------------------------------------------------------------------------- [ha]: who leads
+
+TABLE = "spotguard-ha"
+HA = f'[ha]\ntable = "{TABLE}"\nlease = "15s"\n'
+
+
+def write_lease(world, holder: str, epoch: int, expires: float) -> None:
+    """The lease item as a daemon's Leadership writes it (ha.py's attributes)."""
+    world.boto("dynamodb").put_item(TableName=TABLE, Item={
+        "pk": {"S": "lease"}, "holder": {"S": holder}, "epoch": {"N": str(epoch)},
+        "expires": {"N": repr(expires)}, "lease": {"N": "15"},
+    })
+
+
+def run_status(config: Path, capsys, *flags: str) -> tuple[int, str]:
+    from spotguard.cli import main
+
+    code = main(["status", "--config", str(config), *flags])
+    out, err = capsys.readouterr()
+    assert err == ""
+    return code, out
+
+
+def test_with_ha_status_reads_the_leader_from_the_table(tmp_path, moto_world, deployment, capsys):
+    from spotguard import ha
+
+    write_config(tmp_path, moto_world, [deployment], extra=HA)
+    config = tmp_path / "config.toml"
+    moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
+
+    code, out = run_status(config, capsys, "--json")
+    assert code == 0
+    assert json.loads(out)["ha"] == {"table": TABLE, "leader": None, "error": None}
+    code, out = run_status(config, capsys)
+    assert out.startswith(f"ha (table {TABLE}): no leader (no daemon has held the lease yet)\n\nguard lab: ")
+
+    expires = time.time() + 12.4
+    write_lease(moto_world, "controller-a", 3, expires)
+    code, out = run_status(config, capsys, "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["version"] == 1
+    assert doc["ha"] == {"table": TABLE, "error": None, "leader": {
+        "holder": "controller-a", "epoch": 3, "expires": status.iso(expires), "valid": True}}
+    assert doc["ha"]["leader"]["expires"].endswith("Z") and len(doc["ha"]["leader"]["expires"]) == 20
+    code, out = run_status(config, capsys)
+    first = out.splitlines()[0]
+    assert first.startswith(f"ha (table {TABLE}): leader controller-a (epoch 3), lease valid until "
+                            f"{status.iso(expires).replace('T', ' ').replace('Z', ' UTC')} (1")
+
+    write_lease(moto_world, "controller-a", 3, time.time() - 30)
+    code, out = run_status(config, capsys, "--json")
+    assert json.loads(out)["ha"]["leader"]["valid"] is False
+    code, out = run_status(config, capsys)
+    assert "no leader (the lease of controller-a (epoch 3) expired at " in out and "30s ago)" in out
+
+    write_lease(moto_world, "controller-b", 4, 0)  # released on a clean stop
+    code, out = run_status(config, capsys, "--json")
+    assert json.loads(out)["ha"]["leader"] == {
+        "holder": "controller-b", "epoch": 4, "expires": "1970-01-01T00:00:00Z", "valid": False}
+    code, out = run_status(config, capsys)
+    assert out.startswith(f"ha (table {TABLE}): no leader (controller-b (epoch 4) released the lease on a clean stop)")
+
+
+def test_with_ha_a_failed_read_shows_the_leader_unknown_and_the_rest(tmp_path, moto_world, deployment, capsys):
+    write_config(tmp_path, moto_world, [deployment], extra=HA)  # no table
+    config = tmp_path / "config.toml"
+    code, out = run_status(config, capsys, "--json")
+    doc = json.loads(out)
+    assert code == 0, "the lease read does not change the exit code"
+    assert doc["ha"] == {"table": TABLE, "leader": None, "error": "ResourceNotFoundException"}
+    assert [g["name"] for g in doc["guards"]] == ["lab"] and set(doc["guards"][0]) == GUARD_FIELDS
+    code, out = run_status(config, capsys)
+    assert code == 0
+    assert out.startswith(f"ha (table {TABLE}): leader unknown (ResourceNotFoundException: the table could not be "
+                          "read)\n\nguard lab: unknown")
+
+
+async def test_with_ha_an_unreachable_endpoint_is_an_error_code(tmp_path, moto_world, deployment, aio_session):
+    from spotguard.aws import client
+
+    settings = write_config(tmp_path, moto_world, [deployment], extra=HA)
+    async with client("dynamodb", "us-east-1", "http://127.0.0.1:9", session=aio_session, max_attempts=1) as ddb:
+        got = await status.read_ha(settings, ddb, time.time())
+    assert got == {"table": TABLE, "leader": None, "error": "EndpointConnectionError"}
+    assert await status.read_ha(write_config(tmp_path, moto_world, [deployment]), None, time.time()) is None
+    with pytest.raises(ValueError):
+        status.report(settings, time.time())  # with [ha], the caller must pass what it read
+
+
+def test_without_ha_status_loads_no_aws_library(tmp_path):
+    # Run alone, status reads local files only: not even aiobotocore is imported.
+    (tmp_path / "c.toml").write_text(
+        f'[aws]\nregion = "us-east-1"\n[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[[guard]]\nname = "lab"\ntarget_group_arn = '
+        '"arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/lab/6d0ecf831eec9f09"\n'
+        'spot_request_ids = ["sir-8x4kq2bn"]\nstandby_instance_ids = ["i-0a1b2c3d4e5f60718"]\n')
+    code = ("import sys; from spotguard.cli import main; rc = main(['status', '--config', sys.argv[1], '--json']); "
+            "assert 'aiobotocore' not in sys.modules and 'botocore' not in sys.modules, 'AWS loaded'; sys.exit(rc)")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.toml")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ha"] is None
 
 
 def test_a_bad_config_exits_2(tmp_path):
