@@ -16,6 +16,12 @@ Rules worth knowing before reading the code:
 * A failover is given up when a spot without a notice is healthy again before
   any standby is; a standby still running then gets the failback grace and is
   drained and stopped like any other (no forgotten On-Demand bill).
+* Something the config names that AWS no longer has (the target group, a spot
+  request, a standby) is said once, when an observation first shows it gone.
+  Without its target group a guard can serve nothing: it decides nothing until
+  the group is back (notices are still remembered).
+* `now` may step backwards (an NTP step, a resumed VM): remembered times are
+  moved back with it, so a timer restarts rather than waiting out the jump.
 
 This module must not do I/O, read a clock, or import asyncio, boto, structlog
 or anything else with side effects. The shell (daemon, executor, store) does
@@ -41,6 +47,8 @@ class Phase(str, enum.Enum):
 
 # EC2 instance states in which an instance serves (or will).
 LIVE_STATES = frozenset({"pending", "running"})
+# States of an instance that will never serve again (`missing`: EC2 does not know the id).
+GONE_STATES = frozenset({"shutting-down", "terminated", "missing"})
 # ELBv2 target health states. A target absent from DescribeTargetHealth is not registered.
 HEALTHY = "healthy"
 DRAINING = "draining"
@@ -80,6 +88,8 @@ class Observed:
     spots: tuple[Instance, ...] = ()  # the guard's current spot instances
     standbys: tuple[Instance, ...] = ()  # the guard's standbys, in config order
     targets: tuple[Target, ...] = ()  # every registered target of the target group
+    target_group_gone: bool = False  # AWS says the target group does not exist
+    requests_gone: tuple[str, ...] = ()  # spot request ids AWS does not know (cancelled, deleted)
 
 
 @dataclass(frozen=True)
@@ -198,8 +208,12 @@ Result = tuple[GuardState, tuple[Command, ...]]
 
 def step(state: GuardState, event: Event, now: float) -> Result:
     """Apply one event at time `now`; return the new state and the commands to run."""
+    state = _rebase(state, now)
+    before = state.seen
     state, changed, commands = _absorb(state, event, now)
-    if not changed or state.seen is None:
+    if isinstance(event, Observed):
+        commands += _losses(before, event)
+    if not changed or state.seen is None or state.seen.target_group_gone:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
     if not isinstance(event, Observed):
@@ -222,6 +236,56 @@ def _watch_outage(state: GuardState, now: float) -> Result:
         alert = Alert(f"service back: a healthy target again after {now - state.outage_since:.0f}s without one")
         return replace(state, outage_since=None), (alert,)
     return state, ()
+
+
+def _rebase(state: GuardState, now: float) -> GuardState:
+    """Move every remembered time back when the clock has stepped back past them.
+
+    Timers then count from the step instead of waiting out its length (an hour
+    back must not mean an hour more of On-Demand). A step forward needs nothing:
+    timers fire early, and every rule is safe whenever it fires.
+    """
+    marks = (state.since, state.started_at, state.start_sent, state.unhealthy_since, state.prewarm_at, state.outage_since)
+    latest = max(t for t in marks if t is not None)
+    if now >= latest:
+        return state
+    back = now - latest
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t + back
+
+    return replace(
+        state,
+        since=state.since + back,
+        started_at=moved(state.started_at),
+        start_sent=moved(state.start_sent),
+        unhealthy_since=moved(state.unhealthy_since),
+        prewarm_at=moved(state.prewarm_at),
+        outage_since=moved(state.outage_since),
+        retry_at=moved(state.retry_at),
+    )
+
+
+def _losses(before: Observed | None, seen: Observed) -> tuple[Command, ...]:
+    """One alert per configured resource that this observation first shows gone.
+
+    Compared with the previous observation (never persisted), so a loss is said
+    once per daemon start, not on every poll.
+    """
+    had = _lost(before) if before is not None else {}
+    return tuple(Alert(text) for key, text in _lost(seen).items() if key not in had)
+
+
+def _lost(seen: Observed) -> dict[str, str]:
+    lost = {}
+    if seen.target_group_gone:
+        lost["target-group"] = "the target group is gone (deleted?): nothing can serve; no action until it is back"
+    for rid in seen.requests_gone:
+        lost[rid] = f"spot request {rid} is gone (cancelled?): its spot is no longer seen; fix spot_request_ids"
+    for i in seen.standbys:
+        if i.state in GONE_STATES:
+            lost[i.id] = f"standby {i.id} is {i.state} (terminated?): it cannot serve; fix standby_instance_ids"
+    return lost
 
 
 def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
@@ -400,6 +464,16 @@ def _drop_doomed(state: GuardState) -> tuple[Command, ...]:
     return _deregister(state, sorted(state.doomed))
 
 
+def _drop_stopped_standbys(state: GuardState) -> tuple[Command, ...]:
+    """A stopped standby left in the target group (stopped by hand, say) is taken out:
+    it cannot serve, and the group should list only what can. Never a healthy target."""
+    return tuple(
+        Deregister(s)
+        for s in state.rules.standbys
+        if _health(state, s) == UNUSED and _instance(state, s).state not in LIVE_STATES
+    )
+
+
 def _tidy_other_standbys(state: GuardState) -> tuple[Command, ...]:
     """Standbys other than the chosen one drain and stop (invariant: one standby at a time)."""
     out: tuple[Command, ...] = ()
@@ -457,7 +531,7 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
         # grace and is then drained and stopped: no forgotten On-Demand bill.
         state = _enter(state, Phase.SPOT_RESTORED, now, f"standby {stray} running outside a failover", standby=stray)
         return _decide_restored(state, now)
-    return state, _register_new_spots(state) + _drop_doomed(state)
+    return state, _register_new_spots(state) + _drop_doomed(state) + _drop_stopped_standbys(state)
 
 
 def _why_spot_lost(state: GuardState) -> str:
@@ -481,7 +555,7 @@ def _decide_starting(state: GuardState, now: float) -> Result:
         return _all_failed(state, now)
     sid = state.standby
     inst = _instance(state, sid)
-    if inst.state in ("missing", "terminated", "shutting-down"):
+    if inst.state in GONE_STATES:
         state = _give_up(state, sid, now)
         alert = Alert(f"standby {sid} is {inst.state}; trying the next standby")
         state, cmds = _decide_starting(state, now)

@@ -46,7 +46,7 @@ a seeded random order (the daemon steps notices before its round's Observed).
 Commands are carried out at once, in order; a refusal is stepped right away as
 `Failed` at the same `now`. `PollGap` drops polls, `Pause` holds every event
 back, `Restart` holds them back and then reloads the state without `seen`, as
-the store does.
+the store does. `TerminateStandby` is a person deleting a standby for good.
 
 This module must not make any decision the machine should make: it only plays
 the world and records. It never reads a wall clock and never uses randomness
@@ -163,6 +163,14 @@ class ExternalStop:
 
 
 @dataclass(frozen=True)
+class TerminateStandby:
+    """A person terminates standby number `index` (whatever its state): it never comes back."""
+
+    at: int
+    index: int
+
+
+@dataclass(frozen=True)
 class TickAt:
     at: int
 
@@ -192,7 +200,10 @@ class Restart:
     down: int = 10
 
 
-Action = Interrupt | InterruptWhen | Rebalance | StrayNotice | Flap | ExternalStop | TickAt | PollGap | Pause | Restart
+Action = (
+    Interrupt | InterruptWhen | Rebalance | StrayNotice | Flap | ExternalStop | TerminateStandby | TickAt | PollGap | Pause
+    | Restart
+)
 
 
 @dataclass(frozen=True)
@@ -251,7 +262,7 @@ class Mark:
     """Something the script did to the world (for the checks: interruptions, flaps, ...)."""
 
     t: float
-    kind: str  # interrupt | rebalance | stray | flap | ext-stop | pause | poll-gap | restart
+    kind: str  # interrupt | rebalance | stray | flap | ext-stop | terminate | pause | poll-gap | restart
     detail: str = ""
     until: float = 0.0
 
@@ -460,6 +471,17 @@ class World:
     def flap(self, iid: str, until: float) -> None:
         self.changes += 1
         self.flaps.setdefault(iid, []).append((self.now, until))
+
+    def terminate(self, iid: str) -> None:
+        """TerminateInstances by hand: shutting-down, then terminated; the ALB drains its target."""
+        self.changes += 1
+        inst = self.instances[iid]
+        if inst.state in ("shutting-down", "terminated"):
+            return
+        inst.state, inst.until, inst.ready_at = "shutting-down", self.now + self.timing.shutdown, None
+        tg = self.targets.get(iid)
+        if tg is not None and tg.drain_until is None:
+            tg.health, tg.drain_until = "draining", self.now + self.timing.dereg_delay
 
     def external_stop(self, iid: str) -> None:
         self.changes += 1
@@ -673,6 +695,10 @@ class _Driver:
             sid = self.rules.standbys[action.index]
             w.external_stop(sid)
             self.marks.append(Mark(t, "ext-stop", sid))
+        elif isinstance(action, TerminateStandby):
+            sid = self.rules.standbys[action.index]
+            w.terminate(sid)
+            self.marks.append(Mark(t, "terminate", sid))
         elif isinstance(action, TickAt):
             self._schedule_event(t, Tick())
         elif isinstance(action, PollGap):
@@ -715,6 +741,6 @@ def replay(rules: Rules, events: list[tuple[float, Event]]) -> list[tuple[GuardS
 
 __all__ = [
     "Action", "ExternalStop", "FAULTS", "Flap", "Interrupt", "InterruptWhen", "LATE", "Mark", "Pause", "PollGap",
-    "Rebalance", "Restart", "Script", "Snapshot", "Step", "StrayNotice", "Tick", "TickAt", "Timing", "Trace", "World", "replay",
-    "run",
+    "Rebalance", "Restart", "Script", "Snapshot", "Step", "StrayNotice", "TerminateStandby", "Tick", "TickAt", "Timing",
+    "Trace", "World", "replay", "run",
 ]

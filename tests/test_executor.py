@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import guard_for
+from httpcapture import async_wait_for
 from structlog.testing import capture_logs
 
 from spotguard.aws import clients
@@ -155,3 +156,38 @@ def test_client_config_and_error_codes():
     assert error_code(ice) == "InsufficientInstanceCapacity"
     assert error_code(EndpointConnectionError(endpoint_url="http://x")) == "EndpointConnectionError"
     assert error_code(TimeoutError()) == "Timeout"
+
+
+@pytest.mark.parametrize(
+    "code,status",
+    [("RequestLimitExceeded", 503), ("InternalError", 500)],
+    ids=["throttled", "5xx"],
+)
+async def test_transient_errors_are_retried_by_botocore_then_failed(guard, deployment, aio_session, moto_world, code, status):
+    from spotguard.lab.world import ApiFault
+
+    standby = deployment.standby_ids[0]
+    # max_attempts=1: one retry after the first try (botocore counts retries, not tries).
+    async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session, max_attempts=1) as (ec2, elbv2, _):
+        executor = Executor(ec2, elbv2, [guard])
+        once = moto_world.api_fault(ApiFault("StartInstances", code=code, status=status, times=1))
+        assert await executor.run(guard.name, Start(standby)) is None  # the retry got through
+        assert moto_world.api_hits(once) == 1
+        moto_world.clear_api_fault(once)
+        await executor.run(guard.name, Stop(standby))
+        always = moto_world.api_fault(ApiFault("StartInstances", code=code, status=status))
+        assert await executor.run(guard.name, Start(standby)) == Failed(Start(standby), code)
+        assert moto_world.api_hits(always) == 2  # bounded: the machine decides what next
+        assert moto_world.states(standby) == {standby: "stopped"}
+
+
+async def test_a_slow_answer_past_the_deadline_is_failed_timeout(guard, deployment, aio_session, moto_world):
+    from spotguard.lab.world import ApiFault
+
+    standby = deployment.standby_ids[0]
+    moto_world.api_fault(ApiFault("StartInstances", delay=1.0, times=1))
+    async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session) as (ec2, elbv2, _):
+        executor = Executor(ec2, elbv2, [guard], deadline=0.3)
+        assert await executor.run(guard.name, Start(standby)) == Failed(Start(standby), "Timeout")
+    # The request went on without us, as on AWS: a timed-out start may still start.
+    await async_wait_for(lambda: moto_world.instance_state(standby) == "running", timeout=5.0)

@@ -108,6 +108,14 @@ ROWS = [
         (),
     ),
     ("notice for a standby ignored", at(S, HEALTHY_SPOT), Notice("i-s1"), 10, S, ()),
+    (
+        "stopped standby left registered: deregistered",
+        at(S, HEALTHY_SPOT),
+        world("a:running", "s1:stopped s2:stopped", "a:healthy s1:unused"),
+        10,
+        S,
+        (Deregister("i-s1"),),
+    ),
     # --- standby-starting
     (
         "booting: wait",
@@ -295,6 +303,7 @@ def test_rule(name, state, event, now, phase, commands):
         assert new.since == now and new.reason
 
 
+@pytest.mark.fault(fault="notice delivered twice", phase="spot-healthy", outcome="the second changes nothing")
 def test_duplicate_notice_changes_nothing():
     state, _ = step(at(S, HEALTHY_SPOT), Notice("i-a"), 10)
     again, cmds = step(state, Notice("i-a"), 11)
@@ -325,6 +334,8 @@ def test_all_standbys_fail_then_retry_with_backoff():
     assert cmds == (Start("i-s1"),)
 
 
+@pytest.mark.fault(fault="notice before the first poll", phase="spot-healthy",
+                   outcome="remembered; failover on the first observation")
 def test_nothing_decided_before_first_observation():
     state, cmds = step(initial(RULES), Notice("i-a"), 1)
     assert cmds == () and state.doomed == {"i-a"}
@@ -348,3 +359,49 @@ def test_outage_is_said_once_and_its_end_with_its_length():
     state, cmds = step(state, HEALTHY_SPOT, 25)
     assert cmds == (Alert("service back: a healthy target again after 15s without one"),)
     assert state.outage_since is None
+
+
+# --- the world changing under the guard
+
+
+def test_a_lost_target_group_is_said_once_and_holds_every_action():
+    gone = replace(world("a:running!", targets=""), target_group_gone=True)
+    state, cmds = step(at(S, HEALTHY_SPOT), gone, 10)
+    assert cmds == (Alert("the target group is gone (deleted?): nothing can serve; no action until it is back"),)
+    assert state.phase is S
+    # Nothing is started for the notice or the empty group, however long it lasts.
+    state, cmds = step(state, gone, 100)
+    assert cmds == () and state.phase is S
+    state, cmds = step(state, Notice("i-b"), 101)
+    assert cmds == ()
+    # Back: the remembered notice is acted on.
+    state, cmds = step(state, world("a:running!", targets="a:healthy"), 102)
+    assert state.phase is P and cmds == (Start("i-s1"),)
+
+
+def test_a_lost_spot_request_and_a_terminated_standby_are_said_once():
+    seen = replace(world("", "s1:terminated s2:stopped", "a:healthy"), requests_gone=("sir-1",))
+    state, cmds = step(at(S, HEALTHY_SPOT), seen, 10)
+    alerts = [c.text for c in cmds if isinstance(c, Alert)]
+    assert any("spot request sir-1 is gone" in t for t in alerts)
+    assert any("standby i-s1 is terminated" in t for t in alerts)
+    # The spot can no longer be seen: the guard fails over, on the standby that is left.
+    assert state.phase is P and Start("i-s2") in cmds
+    later = replace(world("", "s1:missing s2:pending", "a:healthy"), requests_gone=("sir-1",))
+    _, cmds = step(state, later, 20)
+    assert not [c for c in cmds if isinstance(c, Alert)]  # terminated -> missing is the same loss
+
+
+@pytest.mark.fault(fault="clock jumps back 1 h", phase="spot-restored",
+                   outcome="grace restarts from the jump, not an hour more On-Demand")
+def test_a_clock_step_back_restarts_timers_instead_of_waiting_it_out():
+    seen = world("b:running", "s1:running s2:stopped", "s1:healthy b:healthy")
+    state = at(D, seen, standby="i-s1")
+    state = replace(state, since=1000.0)
+    # At 1500 (grace 600 not over) the clock steps back an hour.
+    state, cmds = step(state, seen, 1500 - 3600)
+    assert state.phase is D and cmds == () and state.since == 1500 - 3600
+    state, cmds = step(state, seen, 1500 - 3600 + 599)
+    assert state.phase is D
+    state, cmds = step(state, seen, 1500 - 3600 + 600)
+    assert state.phase is DR and cmds == (Deregister("i-s1"),)

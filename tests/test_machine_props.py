@@ -33,6 +33,7 @@ from sim import (
     Restart,
     Script,
     StrayNotice,
+    TerminateStandby,
     TickAt,
     Timing,
     Trace,
@@ -422,6 +423,57 @@ def test_failback_and_liveness(case):
 def test_same_script_same_trace(case):
     first, second = run(*case), run(*case)
     assert first.steps == second.steps and first.marks == second.marks
+
+
+@props(40)
+@given(scenarios(quiet_tail=False), st.integers(1, 10**6))
+def test_a_clock_step_back_leaves_no_remembered_time_in_the_future(case, back):
+    """Whatever the step, timers count from now, not from a time that has not come yet
+    (which would hold a standby, or a retry, for the length of the step); and the
+    commands decided at the stepped-back time still keep invariant 1."""
+    trace = play(*case)
+    for s in trace.steps[:: max(1, len(trace.steps) // 25)]:
+        now = s.t - back
+        after, commands = step(s.before, s.event, now)
+        remembered = (after.since, after.started_at, after.start_sent, after.unhealthy_since, after.prewarm_at,
+                      after.outage_since)
+        assert all(t is None or t <= now for t in remembered), f"t={s.t} stepped to {now}: {after}"
+        dereg = {c.instance_id for c in commands if isinstance(c, Deregister)}
+        healthy = {x.id for x in after.seen.targets if x.health == "healthy"} if after.seen else set()
+        assert not dereg or healthy - dereg, f"inv1: t={s.t} stepped back: {commands}"
+
+
+@st.composite
+def terminations(draw) -> tuple[Rules, Script, int]:
+    """A scenario in which a person terminates some standbys at random times."""
+    rules, script, seed = draw(scenarios(quiet_tail=False))
+    n = len(rules.standbys)
+    kills = draw(st.lists(st.builds(TerminateStandby, at=st.integers(5, 800), index=st.integers(0, n - 1)),
+                          min_size=1, max_size=n))
+    return rules, replace(script, actions=script.actions + tuple(kills)), seed
+
+
+@props(60)
+@given(terminations())
+def test_a_terminated_standby_is_said_once_and_never_started(case):
+    """Safety holds; a standby seen gone is never sent StartInstances again; its loss is
+    said once per daemon start (a restart forgets the last observation, so it may say it again)."""
+    trace = run(*case, catch=True)
+    note(f"case={case!r}")
+    assert trace.error is None, trace.error
+    check_safety(trace)
+    check_world_safety(trace)
+    restarts = sum(1 for m in trace.marks if m.kind == "restart")
+    seen_gone: set[str] = set()
+    for s in trace.steps:
+        assert not any(isinstance(c, Start) and c.instance_id in seen_gone for c in s.commands), (
+            f"t={s.t} starts a standby already seen gone: {s.commands}"
+        )
+        if s.after.seen is not None:
+            seen_gone |= {i.id for i in s.after.seen.standbys if i.state in ("shutting-down", "terminated")}
+    for sid in trace.rules.standbys:
+        said = [a for a in trace.alerts() if a.startswith(f"standby {sid} is") and "fix standby_instance_ids" in a]
+        assert len(said) <= 1 + restarts, f"{sid}: {said}"
 
 
 # --------------------------------------------------------------------------- scenarios

@@ -119,7 +119,21 @@ async def test_unknown_spot_request_is_logged(aws, deployment):
     with capture_logs() as logs:
         seen = await observe_one(aws, guard)
     assert seen.spots == (Instance(deployment.spot_instance_id, "running"),)
-    assert {"event": "poll.spot_request.missing", "request_id": "sir-00000000", "log_level": "error"} in logs
+    assert {"event": "poll.spot_request.missing", "request_id": "sir-00000000", "guards": [guard.name], "log_level": "error"} in logs
+    assert seen.requests_gone == ("sir-00000000",)
+
+
+async def test_a_loss_is_logged_once_and_its_return_once(aws, deployment):
+    guard = guard_for(deployment, spot_request_ids=("sir-00000000", deployment.spot_request_id))
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    with capture_logs() as logs:
+        for _ in range(3):
+            await poller.observe()
+    assert [e["event"] for e in logs if e["event"].startswith("poll.spot_request")] == ["poll.spot_request.missing"]
+    poller.guards = (guard_for(deployment),)  # the config fixed
+    with capture_logs() as logs:
+        await poller.observe()
+    assert {"event": "poll.found_again", "id": "sir-00000000", "log_level": "info"} in logs
 
 
 async def test_two_guards_one_round_of_calls(aws, moto_world):
@@ -176,7 +190,7 @@ async def test_stopped_registered_target_is_unused(aws, deployment):
     assert Target(standby, "unused") in seen.targets
 
 
-async def test_missing_target_group_skips_only_its_guard(aws, moto_world):
+async def test_missing_target_group_is_reported_for_its_guard_only(aws, moto_world):
     a = moto_world.provision("a", standbys=1)
     b = moto_world.provision("b", standbys=1)
     await aws.elbv2.delete_load_balancer(LoadBalancerArn=b.load_balancer_arn)  # frees the target group
@@ -184,7 +198,10 @@ async def test_missing_target_group_skips_only_its_guard(aws, moto_world):
     poller = Poller(aws.ec2, aws.elbv2, [guard_for(a, "a"), guard_for(b, "b")])
     with capture_logs() as logs:
         seen = await poller.observe()
-    assert set(seen) == {"a"}
+    assert set(seen) == {"a", "b"}
+    assert seen["b"].target_group_gone and seen["b"].targets == ()
+    assert seen["b"].spots == (Instance(b.spot_instance_id, "running"),)  # the rest is still seen
+    assert not seen["a"].target_group_gone and seen["a"].targets
     assert any(e["event"] == "poll.target_group.missing" and e["guards"] == ["b"] for e in logs)
 
 

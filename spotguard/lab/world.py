@@ -11,6 +11,14 @@ backend objects in-process:
   * `set_health`: what DescribeTargetHealth reports for a target;
   * `inject_error`: StartInstances/StopInstances answering an AWS error (e.g.
     InsufficientInstanceCapacity) for a chosen instance;
+  * `api_fault`: any API action (optionally only requests naming a given id)
+    answering an error with any HTTP status (throttling, 5xx), or answering
+    late (a slow or stuck endpoint), always or a number of times; `api_hits`
+    counts the requests it answered. The world's own boto clients (`boto`)
+    are never faulted, so a test can look while the system under test suffers;
+  * what a person does by hand, through the real API: `delete_target_group`
+    (its listeners first, as the console makes you), `cancel_spot_request`
+    (moto forgets a cancelled request at once), `terminate_instance`;
   * EC2's state rules moto skips: starting a terminated/stopping instance or
     stopping a terminated one answers IncorrectInstanceState;
   * for the lab, opt-in: `model_transitions` (StartInstances leaves an
@@ -41,13 +49,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
+from html import escape
 from typing import Any, Callable, Mapping
 
 import boto3
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
+from moto.core.responses import BaseResponse
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import InstanceBackend, InstanceState
 from moto.elbv2.models import ELBv2Backend, FakeHealthStatus
@@ -101,6 +113,26 @@ class Deployment:
     standby_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ApiFault:
+    """How one API action misbehaves: late by `delay` seconds, then (with a `code`)
+    an error answered with HTTP `status`; for `times` requests (None: until cleared),
+    only for requests with a parameter equal to `match` (an instance id, an ARN) when given.
+
+    Throttling is `code="RequestLimitExceeded"` (EC2) or `"Throttling"` (ELBv2) with
+    status 400 (EC2 answers 503 too); a 5xx is e.g. `code="InternalError", status=500`;
+    a slow endpoint is a `delay` with no code.
+    """
+
+    action: str  # the API's name, e.g. "StartInstances", "DescribeTargetHealth"
+    code: str | None = None
+    status: int = 400
+    delay: float = 0.0
+    times: int | None = None
+    match: str | None = None
+    message: str | None = None
+
+
 # ---------------------------------------------------------------------- physics
 
 
@@ -113,6 +145,7 @@ class _Physics:
         self.draining: set[tuple[str, str]] = set()  # (target group arn, target id) drains when deregistered
         self.health_source: HealthSource | None = None
         self.transitions = False  # Start/StopInstances leave pending/stopping for the driver to settle
+        self.api_faults: dict[ApiFault, int] = {}  # fault -> requests it has answered
         # Instance state changes from the driver's thread and moto's server thread.
         self.lock = threading.RLock()
 
@@ -122,6 +155,20 @@ class _Physics:
         self.draining.clear()
         self.health_source = None
         self.transitions = False
+        self.api_faults.clear()
+
+    def api_fault_for(self, action: str, params: Mapping[str, Any]) -> ApiFault | None:
+        """The first armed fault for this request, counted as one hit."""
+        values = {v for vs in params.values() for v in (vs if isinstance(vs, list) else [vs])}
+        with self.lock:
+            for fault, hits in self.api_faults.items():
+                if fault.action != action or (fault.match is not None and fault.match not in values):
+                    continue
+                if fault.times is not None and hits >= fault.times:
+                    continue
+                self.api_faults[fault] = hits + 1
+                return fault
+        return None
 
 
 _PHYSICS = _Physics()
@@ -231,7 +278,46 @@ def _apply(status: Any, state: str) -> Any:
     return status
 
 
+# Sent by the world's own boto clients (building and inspecting), so an ApiFault
+# only ever hits the system under test.
+_OWN_HEADER = "X-Motoworld-Own"
+
+
+def _moto_call_action(self: Any) -> Any:
+    # A late request can outlive its world (a fault's delay past the test's end):
+    # once uninstalled, the class holds moto's own method again.
+    return _ORIGINALS.get((BaseResponse, "call_action"), BaseResponse.call_action)(self)
+
+
+def _call_action(self: Any) -> Any:
+    """Every API request passes here: an armed ApiFault makes it late, or fail."""
+    if self.headers.get(_OWN_HEADER):
+        return _moto_call_action(self)  # the world's own looks are never faulted
+    fault = _PHYSICS.api_fault_for(self._get_action(), self.querystring or {})
+    if fault is None:
+        return _moto_call_action(self)
+    if fault.delay:
+        time.sleep(fault.delay)  # on the server's request thread: other requests go on
+    if not fault.code:
+        return _moto_call_action(self)
+    message = escape(fault.message or _ERROR_MESSAGES.get(fault.code, fault.code))
+    # Written here rather than by moto's serializer, which wants the code in the service's model.
+    if self.service_name == "ec2":
+        body = (
+            f"<Response><Errors><Error><Code>{escape(fault.code)}</Code><Message>{message}</Message>"
+            f"</Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+        )
+    else:
+        kind = "Receiver" if fault.status >= 500 else "Sender"
+        body = (
+            f"<ErrorResponse><Error><Type>{kind}</Type><Code>{escape(fault.code)}</Code><Message>{message}</Message>"
+            f"</Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+        )
+    return fault.status, {"Content-Type": "text/xml"}, body
+
+
 _PATCHES: dict[tuple[type, str], Callable[..., Any]] = {
+    (BaseResponse, "call_action"): _call_action,
     (InstanceBackend, "start_instances"): _start_instances,
     (InstanceBackend, "stop_instances"): _stop_instances,
     (ELBv2Backend, "describe_target_health"): _describe_target_health,
@@ -310,7 +396,9 @@ class MotoWorld:
     def boto(self, service: str) -> Any:
         """A plain boto3 client on the world, for building and inspecting it (cached)."""
         if service not in self._boto:
-            self._boto[service] = boto3.client(service, region_name=self.region, endpoint_url=self.endpoint_url)
+            made = boto3.client(service, region_name=self.region, endpoint_url=self.endpoint_url)
+            made.meta.events.register("before-sign", _mark_own)
+            self._boto[service] = made
         return self._boto[service]
 
     @property
@@ -536,6 +624,47 @@ class MotoWorld:
     def clear_error(self, action: str, instance_id: str) -> None:
         _PHYSICS.errors.pop((action, instance_id), None)
 
+    def api_fault(self, fault: ApiFault) -> ApiFault:
+        """Arm `fault` (see ApiFault) until `clear_api_fault`; returns it, the key for `api_hits`."""
+        with _PHYSICS.lock:
+            _PHYSICS.api_faults[fault] = 0
+        return fault
+
+    def clear_api_fault(self, fault: ApiFault | None = None) -> None:
+        """Disarm one fault, or every one."""
+        with _PHYSICS.lock:
+            if fault is None:
+                _PHYSICS.api_faults.clear()
+            else:
+                _PHYSICS.api_faults.pop(fault, None)
+
+    def api_hits(self, fault: ApiFault) -> int:
+        """How many requests `fault` has answered so far."""
+        with _PHYSICS.lock:
+            return _PHYSICS.api_faults.get(fault, 0)
+
+    # ------------------------------------------------------------ a person's hands
+
+    def delete_target_group(self, target_group_arn: str) -> None:
+        """Delete a target group as a person would: its listeners first, then the group."""
+        elbv2 = self.boto("elbv2")
+        group = elbv2.describe_target_groups(TargetGroupArns=[target_group_arn])["TargetGroups"][0]
+        for lb in group.get("LoadBalancerArns", []):
+            for listener in elbv2.describe_listeners(LoadBalancerArn=lb)["Listeners"]:
+                forwards = {a.get("TargetGroupArn") for a in listener.get("DefaultActions", [])}
+                if target_group_arn in forwards:
+                    elbv2.delete_listener(ListenerArn=listener["ListenerArn"])
+        elbv2.delete_target_group(TargetGroupArn=target_group_arn)
+
+    def cancel_spot_request(self, request_id: str) -> None:
+        """CancelSpotInstanceRequests; moto forgets the request at once (AWS after a while)."""
+        self.boto("ec2").cancel_spot_instance_requests(SpotInstanceRequestIds=[request_id])
+
+    def terminate_instance(self, instance_id: str) -> None:
+        """TerminateInstances, e.g. a standby deleted by hand; ELBv2 drops its target."""
+        self.boto("ec2").terminate_instances(InstanceIds=[instance_id])
+        self.elbv2_backend.notify_terminate_instances([instance_id])
+
     # ------------------------------------------------------------ the lab's clockwork
 
     def model_transitions(self, on: bool = True) -> None:
@@ -591,7 +720,15 @@ _ERROR_MESSAGES = {
     "InsufficientInstanceCapacity": (
         "We currently do not have sufficient capacity in the Availability Zone you requested."
     ),
+    "RequestLimitExceeded": "Request limit exceeded.",
+    "Throttling": "Rate exceeded",
+    "InternalError": "An internal error has occurred",
+    "ServiceUnavailable": "The service is unavailable. Please try again shortly.",
 }
+
+
+def _mark_own(request: Any, **_: Any) -> None:
+    request.headers[_OWN_HEADER] = "1"
 
 
 def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:

@@ -12,7 +12,10 @@ Calls per round, whatever the number of guards:
     matched exactly here) when any guard finds its spot by tags;
   * 1 DescribeTargetHealth per distinct target group.
 A NotFound for one id in a batch falls back to one call per id, so one bad id
-cannot blind every guard. `Poller.calls` counts every call made, per API.
+cannot blind every guard. What AWS says is gone (a target group, a spot request)
+is reported in the guard's snapshot for the machine to alert on, and logged once
+when it goes and once when it is back, not on every poll. `Poller.calls` counts
+every call made, per API.
 
 This module must not decide anything (that is the machine's job) nor change
 the world: it only describes.
@@ -76,11 +79,12 @@ class Poller:
         self.elbv2 = elbv2
         self.guards = tuple(guards)
         self.calls: Counter[str] = Counter()
+        self.gone: set[str] = set()  # ids AWS said were gone at the last look, logged once
 
     # ------------------------------------------------------------------ round
 
     async def observe(self) -> dict[str, Observed]:
-        """One snapshot per guard; guards whose target group is gone are left out."""
+        """One snapshot per guard; a guard whose target group is gone has no targets and says so."""
         # Independent calls run at once; gather waits for all, so none is left running.
         results = await asyncio.gather(
             self._spot_view(), self._tagged_instances(), self._target_health(), return_exceptions=True
@@ -89,11 +93,22 @@ class Poller:
             if isinstance(result, BaseException):
                 raise result
         (requests, instances), tagged, health = results  # type: ignore[misc]
-        return {
-            g.name: self._assemble(g, requests, instances, tagged, health[g.target_group_arn])
-            for g in self.guards
-            if g.target_group_arn in health
-        }
+        self._log_gone(requests, health)
+        return {g.name: self._assemble(g, requests, instances, tagged, health.get(g.target_group_arn)) for g in self.guards}
+
+    def _log_gone(self, requests: dict[str, dict], health: dict[str, tuple[Target, ...]]) -> None:
+        """Log what went missing since the last look, and what came back."""
+        gone = {rid for g in self.guards for rid in g.spot_request_ids if rid not in requests}
+        gone |= {g.target_group_arn for g in self.guards if g.target_group_arn not in health}
+        for rid in sorted(gone - self.gone):
+            guards = [g.name for g in self.guards if rid in (g.target_group_arn, *g.spot_request_ids)]
+            if rid.startswith("arn:"):
+                log.error("poll.target_group.missing", target_group_arn=rid, guards=guards)
+            else:
+                log.error("poll.spot_request.missing", request_id=rid, guards=guards)
+        for rid in sorted(self.gone - gone):
+            log.info("poll.found_again", id=rid)
+        self.gone = gone
 
     def _assemble(
         self,
@@ -101,7 +116,7 @@ class Poller:
         requests: dict[str, dict],
         instances: dict[str, dict],
         tagged: list[dict],
-        targets: tuple[Target, ...],
+        targets: tuple[Target, ...] | None,
     ) -> Observed:
         spots: list[Instance] = []
         for rid in guard.spot_request_ids:
@@ -119,7 +134,13 @@ class Poller:
             _instance(instances[sid]) if sid in instances else Instance(sid, MISSING)
             for sid in guard.standby_instance_ids
         )
-        return Observed(spots=tuple(spots), standbys=standbys, targets=targets)
+        return Observed(
+            spots=tuple(spots),
+            standbys=standbys,
+            targets=targets or (),
+            target_group_gone=targets is None,
+            requests_gone=tuple(rid for rid in guard.spot_request_ids if rid not in requests),
+        )
 
     # ------------------------------------------------------------------ EC2
 
@@ -127,9 +148,6 @@ class Poller:
         """Spot requests by id, then every instance they name plus the standbys, by id."""
         request_ids = _unique(rid for g in self.guards for rid in g.spot_request_ids)
         requests = await self._describe_requests(request_ids) if request_ids else {}
-        for rid in request_ids:
-            if rid not in requests:
-                log.error("poll.spot_request.missing", request_id=rid)
         spot_ids = [r["InstanceId"] for r in requests.values() if r.get("InstanceId")]
         standby_ids = [sid for g in self.guards for sid in g.standby_instance_ids]
         instance_ids = _unique([*spot_ids, *standby_ids])
@@ -211,9 +229,7 @@ class Poller:
             )
         except AWS_ERRORS as exc:
             if error_code(exc) == TG_NOT_FOUND:
-                guards = [g.name for g in self.guards if g.target_group_arn == arn]
-                log.error("poll.target_group.missing", target_group_arn=arn, guards=guards)
-                return None
+                return None  # logged once by _log_gone; the machine alerts
             raise self._failed("DescribeTargetHealth", exc) from exc
         return tuple(
             Target(d["Target"]["Id"], d.get("TargetHealth", {}).get("State", "unavailable"))
