@@ -3,7 +3,10 @@
 The daemon saves a guard's new state before its commands run (write ahead) and
 loads it on start. `encode`/`decode` are the file format, pure and strict;
 `Store` does the file work: temp file in the same directory, fsync, rename,
-fsync the directory, mode 0600.
+fsync the directory, mode 0600. The directory is kept owner-only (0700): one
+found open to others (made by hand, or by a tool with a loose umask) is
+tightened and logged as `store.dir.tightened`; when that is not allowed it is
+logged as `store.dir.open` and the guard carries on (a failover matters more).
 
 What is not stored: `rules` come from the current config on every load, and
 `seen` (the last observation) is never persisted: on start the daemon observes
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -40,6 +44,7 @@ NOT_PERSISTED = frozenset({"rules", "seen"})
 # Guard names come from config ([a-z0-9-]); checked again so a name can never be a path.
 _GUARD_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _TMP_SUFFIX = ".tmp"
+PRIVATE_DIR = 0o700
 
 
 # --------------------------------------------------------------------------- format
@@ -180,7 +185,8 @@ class Store:
         path = self.path(guard)
         # Encode first: a state that cannot be written must not touch the disk.
         payload = json.dumps(encode(state), sort_keys=True, allow_nan=False, indent=1).encode() + b"\n"
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        self._keep_private()
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:  # mkstemp creates it 0600 whatever the umask
@@ -201,6 +207,8 @@ class Store:
     def load(self, guard: str, rules: Rules) -> GuardState | None:
         """The saved state of `guard`, or None when there is none or it cannot be used."""
         path = self.path(guard)
+        if self.state_dir.is_dir():
+            self._keep_private()
         self._remove_stale_temps(path)
         try:
             raw = path.read_bytes()
@@ -218,6 +226,19 @@ class Store:
             return self._set_aside(guard, path, f"not JSON (truncated?): {exc}")
         except (ValueError, RecursionError) as exc:
             return self._set_aside(guard, path, str(exc))
+
+    def _keep_private(self) -> None:
+        # mkdir's mode only applies to a directory it creates, and only under the umask.
+        try:
+            mode = stat.S_IMODE(self.state_dir.stat().st_mode)
+            if mode == PRIVATE_DIR:
+                return
+            os.chmod(self.state_dir, PRIVATE_DIR)
+        except OSError as exc:
+            log.warning("store.dir.open", state_dir=str(self.state_dir),
+                        error=f"{type(exc).__name__}: {exc.strerror or exc}")
+            return
+        log.warning("store.dir.tightened", state_dir=str(self.state_dir), was=f"{mode:04o}", now=f"{PRIVATE_DIR:04o}")
 
     def _set_aside(self, guard: str, path: Path, reason: str) -> None:
         kept = _free_name(path)

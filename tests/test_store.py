@@ -1,12 +1,20 @@
-"""The state store on a real filesystem: round trips, crashes, corrupt files, permissions."""
+"""The state store on a real filesystem: round trips, crashes, corrupt files, permissions.
+
+The last part runs the real daemon (`daemon.build`, real aiobotocore clients on
+moto in server mode, driven round by round on a fake clock) to show what a bad
+state file means for a guard: kept aside, logged, and the guard rebuilt from
+what AWS shows; and that a Discord webhook URL never reaches a state file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import fields, replace
 from pathlib import Path
@@ -17,7 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from httpcapture import CaptureServer, async_wait_for
+from spotguard import config
 from spotguard import store as store_module
+from spotguard.daemon import build
+from spotguard.notify import Notifier
 from spotguard.machine import GuardState, Instance, Observed, Phase, Rules
 from spotguard.store import Store, decode, encode
 
@@ -262,7 +274,18 @@ CORRUPT = [
     ("wrong shape", lambda good: b'["a", "list"]', "JSON object"),
     ("bad field", lambda good: good.replace(b'"standby-starting"', b'"on-fire"'), "phase"),
     ("deep nesting", lambda good: b"[" * 100_000 + b"]" * 100_000, ""),
+    ("older version", lambda good: _older(), "version 0"),
+    ("no version", lambda good: _without_version(good), "version None"),
 ]
+
+
+def _older() -> bytes:
+    """What an older spotguard might have written: version 0, fewer and other fields."""
+    return json.dumps({"version": 0, "phase": "both-serving", "standby": "i-0standby1", "since": 1.0}).encode()
+
+
+def _without_version(good: bytes) -> bytes:
+    return json.dumps({k: v for k, v in json.loads(good).items() if k != "version"}).encode()
 
 
 @pytest.mark.parametrize(("why", "mangle", "reason"), CORRUPT, ids=[c[0] for c in CORRUPT])
@@ -304,3 +327,216 @@ def test_an_unreadable_file_is_kept_aside(tmp_path):
     assert logs[0]["event"] == "store.corrupt"
     assert "unreadable" in logs[0]["reason"]
 
+
+
+def _unreadable_child(state_dir: Path) -> dict:
+    """Load as `nobody` in a child process: as root, chmod 000 does not stop a read."""
+    child = textwrap.dedent(
+        """
+        import json, os, sys
+        from pathlib import Path
+        from structlog.testing import capture_logs
+        from spotguard.machine import Rules
+        from spotguard.store import Store
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)   # after the imports: root's venv stays readable
+        with capture_logs() as logs:
+            result = Store(Path(sys.argv[1])).load("inference", Rules(standbys=("i-0standby1", "i-0standby2")))
+        print(json.dumps({"loaded": result is not None, "logs": [{k: str(v) for k, v in e.items()} for e in logs]}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child, str(state_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.fault(
+    fault="state file unreadable (chmod 000)", phase="start", outcome="kept aside, logged, rebuilt from AWS"
+)
+def test_a_chmod_000_file_is_kept_aside():
+    # Not under tmp_path: pytest's base directory is 0700, which `nobody` cannot enter.
+    state_dir = Path(tempfile.mkdtemp(prefix="spotguard-store-"))
+    try:
+        Store(state_dir).save("inference", failover_state())
+        path = state_dir / "inference.json"
+        path.chmod(0)
+        if os.geteuid() == 0:
+            # Root reads a mode-000 file (CAP_DAC_OVERRIDE), so the state loads: honest, and fine.
+            assert Store(state_dir).load("inference", RULES) == failover_state()
+            state_dir.chmod(0o777)  # let `nobody` rename in it, as the daemon's own user could
+            outcome = _unreadable_child(state_dir)
+            loaded, logs = outcome["loaded"], outcome["logs"]
+        else:
+            with capture_logs() as logs:
+                loaded = Store(state_dir).load("inference", RULES) is not None
+        assert not loaded
+        (entry,) = [e for e in logs if e["event"] == "store.corrupt"]
+        assert "unreadable: PermissionError" in entry["reason"]
+        assert entry["kept"].endswith("inference.json.corrupt")
+        assert not path.exists() and (state_dir / "inference.json.corrupt").exists()
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+def test_state_dir_is_created_owner_only_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        Store(tmp_path / "var" / "spotguard").save("inference", GuardState(RULES))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "var" / "spotguard").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "var" / "spotguard" / "inference.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("how", ["save", "load"])
+def test_an_open_state_dir_is_made_owner_only_and_logged(tmp_path, how):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o755)
+    state_dir.chmod(0o755)
+    s = Store(state_dir)
+    with capture_logs() as logs:
+        if how == "save":
+            s.save("inference", GuardState(RULES))
+        else:
+            assert s.load("inference", RULES) is None
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    assert [(e["event"], e["was"], e["now"]) for e in logs] == [("store.dir.tightened", "0755", "0700")]
+    with capture_logs() as logs:
+        s.save("inference", failover_state())
+    assert logs == []  # once private, nothing more to say
+
+
+def test_a_state_dir_that_cannot_be_made_private_is_logged_not_fatal(tmp_path, monkeypatch):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o755)
+    state_dir.chmod(0o755)
+
+    def not_owner(*_args, **_kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    # Root may chmod anything, so "not the owner" is played by refusing the call itself.
+    monkeypatch.setattr(store_module.os, "chmod", not_owner)
+    with capture_logs() as logs:
+        Store(state_dir).save("inference", failover_state())
+    assert Store(state_dir).load("inference", RULES) == failover_state()
+    assert logs[0]["event"] == "store.dir.open" and "PermissionError" in logs[0]["error"]
+
+
+# --------------------------------------------------------------------------- with the daemon on moto
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def daemon_settings(tmp_path: Path, world, d, extra: str = "") -> config.Settings:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[aws]
+region = "{world.region}"
+endpoint_url = "{world.endpoint_url}"
+
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+{extra}
+[[guard]]
+name = "inference"
+target_group_arn = "{d.target_group_arn}"
+spot_request_ids = ["{d.spot_request_id}"]
+standby_instance_ids = {json.dumps(list(d.standby_ids))}
+failback_grace = "60s"
+"""
+    )
+    return config.load(path)
+
+
+def started(settings, aws, notifier, clock):
+    daemon = build(settings, aws, notifier)
+    daemon.clock = clock  # build() wires the real parts; time is the test's
+    return daemon
+
+
+async def rounds_until(daemon, clock, done, *, step: float = 20.0, limit: int = 30) -> None:
+    for _ in range(limit):
+        clock.now += step
+        await daemon.round()
+        if done():
+            return
+    raise AssertionError(f"not done after {limit} rounds: {daemon.guards['inference'].state}")
+
+
+REBUILD = [
+    ("truncated", lambda path: path.write_bytes(path.read_bytes()[:40])),
+    ("older version", lambda path: path.write_bytes(_older())),
+    ("no version", lambda path: path.write_bytes(_without_version(path.read_bytes()))),
+    ("a directory", lambda path: (path.unlink(), path.mkdir())),
+]
+
+
+@pytest.mark.fault(
+    fault="state file corrupt, old or replaced", phase="start", outcome="kept aside, logged, rebuilt from AWS"
+)
+@pytest.mark.parametrize(("why", "spoil"), REBUILD, ids=[r[0] for r in REBUILD])
+async def test_a_bad_state_file_is_kept_aside_and_the_guard_rebuilt_from_aws(
+    tmp_path, moto_world, deployment, aws, why, spoil
+):
+    d, standby = deployment, deployment.standby_ids[0]
+    settings = daemon_settings(tmp_path, moto_world, d)
+    # The daemon died mid-failover: the standby runs and serves beside the spot.
+    Store(settings.daemon.state_dir).save("inference", failover_state())
+    moto_world.boto("ec2").start_instances(InstanceIds=[standby])
+    moto_world.boto("elbv2").register_targets(TargetGroupArn=d.target_group_arn, Targets=[{"Id": standby}])
+    path = settings.daemon.state_dir / "inference.json"
+    spoil(path)
+
+    clock = Clock(1_800_000_000.0)
+    with capture_logs() as logs:
+        daemon = started(settings, aws, Notifier(None), clock)
+    assert [e["event"] for e in logs if e["event"].startswith("store.")] == ["store.corrupt"]
+    guard = daemon.guards["inference"]
+    assert guard.state.phase.value == "spot-healthy" and guard.state.standby is None  # knows nothing yet
+    assert (settings.daemon.state_dir / "inference.json.corrupt").exists()
+
+    # What AWS shows is enough: a standby running outside a failover gets the grace, then stops.
+    await rounds_until(daemon, clock, lambda: guard.state.phase.value == "spot-healthy" and guard.state.reason != "initial")
+    assert moto_world.states(standby)[standby] == "stopped"
+    assert guard.state.reason == f"standby {standby} stopped"
+    assert moto_world.health(d.target_group_arn) == {d.spot_instance_id: "healthy"}
+    assert moto_world.states(d.standby_ids[1])[d.standby_ids[1]] == "stopped"
+    assert Store(settings.daemon.state_dir).load("inference", guard.state.rules) is not None  # a good file again
+
+
+async def test_the_discord_webhook_url_never_reaches_a_state_file(tmp_path, moto_world, deployment, aws):
+    d = deployment
+    with CaptureServer() as discord:
+        url = discord.url + "/api/webhooks/123456789/S3cr3t-T0ken_never-on-disk"
+        settings = daemon_settings(tmp_path, moto_world, d, extra=f'\n[notify.discord]\nwebhook_url = "{url}"\n')
+        assert settings.discord.webhook_url == url
+        notifier = Notifier(settings.discord.webhook_url)
+        await notifier.start()
+        clock = Clock(1_800_000_000.0)
+        daemon = started(settings, aws, notifier, clock)
+        guard = daemon.guards["inference"]
+        moto_world.inject_error("start", d.standby_ids[0], "InsufficientInstanceCapacity")  # an alert too
+        moto_world.notice(d.spot_request_id)
+        await rounds_until(daemon, clock, lambda: guard.state.phase.value == "both-serving")
+        moto_world.terminate_spot(d.spot_request_id)
+        moto_world.fulfil(d.spot_request_id)
+        await rounds_until(daemon, clock, lambda: guard.state.phase.value == "spot-healthy")
+        await async_wait_for(lambda: len(discord.requests) >= 5, timeout=15.0)
+        await notifier.close()
+    texts = [r.json["content"] for r in discord.requests]
+    assert any("InsufficientInstanceCapacity" in t for t in texts), texts
+    files = [p for p in settings.daemon.state_dir.rglob("*") if p.is_file()]
+    assert files, "no state file was written"
+    secrets = [url, "S3cr3t-T0ken_never-on-disk", "/api/webhooks/", discord.url]
+    for p in files:
+        text = p.read_bytes().decode("utf-8", "replace")
+        assert not [s for s in secrets if s in text], f"{p.name} holds the webhook URL"
