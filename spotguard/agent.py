@@ -101,7 +101,9 @@ def interpret(path: str, text: str, instance_id: str) -> Notice:
         raise _Malformed(f"not an object: {type(answer).__name__}")
     payload = json.dumps(answer, sort_keys=True, separators=(",", ":"))
     if path == INSTANCE_ACTION_PATH:
-        if answer.get("action") not in ACTIONS or not isinstance(answer.get("time"), str):
+        action, when = answer.get("action"), answer.get("time")
+        # isinstance first: `[] in ACTIONS` raises TypeError on a set, and "" is no time.
+        if not (isinstance(action, str) and action in ACTIONS and isinstance(when, str) and when):
             raise _Malformed("instance-action needs action terminate|stop|hibernate and a time")
         detail = {"instance-id": instance_id, "instance-action": answer["action"]}
         return Notice(INTERRUPTION, detail, payload)

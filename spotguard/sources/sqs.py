@@ -123,7 +123,8 @@ def _envelope(event: Any) -> Parsed:
     instance_id = _str(detail, "instance-id")
     if not INSTANCE_ID.fullmatch(instance_id):
         raise _Bad(f"bad instance-id {instance_id!r}")
-    if detail_type == INTERRUPTION and detail.get("instance-action") not in ACTIONS:
+    action = detail.get("instance-action")
+    if detail_type == INTERRUPTION and not (isinstance(action, str) and action in ACTIONS):
         raise _Bad(f"bad instance-action {detail.get('instance-action')!r}")
     return Parsed(event_id, source, detail_type, instance_id, KINDS[detail_type])
 
