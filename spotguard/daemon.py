@@ -27,7 +27,7 @@ import asyncio
 import signal
 import time
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, ContextManager, Protocol, Sequence
 
 import structlog
@@ -44,10 +44,17 @@ FAST_POLL = 1.0
 
 @dataclass
 class Guard:
-    """One guard's settings and its current machine state (the only mutable part)."""
+    """One guard's settings, its machine state, and the events waiting for its worker."""
 
     settings: Any
     state: GuardState
+    # Notices in order, then the newest observation: a newer one replaces one not
+    # yet stepped, since the machine only needs the latest view of the world.
+    queued: list[Event] = field(default_factory=list)
+    latest: Observed | None = None
+    worker: asyncio.Task | None = None  # steps and acts on the queue; ends when it is empty
+    acting: int = 0  # AWS commands in flight
+    acted: float = float("-inf")  # monotonic time the last command ended
 
     @property
     def name(self) -> str:
@@ -106,16 +113,27 @@ class Daemon:
         if state is None:
             return machine.initial(settings.rules(), self.clock())
         log.info("guard.resumed", guard=settings.name, phase=state.phase.value, standby=state.standby)
-        return state
+        return machine.resumed(state)
 
     async def async_run(self, stop: asyncio.Event, ready: Callable[[], None] = lambda: None) -> None:
-        """Observe and act until `stop` is set; `ready` is called after the first round."""
-        while not stop.is_set():
-            started = self.clock()
-            await self.round()
-            if self.rounds == 1:
-                ready()
-            await self._wait(stop, started + self._interval())
+        """Observe and act until `stop` is set; `ready` is called after the first round.
+
+        Rounds are timed on the monotonic clock (a wall-clock step must not stall
+        them) and do not wait for the guards' commands: each guard's worker
+        carries them out, so one guard's slow or throttled call never delays
+        another guard's next round. On `stop` the commands in flight finish.
+        """
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                await self.round(settle=self.rounds == 0)  # READY=1 once the first step is done
+                if self.rounds == 1:
+                    ready()
+                self._reraise()
+                await self._wait(stop, started + self._interval())
+            await self.settle()
+        finally:
+            self._cancel_workers()
 
     def push(self, notice: Notice) -> None:
         """Hand in a notice from a fast source (SQS, agent); it wakes the loop at once."""
@@ -136,7 +154,7 @@ class Daemon:
 
     async def _wait(self, stop: asyncio.Event, until: float) -> None:
         """Sleep until the next round is due, we are woken, or we are stopped."""
-        timeout = max(0.0, until - self.clock())
+        timeout = max(0.0, until - time.monotonic())
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.woken.wait())]
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -146,8 +164,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ one round
 
-    async def round(self) -> None:
-        """One round: act on pending notices at once, then poll and step every guard."""
+    async def round(self, settle: bool = True) -> None:
+        """One round: hand pending notices to their guards at once, then poll and hand
+        each guard the observation; with `settle`, return once every guard has acted."""
         # Notices go first, on the last observation: the machine only starts and
         # registers on them (never deregisters or stops), so a failover starts without
         # waiting for a whole poll. A notice for an instance no guard has seen yet
@@ -157,15 +176,64 @@ class Daemon:
             await self._follow()
             self.rounds += 1
             return
-        later = await self._route(self._drain_notices(), {}, final=False)
+        later = self._route(self._drain_notices(), {}, final=False)
+        if settle:
+            await self.settle()  # as before a poll that waits for nothing: notices acted on first
+        polled = time.monotonic()
         try:
             seen = await self.poller.observe()
         except Exception as exc:  # noqa: BLE001 - a failed poll must never kill the daemon
             log.error("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
             seen = {}
-        await self._route(later, seen, final=True)
-        await asyncio.gather(*(self.apply(self.guards[n], obs) for n, obs in seen.items() if n in self.guards))
+        self._route(later, seen, final=True)
+        for name, observed in seen.items():
+            guard = self.guards.get(name)
+            # An observation taken while one of the guard's commands was in flight may
+            # predate it; stepping it would repeat the command. The next poll is fresh.
+            if guard is not None and not guard.acting and guard.acted < polled:
+                self._enqueue(guard, observed)
+        if settle:
+            await self.settle()
         self.rounds += 1
+
+    def _enqueue(self, guard: Guard, event: Event) -> None:
+        if isinstance(event, Observed):
+            guard.latest = event
+        else:
+            guard.queued.append(event)
+        if guard.worker is None or guard.worker.done():
+            guard.worker = asyncio.create_task(self._work(guard))
+
+    async def _work(self, guard: Guard) -> None:
+        """Step and act on a guard's events in order until none is left."""
+        while guard.queued or guard.latest is not None:
+            if guard.queued:
+                event = guard.queued.pop(0)
+            else:
+                event, guard.latest = guard.latest, None
+            await self.apply(guard, event)
+
+    async def settle(self) -> None:
+        """Wait until every guard has stepped and acted on everything handed to it."""
+        while busy := [g.worker for g in self.guards.values() if g.worker is not None and not g.worker.done()]:
+            await asyncio.wait(busy)
+        self._reraise()
+
+    def _reraise(self) -> None:
+        # A worker only fails when the write-ahead save does (disk full, read-only):
+        # acting without it would be unsafe, so the daemon stops and systemd restarts it.
+        for guard in self.guards.values():
+            if guard.worker is not None and guard.worker.done() and not guard.worker.cancelled():
+                error = guard.worker.exception()
+                if error is not None:
+                    raise error
+
+    def _cancel_workers(self) -> None:
+        for guard in self.guards.values():
+            guard.queued.clear()
+            guard.latest = None
+            if guard.worker is not None:
+                guard.worker.cancel()
 
     async def _lead(self) -> bool:
         """Whether to act this round; on a newly won lease, the shared states are loaded first."""
@@ -177,7 +245,8 @@ class Daemon:
         shared = await self.ha.states(self._rules(), consistent=True)
         if shared is None or self.ha.epoch != epoch:
             return False
-        self._adopt(shared)
+        self._cancel_workers()  # nothing decided in an earlier term may still run
+        self._adopt({name: machine.resumed(state) for name, state in shared.items()})
         self.loaded_epoch = epoch
         log.info("ha.states.loaded", epoch=epoch, guards={n: g.state.phase.value for n, g in self.guards.items()})
         return True
@@ -186,6 +255,7 @@ class Daemon:
         """A follower's round: observe and adopt the leader's states; step nothing, so act on nothing."""
         for notice in self._drain_notices():  # the leader's own sources see the same notices
             log.info("ha.follower.notice.dropped", instance_id=notice.instance_id, kind=notice.kind)
+        self._cancel_workers()  # deposed: stop acting now, as a kill -9 would
         self.loaded_epoch = None
         try:
             seen = await self.poller.observe()
@@ -209,19 +279,17 @@ class Daemon:
                 self.store.save(name, state)  # the local mirror `status` reads
             guard.state = replace(state, seen=guard.state.seen)
 
-    async def _route(self, notices: list[Notice], seen: dict[str, Observed], final: bool) -> list[Notice]:
-        """Step each notice into its guard; return those no guard owns (yet)."""
-        events: dict[str, list[Event]] = {name: [] for name in self.guards}
+    def _route(self, notices: list[Notice], seen: dict[str, Observed], final: bool) -> list[Notice]:
+        """Hand each notice to its guard's worker; return those no guard owns (yet)."""
         unowned = []
         for notice in notices:
             owner = self._owner(notice.instance_id, seen)
             if owner is not None:
-                events[owner].append(notice)
+                self._enqueue(self.guards[owner], notice)
             elif final:
                 log.info("guard.notice.unowned", instance_id=notice.instance_id, kind=notice.kind)
             else:
                 unowned.append(notice)
-        await asyncio.gather(*(self._advance(self.guards[n], evs) for n, evs in events.items() if evs))
         return unowned
 
     def _drain_notices(self) -> list[Notice]:
@@ -237,10 +305,6 @@ class Daemon:
             if any(i.id == instance_id for i in spots) or instance_id in guard.settings.standby_instance_ids:
                 return name
         return None
-
-    async def _advance(self, guard: Guard, events: list[Event]) -> None:
-        for event in events:
-            await self.apply(guard, event)
 
     async def apply(self, guard: Guard, event: Event) -> None:
         """Step the machine, persist, then carry out the commands (write ahead)."""
@@ -299,8 +363,13 @@ class Daemon:
             self.notifier.notify(f"[{guard.name}] ⚠ {command.text}")
             return None
         started = time.monotonic()
-        failed = await self.executor.run(guard.name, command)
-        self._tell("action", guard.name, command, failed, time.monotonic() - started, self.clock())
+        guard.acting += 1
+        try:
+            failed = await self.executor.run(guard.name, command)
+        finally:
+            guard.acting -= 1
+            guard.acted = time.monotonic()
+        self._tell("action", guard.name, command, failed, guard.acted - started, self.clock())
         return failed
 
     def _tell(self, what: str, *args: Any) -> None:

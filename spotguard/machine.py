@@ -684,6 +684,16 @@ _DECIDE = {
 }
 
 
+def resumed(state: GuardState) -> GuardState:
+    """A state read back by a new process (a restart, or a takeover with [ha]).
+
+    Whether the dead process's last StartInstances left it is unknown, so the
+    start may be sent again at once rather than START_RETRY later: starting a
+    pending or running standby is a no-op, and only a stopped one is started.
+    """
+    return replace(state, start_sent=None)
+
+
 def initial(rules: Rules, now: float = 0.0) -> GuardState:
     """A guard that has not yet seen the world: it starts in spot-healthy and observes."""
     return GuardState(rules=rules, since=now)

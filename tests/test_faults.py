@@ -11,9 +11,8 @@ a wall clock the test can step forwards and backwards.
 Every test carries `@pytest.mark.fault(fault=..., phase=..., outcome=...)`:
 docs/reliability.md's fault matrix is generated from these markers, so the
 strings say what was broken, in which phase of the guard, and what the test
-proves. Known daemon bugs are pinned by strict xfails that carry no marker
-until they pass (the matrix lists only what is proved). Slow timers (ready
-timeout, retry backoff) are reached by stepping the clock, never by waiting.
+proves. Slow timers (ready timeout, retry backoff) are reached by stepping the
+clock, never by waiting.
 
 This module must not fake spotguard's own parts: faults live in the world
 (moto's side of the wire) or in the clock, never in our clients or calls.
@@ -257,17 +256,13 @@ async def test_a_start_that_times_out_is_retried(tmp_path, moto_world, deploymen
 # Known daemon bug: rounds are sequential, so one guard's slow command holds every other
 # guard's next observation (and its notices) until the command ends, up to the executor's
 # 60 s deadline per command. Fix in daemon.py: step and act per guard in its own task.
-# These tests carry no fault marker while they xfail (the matrix lists only what is
-# proved); once fixed, drop the xfail and mark them:
-#   fault="another guard's StartInstances slow / throttled", phase="spot-healthy",
-#   outcome="this guard's standby starts within 1.5 s of its notice"
-SLOW_ROUNDS = pytest.mark.xfail(strict=True, reason="daemon: one guard's slow command delays every guard's next round")
-
 SLOW_NEIGHBOUR = [
-    pytest.param(ApiFault("StartInstances", delay=2.5), None, marks=SLOW_ROUNDS, id="slow"),
-    pytest.param(
-        ApiFault("StartInstances", code="RequestLimitExceeded", status=503, delay=1.0), 1, marks=SLOW_ROUNDS, id="throttled"
-    ),
+    pytest.param(ApiFault("StartInstances", delay=2.5), None, id="slow",
+                 marks=fault(fault="another guard's StartInstances answers 2.5 s late", phase="spot-healthy",
+                             outcome="this guard's standby starts within 1.5 s of its notice")),
+    pytest.param(ApiFault("StartInstances", code="RequestLimitExceeded", status=503, delay=1.0), 1, id="throttled",
+                 marks=fault(fault="another guard's StartInstances throttled", phase="spot-healthy",
+                             outcome="this guard's standby starts within 1.5 s of its notice")),
 ]
 
 
@@ -638,13 +633,9 @@ class JumpBack:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="daemon: the poll loop's wait is measured with the wall clock")
+@fault(fault="clock jumps back 1 h during a round", phase="spot-healthy", outcome="the next poll still comes on time")
 async def test_a_clock_jump_back_mid_round_does_not_stall_the_loop(tmp_path, moto_world, deployment, aio_session, inbox):
-    # Known daemon bug: async_run/_wait compute the next round's time from `clock`, so a
-    # step back during a round sleeps for the step. Fix in daemon.py: schedule the loop on
-    # time.monotonic() and keep `clock` for the machine's `now`; then drop the xfail and add
-    # @fault(fault="clock jumps back 1 h during a round", phase="spot-healthy",
-    #        outcome="the next poll still comes on time").
+    # The loop is scheduled on time.monotonic(); `clock` is only the machine's `now`.
     d = deployment
     clock = Clock()
     jumper = JumpBack(clock)
