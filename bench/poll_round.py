@@ -1,8 +1,8 @@
-"""Benchmark 2: one poll round (`Poller.observe()`) for 1, 4 and 16 guards against moto.
+"""Benchmark: one poll round (`Poller.observe()`) for 1, 4 and 20 guards against moto.
 
-The world (moto in server mode, in its own process) holds 16 provisioned
+The world (moto in server mode, in its own process) holds 20 provisioned
 deployments; three Pollers on the same aiobotocore clients watch the first 1, 4
-and 16 of them, and their rounds are interleaved so that the ratios between
+and 20 of them, and their rounds are interleaved so that the ratios between
 them come from the same moments of a noisy machine. Per round: wall time, this
 process's CPU time (spotguard + aiobotocore + asyncio; moto is elsewhere),
 moto's CPU time (from /proc, 10 ms ticks, so only its mean is meaningful) and
@@ -28,7 +28,7 @@ from spotguard.sources.poll import Poller
 import configs
 from stats import fmt, spread, summarize, table
 
-SIZES = (1, 4, 16)
+SIZES = (1, 4, 20)
 ROUNDS = 25
 WARMUP = 3
 TICK = os.sysconf("SC_CLK_TCK")
@@ -106,7 +106,7 @@ def _report(
         [
             f"{rounds} interleaved rounds per size, after {WARMUP} warm-up rounds. "
             "Each guard: one persistent spot request (running, registered, healthy), one stopped standby, "
-            "its own target group; the moto account holds all 16 deployments throughout.",
+            "its own target group; the moto account holds all 20 deployments throughout.",
             table(
                 [
                     "guards", "wall ms median", "wall p90", "wall min–max",

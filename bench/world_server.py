@@ -10,11 +10,14 @@ process it lives in, so `time.process_time()` in a benchmark that embeds it
 would count moto's CPU as spotguard's. Here moto burns its own process's CPU and
 the benchmark's clock holds spotguard's (and its client libraries') work alone.
 
-Besides building and poking the world, it records *moto's* side of two facts
+Besides building and poking the world, it records *moto's* side of three facts
 the benchmark cannot see from outside without polling: when StartInstances
 reached the EC2 backend (monotonic clock, comparable across processes on
-Linux) and how many DescribeSpotInstanceRequests it has answered (one per
-daemon round). It wraps moto's backend methods for that, never spotguard's.
+Linux), how many DescribeSpotInstanceRequests it has answered (one per
+daemon round), and every API call it answered by caller and operation (the
+caller is the access key id of the request's signature: each process the
+benchmark starts signs with its own). It wraps moto's methods for that, never
+spotguard's.
 
 This module must not be imported by the benchmark process (it imports moto and
 patches its classes); `bench/remote.py` is the parent's side.
@@ -28,8 +31,10 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
+from moto.core.responses import BaseResponse
 from moto.ec2.models.instances import InstanceBackend
 from moto.ec2.models.spot_requests import SpotRequestBackend
 
@@ -43,12 +48,15 @@ class Recorder:
         self.starts: list[tuple[float, list[str]]] = []
         self.started = threading.Condition()
         self.describes = 0
+        self.calls: Counter[tuple[str, str]] = Counter()  # (access key id, operation) -> answered
+        self._calls_lock = threading.Lock()  # moto answers on many threads
         self._originals: dict[tuple[type, str], Callable[..., Any]] = {}
 
     def install(self) -> None:
         # Installed after MotoWorld's own patches, so these wrap the world's versions.
         self._wrap(InstanceBackend, "start_instances", self._on_start)
         self._wrap(SpotRequestBackend, "describe_spot_instance_requests", self._on_describe)
+        self._count_calls()
 
     def uninstall(self) -> None:
         for (cls, name), original in self._originals.items():
@@ -64,6 +72,23 @@ class Recorder:
             return original(backend, *args, **kwargs)
 
         setattr(cls, name, wrapped)
+
+    def _count_calls(self) -> None:
+        original = BaseResponse.call_action
+        self._originals[(BaseResponse, "call_action")] = original
+        recorder = self
+
+        def call_action(response: Any) -> Any:
+            key = (response.get_access_key(), response._get_action())
+            with recorder._calls_lock:
+                recorder.calls[key] += 1
+            return original(response)
+
+        BaseResponse.call_action = call_action  # type: ignore[method-assign]
+
+    def calls_by(self, caller: str) -> dict[str, int]:
+        with self._calls_lock:
+            return {op: n for (who, op), n in self.calls.items() if who == caller}
 
     def _on_start(self, instance_ids: list[str], *_: Any, **__: Any) -> None:
         at = time.monotonic()  # first thing: the moment the request reached EC2
@@ -112,6 +137,16 @@ class Server:
 
     def describes(self) -> int:
         return self.recorder.describes
+
+    def calls(self, caller: str) -> dict[str, int]:
+        """API calls answered so far for requests signed with access key id `caller`, by operation."""
+        return self.recorder.calls_by(caller)
+
+    def terminate_spot(self, request_id: str) -> str:
+        return self.world.terminate_spot(request_id)
+
+    def fulfil(self, request_id: str) -> str:
+        return self.world.fulfil(request_id)
 
     def restore(self, deployment: dict[str, Any]) -> None:
         """Put a failed-over deployment back as provisioned: spot serving, standbys stopped."""
