@@ -21,7 +21,6 @@ import logging
 from typing import Any
 
 import structlog
-from discord_webhook import DiscordWebhook
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +31,8 @@ MAX_DETAIL = 300
 
 # discord-webhook logs each error answer itself, unstructured; _send logs the
 # same outcome as one structured line, so the library's copy is only noise.
+# (The library itself is imported only when a webhook is set: it brings requests
+# and urllib3, 3.7 MiB of a t4g.nano's memory, docs/benchmarks.md.)
 logging.getLogger("discord_webhook").setLevel(logging.CRITICAL)
 
 
@@ -117,5 +118,7 @@ class Notifier:
             log.warning("notify.discord.failed", status=status, detail=detail, text=text)
 
     def _post(self, text: str) -> Any:
+        from discord_webhook import DiscordWebhook
+
         webhook = DiscordWebhook(url=self._url, content=text, timeout=self._timeout)
         return webhook.execute()

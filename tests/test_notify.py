@@ -227,3 +227,20 @@ async def _every_outcome(discord: CaptureServer) -> None:
     notifier.notify("abandoned")
     await notifier.close(deadline=0.1)
     discord.release()
+
+
+def test_without_a_webhook_the_library_is_never_imported():
+    # discord-webhook brings requests and urllib3 (3.7 MiB): a daemon without Discord skips them.
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from spotguard.notify import Notifier\n"
+        "async def main():\n"
+        "    n = Notifier(None); await n.start(); n.notify('x'); await n.close()\n"
+        "asyncio.run(main())\n"
+        "print('discord_webhook' in sys.modules, 'requests' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False False", done.stderr
