@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 4
 
 # Issue 7's figures into docs/benchmarks.md (~6 min on an idle 2-core machine): steady memory/CPU/AWS calls for 1 and 20 guards
 # beside a bare-aiobotocore floor, growth over 10,000 polls, start-up, reaction, poll rounds, machine.step.

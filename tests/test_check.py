@@ -1,9 +1,8 @@
 """`spotguard check` against a deployment in moto (server mode), and its pure line functions.
 
-The sound deployment is MotoWorld.provision's with one change a real
-deployment needs too: provision leaves the target group's deregistration delay
-at the AWS default of 300 s, which cannot fit the 120 s notice, so `sound`
-sets it to 30 s. Each failure test breaks one thing and checks that the ✗ line
+The sound deployment is MotoWorld.provision's, which sets the target group's
+deregistration delay to 30 s as a real deployment needs (the AWS default,
+300 s, cannot fit the 120 s notice). Each failure test breaks one thing and checks that the ✗ line
 names the culprit by id. moto answers every EC2 DryRun with DryRunOperation,
 so a denied DryRun is checked on the pure function.
 
@@ -78,9 +77,14 @@ def set_delay(world: MotoWorld, d: Deployment, seconds: int) -> None:
     )
 
 
+def delay(world: MotoWorld, d: Deployment) -> int:
+    attributes = world.boto("elbv2").describe_target_group_attributes(TargetGroupArn=d.target_group_arn)["Attributes"]
+    return int(next(a["Value"] for a in attributes if a["Key"] == DELAY_KEY))
+
+
 @pytest.fixture
 def sound(deployment: Deployment, moto_world: MotoWorld) -> Deployment:
-    set_delay(moto_world, deployment, 30)
+    assert delay(moto_world, deployment) == 30, "provision sets what a real deployment needs"
     return deployment
 
 
@@ -243,7 +247,8 @@ async def test_a_deregistration_delay_past_the_notice_fails_and_one_near_it_warn
     moto_world, aio_session, deployment, tmp_path
 ):
     path = write_config(tmp_path, moto_world, deployment)
-    code, lines = await run_check(moto_world, aio_session, path)  # provision leaves the AWS default, 300 s
+    set_delay(moto_world, deployment, 300)  # the AWS default
+    code, lines = await run_check(moto_world, aio_session, path)
     assert code == 1
     (fail,) = marked(lines, "✗")
     assert fail.startswith("✗ deregistration delay 5m: the doomed spot's requests cannot drain within the 2m notice")

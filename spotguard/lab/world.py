@@ -445,6 +445,10 @@ class MotoWorld:
             HealthCheckIntervalSeconds=5,
             HealthyThresholdCount=2,
         )["TargetGroups"][0]["TargetGroupArn"]
+        # As design.md asks of a real deployment: draining must fit in the 120 s notice.
+        elbv2.modify_target_group_attributes(
+            TargetGroupArn=tg, Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "30"}]
+        )
         elbv2.create_listener(
             LoadBalancerArn=lb, Protocol="HTTP", Port=80, DefaultActions=[{"Type": "forward", "TargetGroupArn": tg}]
         )
