@@ -88,8 +88,9 @@ measures the proposals below in every run; the rest is argued from the tables):
 
 * **Memory** is within the goals, and most of it is not spotguard's: the floor
   (a bare aiobotocore process with the same clients) holds all but a few MiB
-  (section 1); spotguard's share is its modules, structlog, and
-  discord-webhook's `requests` (imported even without a webhook). The largest
+  (section 1); spotguard's share is its modules and structlog (discord-webhook
+  and the `requests` it brings, 3.7 MiB, are imported only when a webhook is
+  configured; this run has none). The largest
   single piece of both is botocore's EC2 service model: the "+ ec2 client" row
   of section 4, the whole 800-operation model, of which spotguard calls four.
   A trimmed model shipped with spotguard (only the operations the daemon
@@ -118,21 +119,21 @@ measures the proposals below in every run; the rest is argued from the tables):
   DescribeTargetHealth per target group, nothing else in steady state; a
   failover adds only its own commands, but the 1 s fast poll then describes
   every guard's target group, not just the busy guard's (section 1).
-* **Start-up** is almost all CPU (imports, the EC2 model, the first round),
-  and its wall time on this shared, loaded machine is about three times its
-  CPU time (section 2); on an idle machine it would be the CPU time plus the
-  first round's waits for AWS. Not measured here on an idle machine, so the
-  goal is judged on the loaded wall time. Proposed: import discord-webhook
-  (and with it `requests`, `urllib3`, `charset_normalizer`: see the import
-  table) only when a webhook is configured (spotguard/notify.py), and the
-  trimmed EC2 model, which also takes most of the model's load time off.
+* **Start-up** is almost all CPU (imports, the EC2 model, the first round):
+  on a quiet machine its wall time is about its CPU time (section 2), on a
+  loaded one (load 11-13, an earlier run) about three times that, 1.8 s.
+  Done: discord-webhook (with `requests`, `urllib3`, `charset_normalizer`)
+  is imported only when a webhook is configured, and prometheus-client and
+  apscheduler only with metrics_port and daily_summary. Proposed: the trimmed
+  EC2 model, which would also take most of the model's load time off.
 * **Reaction**: the daemon's own CPU from a pushed notice to StartInstances
   leaving is a few ms even at p99 (section 3's CPU columns); the rest of the
-  wall time is the write-ahead fsync (section 3's `Store.save` line: on this
-  machine's busy disk, milliseconds to tens of ms) and waiting for a core. The
-  fsync is the design's promise (state on disk before the command) and stays;
-  whether the p99 goal holds on a t4g.nano's EBS volume is for a measurement
-  there."""
+  wall time is the write-ahead fsync (section 3's `Store.save` line) and
+  waiting for a core. On a quiet machine the p99 is under the goal; at load
+  11-13 (an earlier run) it was 45.6 ms, mostly a slow fsync on a busy disk.
+  The fsync is the design's promise (state on disk before the command) and
+  stays; whether the p99 goal holds on a t4g.nano's EBS volume is for a
+  measurement there."""
 
 
 SECTIONS = (
