@@ -355,9 +355,12 @@ class Proc:
         return bool(self.events("ha.states.loaded"))
 
     def signal(self, sig: int) -> float:
+        """Send `sig`; the time just before it, so that anything the process logs in answer
+        (even before this call returns) is at or after it."""
         assert self.proc is not None
+        sent = time.time()
         self.proc.send_signal(sig)
-        return time.time()
+        return sent
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
