@@ -51,7 +51,6 @@ import datetime as dt
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -59,6 +58,7 @@ from typing import Any, Iterable
 import structlog
 
 from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Notice, Observed, Start, Stop
+from spotguard.store import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -483,19 +483,7 @@ def _append_lines(state_dir: Path, path: Path, records: list[dict[str, Any]]) ->
 
 
 def _write_atomic(state_dir: Path, path: Path, data: dict[str, Any]) -> None:
-    """Temp file in the same directory (0600), fsync, rename: readers see the old file or the new."""
+    """Readers see the old file or the new (store.write_atomic), mode 0600."""
     payload = json.dumps(data, sort_keys=True, allow_nan=False, indent=1).encode() + b"\n"
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, payload)

@@ -49,10 +49,8 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +59,7 @@ from typing import Any, Callable, TextIO
 from spotguard.aws import AWS_ERRORS, client, error_code
 from spotguard.config import GuardSettings, Settings, format_duration
 from spotguard.machine import Phase
-from spotguard.store import Store, decode
+from spotguard.store import Store, decode, write_atomic
 
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
@@ -140,19 +138,7 @@ def write_rehearsal(state_dir: Path, rehearsal: Rehearsal) -> Path:
     path = rehearsal_path(Path(state_dir), rehearsal.guard)
     payload = json.dumps({"version": VERSION, **asdict(rehearsal)}, indent=1, sort_keys=True).encode() + b"\n"
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, payload)
     return path
 
 

@@ -187,22 +187,7 @@ class Store:
         payload = json.dumps(encode(state), sort_keys=True, allow_nan=False, indent=1).encode() + b"\n"
         self.state_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         self._keep_private()
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:  # mkstemp creates it 0600 whatever the umask
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, payload, durable=True)
 
     def load(self, guard: str, rules: Rules) -> GuardState | None:
         """The saved state of `guard`, or None when there is none or it cannot be used."""
@@ -255,6 +240,31 @@ class Store:
         # Left by a crash between mkstemp and rename; only our own temp names, never a state file.
         for tmp in self.state_dir.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
             _unlink_quietly(tmp)
+
+
+def write_atomic(path: Path, payload: bytes, *, durable: bool = False) -> None:
+    """Write `payload` to `path` so that a reader, or a crash, sees the old file or the new.
+
+    Temp file in the same directory (0600 whatever the umask), fsync, rename. With
+    `durable` the directory is fsynced too: only then does the rename survive a power
+    loss, which the write-ahead state needs and a status snapshot does not.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _free_name(path: Path) -> Path:

@@ -425,8 +425,10 @@ class MotoWorld:
         """
         ec2, elbv2 = self.boto("ec2"), self.boto("elbv2")
         vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        # /20s: moto never gives back a terminated instance's address, and a long
+        # soak fulfils thousands of spot instances (a /24 ran out at about 250).
         subnets = tuple(
-            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{self.region}{az}")[
+            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{16 * i}.0/20", AvailabilityZone=f"{self.region}{az}")[
                 "Subnet"
             ]["SubnetId"]
             for i, az in enumerate("ab")
