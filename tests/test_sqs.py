@@ -456,3 +456,21 @@ async def test_run_recovers_after_a_failure(moto_world, aws):
     assert slept == [1.0]
     assert h.pushed == [Notice(OWNED, "rebalance")]
     h.assert_empty()
+
+
+async def test_a_batch_in_hand_is_deleted_even_when_stopped_meanwhile(moto_world, aws):
+    # SIGTERM while a received batch is being handled: the notices were pushed, so the
+    # messages must not come back after the visibility timeout to act on them twice.
+    stop = asyncio.Event()
+    h = Harness(moto_world, aws.sqs)
+    pushed = h.source.push
+
+    def push_then_stop(notice: Notice) -> None:
+        pushed(notice)
+        stop.set()
+
+    h.source.push = push_then_stop
+    h.send(event(REBALANCE))
+    await asyncio.wait_for(h.source.run(stop), timeout=10)
+    assert h.pushed == [Notice(OWNED, "rebalance")]
+    h.assert_empty()

@@ -208,6 +208,7 @@ class SqsSource:
         self.counts: Counter[str] = Counter()
         self._event_ids = _Seen(dedupe_keys)
         self._notices = _Seen(dedupe_keys, notice_window)
+        self._in_hand = False  # a received batch is being handled and deleted
 
     async def run(self, stop: asyncio.Event) -> None:
         """Receive and handle batches until `stop` is set; never raises (but CancelledError)."""
@@ -224,16 +225,19 @@ class SqsSource:
         log.info("source.sqs.stopped", **dict(self.counts))
 
     async def _until_stopped(self, stop: asyncio.Event) -> bool:
-        """One batch, abandoned if `stop` is set during the long poll."""
+        """One batch, abandoned if `stop` is set during the long poll; once messages are
+        in hand, they are handled and deleted first (else each would come back, after the
+        visibility timeout, to a process that may already have acted on it)."""
         batch = asyncio.ensure_future(self._receive_guarded())
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({batch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not batch.done() and self._in_hand:
+                await asyncio.wait({batch})  # bounded by the client's timeouts and retries
         finally:
             # Also when run() itself is cancelled: no request may outlive its client.
             stopped.cancel()
             if not batch.done():
-                # An unhandled message just comes back after its visibility timeout.
                 batch.cancel()
                 await asyncio.gather(batch, return_exceptions=True)
         return True if batch.cancelled() else batch.result()
@@ -256,6 +260,13 @@ class SqsSource:
             )
         except Exception as exc:  # noqa: BLE001 - any failure: logged, backed off, retried
             return self._failed("ReceiveMessage", exc)
+        self._in_hand = True
+        try:
+            return await self._handle_all(reply)
+        finally:
+            self._in_hand = False
+
+    async def _handle_all(self, reply: dict) -> bool:
         messages = reply.get("Messages", [])
         self.counts["received"] += len(messages)
         for message in messages:
