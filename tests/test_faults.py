@@ -271,7 +271,7 @@ async def test_one_guards_slow_calls_do_not_delay_another(tmp_path, moto_world, 
     a = named(moto_world.provision("alpha", standbys=1), "alpha")
     b = named(moto_world.provision("beta", standbys=1), "beta")
     trouble = moto_world.api_fault(replace(trouble, match=a.standby_ids[0]))
-    async with guarding(tmp_path, moto_world, aio_session, [a, b], inbox, max_attempts=max_attempts) as daemon:
+    async with guarding(tmp_path, moto_world, aio_session, [a, b], inbox, max_attempts=max_attempts):
         try:
             moto_world.notice(a.spot_request_id)
             await until(lambda: moto_world.api_hits(trouble) >= 1, what="alpha's StartInstances in flight")

@@ -318,7 +318,7 @@ async def test_the_check_catches_a_missing_grant(tmp_path, moto_world, deploymen
     settings = write_config(tmp_path, moto_world, [d], poll="0.2s", extra=f'[sources.sqs]\nqueue_url = "{url}"')
     recorder = Recorder()
     recorder.attach(*aws)
-    async with running(settings, aws) as daemon:
+    async with running(settings, aws):
         moto_world.boto("sqs").send_message(QueueUrl=url, MessageBody=json.dumps(_warning(d.spot_instance_id)))
         await until(lambda: "ec2:StartInstances" in recorder.actions(), what="the standby started")
         await until(lambda: "sqs:DeleteMessage" in recorder.actions(), what="the message deleted")

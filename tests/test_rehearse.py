@@ -241,4 +241,4 @@ async def test_a_standby_never_healthy_is_recorded_put_back_and_reported_by_chec
     assert_as_found(moto_world, d, before)
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 0
-    assert any(line.strip().startswith(f"! timing: rehearsed ") and "not healthy within 0.3s" in line for line in lines)
+    assert any(line.strip().startswith("! timing: rehearsed ") and "not healthy within 0.3s" in line for line in lines)
