@@ -474,7 +474,7 @@ async def _interrupted_while_restored(world, daemon, d, inbox):
     world.notice(d.spot_request_id)
     await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="both-serving")
     await until(lambda: new not in health(world, d), what="new doomed spot out")
-    assert health(world, d) == {first: "healthy"}
+    assert health(world, d) == {first: "healthy"} and state(world, first) == "running"
 
 
 async def _interrupted_while_draining(world, daemon, d, inbox):
@@ -482,6 +482,7 @@ async def _interrupted_while_draining(world, daemon, d, inbox):
     await fail_over(world, daemon, d)
     world.hold_draining(d.target_group_arn, first)
     await replace_spot(world, daemon, d)
+    await until(lambda: phase(daemon) is Phase.STANDBY_DRAINING, what="standby-draining")
     await until(lambda: health(world, d).get(first) == "draining", what="standby draining")
     world.notice(d.spot_request_id)
     await until(lambda: phase(daemon) is Phase.BOTH_SERVING, what="both-serving")

@@ -57,11 +57,12 @@ from typing import Any, Callable
 import pytest
 import structlog
 
-from spotguard import config, machine
+from spotguard import machine
 from spotguard.daemon import build
 from spotguard.machine import Deregister, Failed, Notice, Observed, Phase, Start, Stop
 from spotguard.notify import Notifier
 from spotguard.store import Store
+from test_daemon import write_config
 
 DEFAULT_STEPS = 600
 STEPS = int(os.environ.get("SPOTGUARD_SOAK_STEPS", DEFAULT_STEPS))
@@ -169,30 +170,10 @@ def rss() -> int:
 
 
 def write_settings(tmp_path: Path, world: Any, d: Any) -> Any:
-    path = tmp_path / "soak.toml"
-    path.write_text(
-        f"""
-[aws]
-region = "{world.region}"
-endpoint_url = "{world.endpoint_url}"
-
-[daemon]
-state_dir = "{tmp_path / 'state'}"
-poll_interval = "5s"
-
-[[guard]]
-name = "{d.name}"
-target_group_arn = "{d.target_group_arn}"
-spot_request_ids = ["{d.spot_request_id}"]
-standby_instance_ids = {json.dumps(list(d.standby_ids))}
-failback_grace = "{GRACE}s"
-standby_ready_timeout = "{READY}s"
-unhealthy_grace = "{UNHEALTHY}s"
-on_rebalance = "prewarm"
-rebalance_hold = "{HOLD}s"
-"""
+    return write_config(
+        tmp_path, world, [d], poll="5s", grace=f"{GRACE}s", ready=f"{READY}s", unhealthy=f"{UNHEALTHY}s",
+        rules=f'on_rebalance = "prewarm"\nrebalance_hold = "{HOLD}s"',
     )
-    return config.load(path)
 
 
 @dataclass
