@@ -181,7 +181,7 @@ class Daemon:
             await self.settle()  # as before a poll that waits for nothing: notices acted on first
         polled = time.monotonic()
         try:
-            seen = await self.poller.observe()
+            seen = await self.poller.observe(steady=self._steady(), now=self.clock())
         except Exception as exc:  # noqa: BLE001 - a failed poll must never kill the daemon
             log.error("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
             seen = {}
@@ -195,6 +195,14 @@ class Daemon:
         if settle:
             await self.settle()
         self.rounds += 1
+
+    def _steady(self) -> set[str]:
+        """Guards in spot-healthy with nothing pending: the poller may reuse their target health."""
+        return {
+            name
+            for name, g in self.guards.items()
+            if g.state.phase is machine.Phase.SPOT_HEALTHY and not g.state.doomed and not g.queued and not g.acting
+        }
 
     def _enqueue(self, guard: Guard, event: Event) -> None:
         if isinstance(event, Observed):
@@ -258,7 +266,7 @@ class Daemon:
         self._cancel_workers()  # deposed: stop acting now, as a kill -9 would
         self.loaded_epoch = None
         try:
-            seen = await self.poller.observe()
+            seen = await self.poller.observe(steady=self._steady(), now=self.clock())
         except Exception as exc:  # noqa: BLE001 - a follower's failed poll changes nothing
             log.warning("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
             seen = {}

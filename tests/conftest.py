@@ -50,6 +50,7 @@ class GuardSpec:
     spot_request_ids: tuple[str, ...] = ()
     spot_instance_tags: tuple[tuple[str, str], ...] = ()
     standby_instance_ids: tuple[str, ...] = ()
+    unhealthy_grace: float = 30.0
 
 
 def guard_for(deployment: Deployment, name: str = "inference", **overrides: Any) -> GuardSpec:

@@ -308,7 +308,7 @@ class Scene:
         """End the transient state once the restarted process has seen it SETTLE_POLLS times."""
         if not self.transient or self.crash.phase is None:
             return
-        polls = [r for r in self.proxy.requests[self.crash.forwarded:] if r.action == "DescribeTargetHealth"]
+        polls = [r for r in self.proxy.requests[self.crash.forwarded:] if r.action == "DescribeSpotInstanceRequests"]
         if len(polls) < SETTLE_POLLS:
             return
         if self.transient == "draining":
@@ -333,7 +333,7 @@ class Scene:
         crash.resent = None  # seen in time: stop checking
 
     def polls(self) -> int:
-        return self.proxy.actions.count("DescribeTargetHealth")
+        return self.proxy.actions.count("DescribeSpotInstanceRequests")
 
 
 def matcher(action: str, instance_id: Callable[[], str | None] | str) -> Callable[[ProxyRequest], bool]:

@@ -218,9 +218,27 @@ async def test_two_guards_in_one_daemon(tmp_path, moto_world, aws):
             await replace_spot(moto_world, daemon, _named(d, name))
         await until(lambda: all(g.state.phase is Phase.SPOT_HEALTHY for g in daemon.guards.values()), what="both back")
         assert state(moto_world, a.standby_ids[0]) == state(moto_world, b.standby_ids[0]) == "stopped"
-        # One batched Describe of each kind per round for both guards.
-        calls = daemon.poller.calls
-        assert calls["DescribeSpotInstanceRequests"] == calls["DescribeInstances"] == daemon.rounds
+    # Counted once the daemon has stopped, so no round is half done: one batched
+    # Describe of each kind per round for both guards.
+    calls = daemon.poller.calls
+    assert calls["DescribeSpotInstanceRequests"] == calls["DescribeInstances"] == daemon.rounds
+
+
+async def test_steady_guards_health_is_reused_while_another_fails_over(tmp_path, moto_world, aws):
+    """Target health of a spot-healthy guard is described once per unhealthy_grace / 3,
+    not every round, even while another guard's failover polls every second."""
+    a = moto_world.provision("alpha", standbys=1)
+    b = moto_world.provision("beta", standbys=1)
+    settings = write_config(tmp_path, moto_world, [_named(a, "alpha"), _named(b, "beta")], unhealthy="90s")
+    async with running(settings, aws) as daemon:
+        await until(lambda: daemon.rounds >= 5, what="five steady rounds")
+        assert daemon.poller.calls["DescribeTargetHealth"] == 2  # the first round's, then reused
+        beta_described = daemon.poller.described[b.target_group_arn].at
+        alpha_described = daemon.poller.described[a.target_group_arn].at
+        await fail_over(moto_world, daemon, _named(a, "alpha"))
+        assert daemon.poller.described[a.target_group_arn].at > alpha_described
+        assert daemon.poller.described[b.target_group_arn].at == beta_described
+        assert phase(daemon, "beta") is Phase.SPOT_HEALTHY
 
 
 def _named(d, name):

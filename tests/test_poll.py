@@ -214,3 +214,77 @@ async def test_unreachable_endpoint_raises_poll_error(deployment, aio_session):
             await poller.observe()
     assert raised.value.code == "EndpointConnectionError"
     assert any(e["event"] == "poll.describe.failed" for e in logs)
+
+
+# ---------------------------------------------------------------------- steady guards reuse target health
+
+
+async def test_a_steady_guards_health_is_reused_for_a_third_of_unhealthy_grace(aws, deployment):
+    guard = guard_for(deployment, unhealthy_grace=30.0)
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    described = []
+    for now in (0.0, 5.0, 9.9, 10.0, 15.0):
+        before = poller.calls["DescribeTargetHealth"]
+        seen = await poller.observe(steady={guard.name}, now=now)
+        described.append(poller.calls["DescribeTargetHealth"] - before)
+        assert seen[guard.name].targets == (Target(deployment.spot_instance_id, "healthy"),)
+    assert described == [1, 0, 0, 1, 0]
+    assert poller.calls["DescribeSpotInstanceRequests"] == poller.calls["DescribeInstances"] == 5
+
+
+async def test_a_guard_not_said_steady_is_described_every_round(aws, deployment):
+    guard = guard_for(deployment)
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    for now in (0.0, 1.0, 2.0):
+        await poller.observe(steady=(), now=now)
+    assert poller.calls["DescribeTargetHealth"] == 3
+
+
+async def test_health_not_all_healthy_is_described_every_round(aws, deployment, moto_world):
+    guard = guard_for(deployment, unhealthy_grace=30.0)
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    moto_world.set_health(deployment.target_group_arn, deployment.spot_instance_id, "unhealthy")
+    for now in (0.0, 1.0, 2.0):
+        seen = await poller.observe(steady={guard.name}, now=now)
+        assert seen[guard.name].targets == (Target(deployment.spot_instance_id, "unhealthy"),)
+    assert poller.calls["DescribeTargetHealth"] == 3
+
+
+async def test_an_instance_change_gets_the_group_described_in_the_same_round(aws, deployment, moto_world):
+    guard = guard_for(deployment, unhealthy_grace=30.0)
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    await poller.observe(steady={guard.name}, now=0.0)
+    standby = deployment.standby_ids[0]
+    moto_world.set_state(standby, "running")  # started by hand
+    await aws.elbv2.register_targets(TargetGroupArn=deployment.target_group_arn, Targets=[{"Id": standby}])
+    seen = await poller.observe(steady={guard.name}, now=1.0)
+    assert poller.calls["DescribeTargetHealth"] == 2
+    assert standby in {t.id for t in seen[guard.name].targets}
+
+
+async def test_a_notice_in_the_request_status_gets_the_group_described(aws, deployment, moto_world):
+    guard = guard_for(deployment, unhealthy_grace=30.0)
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    await poller.observe(steady={guard.name}, now=0.0)
+    moto_world.notice(deployment.spot_request_id)
+    seen = await poller.observe(steady={guard.name}, now=1.0)
+    assert seen[guard.name].spots[0].notice
+    assert poller.calls["DescribeTargetHealth"] == 2
+
+
+async def test_a_clock_stepped_back_gets_the_group_described(aws, deployment):
+    guard = guard_for(deployment, unhealthy_grace=30.0)
+    poller = Poller(aws.ec2, aws.elbv2, [guard])
+    await poller.observe(steady={guard.name}, now=100.0)
+    await poller.observe(steady={guard.name}, now=50.0)
+    assert poller.calls["DescribeTargetHealth"] == 2
+
+
+async def test_only_the_steady_guards_groups_are_reused(aws, moto_world):
+    a = moto_world.provision("a", standbys=1)
+    b = moto_world.provision("b", standbys=1)
+    poller = Poller(aws.ec2, aws.elbv2, [guard_for(a, "a"), guard_for(b, "b")])
+    await poller.observe(steady={"a", "b"}, now=0.0)
+    for now in (1.0, 2.0, 3.0):
+        await poller.observe(steady={"a"}, now=now)  # b is failing over
+    assert poller.calls["DescribeTargetHealth"] == 2 + 3
