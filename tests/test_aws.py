@@ -1,11 +1,14 @@
-"""spotguard.aws: the fast timestamp parser reads what botocore's does, to the same instant."""
+"""spotguard.aws: the fast timestamp parser reads what botocore's does, to the same instant;
+every request names spotguard in its User-Agent."""
 
 from __future__ import annotations
 
 import pytest
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
-from spotguard.aws import parse_timestamp
+from awsproxy import AwsProxy
+from spotguard import __version__
+from spotguard.aws import clients, parse_timestamp
 
 
 @pytest.mark.parametrize(
@@ -30,3 +33,15 @@ def test_garbage_is_refused_as_botocore_refuses_it():
         botocore_parse_timestamp("2026-13-45Tnonsense")
     with pytest.raises(ValueError):
         parse_timestamp("2026-13-45Tnonsense")
+
+
+async def test_every_request_names_spotguard_in_its_user_agent(moto_world, deployment):
+    """CloudTrail's userAgent is how an operator finds spotguard's calls; seen on the wire here."""
+    with AwsProxy(moto_world.endpoint_url) as proxy:
+        async with clients(moto_world.region, proxy.url) as aws:
+            await aws.ec2.describe_instances(InstanceIds=[deployment.spot_instance_id])
+            await aws.elbv2.describe_target_health(TargetGroupArn=deployment.target_group_arn)
+            await aws.sqs.list_queues()
+    agents = [dict((k.lower(), v) for k, v in r.headers)["user-agent"] for r in proxy.requests]
+    assert len(agents) == 3
+    assert all(a.startswith(f"spotguard/{__version__} aiobotocore/") for a in agents), agents
