@@ -3,7 +3,8 @@
 `write(path, world, deployments, ...)` writes a TOML config with one `[[guard]]`
 per deployment (a dict as `world_server.provision` returns it) pointed at the
 world's endpoint, and returns the path; `config.load(path)` then gives the
-real Settings the daemon and the poller take. This module must not start
+real Settings the daemon and the poller take. `write_floor_spec` writes the
+same deployments as bench/floor.py's JSON spec. This module must not start
 anything.
 """
 
@@ -12,6 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Sequence
+
+from spotguard.ec2model import DATA as LEAN_DATA
+
+# The configs keep the default unhealthy_grace (30 s), and spotguard's poller
+# reuses a steady guard's target health for a third of it: the floor matches.
+FLOOR_HEALTH_EVERY = 30.0 / 3
 
 
 def write(
@@ -46,4 +53,20 @@ poll_interval = {poll_interval!r}
 log_format = "json"
 {guards}"""
     )
+    return path
+
+
+def write_floor_spec(path: Path, world: Any, deployments: Sequence[dict[str, Any]], *, interval: float) -> Path:
+    """bench/floor.py's spec: the same ids, interval, health cadence and EC2 model as the daemon's."""
+    spec = {
+        "region": world.region,
+        "endpoint_url": world.endpoint_url,
+        "interval": interval,
+        "request_ids": [d["spot_request_id"] for d in deployments],
+        "standby_ids": [s for d in deployments for s in d["standby_ids"]],
+        "target_groups": [d["target_group_arn"] for d in deployments],
+        "health_every": FLOOR_HEALTH_EVERY,
+        "data_path": str(LEAN_DATA),  # read by path: the floor imports no spotguard
+    }
+    path.write_text(json.dumps(spec))
     return path

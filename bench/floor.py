@@ -4,10 +4,14 @@ Run as `python bench/floor.py SPEC.json`. SPEC names an endpoint, a region,
 a poll interval and the ids a set of guards watches (spot request ids, standby
 ids, target group ARNs). The process opens the same three aiobotocore clients
 as `spotguard.aws.clients` (ec2, elbv2, sqs, one session, the same retry and
-timeout config, the same timestamp parser) and every interval makes the calls of one spotguard poll
+timeout config, a fixed User-Agent, the same timestamp parser, and spotguard's lean EC2 model: the
+directory `data_path` put first on botocore's search path, as spotguard.aws
+does) and every interval makes the calls of one spotguard poll
 round: one DescribeSpotInstanceRequests, one DescribeInstances for the
-requests' instances and the standbys, and one DescribeTargetHealth per target
-group, concurrently as spotguard's poller does. After the first round it sends
+requests' instances and the standbys, and, concurrently as spotguard's poller
+does, one DescribeTargetHealth per target group when the last ones are
+`health_every` seconds old (spotguard's poller reuses a steady guard's target
+health for unhealthy_grace / 3). After the first round it sends
 READY=1 to $NOTIFY_SOCKET, as `spotguard run` does, and it exits 0 on SIGTERM.
 
 Whatever `spotguard run` holds beyond this process is spotguard's own cost
@@ -48,8 +52,13 @@ def _parse_timestamp(value):
     return botocore_parse_timestamp(value)
 
 
+# spotguard.aws sets a fixed User-Agent (botocore then skips building its own); so does the floor.
+USER_AGENT = "spotguard-bench-floor"
+
+
 def _config(service: str) -> AioConfig:
-    return AioConfig(retries=RETRIES, connect_timeout=5.0, read_timeout=READ_TIMEOUT.get(service, 15.0))
+    return AioConfig(retries=RETRIES, connect_timeout=5.0, read_timeout=READ_TIMEOUT.get(service, 15.0),
+                     user_agent=USER_AGENT)
 
 
 def _notify(message: str) -> None:
@@ -60,13 +69,14 @@ def _notify(message: str) -> None:
             sock.sendall(message.encode())
 
 
-async def _round(ec2, elbv2, spec: dict) -> None:
+async def _round(ec2, elbv2, spec: dict, health: bool) -> None:
     async def spot_view() -> None:
         reply = await ec2.describe_spot_instance_requests(SpotInstanceRequestIds=spec["request_ids"])
         spots = [r["InstanceId"] for r in reply["SpotInstanceRequests"] if r.get("InstanceId")]
         await ec2.describe_instances(InstanceIds=list(dict.fromkeys(spots + spec["standby_ids"])))
 
-    await asyncio.gather(spot_view(), *(elbv2.describe_target_health(TargetGroupArn=a) for a in spec["target_groups"]))
+    groups = spec["target_groups"] if health else []
+    await asyncio.gather(spot_view(), *(elbv2.describe_target_health(TargetGroupArn=a) for a in groups))
 
 
 async def main(spec: dict) -> None:
@@ -75,6 +85,7 @@ async def main(spec: dict) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     session = get_session()
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
+    session.get_component("data_loader").search_paths.insert(0, spec["data_path"])
     async with AsyncExitStack() as stack:
         ec2, elbv2, _sqs = [
             await stack.enter_async_context(
@@ -84,10 +95,12 @@ async def main(spec: dict) -> None:
             )
             for name in ("ec2", "elbv2", "sqs")
         ]
-        rounds = 0
+        rounds, described = 0, float("-inf")
         while not stop.is_set():
             began = time.monotonic()
-            await _round(ec2, elbv2, spec)
+            health = began - described >= spec["health_every"]
+            await _round(ec2, elbv2, spec, health)
+            described = began if health else described
             rounds += 1
             if rounds == 1:
                 _notify("READY=1")

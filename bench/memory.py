@@ -39,14 +39,19 @@ GOAL_KIB = 1024
 POLL_INTERVAL = 0.001
 DEADLINE = 900.0
 # Where a daemon's memory goes before its first round: one JSON [label, /proc status text] per line.
+# With STOCK set (the first line), spotguard.aws's lean EC2 model is switched off in
+# this throwaway process, to show what botocore's full model costs beside it.
 BASELINE = """
-import asyncio, json
+import asyncio, json, os
+STOCK = bool(os.environ.get("BENCH_STOCK_MODEL"))
 def show(label):
     print(json.dumps([label, open("/proc/self/status").read()]), flush=True)
 show("interpreter")
 import spotguard.daemon, spotguard.aws, spotguard.sources.poll, spotguard.executor
 import spotguard.store, spotguard.notify, spotguard.config, spotguard.logs, spotguard.cli
-show("+ spotguard's imports (aiobotocore, structlog, discord-webhook, ...)")
+show("+ spotguard's imports (aiobotocore, structlog, ...)")
+if STOCK:
+    spotguard.aws._lean_models = lambda session: session
 from contextlib import AsyncExitStack
 from aiobotocore.session import get_session
 async def clients():
@@ -54,7 +59,8 @@ async def clients():
     async with AsyncExitStack() as stack:
         for name in ("ec2", "elbv2", "sqs"):
             await stack.enter_async_context(spotguard.aws.client(name, "us-east-1", "http://127.0.0.1:9", session=session))
-            show(f"+ {name} client (service model loaded, no call made)")
+            model = "botocore's full EC2 model" if STOCK and name == "ec2" else "service model"
+            show(f"+ {name} client ({model} loaded, no call made)")
 asyncio.run(clients())
 """
 
@@ -120,8 +126,17 @@ def _check_log(path: Path) -> None:
 
 
 def _baseline() -> list[tuple[str, dict[str, int]]]:
+    """The stages with spotguard's lean EC2 model, then the ec2 client's stage with botocore's full one."""
+    stages = _stages({})
+    stock = _stages({"BENCH_STOCK_MODEL": "1"})
+    stages.append(("for comparison, in another process: " + stock[2][0].lstrip("+ "), stock[2][1]))
+    return stages
+
+
+def _stages(env: dict[str, str]) -> list[tuple[str, dict[str, int]]]:
     reply = subprocess.run(
-        [sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True, env={**os.environ, **AWS_ENV}
+        [sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True,
+        env={**os.environ, **AWS_ENV, **env},
     )
     stages = []
     for line in reply.stdout.splitlines():

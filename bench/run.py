@@ -68,8 +68,9 @@ spotguard is meant to run on a t4g.nano: 2 burstable Graviton2 vCPUs (baseline
 5 % each, bursting on CPU credits) and 0.5 GiB of RAM. Issue 7 set the goals
 below for it: memory near the floor any Python process with the same AWS
 clients pays, a fraction of a percent of one core at the default 5 s poll,
-one EC2 Describe of each kind per poll whatever the number of guards, a quick
-start and a quick reaction.
+one EC2 Describe of each kind per poll whatever the number of guards (and at
+most one DescribeTargetHealth per target group), a quick start and a quick
+reaction.
 
 These figures come from the machine below, not from a t4g.nano: compare ratios
 and orders of magnitude, not absolute milliseconds. Medians, percentiles and
@@ -83,57 +84,52 @@ only rank the paths against each other."""
 
 
 FINDINGS = """\
-What the figures say, and what was changed or is proposed (bench/cpu_round.py
-measures the proposals below in every run; the rest is argued from the tables):
+What the figures say, and what issue 7 changed (bench/cpu_round.py measures
+the changes one by one in every run; the rest is argued from the tables):
 
 * **Memory** is within the goals, and most of it is not spotguard's: the floor
   (a bare aiobotocore process with the same clients) holds all but a few MiB
-  (section 1); spotguard's share is its modules and structlog (discord-webhook
-  and the `requests` it brings, 3.7 MiB, are imported only when a webhook is
-  configured; this run has none). The largest
-  single piece of both is botocore's EC2 service model: the "+ ec2 client" row
-  of section 4, the whole 800-operation model, of which spotguard calls four.
-  A trimmed model shipped with spotguard (only the operations the daemon
-  calls, loaded through a botocore `Loader` search path) would take that
-  piece down by two thirds; it is a proposal, not done: it needs a
-  regeneration step and a test that the daemon calls nothing outside it.
-  Trimming after loading does not help: the freed memory is not returned.
+  (section 1). The largest single piece was botocore's EC2 service model,
+  800 operations of which spotguard calls four. spotguard now ships a lean
+  model (spotguard/ec2model.py: those four operations, the shapes they reach,
+  `Instance` and `SpotInstanceRequest` cut to the members spotguard reads, no
+  documentation), loaded first through botocore's search path; section 4's
+  last row is the ec2 client with botocore's full model, for comparison. The
+  floor loads the same lean model, so "vs floor" is spotguard's own share:
+  its modules and structlog. discord-webhook (and `requests`, 3.7 MiB) is
+  imported only when a webhook is configured; this run has none.
 * **No leak**: section 4's growth after warming is a few KiB per thousand
   polls, an order of magnitude under the goal.
-* **CPU at 1 guard** is far under the goal. **At 20 guards** it is not, and
-  the floor spends about as much: the cost is aiobotocore's, per call
-  (section 6: response parsing, request building and signing, HTTP), and a
-  steady round is 22 calls. spotguard's own code is about 1 % of a round.
-  Done here: spotguard.aws parses timestamps with `datetime.fromisoformat`
-  instead of dateutil (section 6, second variant: what it saved). Proposed
-  (spotguard/sources/poll.py and daemon.py): while every guard is
-  spot-healthy, ask DescribeTargetHealth, and DescribeInstances, every
-  `unhealthy_grace / 2` (15 s by default) instead of every poll, at once
-  whenever DescribeSpotInstanceRequests names an instance the last
-  DescribeInstances did not, and during a failover only for the busy guards'
-  target groups. The spot request status, which carries the interruption
-  notice, stays on every poll. Section 6's last variants give what that
-  would cost; DescribeTargetHealth alone is not quite enough at 20 guards.
-* **AWS calls** are as designed: one DescribeSpotInstanceRequests and one
-  DescribeInstances per poll whatever the number of guards, one
-  DescribeTargetHealth per target group, nothing else in steady state; a
-  failover adds only its own commands, but the 1 s fast poll then describes
-  every guard's target group, not just the busy guard's (section 1).
-* **Start-up** is almost all CPU (imports, the EC2 model, the first round):
-  on a quiet machine its wall time is about its CPU time (section 2), on a
-  loaded one (load 11-13, an earlier run) about three times that, 1.8 s.
-  Done: discord-webhook (with `requests`, `urllib3`, `charset_normalizer`)
-  is imported only when a webhook is configured, and prometheus-client and
-  apscheduler only with metrics_port and daily_summary. Proposed: the trimmed
-  EC2 model, which would also take most of the model's load time off.
+* **CPU** is almost all aiobotocore's, per call (section 6: response parsing,
+  request building and signing, HTTP); spotguard's own code is about 1 % of
+  a round. What was done, each step measured in section 6: timestamps parsed
+  by `datetime.fromisoformat` instead of dateutil; the lean EC2 model, whose
+  parser no longer walks the ~80 members of every instance; a fixed
+  User-Agent naming spotguard (botocore otherwise builds one from ~16 parts
+  twice per request); and a steady guard's target health reused for
+  `unhealthy_grace / 3` (spotguard/sources/poll.py): described again as soon
+  as anything about the guard moves (an instance, a notice, a target not
+  healthy, the guard leaving spot-healthy), so the only cost is that an
+  unhealthy spot is noticed up to 10 s later at the default 30 s grace.
+  moto's server closes every connection after one reply, so every call here
+  also pays a new TCP connection that AWS's keep-alive spares.
+* **AWS calls**: one DescribeSpotInstanceRequests and one DescribeInstances
+  per poll whatever the number of guards, at most one DescribeTargetHealth
+  per target group (one every 10 s for a steady guard at the defaults),
+  nothing else in steady state. A failover adds only its own commands, and
+  the 1 s fast poll describes the busy guard's target group, not every
+  guard's (section 1).
+* **Start-up** is almost all CPU (imports, the service models, the first
+  round): on a quiet machine its wall time is about its CPU time (section 2).
+  The lean EC2 model takes most of the model's load time off; prometheus-client
+  and apscheduler are imported only with metrics_port and daily_summary.
 * **Reaction**: the daemon's own CPU from a pushed notice to StartInstances
   leaving is a few ms even at p99 (section 3's CPU columns); the rest of the
   wall time is the write-ahead fsync (section 3's `Store.save` line) and
-  waiting for a core. On a quiet machine the p99 is under the goal; at load
-  11-13 (an earlier run) it was 45.6 ms, mostly a slow fsync on a busy disk.
-  The fsync is the design's promise (state on disk before the command) and
-  stays; whether the p99 goal holds on a t4g.nano's EBS volume is for a
-  measurement there."""
+  waiting for a core. At load 11-13 (an earlier run) the p99 was 45.6 ms,
+  mostly a slow fsync on a busy disk. The fsync is the design's promise
+  (state on disk before the command) and stays; whether the p99 goal holds
+  on a t4g.nano's EBS volume is for a measurement there."""
 
 
 SECTIONS = (
@@ -148,12 +144,14 @@ SECTIONS = (
     (
         "5. One poll round, by number of guards",
         "`spotguard.sources.poll.Poller.observe()` with spotguard's aiobotocore clients "
-        "(spotguard.aws.clients) on moto's endpoint. \"Our CPU\" is `time.process_time()` of the "
+        "(spotguard.aws.clients) on moto's endpoint, every target group described (a full round, as "
+        "while guards are busy; a steady guard's group is described every other round at the defaults, "
+        "section 1). \"Our CPU\" is `time.process_time()` of the "
         "benchmark process, which holds no moto; moto's CPU is read from /proc for its own process.",
     ),
     (
         "6. Where a poll round's CPU goes",
-        "Why the 20-guard CPU figure is what it is, and what would lower it (bench/cpu_round.py). The "
+        "Why the 20-guard CPU figure is what it is, and what brought it down (bench/cpu_round.py). The "
         "variants are measured, in this run, on the same moto world as everything else.",
     ),
     (

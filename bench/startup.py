@@ -24,7 +24,6 @@ process but those it started.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -69,13 +68,7 @@ def _one(world: Any, run_dir: Path, kind: str, deployments: list) -> tuple[float
         path = configs.write(run_dir / "config.toml", world, deployments, state_dir=run_dir / "state", poll_interval=5.0)
         argv = ["-m", "spotguard", "run", "--config", str(path)]
     else:
-        spec = {
-            "region": world.region, "endpoint_url": world.endpoint_url, "interval": 5.0,
-            "request_ids": [d["spot_request_id"] for d in deployments],
-            "standby_ids": [s for d in deployments for s in d["standby_ids"]],
-            "target_groups": [d["target_group_arn"] for d in deployments],
-        }
-        (run_dir / "spec.json").write_text(json.dumps(spec))
+        configs.write_floor_spec(run_dir / "spec.json", world, deployments, interval=5.0)
         argv = [str(proc.BENCH / "floor.py"), str(run_dir / "spec.json")]
     launched = proc.launch(f"start{kind}{len(deployments)}", argv, run_dir)
     try:

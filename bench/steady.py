@@ -116,15 +116,7 @@ def _spotguard(world: Any, workdir: Path, deployments: list) -> Watched:
 def _floor(world: Any, workdir: Path, deployments: list) -> Watched:
     run_dir = workdir / f"steady-floor-{len(deployments)}"
     run_dir.mkdir(parents=True)
-    spec = {
-        "region": world.region,
-        "endpoint_url": world.endpoint_url,
-        "interval": POLL_INTERVAL,
-        "request_ids": [d["spot_request_id"] for d in deployments],
-        "standby_ids": [s for d in deployments for s in d["standby_ids"]],
-        "target_groups": [d["target_group_arn"] for d in deployments],
-    }
-    (run_dir / "spec.json").write_text(json.dumps(spec))
+    configs.write_floor_spec(run_dir / "spec.json", world, deployments, interval=POLL_INTERVAL)
     launched = proc.launch(f"floor{len(deployments)}", [str(proc.BENCH / "floor.py"), str(run_dir / "spec.json")], run_dir)
     return Watched("floor", len(deployments), launched, deployments)
 
@@ -234,10 +226,12 @@ def goals(figures: dict) -> list[list[str]]:
     for n in SIZES:
         calls = figures[("spotguard", n)]["calls"]
         rounds = calls.get("DescribeSpotInstanceRequests", 0)
-        want = {"DescribeSpotInstanceRequests": 1.0, "DescribeInstances": 1.0, "DescribeTargetHealth": float(n)}
         got = {op: round(k / rounds, 2) for op, k in calls.items()} if rounds else {}
+        ok = (set(got) <= {"DescribeSpotInstanceRequests", "DescribeInstances", "DescribeTargetHealth"}
+              and got.get("DescribeSpotInstanceRequests") == got.get("DescribeInstances") == 1.0
+              and 0 < got.get("DescribeTargetHealth", 0) <= n)
         rows.append([f"steady calls per poll, {n} guard{'s' * (n > 1)}",
-                     f"DSIR 1, DI 1, DTH {n}, nothing else", _per_poll(calls), _met(got == want)])
+                     f"DSIR 1, DI 1, DTH at most {n} (one per target group), nothing else", _per_poll(calls), _met(ok)])
     return rows
 
 
