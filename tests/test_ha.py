@@ -263,12 +263,14 @@ async def test_a_fenced_write_stops_the_commands_that_followed_it(tmp_path, moto
         await until(lambda: a.daemon.loaded_epoch == 1 and a.daemon.rounds >= 1, what="a leads")
         take_lease(moto_world, "b")
         assert a.daemon.ha.leading()
+        rounds = a.daemon.rounds
         with capture_logs() as logs:
             moto_world.notice(d.spot_request_id)
             a.daemon.wake()
             await until(lambda: "ha.state.fenced" in [e["event"] for e in logs], what="the fenced write")
-            rounds = a.daemon.rounds
-            await until(lambda: a.daemon.rounds >= rounds + 1, what="another round")
+            # The woken round saw the notice; the step-down wakes one more, which is after
+            # the fence whenever it was (counting from the fence could miss a quick round).
+            await until(lambda: a.daemon.rounds >= rounds + 2, what="a round after the fenced write")
         assert a.actions.done == [], "no command may follow a refused state write"
         assert phase(a.daemon) is Phase.SPOT_HEALTHY  # reverted: the step was not persisted
         assert not a.daemon.ha.leading()
