@@ -312,7 +312,8 @@ def _git_revision() -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
     revision = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    # Its own output does not count: a rerun starts with the last run's file changed.
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":!{DEFAULT_OUT.relative_to(ROOT)}")
     return f"{revision}" + (" with uncommitted changes" if dirty else "")
 
 
