@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from spotguard.config import GuardSettings
 from spotguard.ec2model import DATA as LEAN_DATA
+from spotguard.sources.poll import STEADY_HEALTH_SHARE
 
-# The configs keep the default unhealthy_grace (30 s), and spotguard's poller
-# reuses a steady guard's target health for a third of it: the floor matches.
-FLOOR_HEALTH_EVERY = 30.0 / 3
+# The configs keep the default unhealthy_grace, and spotguard's poller reuses a
+# steady guard's target health for a share of it: the floor describes as often.
+FLOOR_HEALTH_EVERY = GuardSettings.unhealthy_grace / STEADY_HEALTH_SHARE
 
 
 def write(

@@ -38,8 +38,9 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from spotguard import config
-from spotguard.aws import USER_AGENT, client_config, clients, parse_timestamp
-from spotguard.ec2model import DATA as LEAN_DATA
+# The variants set up their sessions with spotguard.aws's own helpers, so each is
+# exactly what the daemon does, one change at a time.
+from spotguard.aws import USER_AGENT, _fast_parsers, _lean_models, client_config, clients
 from spotguard.sources.poll import Poller
 
 import configs
@@ -136,9 +137,9 @@ async def _variants(world: Any, deployments: list, rounds: int) -> dict[str, lis
         for name, lean, fast, fixed_agent, health_every in VARIANTS:
             session = get_session()  # its own session: parser defaults and models are per session
             if fast:
-                session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
+                _fast_parsers(session)
             if lean:
-                session.get_component("data_loader").search_paths.insert(0, str(LEAN_DATA))
+                _lean_models(session)
             agent = AioConfig(user_agent=USER_AGENT if fixed_agent else None)  # None: botocore builds its own
             ec2 = await stack.enter_async_context(session.create_client(
                 "ec2", region_name=world.region, endpoint_url=world.endpoint_url,
