@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from spotguard.config import GuardSettings
 from spotguard.ec2model import DATA as LEAN_DATA
-from spotguard.sources.poll import STEADY_HEALTH_SHARE
+from spotguard.machine import STEADY_HEALTH_SHARE
 
 # The configs keep the default unhealthy_grace, and spotguard's poller reuses a
 # steady guard's target health for a share of it: the floor describes as often.

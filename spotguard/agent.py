@@ -32,7 +32,8 @@ import aiohttp
 import structlog
 
 from spotguard.aws import error_code
-from spotguard.sources.sqs import ACTIONS, INTERRUPTION, REBALANCE, stoppable_sleep
+from spotguard.sources.eventbridge import ACTIONS, INTERRUPTION, REBALANCE
+from spotguard.sources.sqs import stoppable_sleep
 
 log = structlog.get_logger("spotguard.agent")
 

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from spotguard import defaults, ids
 from spotguard.machine import Rules
 
 DISCORD_ENV = "SPOTGUARD_DISCORD_WEBHOOK_URL"
-DEFAULT_STATE_DIR = Path("/var/lib/spotguard")
 LOG_FORMATS = ("auto", "json", "console")
 REBALANCE_POLICIES = ("ignore", "prewarm")
 
@@ -82,9 +82,9 @@ class AwsSettings:
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    state_dir: Path = DEFAULT_STATE_DIR
-    poll_interval: float = 5.0
-    log_format: str = "auto"  # auto | json | console
+    state_dir: Path = defaults.STATE_DIR
+    poll_interval: float = defaults.POLL_INTERVAL
+    log_format: str = defaults.LOG_FORMAT  # auto | json | console
     metrics_port: int | None = None  # Prometheus endpoint on 127.0.0.1; None: no endpoint
 
 
@@ -92,7 +92,7 @@ class DaemonSettings:
 class DiscordSettings:
     webhook_url: str = field(repr=False)  # a credential: never in repr or logs
     daily_summary: str | None = None  # "HH:MM": one summary message per guard each day
-    timezone: str = "UTC"  # the zone daily_summary is read in (IANA name)
+    timezone: str = defaults.TIMEZONE  # the zone daily_summary is read in (IANA name)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class HaSettings:
     """Two controllers, one leader, through a DynamoDB lease ([ha]; absent: run alone)."""
 
     table: str
-    lease: float = 15.0
+    lease: float = defaults.LEASE
     holder: str | None = None  # None: host name and process id, decided at start
 
 
@@ -133,11 +133,11 @@ class GuardSettings:
     spot_request_ids: tuple[str, ...] = ()
     spot_instance_tags: tuple[tuple[str, str], ...] = ()  # (key, value) in file order
     standby_instance_ids: tuple[str, ...] = ()
-    failback_grace: float = 600.0
-    standby_ready_timeout: float = 300.0
-    unhealthy_grace: float = 30.0
-    on_rebalance: str = "ignore"  # ignore | prewarm
-    rebalance_hold: float = 1800.0
+    failback_grace: float = defaults.FAILBACK_GRACE
+    standby_ready_timeout: float = defaults.STANDBY_READY_TIMEOUT
+    unhealthy_grace: float = defaults.UNHEALTHY_GRACE
+    on_rebalance: str = defaults.ON_REBALANCE  # ignore | prewarm
+    rebalance_hold: float = defaults.REBALANCE_HOLD
     on_demand_hourly: float | None = None  # USD per standby hour, for status and summaries
     spot_hourly: float | None = None  # USD per spot hour
 
@@ -324,9 +324,7 @@ def _string(r: _Reader, value: Any, path: str) -> str | None:
     return None
 
 
-def _matching(pattern: str, what: str) -> Convert:
-    regex = re.compile(pattern)
-
+def _matching(regex: re.Pattern[str], what: str) -> Convert:
     def convert(r: _Reader, value: Any, path: str) -> str | None:
         text = _string(r, value, path)
         if text is not None and not regex.fullmatch(text):
@@ -515,18 +513,6 @@ def _os_reason(exc: Exception) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-_ID_INSTANCE = r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})"
-# AWS issues `sir-` + 8 characters; moto (and, like other resources, maybe AWS
-# one day) issues `sir-` + 17 hex digits. Both are accepted.
-_ID_SPOT_REQUEST = r"sir-(?:[a-z0-9]{8}|[0-9a-f]{17})"
-_REGION = r"[a-z]{2}(?:-[a-z]+)+-\d+"
-_TG_ARN = re.compile(
-    rf"arn:aws[-a-z]*:elasticloadbalancing:(?P<region>{_REGION}):\d{{12}}:"
-    r"targetgroup/[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?/[0-9a-f]{16}"
-)
-_GUARD_NAME = r"[a-z0-9-]{1,63}"
-_DDB_TABLE = r"[A-Za-z0-9_.-]{3,255}"
-
 _TOP_KEYS = ("aws", "daemon", "notify", "sources", "guard", "ha")
 _GUARD_KEYS = (
     "name",
@@ -563,7 +549,7 @@ def _aws(r: _Reader, top: dict) -> AwsSettings:
     if table is None:
         return AwsSettings(region=None)  # type: ignore[arg-type]  # a problem is recorded
     return AwsSettings(
-        region=r.get(table, "region", "aws", _matching(_REGION, 'an AWS region (like "ap-northeast-2")')),
+        region=r.get(table, "region", "aws", _matching(ids.REGION, 'an AWS region (like "ap-northeast-2")')),
         endpoint_url=r.get(table, "endpoint_url", "aws", _url, None),
     )
 
@@ -573,9 +559,9 @@ def _daemon(r: _Reader, top: dict) -> DaemonSettings:
     if table is None:
         return DaemonSettings()
     return DaemonSettings(
-        state_dir=r.get(table, "state_dir", "daemon", _path, DEFAULT_STATE_DIR),
-        poll_interval=r.get(table, "poll_interval", "daemon", _positive_duration, 5.0),
-        log_format=r.get(table, "log_format", "daemon", _choice(LOG_FORMATS), "auto"),
+        state_dir=r.get(table, "state_dir", "daemon", _path, defaults.STATE_DIR),
+        poll_interval=r.get(table, "poll_interval", "daemon", _positive_duration, defaults.POLL_INTERVAL),
+        log_format=r.get(table, "log_format", "daemon", _choice(LOG_FORMATS), defaults.LOG_FORMAT),
         metrics_port=r.get(table, "metrics_port", "daemon", _port, None),
     )
 
@@ -599,7 +585,7 @@ def _discord(r: _Reader, top: dict) -> DiscordSettings | None:
     else:
         url = _url_from_env(r, required=present)
     summary = r.get(table, "daily_summary", "notify.discord", _clock_time, None)
-    zone = r.get(table, "timezone", "notify.discord", _timezone, "UTC")
+    zone = r.get(table, "timezone", "notify.discord", _timezone, defaults.TIMEZONE)
     return DiscordSettings(webhook_url=url, daily_summary=summary, timezone=zone) if url is not None else None
 
 
@@ -631,13 +617,13 @@ def _ha(r: _Reader, top: dict) -> HaSettings | None:
     table = r.section(top, "ha", "", ("table", "lease", "holder"))
     if table is None:
         return None
-    lease = r.get(table, "lease", "ha", _positive_duration, 15.0)
+    lease = r.get(table, "lease", "ha", _positive_duration, defaults.LEASE)
     if lease is not None and lease < 3:
         r.problem("ha.lease", f"must be at least 3s (renewed every third of it), got {format_duration(lease)}")
     return HaSettings(
-        table=r.get(table, "table", "ha", _matching(_DDB_TABLE, "a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")),
+        table=r.get(table, "table", "ha", _matching(ids.DYNAMODB_TABLE, "a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")),
         lease=lease,
-        holder=r.get(table, "holder", "ha", _matching(r"[\x21-\x7e]{1,128}", "a holder name (1-128 printable characters, no spaces)"), None),
+        holder=r.get(table, "holder", "ha", _matching(re.compile(r"[\x21-\x7e]{1,128}"), "a holder name (1-128 printable characters, no spaces)"), None),
     )
 
 
@@ -662,10 +648,10 @@ def _guards(r: _Reader, top: dict, region: str | None) -> tuple[GuardSettings, .
 def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSettings:
     r.known_keys(table, path, _GUARD_KEYS)
     get = lambda key, convert, default=_REQUIRED: r.get(table, key, path, convert, default)  # noqa: E731
-    name = get("name", _matching(_GUARD_NAME, "a guard name (1-63 characters of a-z, 0-9 and -)"))
-    arn = get("target_group_arn", _matching(_TG_ARN.pattern, "an ELBv2 target group ARN"))
+    name = get("name", _matching(ids.GUARD_NAME, "a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)"))
+    arn = get("target_group_arn", _matching(ids.TARGET_GROUP_ARN, "an ELBv2 target group ARN"))
     if arn is not None and region is not None:
-        arn_region = _TG_ARN.fullmatch(arn)["region"]  # type: ignore[index]
+        arn_region = ids.TARGET_GROUP_ARN.fullmatch(arn)["region"]  # type: ignore[index]
         if arn_region != region:
             r.problem(f"{path}.target_group_arn", f"is in region {_show(arn_region)}, not aws.region {_show(region)}")
     has_requests, has_tags = "spot_request_ids" in table, "spot_instance_tags" in table
@@ -677,14 +663,14 @@ def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSetti
         name=name,
         target_group_arn=arn,
         target_port=get("target_port", _port, None),
-        spot_request_ids=get("spot_request_ids", _array(_matching(_ID_SPOT_REQUEST, "a spot request id")), ()),
+        spot_request_ids=get("spot_request_ids", _array(_matching(ids.SPOT_REQUEST_ID, "a spot request id")), ()),
         spot_instance_tags=get("spot_instance_tags", _tags, ()),
-        standby_instance_ids=get("standby_instance_ids", _array(_matching(_ID_INSTANCE, "an instance id"))),
-        failback_grace=get("failback_grace", _duration, 600.0),
-        standby_ready_timeout=get("standby_ready_timeout", _duration, 300.0),
-        unhealthy_grace=get("unhealthy_grace", _duration, 30.0),
-        on_rebalance=get("on_rebalance", _choice(REBALANCE_POLICIES), "ignore"),
-        rebalance_hold=get("rebalance_hold", _duration, 1800.0),
+        standby_instance_ids=get("standby_instance_ids", _array(_matching(ids.INSTANCE_ID, "an instance id"))),
+        failback_grace=get("failback_grace", _duration, defaults.FAILBACK_GRACE),
+        standby_ready_timeout=get("standby_ready_timeout", _duration, defaults.STANDBY_READY_TIMEOUT),
+        unhealthy_grace=get("unhealthy_grace", _duration, defaults.UNHEALTHY_GRACE),
+        on_rebalance=get("on_rebalance", _choice(REBALANCE_POLICIES), defaults.ON_REBALANCE),
+        rebalance_hold=get("rebalance_hold", _duration, defaults.REBALANCE_HOLD),
         on_demand_hourly=get("on_demand_hourly", _price, None),
         spot_hourly=get("spot_hourly", _price, None),
     )

@@ -37,10 +37,6 @@ from .machine import Alert, Event, GuardState, Notice, Observed
 
 log = structlog.get_logger("spotguard")
 
-# While a guard is away from spot-healthy, poll this often so a failover or
-# failback is not slowed by the steady-state interval.
-FAST_POLL = 1.0
-
 
 @dataclass
 class Guard:
@@ -87,7 +83,6 @@ class Daemon:
         store: Any,
         notifier: Any,
         clock: Callable[[], float] = time.time,
-        fast_poll: float = FAST_POLL,
         observers: Sequence[Observer] = (),
         ha: Any = None,
     ) -> None:
@@ -97,7 +92,6 @@ class Daemon:
         self.store = store
         self.notifier = notifier
         self.clock = clock
-        self.fast_poll = fast_poll
         self.observers = tuple(observers)
         self.ha = ha  # ha.Leadership with [ha]; None: this daemon runs alone and always acts
         self.loaded_epoch: int | None = None  # the lease epoch whose shared states we loaded
@@ -149,8 +143,7 @@ class Daemon:
         return self._owner(instance_id, {}) is not None
 
     def _interval(self) -> float:
-        busy = any(g.state.phase is not machine.Phase.SPOT_HEALTHY for g in self.guards.values())
-        return min(self.fast_poll, self.settings.daemon.poll_interval) if busy else self.settings.daemon.poll_interval
+        return machine.poll_interval((g.state for g in self.guards.values()), self.settings.daemon.poll_interval)
 
     async def _wait(self, stop: asyncio.Event, until: float) -> None:
         """Sleep until the next round is due, we are woken, or we are stopped."""
@@ -197,12 +190,8 @@ class Daemon:
         self.rounds += 1
 
     def _steady(self) -> set[str]:
-        """Guards in spot-healthy with nothing pending: the poller may reuse their target health."""
-        return {
-            name
-            for name, g in self.guards.items()
-            if g.state.phase is machine.Phase.SPOT_HEALTHY and not g.state.doomed and not g.queued and not g.acting
-        }
+        """Steady guards with nothing queued or in flight: the poller may reuse their target health."""
+        return {name for name, g in self.guards.items() if machine.is_steady(g.state) and not g.queued and not g.acting}
 
     def _enqueue(self, guard: Guard, event: Event) -> None:
         if isinstance(event, Observed):

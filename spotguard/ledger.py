@@ -57,6 +57,7 @@ from typing import Any, Iterable
 
 import structlog
 
+from spotguard import ids
 from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Notice, Observed, Start, Stop
 from spotguard.store import write_atomic
 
@@ -66,7 +67,6 @@ VERSION = 1
 # A ledger file past this size is rotated early: a flood of records (a flapping
 # target, say) must not fill the nano's disk. A normal month is a few KiB.
 MAX_BYTES = 4 << 20
-_GUARD_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")  # as store.py: a name can never be a path
 STANDBY, SPOT = "standby", "spot"
 
 
@@ -86,7 +86,7 @@ def seen_path(state_dir: Path | str, guard: str) -> Path:
 
 
 def _checked(guard: str) -> str:
-    if not _GUARD_NAME.match(guard):
+    if not ids.GUARD_NAME.fullmatch(guard):
         raise ValueError(f"invalid guard name {guard!r}")
     return guard
 

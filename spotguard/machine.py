@@ -7,8 +7,8 @@ observation of the world plus remembered notices, so a missed or repeated event
 is corrected by the next observation.
 
 Rules worth knowing before reading the code:
-* Deregister and Stop are only ever decided on an Observed event. A Notice,
-  Tick or Failed is decided on the last observation, which may be stale, so it
+* Deregister and Stop are only ever decided on an Observed event. A Notice
+  or Failed is decided on the last observation, which may be stale, so it
   can start and register but never take capacity away.
 * Deregistering never leaves the target group without a healthy target
   (invariant 1); a standby is never stopped while it is the only healthy one
@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import Iterable
+
+from spotguard import defaults
 
 # --------------------------------------------------------------------------- phases
 
@@ -108,12 +111,7 @@ class Failed:
     code: str
 
 
-@dataclass(frozen=True)
-class Tick:
-    """Time has passed; re-evaluate timers against the last observation."""
-
-
-Event = Observed | Notice | Failed | Tick
+Event = Observed | Notice | Failed
 
 
 # --------------------------------------------------------------------------- commands
@@ -157,11 +155,11 @@ class Rules:
     """The guard's settings that the rules read (durations in seconds)."""
 
     standbys: tuple[str, ...]
-    failback_grace: float = 600.0
-    standby_ready_timeout: float = 300.0
-    unhealthy_grace: float = 30.0
-    on_rebalance: str = "ignore"  # ignore | prewarm
-    rebalance_hold: float = 1800.0
+    failback_grace: float = defaults.FAILBACK_GRACE
+    standby_ready_timeout: float = defaults.STANDBY_READY_TIMEOUT
+    unhealthy_grace: float = defaults.UNHEALTHY_GRACE
+    on_rebalance: str = defaults.ON_REBALANCE  # ignore | prewarm
+    rebalance_hold: float = defaults.REBALANCE_HOLD
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,7 @@ def step(state: GuardState, event: Event, now: float) -> Result:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
     if not isinstance(event, Observed):
-        # A notice, tick or failure is decided on the last observation, which may be
+        # A notice or a failure is decided on the last observation, which may be
         # old (a poll outage) or already overtaken by our own commands. Starting and
         # registering on it is safe; deregistering and stopping waits for the next
         # observation, which re-derives them (every command is level-triggered).
@@ -294,9 +292,7 @@ def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bo
         return _observe(state, event), True, ()
     if isinstance(event, Notice):
         return _notice(state, event, now)
-    if isinstance(event, Failed):
-        return _failed(state, event, now)
-    return state, True, ()  # Tick: timers are re-evaluated against the last observation
+    return _failed(state, event, now)
 
 
 def _observe(state: GuardState, seen: Observed) -> GuardState:
@@ -433,13 +429,13 @@ def _pick(state: GuardState) -> str | None:
 
 
 def _deregister(state: GuardState, ids: list[str]) -> tuple[Command, ...]:
-    """Deregister `ids`, skipping any whose removal would leave no healthy target."""
-    healthy = {t.id for t in state.seen.targets if t.health == HEALTHY}
+    """Deregister `ids`, skipping any whose removal would leave no healthy target (invariant 1)."""
+    remaining = state.seen.targets
     out: list[Command] = []
     for iid in ids:
-        if not _registered(state, iid) or not (healthy - {iid}):
+        if not _registered(state, iid) or not may_take_out(remaining, iid):
             continue
-        healthy.discard(iid)
+        remaining = tuple(t for t in remaining if t.id != iid)
         out.append(Deregister(iid))
     return tuple(out)
 
@@ -448,8 +444,7 @@ def _stop(state: GuardState, iid: str) -> tuple[Command, ...]:
     """Stop a running instance unless it is the only healthy target."""
     if _instance(state, iid).state != "running":
         return ()
-    others = {t.id for t in state.seen.targets if t.health == HEALTHY} - {iid}
-    if _healthy(state, iid) and not others:
+    if _healthy(state, iid) and not may_take_out(state.seen.targets, iid):
         return ()
     return (Stop(iid),)
 
@@ -696,4 +691,54 @@ def resumed(state: GuardState) -> GuardState:
 
 def initial(rules: Rules, now: float = 0.0) -> GuardState:
     """A guard that has not yet seen the world: it starts in spot-healthy and observes."""
-    return GuardState(rules=rules, since=now)
+    return GuardState(rules=rules, phase=INITIAL_PHASE, since=now)
+
+
+# --------------------------------------------------------------------------- questions the shell asks
+# The daemon, the poll source and the operator's commands decide nothing of their
+# own: where their behaviour depends on a guard's phase or on target health, they
+# ask here, so every rule has one home and one set of tests.
+
+# The phase of a guard with no saved state (also what `status` shows for one).
+INITIAL_PHASE = Phase.SPOT_HEALTHY
+# While any guard is away from spot-healthy, poll this often (seconds) so a
+# failover or failback is not slowed by the steady-state interval.
+FAST_POLL = 1.0
+# A steady guard's target health may be reused for unhealthy_grace / this.
+STEADY_HEALTH_SHARE = 3
+# Phases in which a standby serves a failover: a rehearsal hands its standby
+# over to the daemon rather than stopping it.
+FAILOVER_PHASES = frozenset({Phase.STANDBY_STARTING, Phase.BOTH_SERVING})
+# The only phase in which a rehearsal may start (nothing else is using a standby).
+REHEARSAL_PHASE = Phase.SPOT_HEALTHY
+
+
+def poll_interval(states: Iterable[GuardState], steady: float) -> float:
+    """Seconds until the next poll: `steady`, or FAST_POLL while any guard is busy."""
+    busy = any(s.phase is not Phase.SPOT_HEALTHY for s in states)
+    return min(FAST_POLL, steady) if busy else steady
+
+
+def is_steady(state: GuardState) -> bool:
+    """Spot-healthy with no interruption known: nothing for this guard to do but watch."""
+    return state.phase is Phase.SPOT_HEALTHY and not state.doomed
+
+
+def health_reusable(unhealthy_grace: float, targets: Iterable[Target], spots: Iterable[Instance], age: float) -> bool:
+    """Whether a steady guard may reuse target health described `age` seconds ago.
+
+    Only while it is younger than unhealthy_grace / STEADY_HEALTH_SHARE, every
+    target was healthy and every live spot was among them: target health matters
+    to a steady guard only for noticing an unhealthy spot, which must last
+    unhealthy_grace anyway, so reuse adds at most a third of the grace to that.
+    """
+    targets = tuple(targets)
+    healthy = {t.id for t in targets if t.health == HEALTHY}
+    live = {i.id for i in spots if i.state in LIVE_STATES}
+    young = 0 <= age < unhealthy_grace / STEADY_HEALTH_SHARE
+    return young and bool(healthy) and len(healthy) == len(targets) and live <= healthy
+
+
+def may_take_out(targets: Iterable[Target], iid: str) -> bool:
+    """Invariant 1: a target may leave the group only if another healthy target stays."""
+    return any(t.health == HEALTHY and t.id != iid for t in targets)

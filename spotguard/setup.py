@@ -48,7 +48,7 @@ from botocore.exceptions import ClientError
 from spotguard.aws import AWS_ERRORS, client, error_code
 from spotguard.config import Settings, SqsSettings
 from spotguard.ha import table_spec
-from spotguard.sources.sqs import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
+from spotguard.sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2

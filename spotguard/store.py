@@ -25,7 +25,6 @@ import glob
 import json
 import math
 import os
-import re
 import stat
 import tempfile
 from dataclasses import fields
@@ -34,6 +33,7 @@ from typing import Any, Callable, get_type_hints
 
 import structlog
 
+from spotguard import ids
 from spotguard.machine import GuardState, Phase, Rules
 
 log = structlog.get_logger(__name__)
@@ -41,8 +41,6 @@ log = structlog.get_logger(__name__)
 VERSION = 1
 # GuardState fields that are deliberately not written; every other field is.
 NOT_PERSISTED = frozenset({"rules", "seen"})
-# Guard names come from config ([a-z0-9-]); checked again so a name can never be a path.
-_GUARD_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _TMP_SUFFIX = ".tmp"
 PRIVATE_DIR = 0o700
 
@@ -176,7 +174,7 @@ class Store:
         return f"Store({str(self.state_dir)!r})"
 
     def path(self, guard: str) -> Path:
-        if not _GUARD_NAME.match(guard):
+        if not ids.GUARD_NAME.fullmatch(guard):
             raise ValueError(f"invalid guard name {guard!r}")
         return self.state_dir / f"{guard}.json"
 

@@ -4,7 +4,7 @@
 a clock advances one second at a time, the `World` (EC2 instances, one
 persistent spot request, an ALB target group) moves on its own timers, the
 driver feeds the machine `Observed` snapshots every `poll_every` seconds (built
-exactly as `spotguard.sources.poll` builds them), plus `Notice`/`Tick` events
+exactly as `spotguard.sources.poll` builds them), plus `Notice` events
 at scripted times, applies the machine's commands to the world, feeds back a
 `Failed` event for every command the world refuses, and records every step in a
 `Trace` so invariants can be checked after each one.
@@ -76,7 +76,6 @@ from spotguard.machine import (
     Start,
     Stop,
     Target,
-    Tick,
     initial,
     step,
 )
@@ -171,11 +170,6 @@ class TerminateStandby:
 
 
 @dataclass(frozen=True)
-class TickAt:
-    at: int
-
-
-@dataclass(frozen=True)
 class PollGap:
     """No poll (Describe* failing) for `duration` seconds; notices still arrive."""
 
@@ -201,7 +195,7 @@ class Restart:
 
 
 Action = (
-    Interrupt | InterruptWhen | Rebalance | StrayNotice | Flap | ExternalStop | TerminateStandby | TickAt | PollGap | Pause
+    Interrupt | InterruptWhen | Rebalance | StrayNotice | Flap | ExternalStop | TerminateStandby | PollGap | Pause
     | Restart
 )
 
@@ -699,8 +693,6 @@ class _Driver:
             sid = self.rules.standbys[action.index]
             w.terminate(sid)
             self.marks.append(Mark(t, "terminate", sid))
-        elif isinstance(action, TickAt):
-            self._schedule_event(t, Tick())
         elif isinstance(action, PollGap):
             self.no_poll_until = max(self.no_poll_until, t + action.duration)
             self.marks.append(Mark(t, "poll-gap", until=t + action.duration))
@@ -741,6 +733,6 @@ def replay(rules: Rules, events: list[tuple[float, Event]]) -> list[tuple[GuardS
 
 __all__ = [
     "Action", "ExternalStop", "FAULTS", "Flap", "Interrupt", "InterruptWhen", "LATE", "Mark", "Pause", "PollGap",
-    "Rebalance", "Restart", "Script", "Snapshot", "Step", "StrayNotice", "TerminateStandby", "Tick", "TickAt", "Timing",
+    "Rebalance", "Restart", "Script", "Snapshot", "Step", "StrayNotice", "TerminateStandby", "Timing",
     "Trace", "World", "replay", "run",
 ]

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from spotguard.agent import Agent
 from spotguard.aws import client
 from spotguard.lab.imds import InstanceMetadata
-from spotguard.sources.sqs import Malformed, Parsed, parse
+from spotguard.sources.eventbridge import Malformed, Parsed, parse
 
 ID = "i-0aaaaaaaaaaaaaaa1"
 AT = datetime(2026, 11, 28, 8, 22, tzinfo=timezone.utc)

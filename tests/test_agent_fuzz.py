@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Notice, _Malformed, event, interpret
-from spotguard.sources.sqs import ACTIONS, INTERRUPTION, REBALANCE, Malformed, Parsed, parse
+from spotguard.sources.eventbridge import ACTIONS, INTERRUPTION, REBALANCE, Malformed, Parsed, parse
 
 ID = "i-0123456789abcdef0"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Agent, _Malformed, event, interpret, region_from_env
-from spotguard.sources.sqs import Malformed, parse
+from spotguard.sources.eventbridge import Malformed, parse
 from test_systemd import MAX_EXPOSURE, run_analyze, settings, verify_complaints
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "spotguard-agent.service"

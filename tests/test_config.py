@@ -292,9 +292,11 @@ CASES = [
     ("sources.sqs.queue_url", "sqs://q", 'sources.sqs.queue_url: "sqs://q" is not an http(s) URL'),
     # guard: name and target group
     ("guard[0].name", "DROP", "guard[0].name: required"),
-    ("guard[0].name", "Inference", 'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -)'),
-    ("guard[0].name", "", 'guard[0].name: "" is not a guard name (1-63 characters of a-z, 0-9 and -)'),
-    ("guard[0].name", "a" * 64, f'guard[0].name: "{"a" * 64}" is not a guard name (1-63 characters of a-z, 0-9 and -)'),
+    ("guard[0].name", "Inference", 'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
+    ("guard[0].name", "", 'guard[0].name: "" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
+    ("guard[0].name", "a" * 64, f'guard[0].name: "{"a" * 64}" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
+    # A name is part of file names in state_dir: the store would refuse "-web" as a path.
+    ("guard[0].name", "-web", 'guard[0].name: "-web" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
     ("guard[0].target_group_arn", "DROP", "guard[0].target_group_arn: required"),
     ("guard[0].target_group_arn", ARN.replace("targetgroup", "loadbalancer/app"),
      f'guard[0].target_group_arn: "{ARN.replace("targetgroup", "loadbalancer/app")}" is not an ELBv2 target group ARN'),
@@ -428,7 +430,7 @@ on_rebalance = "always"
         'daemon.log_format: "text" is not one of auto | json | console',
         "notify.discord.webhook_url_file: cannot be combined with webhook_url (choose one)",
         "sources.sqs.queue_url: required",
-        'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -)',
+        'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)',
         "guard[0].spot_instance_tags: cannot be combined with spot_request_ids (choose one)",
         'guard[0].spot_request_ids[0]: "sir-bad" is not a spot request id',
         'guard[0].standby_instance_ids[1]: "i-zz" is not an instance id',

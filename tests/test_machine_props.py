@@ -34,7 +34,6 @@ from sim import (
     Script,
     StrayNotice,
     TerminateStandby,
-    TickAt,
     Timing,
     Trace,
     replay,
@@ -149,7 +148,7 @@ def interruptions(horizon: int):
 
 
 def disturbances(n_standbys: int, horizon: int, external_stops: bool):
-    """Everything else a guard meets: rebalances, stray notices, flaps, ticks, gaps, stalls."""
+    """Everything else a guard meets: rebalances, stray notices, flaps, gaps, stalls."""
     at = st.integers(5, horizon)
     who = st.sampled_from(["spot", *range(n_standbys)])
     ids = st.sampled_from(["i-unknown", "i-sb0", LATE])
@@ -157,7 +156,6 @@ def disturbances(n_standbys: int, horizon: int, external_stops: bool):
         st.builds(Rebalance, at=at, deliver=deliveries),
         st.builds(StrayNotice, at=at, instance_id=ids, kind=st.sampled_from(["interruption", "rebalance"])),
         st.builds(Flap, at=at, who=who, duration=st.integers(5, 120)),
-        st.builds(TickAt, at=at),
         st.builds(PollGap, at=at, duration=st.integers(5, 120)),
         st.builds(Pause, at=at, duration=st.integers(5, 90)),
         st.builds(Restart, at=at, down=st.integers(1, 120)),

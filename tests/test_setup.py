@@ -22,7 +22,7 @@ import pytest
 from spotguard.aws import client
 from spotguard.config import AwsSettings, Settings, SqsSettings
 from spotguard.setup import POLICY_SID, RULES, main, setup
-from spotguard.sources.sqs import INTERRUPTION, Parsed, parse
+from spotguard.sources.eventbridge import INTERRUPTION, Parsed, parse
 
 QUEUE = "spotguard"
 INSTANCE = "i-0123456789abcdef0"

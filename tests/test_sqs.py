@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from spotguard.aws import client
 from spotguard.machine import Notice
-from spotguard.sources.sqs import (
+from spotguard.sources.eventbridge import (
     FULFILLMENT,
     INSTANCE_ID,
     INTERRUPTION,
@@ -28,10 +28,9 @@ from spotguard.sources.sqs import (
     STATE_CHANGE,
     Malformed,
     Parsed,
-    SqsSource,
     parse,
-    stoppable_sleep,
 )
+from spotguard.sources.sqs import SqsSource, stoppable_sleep
 
 OWNED = "i-0123456789abcdef0"
 OTHER = "i-0fedcba9876543210"

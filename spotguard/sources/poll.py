@@ -45,7 +45,7 @@ from typing import Any, Collection, Iterable, Sequence
 import structlog
 
 from spotguard.aws import AWS_ERRORS, error_code
-from spotguard.machine import HEALTHY, LIVE_STATES, Instance, Observed, Target
+from spotguard.machine import LIVE_STATES, Instance, Observed, Target, health_reusable
 
 log = structlog.get_logger("spotguard.poll")
 
@@ -69,9 +69,6 @@ MISSING = "missing"
 INSTANCE_BAD_ID = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 REQUEST_BAD_ID = frozenset({"InvalidSpotInstanceRequestID.NotFound", "InvalidSpotInstanceRequestID.Malformed"})
 TG_NOT_FOUND = "TargetGroupNotFound"
-
-# A steady guard's target health is described at least every unhealthy_grace / 3.
-STEADY_HEALTH_SHARE = 3
 
 
 class PollError(Exception):
@@ -143,14 +140,12 @@ class Poller:
         return {g.name: self._assemble(g, requests, views[g.name], health.get(g.target_group_arn)) for g in self.guards}
 
     def _reusable(self, guard: Any, now: float) -> bool:
-        """Whether a steady guard's last described targets still do: young, all healthy, every live spot among them."""
+        """Whether a steady guard's last described targets still do (machine.health_reusable)."""
         last = self.described.get(guard.target_group_arn)
         view = self.views.get(guard.name)
-        if last is None or view is None or not 0 <= now - last.at < guard.unhealthy_grace / STEADY_HEALTH_SHARE:
+        if last is None or view is None:
             return False
-        healthy = {t.id for t in last.targets if t.health == HEALTHY}
-        live = {i.id for i in view[0] if i.state in LIVE_STATES}
-        return bool(healthy) and len(healthy) == len(last.targets) and live <= healthy
+        return health_reusable(guard.unhealthy_grace, last.targets, view[0], now - last.at)
 
     def _log_gone(self, requests: dict[str, dict], health: dict[str, tuple[Target, ...]]) -> None:
         """Log what went missing since the last look, and what came back."""

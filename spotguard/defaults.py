@@ -1,0 +1,28 @@
+"""Every default of spotguard's settings, in one place.
+
+`config` fills a key the file leaves out from here, `machine.Rules` takes its
+defaults from here, and `config.example.toml` states the same values (a test
+compares them). Durations are in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# [daemon]
+STATE_DIR = Path("/var/lib/spotguard")
+POLL_INTERVAL = 5.0
+LOG_FORMAT = "auto"
+
+# [notify.discord]
+TIMEZONE = "UTC"
+
+# [ha]
+LEASE = 15.0
+
+# [[guard]]
+FAILBACK_GRACE = 600.0
+STANDBY_READY_TIMEOUT = 300.0
+UNHEALTHY_GRACE = 30.0
+ON_REBALANCE = "ignore"
+REBALANCE_HOLD = 1800.0
