@@ -3,7 +3,7 @@
 Two views of the same trace (bench/cycle.py):
   * throughput: the whole cycle replayed from the initial state, events/s;
   * per event: each (event kind, phase) group timed on its own, µs per step,
-    next to the daemon's per-event write-ahead check (daemon.py `_persistent`
+    next to the daemon's per-event write-ahead check (store.differs
     compared before and after), which runs once per step in `Daemon.apply`.
 
 This module must not do I/O beyond returning its report.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from spotguard.daemon import _persistent  # the daemon's own check, so a change to it shows here
+from spotguard.store import differs  # the daemon's own check, so a change to it shows here
 from spotguard.machine import step
 
 import cycle
@@ -71,7 +71,7 @@ def run(quick: bool = False) -> str:
                     ["whole cycle, events/s", fmt(rate.median), fmt(rate.p90), spread(rate)],
                     ["whole cycle, µs/event (1e6 / median events/s)", fmt(mean_step), "", ""],
                     [
-                        "daemon write-ahead check per event, µs (daemon.py `_persistent(old) != _persistent(new)`)",
+                        "daemon write-ahead check per event, µs (store.differs(old, new))",
                         fmt(check.median), fmt(check.p90), spread(check),
                     ],
                 ],
@@ -96,5 +96,5 @@ def _per_step_us(members: list[cycle.Step]) -> float:
 def _check_us(pairs: list) -> float:
     began = time.perf_counter()
     for old, new in pairs:
-        _persistent(old) != _persistent(new)  # noqa: B015 - the comparison is what is timed
+        differs(old, new)
     return (time.perf_counter() - began) * 1e6 / len(pairs)

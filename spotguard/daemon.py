@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Callable, ContextManager, Protocol, Seque
 
 import structlog
 
-from . import machine, sdnotify
+from . import machine, sdnotify, store
 from .machine import Alert, Event, GuardState, Notice, Observed
 
 log = structlog.get_logger("spotguard")
@@ -272,7 +272,7 @@ class Daemon:
         # The shared state never holds an observation; ours is as fresh as any.
         for name, state in shared.items():
             guard = self.guards[name]
-            if _persistent(guard.state) != _persistent(state):
+            if store.differs(guard.state, state):
                 self.store.save(name, state)  # the local mirror `status` reads
             guard.state = replace(state, seen=guard.state.seen)
 
@@ -311,7 +311,7 @@ class Daemon:
         self._tell("event", guard.name, event, now)
         new, commands = machine.step(old, event, now)
         guard.state = new
-        if _persistent(old) != _persistent(new) and not await self._save(guard, old, new):
+        if store.differs(old, new) and not await self._save(guard, old, new):
             return
         if new.phase is not old.phase:
             self._transition(guard, old, new)
@@ -375,11 +375,6 @@ class Daemon:
                 getattr(observer, what)(*args)
             except Exception as exc:  # noqa: BLE001 - an observer must never stop a failover
                 log.error("guard.observer.failed", observer=type(observer).__name__, hook=what, error=type(exc).__name__, detail=str(exc))
-
-
-def _persistent(state: GuardState) -> GuardState:
-    """The part of a state the store keeps: everything but the last observation."""
-    return replace(state, seen=None)
 
 
 # ---------------------------------------------------------------------- process

@@ -27,7 +27,7 @@ import math
 import os
 import stat
 import tempfile
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, get_type_hints
 
@@ -130,6 +130,11 @@ def _encode_value(value: Any) -> Any:
     if isinstance(value, frozenset):
         return sorted(value)
     return value
+
+
+def differs(old: GuardState, new: GuardState) -> bool:
+    """Whether the part of a state the store keeps (all but the last observation) changed."""
+    return replace(old, seen=None) != replace(new, seen=None)
 
 
 def encode(state: GuardState) -> dict[str, Any]:
