@@ -61,10 +61,13 @@ class Observer(Protocol):
     """Watches what the daemon does (metrics, the ledger behind `status`, summaries).
 
     Observers are told after the fact and must not block or raise: an
-    observer's failure is logged and never stops a failover.
+    observer's failure is logged and never stops a failover. `event` comes
+    with the states before and after the machine stepped it, so an observer
+    reads what the machine concluded (say, a newly doomed spot) instead of
+    deciding it again.
     """
 
-    def event(self, guard: str, event: Event, at: float) -> None: ...
+    def event(self, guard: str, event: Event, old: GuardState, new: GuardState, at: float) -> None: ...
 
     def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None: ...
 
@@ -308,9 +311,9 @@ class Daemon:
         if not self._may_act(guard, "step"):
             return
         old, now = guard.state, self.clock()
-        self._tell("event", guard.name, event, now)
         new, commands = machine.step(old, event, now)
         guard.state = new
+        self._tell("event", guard.name, event, old, new, now)
         if store.differs(old, new) and not await self._save(guard, old, new):
             return
         if new.phase is not old.phase:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -58,7 +57,7 @@ from typing import Any, Iterable
 import structlog
 
 from spotguard import ids
-from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Notice, Observed, Start, Stop
+from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Observed, Start, Stop
 from spotguard.store import write_atomic
 
 log = structlog.get_logger(__name__)
@@ -340,15 +339,16 @@ class Ledger:
 
     # ------------------------------------------------------------------ hooks
 
-    def event(self, guard: str, event: Event, at: float) -> None:
+    def event(self, guard: str, event: Event, old: GuardState, new: GuardState, at: float) -> None:
         book = self._books.get(guard)
         if book is None:
             return
         try:
+            # The machine says which spots this event doomed (a notice, or the request's flag).
+            for iid in sorted(new.doomed - old.doomed):
+                self._interrupted(guard, book, iid, "notice", at)
             if isinstance(event, Observed):
                 self._observed(guard, book, event, at)
-            elif isinstance(event, Notice) and event.kind == "interruption" and event.instance_id not in book.standbys:
-                self._interrupted(guard, book, event.instance_id, "notice", at)
         except Exception as exc:  # noqa: BLE001 - the ledger must never stop a failover
             _failed(guard, "event", exc)
 
@@ -377,9 +377,6 @@ class Ledger:
     # ------------------------------------------------------------------ what to record
 
     def _observed(self, guard: str, book: _GuardBook, seen: Observed, at: float) -> None:
-        for spot in seen.spots:
-            if spot.notice:
-                self._interrupted(guard, book, spot.id, "notice", at)
         live = {i.id: SPOT for i in seen.spots if i.state in LIVE_STATES}
         live.update({i.id: STANDBY for i in seen.standbys if i.state in LIVE_STATES})
         states = {i.id: i.state for i in seen.spots + seen.standbys}

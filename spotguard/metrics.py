@@ -55,7 +55,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from . import machine
-from .machine import Deregister, Event, GuardState, Notice, Observed, Phase, Register, Start, Stop
+from .machine import Deregister, Event, GuardState, Observed, Phase, Register, Start, Stop
 
 log = structlog.get_logger("spotguard.metrics")
 
@@ -80,10 +80,8 @@ ACTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 class _Watch:
     """What one guard's metrics need to remember between hooks (loop thread only)."""
 
-    phase: Phase = Phase.SPOT_HEALTHY
-    standbys: frozenset[str] = frozenset()  # from the settings: notices for these are not interruptions
+    phase: Phase = machine.INITIAL_PHASE
     noticed_at: float | None = None  # the detection clock, running since the first notice
-    doomed: frozenset[str] = frozenset()  # spots already known interrupted (a repeat starts no clock)
     running: int = 0  # standbys running in the last observation
     last_at: float | None = None  # the previous event of this guard
 
@@ -137,13 +135,12 @@ class Metrics:
         )
         self._watch: dict[str, _Watch] = {}
         for guard in guards:
-            name = guard if isinstance(guard, str) else guard.name
-            self._add(name, frozenset(getattr(guard, "standby_instance_ids", None) or ()))
+            self._add(guard if isinstance(guard, str) else guard.name)
 
     # ------------------------------------------------------------------ setup
 
-    def _add(self, name: str, standbys: frozenset[str] = frozenset()) -> _Watch:
-        watch = self._watch[name] = _Watch(standbys=standbys)
+    def _add(self, name: str) -> _Watch:
+        watch = self._watch[name] = _Watch()
         self.failovers.labels(name)
         self.standby_seconds.labels(name)
         return watch
@@ -170,18 +167,14 @@ class Metrics:
 
     # ------------------------------------------------------------------ Observer hooks
 
-    def event(self, guard: str, event: Event, at: float) -> None:
+    def event(self, guard: str, event: Event, old: GuardState, new: GuardState, at: float) -> None:
         watch = self._guard(guard)
         self._advance_standby(guard, watch, at)
         if isinstance(event, Observed):
             watch.running = sum(1 for i in event.standbys if i.state == "running")
-            # As the machine does: forget notices about instances no longer ours.
-            known = {i.id for i in event.spots}
-            flagged = {i.id for i in event.spots if i.notice}
-            self._noticed(watch, flagged, at)
-            watch.doomed &= known
-        elif isinstance(event, Notice) and event.kind == "interruption" and event.instance_id not in watch.standbys:
-            self._noticed(watch, {event.instance_id}, at)
+        # The machine says which spots this event doomed; a repeat notice dooms none.
+        if new.doomed - old.doomed and watch.noticed_at is None:
+            watch.noticed_at = at
 
     def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None:
         watch = self._guard(guard)
@@ -209,14 +202,6 @@ class Metrics:
             self.last_latency.labels(guard).set(latency)
 
     # ------------------------------------------------------------------ helpers
-
-    def _noticed(self, watch: _Watch, ids: set[str], at: float) -> None:
-        new = ids - watch.doomed
-        if not new:
-            return
-        watch.doomed |= new
-        if watch.noticed_at is None:
-            watch.noticed_at = at
 
     def _advance_standby(self, guard: str, watch: _Watch, at: float) -> None:
         if watch.last_at is not None and watch.running and at > watch.last_at:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
+from observing import Told
+
 from spotguard import ledger
 from spotguard.ledger import Ledger, LedgerView, Run
 from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop, Target
@@ -50,23 +52,31 @@ def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+RULES = Rules(standbys=(SB, SB2))
+
+
 @pytest.fixture
 def book(tmp_path):
     return Ledger(tmp_path, [G()])
 
 
-def test_a_failover_is_recorded_as_transitions_runs_and_one_interruption(tmp_path, book):
+@pytest.fixture
+def tell(book):
+    return Told(book, RULES)
+
+
+def test_a_failover_is_recorded_as_transitions_runs_and_one_interruption(tmp_path, book, tell):
     g = "inference"
-    book.event(g, observed(), t("2026-11-28 10:00"))
-    book.event(g, Notice(SPOT), t("2026-11-28 10:01"))
-    book.event(g, observed(notice=True), t("2026-11-28 10:01:05"))  # the poll sees the notice too: counted once
+    tell.event(g, observed(), t("2026-11-28 10:00"))
+    tell.event(g, Notice(SPOT), t("2026-11-28 10:01"))
+    tell.event(g, observed(notice=True), t("2026-11-28 10:01:05"))  # the poll sees the notice too: counted once
     book.transition(g, state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING, "interruption notice"), t("2026-11-28 10:01"))
     book.action(g, Start(SB), None, 0.2, t("2026-11-28 10:01:01"))
-    book.event(g, observed(notice=True, sb="running"), t("2026-11-28 10:01:10"))
-    book.event(g, observed(spot=None, sb="running", health={SB: "healthy"}), t("2026-11-28 10:03"))
-    book.event(g, observed(spot=SPOT2, sb="running"), t("2026-11-28 11:00"))
+    tell.event(g, observed(notice=True, sb="running"), t("2026-11-28 10:01:10"))
+    tell.event(g, observed(spot=None, sb="running", health={SB: "healthy"}), t("2026-11-28 10:03"))
+    tell.event(g, observed(spot=SPOT2, sb="running"), t("2026-11-28 11:00"))
     book.action(g, Stop(SB), None, 0.2, t("2026-11-28 11:11"))
-    book.event(g, observed(spot=SPOT2, sb="stopped"), t("2026-11-28 11:11:05"))
+    tell.event(g, observed(spot=SPOT2, sb="stopped"), t("2026-11-28 11:11:05"))
 
     view = ledger.read(tmp_path, g)
     assert [(x.old, x.new, x.reason) for x in view.transitions()] == [
@@ -78,33 +88,33 @@ def test_a_failover_is_recorded_as_transitions_runs_and_one_interruption(tmp_pat
     assert view.standby_seconds(t("2026-11-28 00:00"), t("2026-11-29 00:00")) == 70 * 60 - 1
 
 
-def test_a_standby_a_person_started_counts_and_a_failed_start_does_not(tmp_path, book):
+def test_a_standby_a_person_started_counts_and_a_failed_start_does_not(tmp_path, book, tell):
     g = "inference"
     book.action(g, Start(SB2), Failed(Start(SB2), "InsufficientInstanceCapacity"), 0.1, t("2026-11-28 09:00"))
-    book.event(g, observed(), t("2026-11-28 09:00"))
-    book.event(g, observed(sb2="pending"), t("2026-11-28 09:30"))  # started from the console
-    book.event(g, observed(sb2="stopping"), t("2026-11-28 10:00"))
+    tell.event(g, observed(), t("2026-11-28 09:00"))
+    tell.event(g, observed(sb2="pending"), t("2026-11-28 09:30"))  # started from the console
+    tell.event(g, observed(sb2="stopping"), t("2026-11-28 10:00"))
     runs = ledger.read(tmp_path, g).runs("standby")
     assert runs == [Run("standby", SB2, t("2026-11-28 09:30"), t("2026-11-28 10:00"))]
     assert [r["via"] for r in lines(ledger.ledger_path(tmp_path, g)) if r["kind"].startswith("run-")
             and r["role"] == "standby"] == ["observed", "observed"]
 
 
-def test_a_spot_gone_without_notice_is_an_interruption(tmp_path, book):
-    book.event("inference", observed(), t("2026-11-28 09:00"))
-    book.event("inference", observed(spot_state="terminated"), t("2026-11-28 09:05"))
+def test_a_spot_gone_without_notice_is_an_interruption(tmp_path, book, tell):
+    tell.event("inference", observed(), t("2026-11-28 09:00"))
+    tell.event("inference", observed(spot_state="terminated"), t("2026-11-28 09:05"))
     (i,) = ledger.read(tmp_path, "inference").interruptions(0, t("2027-01-01 00:00"))
     assert (i.instance, i.how, i.at) == (SPOT, "lost", t("2026-11-28 09:05"))
 
 
-def test_seen_is_written_only_when_the_world_changes(tmp_path, book):
+def test_seen_is_written_only_when_the_world_changes(tmp_path, book, tell):
     path = ledger.seen_path(tmp_path, "inference")
-    book.event("inference", observed(), t("2026-11-28 09:00"))
+    tell.event("inference", observed(), t("2026-11-28 09:00"))
     first = path.stat().st_ino
-    book.event("inference", observed(), t("2026-11-28 09:01"))
+    tell.event("inference", observed(), t("2026-11-28 09:01"))
     assert path.stat().st_ino == first  # same world: not rewritten
     assert json.loads(path.read_text())["since"] == t("2026-11-28 09:00")
-    book.event("inference", observed(health={SPOT: "unhealthy"}), t("2026-11-28 09:02"))
+    tell.event("inference", observed(health={SPOT: "unhealthy"}), t("2026-11-28 09:02"))
     seen = ledger.read_seen(tmp_path, "inference")
     assert seen["since"] == t("2026-11-28 09:02")
     assert seen["spots"] == [{"id": SPOT, "state": "running", "notice": False, "target": "unhealthy"}]
@@ -112,10 +122,10 @@ def test_seen_is_written_only_when_the_world_changes(tmp_path, book):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_files_are_owner_only(tmp_path, book):
+def test_files_are_owner_only(tmp_path, book, tell):
     old = os.umask(0o022)
     try:
-        book.event("inference", observed(), t("2026-11-28 09:00"))
+        tell.event("inference", observed(), t("2026-11-28 09:00"))
         book.transition("inference", state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING), t("2026-11-28 09:00"))
     finally:
         os.umask(old)
@@ -123,11 +133,11 @@ def test_files_are_owner_only(tmp_path, book):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
-def test_a_new_month_rotates_and_carries_open_runs(tmp_path, book):
+def test_a_new_month_rotates_and_carries_open_runs(tmp_path, book, tell):
     g = "inference"
-    book.event(g, observed(sb="running"), t("2026-10-31 23:00"))
+    tell.event(g, observed(sb="running"), t("2026-10-31 23:00"))
     book.transition(g, state(Phase.SPOT_HEALTHY), state(Phase.SPOT_RESTORED), t("2026-10-31 23:00"))
-    book.event(g, observed(sb="stopped"), t("2026-11-01 01:00"))  # first record of November: rotates
+    tell.event(g, observed(sb="stopped"), t("2026-11-01 01:00"))  # first record of November: rotates
     current, previous = ledger.ledger_path(tmp_path, g), ledger.previous_path(tmp_path, g)
     assert {r["kind"] for r in lines(previous)} == {"run-start", "transition"}
     carried = [r for r in lines(current) if r["via"] == "carried"] if current.exists() else []
@@ -135,7 +145,7 @@ def test_a_new_month_rotates_and_carries_open_runs(tmp_path, book):
     view = ledger.read(tmp_path, g)
     assert view.runs("standby") == [Run("standby", SB, t("2026-10-31 23:00"), t("2026-11-01 01:00"))]
     # Two months on, October is gone but the spot that has run all along still counts.
-    book.event(g, observed(health={SPOT: "unhealthy"}), t("2026-12-02 00:00"))
+    tell.event(g, observed(health={SPOT: "unhealthy"}), t("2026-12-02 00:00"))
     book.transition(g, state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING), t("2026-12-02 00:00"))
     view = ledger.read(tmp_path, g)
     assert min(r["at"] for r in lines(previous)) >= t("2026-10-31 23:00")
@@ -144,17 +154,17 @@ def test_a_new_month_rotates_and_carries_open_runs(tmp_path, book):
 
 
 def test_a_restarted_ledger_knows_which_runs_are_open(tmp_path):
-    Ledger(tmp_path, [G()]).event("inference", observed(sb="running"), t("2026-11-28 09:00"))
+    Told(Ledger(tmp_path, [G()]), RULES).event("inference", observed(sb="running"), t("2026-11-28 09:00"))
     again = Ledger(tmp_path, [G()])
-    again.event("inference", observed(sb="running"), t("2026-11-28 09:10"))  # not a second start
+    Told(again, RULES).event("inference", observed(sb="running"), t("2026-11-28 09:10"))  # not a second start
     again.action("inference", Stop(SB), None, 0.1, t("2026-11-28 10:00"))
     assert ledger.read(tmp_path, "inference").runs("standby") == [
         Run("standby", SB, t("2026-11-28 09:00"), t("2026-11-28 10:00"))]
 
 
-def test_the_file_past_its_size_cap_is_rotated_early(tmp_path, book, monkeypatch):
+def test_the_file_past_its_size_cap_is_rotated_early(tmp_path, book, monkeypatch, tell):
     monkeypatch.setattr(ledger, "MAX_BYTES", 500)
-    book.event("inference", observed(sb="running"), t("2026-11-28 09:00"))
+    tell.event("inference", observed(sb="running"), t("2026-11-28 09:00"))
     for n in range(20):
         book.transition("inference", state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING, f"flap {n}"),
                         t("2026-11-28 09:00") + n)
@@ -166,11 +176,12 @@ def test_a_hook_never_raises(tmp_path):
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the state dir should be")
     book = Ledger(blocked, [G()])
+    tell = Told(book, RULES)
     with capture_logs() as logs:
-        book.event("inference", observed(), t("2026-11-28 09:00"))
+        tell.event("inference", observed(), t("2026-11-28 09:00"))
         book.transition("inference", state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING), 1.0)
         book.action("inference", Start(SB), None, 0.1, 1.0)
-        book.event("someone-else", observed(), 1.0)  # not our guard: ignored
+        tell.event("someone-else", observed(), 1.0)  # not our guard: ignored
     assert {e["hook"] for e in logs if e["event"] == "ledger.write.failed"} == {"event", "transition", "action"}
 
 
@@ -246,10 +257,10 @@ def test_the_window_starts_at_the_ledgers_first_record():
     assert (empty.hours, empty.cost, empty.saving) == (0, 0, 0)
 
 
-def test_a_spot_described_as_missing_is_not_taken_for_gone(tmp_path, book):
-    book.event("inference", observed(), t("2026-11-28 09:00"))
-    book.event("inference", observed(spot_state="missing"), t("2026-11-28 09:01"))
-    book.event("inference", observed(), t("2026-11-28 09:02"))
+def test_a_spot_described_as_missing_is_not_taken_for_gone(tmp_path, book, tell):
+    tell.event("inference", observed(), t("2026-11-28 09:00"))
+    tell.event("inference", observed(spot_state="missing"), t("2026-11-28 09:01"))
+    tell.event("inference", observed(), t("2026-11-28 09:02"))
     view = ledger.read(tmp_path, "inference")
     assert view.runs("spot") == [Run("spot", SPOT, t("2026-11-28 09:00"), None)]
     assert view.interruptions(0, t("2027-01-01 00:00")) == []

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
 from spotguard.metrics import Metrics, exposed, serve
+from observing import Told
 from test_daemon import phase, replace_spot, running, until, write_config
 
 PHASES = [p.value for p in Phase]
@@ -232,7 +233,7 @@ def test_a_taken_port_is_logged_and_the_daemon_runs_on():
         port = taken.getsockname()[1]
         with capture_logs() as logs, exposed(port, ["web"]) as metrics:
             assert isinstance(metrics, Metrics)
-            metrics.event("web", Notice("i-0123456789abcdef0"), 1.0)  # still a working observer
+            Told(metrics, RULES).event("web", Notice("i-0123456789abcdef0"), 1.0)  # still a working observer
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["metrics.serve.failed"]
 
 
@@ -261,11 +262,12 @@ class Settings:
 
 def test_detection_clock_runs_from_the_first_notice_to_the_start_that_succeeds():
     m = Metrics([Settings()])
-    m.event("web", observed(), 100.0)
-    m.event("web", Notice("i-standby"), 100.5)  # a standby is never interrupted: no clock
-    m.event("web", Notice("i-spot"), 101.0)
+    tell = Told(m, RULES)
+    tell.event("web", observed(), 100.0)
+    tell.event("web", Notice("i-standby"), 100.5)  # a standby is never interrupted: no clock
+    tell.event("web", Notice("i-spot"), 101.0)
     m.transition("web", state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING), 101.0)
-    m.event("web", observed(notice=True), 101.5)  # the poll sees it too: the same notice
+    tell.event("web", observed(notice=True), 101.5)  # the poll sees it too: the same notice
     m.action("web", Start("i-standby"), Failed(Start("i-standby"), "InsufficientInstanceCapacity"), 0.2, 102.0)
     m.action("web", Start("i-other"), None, 0.3, 104.0)
     assert sample(m, "spotguard_last_detection_latency_seconds", guard="web") == 3.0
@@ -277,24 +279,26 @@ def test_detection_clock_runs_from_the_first_notice_to_the_start_that_succeeds()
 
 def test_a_notice_served_without_a_start_drops_the_clock():
     m = Metrics(["web"])
-    m.event("web", Notice("i-new"), 200.0)  # in spot-restored: the standby already serves
+    tell = Told(m, RULES)
+    tell.event("web", Notice("i-new"), 200.0)  # in spot-restored: the standby already serves
     m.transition("web", state(Phase.SPOT_RESTORED), state(Phase.BOTH_SERVING), 200.0)
     m.action("web", Start("i-standby"), None, 0.1, 900.0)
     assert sample(m, "spotguard_detection_latency_seconds_count", guard="web") == 0
-    m.event("web", Notice("i-other", kind="rebalance"), 950.0)  # a recommendation starts no clock
+    tell.event("web", Notice("i-other", kind="rebalance"), 950.0)  # a recommendation starts no clock
     m.action("web", Start("i-standby"), None, 0.1, 960.0)
     assert sample(m, "spotguard_detection_latency_seconds_count", guard="web") == 0
 
 
 def test_standby_seconds_count_from_each_event_while_the_last_observation_showed_it_running():
     m = Metrics(["web"])
-    m.event("web", observed(standby="running"), 10.0)
-    m.event("web", Notice("i-spot"), 12.0)  # any event advances the counter
-    m.event("web", observed(standby="running"), 15.0)
+    tell = Told(m, RULES)
+    tell.event("web", observed(standby="running"), 10.0)
+    tell.event("web", Notice("i-spot"), 12.0)  # any event advances the counter
+    tell.event("web", observed(standby="running"), 15.0)
     assert sample(m, "spotguard_standby_seconds_total", guard="web") == 5.0
-    m.event("web", observed(standby="stopping"), 20.0)  # was running until this observation
-    m.event("web", observed(standby="stopped"), 30.0)
-    m.event("web", observed(standby="running"), 25.0)  # a clock stepped back counts nothing
+    tell.event("web", observed(standby="stopping"), 20.0)  # was running until this observation
+    tell.event("web", observed(standby="stopped"), 30.0)
+    tell.event("web", observed(standby="running"), 25.0)  # a clock stepped back counts nothing
     assert sample(m, "spotguard_standby_seconds_total", guard="web") == 10.0
     m.action("web", Stop("i-standby"), None, 0.1, 26.0)
     assert sample(m, "spotguard_aws_actions_total", guard="web", action="StopInstances", outcome="ok") == 1

@@ -22,6 +22,7 @@ from spotguard import ledger, status, store
 from spotguard.config import GuardSettings
 from spotguard.ledger import Ledger, LedgerView
 from spotguard.machine import Phase
+from observing import Told
 from test_daemon import health, phase, replace_spot, running, until, write_config
 
 SECRET = "SECRET-webhook-token-never-printed"
@@ -136,6 +137,7 @@ async def test_status_while_files_are_replaced_under_it(tmp_path):
     from spotguard.machine import GuardState, Instance, Observed
 
     book, saver = Ledger(tmp_path, [guard]), store.Store(tmp_path)
+    tell = Told(book, guard.rules())
     done, written = threading.Event(), threading.Event()
 
     def write() -> None:
@@ -143,7 +145,7 @@ async def test_status_while_files_are_replaced_under_it(tmp_path):
         while not done.is_set():
             n += 1
             saver.save("busy", GuardState(rules=guard.rules(), phase=Phase.BOTH_SERVING, since=n, reason=f"r{n}"))
-            book.event("busy", Observed(spots=(Instance(f"i-{n:017x}", "running"),)), 1e9 + n * 86400 * 20)
+            tell.event("busy", Observed(spots=(Instance(f"i-{n:017x}", "running"),)), 1e9 + n * 86400 * 20)
             written.set()
 
     writer = threading.Thread(target=write)

@@ -14,6 +14,8 @@ from spotguard.machine import GuardState, Instance, Notice, Observed, Phase, Rul
 from spotguard.notify import Notifier
 from spotguard.summary import DailySummary, summary_text
 
+from observing import Told
+
 H = 3600.0
 SPOT, SB = "i-00000000000000001", "i-0000000000000000a"
 UTC = dt.timezone.utc
@@ -89,11 +91,12 @@ def record_a_day(tmp_path, end: float) -> None:
     book = Ledger(tmp_path, settings(tmp_path).guards)
     rules = Rules(standbys=(SB,))
     world = lambda sb, spot=SPOT: Observed(spots=(Instance(spot, "running"),), standbys=(Instance(SB, sb),))  # noqa: E731
-    book.event("inference", world("stopped"), end - 30 * H)
-    book.event("inference", Notice(SPOT), end - 10 * H)
+    tell = Told(book, rules)
+    tell.event("inference", world("stopped"), end - 30 * H)
+    tell.event("inference", Notice(SPOT), end - 10 * H)
     book.transition("inference", GuardState(rules), GuardState(rules, phase=Phase.STANDBY_STARTING), end - 10 * H)
     book.action("inference", Start(SB), None, 0.1, end - 10 * H)
-    book.event("inference", world("running", "i-00000000000000002"), end - 9.75 * H)
+    tell.event("inference", world("running", "i-00000000000000002"), end - 9.75 * H)
     book.action("inference", Stop(SB), None, 0.1, end - 9.5 * H)
 
 
