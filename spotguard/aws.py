@@ -1,31 +1,12 @@
-"""AWS client factory and error helpers: how spotguard talks to EC2, ELBv2 and SQS.
+"""How spotguard talks to AWS: client factory and error helpers.
 
-`clients(region, endpoint_url)` opens the three aiobotocore clients the daemon
-needs, with bounded retries and short timeouts so that a stuck endpoint costs
-seconds, not the two minutes an interruption notice gives us, and a fast
-timestamp parser (botocore's default, dateutil, cost about a fifth of a poll
-round's CPU: docs/benchmarks.md, section 6). `error_code(exc)`
-turns any AWS or network exception into the short code that ends up in
-`machine.Failed` and in logs.
+`client()`/`clients()` open aiobotocore clients with bounded retries, short
+timeouts, spotguard's User-Agent, a fast ISO 8601 timestamp parser and the
+lean EC2 model (ec2model.py); docs/benchmarks.md measures what each saves.
+`error_code(exc)` turns any AWS or network exception into the short code that
+ends up in `machine.Failed` and in logs.
 
-The sessions `client` and `clients` use also load spotguard's lean EC2 model
-(`spotguard.ec2model`: the 4 operations spotguard calls, `Instance` and
-`SpotInstanceRequest` cut to the fields it reads, no documentation) instead of
-botocore's 807-operation one. Measured (moto, fresh interpreter each):
-creating the ec2 client costs +7.3 MiB RSS instead of +23.1 (all three
-clients: +10 instead of +25 MiB) and 45 ms CPU instead of 111; a
-DescribeInstances of 40 instances 5.2 ms CPU instead of 9.5, a
-DescribeSpotInstanceRequests of 20 requests 2.8 instead of 3.3, as botocore's
-parser no longer walks the members nobody reads.
-
-Every request says `spotguard/<version>` first in its User-Agent, then the
-aiobotocore, botocore and Python versions, so CloudTrail tells spotguard's calls
-(and its share of the account's Describe rate limit) from everyone else's.
-Setting it also spares botocore building its own User-Agent twice per request
-from ~16 components (7 % of a 20-guard poll round's CPU, docs/benchmarks.md).
-
-This module must not decide anything about guards or make API calls of its own;
-the poll source and the executor do that with the clients it hands out.
+This module must not decide anything about guards or make API calls itself.
 """
 
 from __future__ import annotations

@@ -1,34 +1,14 @@
 """Reads spotguard's TOML config file into frozen settings, or says everything wrong with it.
 
-`load(path)` returns `Settings`, or raises `ConfigError` listing every problem
-found, one line each, starting with the key path:
+`load(path)` returns `Settings`, or raises `ConfigError` listing every problem,
+one line each, key path first (`guard[0].standby_instance_ids[1]: "i-zz" is not
+an instance id`). It never raises anything else, whatever the file holds.
+Durations are seconds or "1h30m"-style strings; relative paths are relative to
+the config file; the Discord webhook URL (a credential) comes from the file,
+a file it names, or SPOTGUARD_DISCORD_WEBHOOK_URL and never appears in a repr
+or an error. Defaults come from defaults.py, id shapes from ids.py.
 
-    guard[0].standby_instance_ids[1]: "i-zz" is not an instance id
-    daemon.poll_intervall: unknown key (did you mean poll_interval?)
-    aws.region: required
-
-It never raises anything else, whatever the file holds (missing, a directory,
-not TOML, binary, wrong types everywhere), so `spotguard check-config` and
-`spotguard run` can always answer with exit 2 and no traceback.
-
-Decisions a reader of a config file needs to know:
-* Durations are a non-negative number of seconds, or a string of hours,
-  minutes and seconds in that order, each optional and possibly decimal:
-  "90s", "10m", "1h", "1h30m", "1m30s", "1.5h". No spaces, no other units.
-* Relative paths (`daemon.state_dir`, `notify.discord.webhook_url_file`) are
-  relative to the directory holding the config file, not to the working
-  directory, so the same file means the same thing wherever it is run from.
-* The Discord webhook URL is a credential. It comes from `webhook_url`, from
-  the file named by `webhook_url_file` (read here, at load time), or from the
-  environment variable SPOTGUARD_DISCORD_WEBHOOK_URL when `[notify.discord]`
-  names neither. It never appears in a repr or in an error message.
-* Beyond the schema (design.md § Config), two cross-checks: a target
-  group ARN must be in `aws.region` (the daemon talks to one region), and no
-  target group, spot request, standby or spot tag set may belong to two
-  guards (two guards acting on the same thing would undo each other).
-
-This module must not talk to AWS, start anything, or log. It reads the config
-file, the webhook URL file and one environment variable, and nothing else.
+This module must not talk to AWS, start anything, or log.
 """
 
 from __future__ import annotations

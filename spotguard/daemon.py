@@ -1,24 +1,14 @@
 """The daemon: the imperative shell around `machine.step`.
 
-One loop owns every guard. Each round it first steps any notices that arrived
-(SQS, agent) into their guards, then observes the world (one batched poll) and
-steps every guard with it. Each new state is persisted *before* its commands
-run (write ahead); failures are fed back into the machine. Guards are handled
-concurrently so a slow AWS call for one never delays another's failover.
+Each round it hands pending notices to their guards, observes the world (one
+batched poll) and hands each guard the observation. One worker per guard steps
+the machine, persists the new state before its commands run (write ahead),
+carries them out and feeds failures back; observers (metrics, ledger) are told
+after the fact. With `[ha]` only the lease holder steps and acts (docs/ha.md).
+`run()` owns the process (logging, signals, systemd); `serve()` is the loop
+plus its fast sources, and is what tests drive.
 
-With `[ha]` (see ha.py and docs/ha.md) two daemons run and only the lease
-holder acts: `apply` steps and acts only while `Leadership.leading()`, saves
-each state to DynamoDB fenced by the lease, and carries out nothing after a
-refused save. A follower observes the world every round and adopts the
-leader's shared states, but never steps the machine (so it issues no command);
-on winning the lease it loads the shared states (consistent read) before its
-first step. The SQS source runs only while leading: a follower must not take
-notices off the queue that the leader needs.
-
-This module holds no failover rule (those live in machine.py) and makes no AWS
-call itself (poll source, executor, SQS source and ha.py do). `run()` owns the
-process: logging, signals, systemd notification; `serve()` is the loop plus
-its fast sources, and is what tests drive.
+This module must not hold a failover rule (machine.py does) nor call AWS itself.
 """
 
 from __future__ import annotations

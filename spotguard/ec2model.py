@@ -1,22 +1,13 @@
 """The lean EC2 service model spotguard ships, and the command that regenerates it.
 
-botocore's EC2 model has ~800 operations and ~4,300 shapes with their
-documentation: loading it costs ~22 MiB of RSS on a t4g.nano, and its response
-parser walks every member of the ~80-member `Instance` shape for each
-instance of a DescribeInstances reply. `lean(full)` keeps only what spotguard
-uses: the operations it calls, the shapes they reach, no documentation, and
-the two big output structures cut down to the members spotguard reads.
-`spotguard.aws` puts `DATA` first on its sessions' botocore search path, so
-clients load this service-2 file while endpoint rules and the rest still come
-from botocore.
-
+`lean(full)` keeps only the EC2 operations spotguard calls, the shapes they
+reach and, of the two big reply structures, the members spotguard reads;
+`spotguard.aws` loads it instead of botocore's 800-operation model.
 `python -m spotguard.ec2model` rewrites the shipped file from the installed
-botocore (run it after a botocore upgrade; tests/test_model.py says when).
+botocore (tests/test_model.py says when). A new EC2 call, or a new field read
+from a reply, must be added here.
 
-This module must not create clients or call AWS. Input shapes are never
-trimmed: every parameter a caller may pass (Filters, DryRun, NextToken, ...)
-keeps working. A new EC2 call or a new field read from a reply must be added
-here, or the call is missing from the client / the field from the reply.
+This module must not create clients or call AWS; input shapes are never trimmed.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
 """The executor: carries out the machine's commands against EC2 and ELBv2.
 
-`Executor.run(guard_name, command)` performs one Start, Stop, Register or
-Deregister and returns None on success or `machine.Failed(command, code)` when
-AWS or the network said no. Every command is idempotent against reality:
-starting a running instance, stopping a stopped one and deregistering an absent
-target are successes. Every action is logged once as `executor.action` with its
-outcome and duration.
+`Executor.run(guard, command)` performs one Start, Stop, Register or
+Deregister and returns None, or `machine.Failed(command, code)` when AWS or the
+network said no. Every command is idempotent against reality (starting a
+running instance, deregistering an absent target: success). Each action is
+logged once as `executor.action`.
 
-This module must not decide anything (the machine does), retry beyond
-botocore's bounded retries (the machine re-issues on the next observation),
-raise for AWS or network errors, or send alerts (the daemon routes `Alert` to
-the notifier; here it is a no-op).
+This module must not decide, retry beyond botocore's bounded retries, raise
+for AWS or network errors, or send alerts.
 """
 
 from __future__ import annotations

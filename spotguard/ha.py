@@ -1,40 +1,13 @@
 """Two controllers, one leader: a DynamoDB lease, and the guards' states shared behind it.
 
-With `[ha]`, two `spotguard run` daemons share one DynamoDB table. One item is
-the lease; one item per guard holds that guard's state (store.encode's JSON).
+`Leadership` acquires, renews and gives up the lease item; `leading()` is the
+gate the daemon reads before each step and command, judged on this process's
+monotonic clock. A guard's state is saved in one transaction fenced by the
+lease, so a deposed leader's late write is refused and acts on nothing.
+docs/ha.md describes the items, the protocol and each failure.
 
-The lease item (`pk = "lease"`): `holder` (who leads), `epoch` (a fencing
-token, +1 on every acquisition), `expires` (the writer's wall clock plus the
-lease, seconds since the epoch), `lease`, `acquired`, `renewed`.
-
-* Acquire: one conditional UpdateItem — no holder yet, or `expires` is before
-  the acquirer's wall clock — setting the holder and `epoch = epoch + 1`. A
-  restarted daemon waits out its own earlier lease like anyone else, so two
-  daemons given the same holder by mistake still never lead at once.
-* Renew, every third of the lease: UpdateItem of `expires` on the condition
-  that holder and epoch are still ours. A refusal means another daemon took
-  the lease: step down at once.
-* Leading is judged by this process's monotonic clock, never the table: the
-  lease counts from the moment the renewing request was *sent*, less a
-  safety margin, so the request's round trip and the margin are both spent
-  before the lease could be taken by anyone. `leading()` is re-read before each
-  batch of commands (and each command), so a process stopped or starved past
-  its lease wakes up a follower, whatever its loop was doing.
-* Fencing: a guard's state is written in one TransactWriteItems with a
-  ConditionCheck on the lease item (holder and epoch ours). A deposed leader's
-  late write is refused; `save` then returns False and the daemon carries out
-  none of the commands that followed the state (write ahead, fenced).
-
-Followers poll the lease (a consistent GetItem every third of the lease), try
-to acquire only once it has expired, and read the guards' shared states each
-round (`states`), so their view is fresh and a takeover loads the very latest
-(consistent) states before its first step.
-
-Wall clocks are compared across hosts only for expiry: their skew must stay
-well below the margin (chrony on EC2 keeps it to milliseconds).
-
-This module decides nothing about guards and makes no EC2/ELBv2 call; it owns
-the lease and the shared-state items and nothing else in the table.
+This module must not decide anything about guards or make EC2/ELBv2 calls; it
+owns the lease and the shared-state items and nothing else in the table.
 """
 
 from __future__ import annotations

@@ -1,48 +1,15 @@
 """The ledger: what each guard did and when, kept for `status` and the daily summary.
 
-`Ledger` is a daemon observer (daemon.Observer). Per guard it keeps, in the
-daemon's state_dir, owner-only (0600):
+`Ledger` is a daemon observer. Per guard it appends transitions, instance runs
+(the hours that cost money) and interruptions to `<guard>.ledger.jsonl`, and
+keeps the last observation in `<guard>.seen.json`; both are owner-only, and the
+history is rotated monthly or past MAX_BYTES with open runs carried over.
+`read()` is the reader behind `status`; `LedgerView.estimate` holds the one
+cost formula status and summary share. docs/status-json.md says how runs and
+interruptions are counted.
 
-* `<guard>.ledger.jsonl`: an append-only history, one JSON object a line,
-  each with `v` (1), `at` (seconds since the epoch) and `kind`:
-    - `transition`: `from`, `to`, `reason` (every phase change);
-    - `run-start` / `run-stop`: `role` (`standby` | `spot`), `instance`, `via`
-      (`action` | `observed` | `carried`), and on a stop the observed `state`;
-    - `interruption`: `instance` (a spot), `how` (`notice` | `lost`).
-* `<guard>.seen.json`: the last observation (spot and standby ids and states,
-  target health), rewritten atomically only when it changes; its `since` is
-  when the world first looked like this.
-
-What counts as a run (the hours that cost money):
-* A standby run starts at a successful Start action or at the first
-  observation of the standby `pending`/`running`, whichever comes first, and
-  ends at a successful Stop action or the first observation of it in any other
-  state (stopping, stopped, terminated, missing). Observations are what make a
-  standby a person started (or stopped) count too.
-* A spot run starts when a spot instance is first observed live and ends when
-  it is observed in another state or no longer belongs to the guard (a spot
-  observed `missing`, named by its request but not described, is left as it
-  was: that is usually EC2's eventual consistency just after a fulfilment).
-* While the daemon is down nothing is observed: a run that began meanwhile
-  counts from when it is next seen, one that ended counts until then.
-
-Interruptions: a spot instance counts once, at its first interruption notice
-(a Notice event or the spot request's status, as observed), or, when it stopped
-serving without any notice, when it was seen gone (`how: lost`).
-
-Bounds: the history holds about the current and the previous calendar month
-(UTC). When a record belongs to a new month, or the file passes MAX_BYTES, it
-is renamed to `<guard>.ledger.jsonl.1` (replacing the one before) and the new
-file starts with a `carried` run-start for every run still open, so an open
-run is never lost. Readers read `.1` then the current file.
-
-`read(state_dir, guard)` is the reader: a `LedgerView` over both files that
-tolerates a partial last line and a rotation under it. `LedgerView.estimate`
-holds the one cost formula status and summary share.
-
-This module must never block the daemon for long or raise out of a hook
-(a failure is logged as `ledger.write.failed`), decide anything about
-failover, or talk to AWS.
+This module must not block the daemon, raise out of a hook (a failure is
+logged as `ledger.write.failed`), decide anything about failover, or talk to AWS.
 """
 
 from __future__ import annotations

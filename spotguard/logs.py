@@ -1,17 +1,12 @@
-"""Logging setup: structlog to one stream, as JSON lines or for a human.
+"""Logging setup: structlog to one stream, as JSON lines or for a person.
 
-`configure()` is called once by the CLI before anything logs. `json` writes one
-JSON object per line (ISO UTC timestamp, level, event, key-values): what
-journald should get, and what `auto` picks when the stream is not a TTY
-(under systemd stdout is the journal). `console` is structlog's
-ConsoleRenderer, for a person at a terminal.
+`configure()` is called once before anything logs: `json` (one object per
+line, what journald gets; `auto` picks it off a terminal) or `console`.
+Records of the standard `logging` module (botocore, apscheduler, ...) go
+through the same renderer at WARNING and above. Secrets (the Discord webhook
+URL) are dropped or redacted from every event.
 
-Records of the standard `logging` module (botocore, apscheduler, urllib3,
-discord-webhook) go through the same renderer at WARNING and above, so the
-journal holds one format only; their DEBUG lines would carry request URLs,
-and the Discord webhook URL is a credential.
-
-This module must not decide what is logged, only how: no event names here.
+This module must not decide what is logged, only how.
 """
 
 from __future__ import annotations

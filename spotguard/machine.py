@@ -1,32 +1,16 @@
 """The guard's state machine: every failover and failback rule, and nothing else.
 
 `step(state, event, now)` takes one guard's state, one event and the current
-time (seconds since the epoch, passed in) and returns the new state and the
-commands to carry out. It is level-triggered: decisions come from the latest
-observation of the world plus remembered notices, so a missed or repeated event
-is corrected by the next observation.
-
-Rules worth knowing before reading the code:
-* Deregister and Stop are only ever decided on an Observed event. A Notice
-  or Failed is decided on the last observation, which may be stale, so it
-  can start and register but never take capacity away.
-* Deregistering never leaves the target group without a healthy target
-  (invariant 1); a standby is never stopped while it is the only healthy one
-  (invariant 2).
-* A failover is given up when a spot without a notice is healthy again before
-  any standby is; a standby still running then gets the failback grace and is
-  drained and stopped like any other (no forgotten On-Demand bill).
-* Something the config names that AWS no longer has (the target group, a spot
-  request, a standby) is said once, when an observation first shows it gone.
-  Without its target group a guard can serve nothing: it decides nothing until
-  the group is back (notices are still remembered).
-* `now` may step backwards (an NTP step, a resumed VM): remembered times are
-  moved back with it, so a timer restarts rather than waiting out the jump.
+time (passed in) and returns the new state and the commands to carry out. It
+is level-triggered: decisions come from the latest observation plus
+remembered notices, so a missed or repeated event is corrected by the next
+observation. Deregister and Stop are decided only on an observation; a notice
+or a failure, decided on a possibly stale view, may only start and register.
+The last section answers the questions the shell asks (poll cadence, steady
+guards, invariant 1), so no rule lives anywhere else.
 
 This module must not do I/O, read a clock, or import asyncio, boto, structlog
-or anything else with side effects. The shell (daemon, executor, store) does
-all of that; keeping it out is what lets the rules be tested by tables and by
-property tests, and lets the lab replay a day in seconds.
+or anything else with side effects.
 """
 
 from __future__ import annotations

@@ -1,44 +1,12 @@
 """Prometheus metrics: a daemon observer, and the loopback endpoint that serves it.
 
-`Metrics(guards)` is an `Observer` (see daemon.py): the daemon tells it of every
-event, phase change and AWS action, and it keeps Prometheus metrics in its own
-`CollectorRegistry` (never the process-global one, so tests and several daemons
-in one process do not collide). `serve(port, metrics)` exposes that registry on
-http://127.0.0.1:<port>/metrics from a daemon thread; `close()` stops it.
+`Metrics` keeps spotguard's metrics (every name starts `spotguard_`; the list
+and their meaning are in docs/operations.md § 10) in its own registry, fed by
+the daemon's observer hooks; `serve()`/`exposed()` serve them on 127.0.0.1
+from a daemon thread.
 
-Metrics (every name starts `spotguard_`):
-
-* `spotguard_phase{guard,phase}` gauge: 1 for the guard's current phase, 0 for
-  the others (the usual enum pattern; every phase is always present). Read from
-  the daemon's guards at scrape time once `watch_phases(daemon.guards)` is
-  called (so a phase resumed from the state file, or adopted from the [ha]
-  leader, shows); before that, from the transition hook.
-* `spotguard_phase_changes_total{guard,from,to}` counter.
-* `spotguard_failovers_total{guard}` counter: spot-healthy → standby-starting.
-* `spotguard_detection_latency_seconds{guard}` histogram, and
-  `spotguard_last_detection_latency_seconds{guard}` gauge: from the first event
-  that tells the daemon of an interruption (a `Notice` of kind interruption, or
-  an observation whose spot request is newly flagged) to the StartInstances that
-  succeeds for that guard. A failed start (no capacity) keeps the clock running
-  until the next standby starts. The clock is dropped, unrecorded, when the guard
-  reaches any phase but standby-starting without a start (the standby was already
-  up). Rebalance recommendations and unhealthy-target failovers start no clock.
-* `spotguard_standby_seconds_total{guard}` counter: instance-seconds of standbys
-  in EC2 state `running` (what On-Demand bills). Each event of the guard adds the
-  time since its previous event times the number of standbys the last
-  observation showed running: the last observed state is taken to hold until
-  the next event (so it lags by at most one poll interval).
-* `spotguard_aws_actions_total{guard,action,outcome}` counter: one per AWS call
-  the executor made (action StartInstances | StopInstances | RegisterTargets |
-  DeregisterTargets; outcome ok | failed), and
-  `spotguard_aws_action_seconds{action}` histogram of their durations.
-* `spotguard_aws_errors_total{guard,action,code}` counter: failed actions by the
-  AWS error code the executor reported (e.g. InsufficientInstanceCapacity).
-
-This module must not decide anything, call AWS, block the event loop, or raise
-into the daemon (the daemon also guards against that). It reads the clock only
-through the `at` the daemon passes in. Counters count what this daemon stepped
-and did: with [ha], a follower's stay flat while the leader's move.
+This module must not decide anything, call AWS, block the event loop or raise
+into the daemon; it reads time only through the `at` the daemon passes.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Discord notifications for people: alerts and phase changes, best effort.
 
-`Notifier.notify(text)` is synchronous and never blocks: it puts the text on a
-bounded queue (dropping it, with a `notify.dropped` log line, when full). One
-background task takes texts off the queue and posts each with discord-webhook
-in a worker thread. Discord being down, slow or rate-limiting costs a log line
-(`notify.discord.failed`), never a stalled or crashed daemon: failover must not
-wait on a chat message.
-
-The webhook URL is a credential. It must never reach a log line, a repr or
-logged exception text: a failed post is logged by its exception's class name
-(requests puts the URL in its messages), or by status code and Discord's answer.
+`Notifier.notify(text)` never blocks: it queues the text (a bounded queue;
+dropped with `notify.dropped` when full) and one background task posts it with
+discord-webhook in a worker thread. Discord down or slow costs a log line,
+never a stalled failover. The webhook URL is a credential and never reaches a
+log line or a repr.
 
 This module must not retry, format messages or decide what is worth saying.
 """

@@ -1,13 +1,10 @@
 """The systemd notify protocol (sd_notify(3)), without a dependency.
 
-With `Type=notify` systemd passes `$NOTIFY_SOCKET`, an AF_UNIX datagram socket
-(a path, or an abstract name written `@name`). The daemon sends `READY=1` once
-it serves, `WATCHDOG=1` at half of `$WATCHDOG_USEC`, `STATUS=...` for
-`systemctl status`, and `STOPPING=1` on shutdown.
+READY=1 once the daemon serves, WATCHDOG=1 at half of $WATCHDOG_USEC,
+STATUS=..., STOPPING=1 on shutdown, sent to $NOTIFY_SOCKET.
 
-Nothing here may raise or block: outside systemd every call is a no-op that
-returns False, and a send that fails is logged as `sdnotify.failed` and
-returns False. A daemon must never die because its supervisor's socket did.
+Nothing here may raise or block: outside systemd every call is a no-op, and a
+failed send is logged as `sdnotify.failed`.
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
-"""The state store: one JSON file per guard, written atomically.
+"""The state store: one JSON file per guard, written atomically, read back on start.
 
-The daemon saves a guard's new state before its commands run (write ahead) and
-loads it on start. `encode`/`decode` are the file format, pure and strict;
-`Store` does the file work: temp file in the same directory, fsync, rename,
-fsync the directory, mode 0600. The directory is kept owner-only (0700): one
-found open to others (made by hand, or by a tool with a loose umask) is
-tightened and logged as `store.dir.tightened`; when that is not allowed it is
-logged as `store.dir.open` and the guard carries on (a failover matters more).
+`encode`/`decode` are the file format, pure and strict; `Store` does the file
+work (temp file, fsync, rename, fsync the directory; owner-only). Only the
+machine's own fields are stored: rules come from the config, the last
+observation is never persisted. A file that cannot be used is renamed aside as
+`<guard>.json.corrupt[-n]` and logged, and the guard is rebuilt from what AWS
+shows.
 
-What is not stored: `rules` come from the current config on every load, and
-`seen` (the last observation) is never persisted: on start the daemon observes
-the world again, which is fresher than anything on disk.
-
-A file that cannot be used (truncated, not JSON, wrong version or shape,
-unreadable) is renamed aside as `<guard>.json.corrupt[-n]`, logged as
-`store.corrupt`, and `load` returns None, so the guard is rebuilt from what AWS
-shows. Such a file is evidence for a person: this module never deletes one.
-It must not interpret the state (that is machine.py's job) nor talk to AWS.
+This module must not interpret a state (machine.py does) nor talk to AWS.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """The daily Discord summary: one message per guard at `[notify.discord] daily_summary`.
 
-Each message covers the 24 hours before it is sent: interruptions, time the
-standbys ran On-Demand, and the estimated cost and saving (the formula of
-ledger.Estimate, the same as `spotguard status`; "unknown" without prices).
-
-`summary_text` builds the text from numbers and is pure. `DailySummary` is the
-small scheduler around it: apscheduler 3's AsyncIOScheduler with a CronTrigger
-at HH:MM in `[notify.discord] timezone`, started and shut down by the daemon
-in its event loop; the job reads the ledger and hands each text to
-Notifier.notify (which never blocks). Without daily_summary it does nothing.
+`summary_text` builds the message (interruptions, standby hours, cost over the
+last 24 hours, ledger.Estimate's formula) and is pure; `DailySummary` schedules
+it with apscheduler at HH:MM in the configured time zone and hands each text to
+the notifier.
 
 This module must not post to Discord itself, decide anything about failover,
 or write files.

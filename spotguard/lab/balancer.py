@@ -1,30 +1,12 @@
 """The lab's load balancer: a loopback HTTP proxy that balances, health-checks and drains like an ALB.
 
-`Balancer` forwards every client request to one of its targets, round robin,
-and keeps each target's health from its own checks, with a target group's
-settings (`HealthCheck`):
-
-  * a newly registered target is `initial`; one passing check makes it
-    `healthy`, `unhealthy_threshold` failures in a row make it `unhealthy`;
-  * a healthy target turns `unhealthy` after `unhealthy_threshold` failed
-    checks in a row, an unhealthy one `healthy` after `healthy_threshold`
-    passing checks in a row (a check passes on a 200 within the timeout);
-  * only healthy targets get requests, except that with no healthy target the
-    unhealthy ones all do (ALB "fails open");
-  * a deregistered target is `draining` for the deregistration delay: no new
-    requests, the ones in flight finish; then it is gone. (ALB may end a drain
-    early when a target has no connections; the lab always waits the full
-    delay, the case spotguard must plan for.) Re-registering a draining target
-    makes it `initial` again.
-  * no target to send to: 503; a target that fails mid-request: 502; one that
-    does not answer in time: 504. No retries, as ALB does not retry.
-
-Which targets are registered is not the balancer's decision: `sync()` is handed
-the target group's registration as moto holds it (spotguard's RegisterTargets
-and DeregisterTargets); a registered target whose instance is not live is
-reported `unused`, as ALB does for a stopped instance. `report()` is the
-health source for moto's DescribeTargetHealth: it is called on moto's server
-thread, so the target table is guarded by a lock.
+`Balancer` forwards each request round robin to a healthy target, health-checks
+its targets with a target group's settings (`HealthCheck`: initial → healthy
+after one pass, unhealthy/healthy after the thresholds, fail-open when none is
+healthy), and drains a deregistered target for the deregistration delay.
+Which targets are registered is moto's (spotguard's (De)RegisterTargets, handed
+in by `sync()`); `report()` answers moto's DescribeTargetHealth from the server
+thread, so the target table is guarded by a lock. docs/lab.md has the details.
 
 This module must not call AWS or decide registrations; it balances.
 """

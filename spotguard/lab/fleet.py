@@ -1,21 +1,11 @@
 """The lab's EC2 clockwork and the software on each instance.
 
-`Fleet.tick()` is called many times per scenario second. For every instance
-the lab knows (the standbys, and each instance the persistent spot request
-launches) it:
+`Fleet.tick()` lets time pass as EC2 does (`pending` → `running` after the
+boot, `stopping` → `stopped`), runs each instance's software while it runs (an
+`InstanceApp` that serves after its warm-up, and its IMDSv2 service), logs
+every state change on the timeline and counts the On-Demand seconds.
 
-  * lets time pass as EC2 does: `pending` becomes `running` after the boot
-    time, `stopping` becomes `stopped` after the shutdown time (moto would do
-    both at once; the world holds them there, see world.model_transitions);
-  * runs the instance's software: an `InstanceApp` starts when the instance is
-    running (it serves after its warm-up) and is killed the moment EC2 shows
-    it stopping, stopped or terminated; its metadata service (an IMDSv2
-    `InstanceMetadata`, for an agent on the host) listens over the same span;
-  * logs every state change on the timeline and counts the On-Demand seconds
-    (time in `running`, as EC2 bills) of the instances marked on-demand.
-
-This module must not register targets or decide anything spotguard decides;
-it only plays EC2's time and the instances' processes.
+This module must not register targets or decide anything spotguard decides.
 """
 
 from __future__ import annotations

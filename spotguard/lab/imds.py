@@ -1,27 +1,12 @@
 """One instance's metadata service: IMDSv2 on a loopback port, as an agent on the spot host polls it.
 
-`InstanceMetadata` is what 169.254.169.254 is to one running instance, with
-IMDSv2 required (HttpTokens=required), as design.md § Detection sources says:
+`InstanceMetadata` serves `PUT /latest/api/token` (TTL 1-21600, refused through
+a proxy) and token-checked GETs of `instance-id`, `spot/instance-action` and
+`events/recommendations/rebalance` (404 until the lab sets an answer), as
+design.md § Detection sources describes. Tokens live on their own clock
+(`advance()` expires one without sleeping).
 
-  * `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds` (an
-    integer 1–21600, else 400) answers a new token and echoes the TTL header;
-    a PUT carrying `X-Forwarded-For` is refused with 403, as AWS refuses
-    token requests that went through a proxy;
-  * every GET needs `X-aws-ec2-metadata-token` holding a token that is known
-    and not expired, else 401 (checked before the path, as AWS does);
-  * `GET /latest/meta-data/instance-id` → the instance id;
-    `GET /latest/meta-data/spot/instance-action` → 404 until an interruption
-    is set, then `{"action": "terminate", "time": "2026-11-28T08:22:00Z"}`;
-    `GET /latest/meta-data/events/recommendations/rebalance` → 404 until a
-    rebalance recommendation is set, then `{"noticeTime": "..."}`; any other
-    path → 404. Answers are `text/plain`, as IMDS sends them.
-
-Tokens live on their own clock (`now`, wall seconds by default): an agent
-counts real seconds, not the lab's scenario seconds. `advance()` moves that
-clock so a test can expire a token without sleeping.
-
-This module must not know about EC2, the fleet or scenario time: the fleet
-starts and closes it with its instance, the lab sets its answers.
+This module must not know about EC2, the fleet or scenario time.
 """
 
 from __future__ import annotations

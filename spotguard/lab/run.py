@@ -1,29 +1,12 @@
 """Plays one Scenario in the embedded AWS and returns its Outcome.
 
-`run_scenario(scenario, speed=..., world=...)` builds the lab on a started
-MotoWorld (reset first), in this order:
+`run_scenario(scenario, speed=..., world=...)` builds the deployment in moto,
+the fleet (EC2's clock and an app per running instance), the balancer, and
+spotguard as a real subprocess; then sends load and plays the script (the
+notice on every path, the termination, the new spot), puts everything on the
+timeline and sums it up as an Outcome. docs/lab.md says what is modelled.
 
-  1. the deployment in moto (VPC, subnets, ALB, target group set to the
-     scenario's health checks and deregistration delay, a persistent spot
-     request with its instance, one stopped standby when guarded, an SQS queue
-     for EventBridge-shaped events); EC2 transitions modelled (pending, stopping);
-  2. the fleet (EC2's clock, an app server per running instance) and the
-     balancer (a loopback proxy), which answers moto's DescribeTargetHealth;
-  3. spotguard as a subprocess with a generated config (guarded runs), waited
-     for until its first round is done;
-  4. the load, then the script: the notice (the spot request's status code,
-     an EventBridge-shaped event on the queue, and the spot's IMDS answering
-     spot/instance-action), the termination 120 s later, the new spot later
-     still, maybe a second interruption; the run ends when the cycle is over
-     (or at `end_after`), after a short tail.
-
-Everything that happens goes on the timeline, printed live when `out` is given
-and handed to `on_entry` as it happens when that is given.
-Unguarded runs play the Auto Scaling group: the lab registers each new spot
-instance once it runs, and nobody else acts.
-
-This module must not hold failover rules (spotguard decides, in its own
-process) nor fake spotguard's AWS calls: spotguard talks to moto over HTTP.
+This module must not make a decision spotguard makes; it plays the world.
 """
 
 from __future__ import annotations

@@ -1,48 +1,18 @@
 """An embedded AWS for tests and the lab: moto in server mode, made to act like EC2.
 
-`MotoWorld` starts `moto.server.ThreadedMotoServer` on 127.0.0.1 (a free port),
-builds a deployment in it through the real API (`provision`: VPC, two subnets,
-ALB, target group, a persistent spot request with its running instance, stopped
-On-Demand standbys) and then adds the dynamics moto lacks by driving moto's
-backend objects in-process:
+`MotoWorld` runs moto's threaded server on 127.0.0.1, builds a deployment
+through the real API (`provision`: VPC, subnets, ALB, target group, a
+persistent spot request with its instance, stopped standbys) and adds the
+dynamics moto lacks by driving moto's backend objects in-process: spot
+interruptions and re-fulfilment, target health, AWS errors and slow answers
+(`api_fault`), what a person does by hand, and, for the lab, EC2's `pending`
+and `stopping` states and a live health source. spotguard's own clients talk
+to it over HTTP exactly as to AWS; nothing here fakes or wraps them.
 
-  * `notice` / `terminate_spot` / `fulfil`: a spot interruption and a persistent
-    request's re-fulfilment with a new instance id;
-  * `set_health`: what DescribeTargetHealth reports for a target;
-  * `inject_error`: StartInstances/StopInstances answering an AWS error (e.g.
-    InsufficientInstanceCapacity) for a chosen instance;
-  * `api_fault`: any API action (optionally only requests naming a given id)
-    answering an error with any HTTP status (throttling, 5xx), or answering
-    late (a slow or stuck endpoint), always or a number of times; `api_hits`
-    counts the requests it answered. The world's own boto clients (`boto`)
-    are never faulted, so a test can look while the system under test suffers;
-  * what a person does by hand, through the real API: `delete_target_group`
-    (its listeners first, as the console makes you), `cancel_spot_request`
-    (moto forgets a cancelled request at once), `terminate_instance`;
-  * EC2's state rules moto skips: starting a terminated/stopping instance or
-    stopping a terminated one answers IncorrectInstanceState;
-  * for the lab, opt-in: `model_transitions` (StartInstances leaves an
-    instance `pending`, StopInstances `stopping`, until the driver calls
-    `set_state`) and `set_health_source` (DescribeTargetHealth answered from a
-    live load balancer model instead of moto's registration-only view).
-
-spotguard's own clients talk to the world over HTTP exactly as they would to
-AWS; nothing here fakes or wraps them.
-
-Time itself is the driver's: by default moto starts and stops instances
-instantly (running / stopped on the next Describe), registers targets healthy
-at once and drops deregistered targets without draining; a driver that needs
-`pending`, `initial` or `draining` sets them with the hooks above, and the lab
-(spotguard.lab.fleet, spotguard.lab.balancer) does it with a clock.
-
-This module must not be imported by the daemon's production path; it is for
-tests and the lab only. The world's patches are class-level on moto's backends
-(so they survive moto's reset, which rebuilds backend instances' state) and
-live while a world is started; at most one world runs per process. Mutations
-happen on the caller's thread while the server thread may be answering a
-request: tests drive the world between API calls; the lab drives it
-concurrently, so instance state changes (`set_state` and the patched
-Start/StopInstances) take one lock, and a health source must be thread-safe.
+This module must not be imported by the daemon's production path. Its patches
+are class-level on moto's backends and live while a world is started; at most
+one world runs per process, and instance state changes take one lock because
+the lab drives the world while the server thread answers.
 """
 
 from __future__ import annotations

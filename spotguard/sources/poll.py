@@ -1,38 +1,15 @@
 """The poll source: one batched look at EC2 and ELBv2 for every guard at once.
 
-`Poller.observe()` returns each guard's `machine.Observed` snapshot: its spot
-instances (with the interruption notice read from the spot request status), its
-standbys in config order, and every target of its target group with its health.
+`Poller.observe()` returns each guard's `machine.Observed`: its spots (with the
+interruption notice read from the spot request status), its standbys in config
+order, and every target of its target group with its health. Per round, for
+any number of guards: one DescribeSpotInstanceRequests, one DescribeInstances
+by id (plus one by tag when a guard finds its spots by tags), and at most one
+DescribeTargetHealth per target group; a steady guard's target health is
+reused while `machine.health_reusable` allows. One bad id in a batch falls back
+to one call per id, so it cannot blind every guard.
 
-Calls per round, whatever the number of guards:
-  * 1 DescribeSpotInstanceRequests for every request id of every guard;
-  * 1 DescribeInstances by id for every spot instance those requests name plus
-    every standby;
-  * 1 DescribeInstances by tag (`tag-key` filter on the union of the tag keys,
-    matched exactly here) when any guard finds its spot by tags;
-  * at most 1 DescribeTargetHealth per distinct target group.
-
-A target group is described every round unless its guard is *steady*: the
-caller says the guard is spot-healthy with nothing pending (`observe(steady=...,
-now=...)`), its last described targets were all healthy with every live spot of
-the guard among them, they are younger than `unhealthy_grace / 3`, and the
-guard's instances (ids, states, notices) are what they were last round. Then
-the last targets are reused. Target health only matters to a steady guard for
-noticing an unhealthy spot, which must last `unhealthy_grace` anyway; reusing
-it for a third of that adds at most a third of the grace to that detection and,
-at the default 5 s poll and 30 s grace, halves the DescribeTargetHealth calls
-(20 guards: 0.93 % of a core before issue 7, 0.38 % after: docs/benchmarks.md).
-Anything that moves (an instance, a notice, a target not healthy, a failover)
-makes the group described again in the same round.
-
-A NotFound for one id in a batch falls back to one call per id, so one bad id
-cannot blind every guard. What AWS says is gone (a target group, a spot request)
-is reported in the guard's snapshot for the machine to alert on, and logged once
-when it goes and once when it is back, not on every poll. `Poller.calls` counts
-every call made, per API.
-
-This module must not decide anything about failovers (that is the machine's
-job) nor change the world: it only describes, and decides only what to look at.
+This module must not decide anything about failovers nor change the world.
 """
 
 from __future__ import annotations
