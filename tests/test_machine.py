@@ -4,6 +4,8 @@ from dataclasses import replace
 
 import pytest
 
+from spotguard import machine
+
 from spotguard.machine import (
     Alert,
     Deregister,
@@ -405,3 +407,77 @@ def test_a_clock_step_back_restarts_timers_instead_of_waiting_it_out():
     assert state.phase is D
     state, cmds = step(state, seen, 1500 - 3600 + 600)
     assert state.phase is DR and cmds == (Deregister("i-s1"),)
+
+
+# --------------------------------------------------------------------------- questions the shell asks
+
+
+@pytest.mark.parametrize(
+    "phases, steady, expected",
+    [
+        ((S,), 5.0, 5.0),  # all spot-healthy: the configured interval
+        ((S, S), 30.0, 30.0),
+        ((S, P), 5.0, 1.0),  # any guard busy: the fast poll for every guard
+        ((DR,), 5.0, 1.0),
+        ((D,), 0.2, 0.2),  # never slower than configured
+        ((), 5.0, 5.0),
+    ],
+)
+def test_poll_interval_by_phase(phases, steady, expected):
+    states = [GuardState(rules=RULES, phase=p) for p in phases]
+    assert machine.poll_interval(states, steady) == expected
+
+
+@pytest.mark.parametrize(
+    "phase, doomed, expected",
+    [
+        (S, frozenset(), True),
+        (S, frozenset({"i-a"}), False),  # a notice waits for its failover
+        (P, frozenset(), False),
+        (H, frozenset(), False),
+        (D, frozenset(), False),
+        (DR, frozenset(), False),
+    ],
+)
+def test_is_steady(phase, doomed, expected):
+    assert machine.is_steady(GuardState(rules=RULES, phase=phase, doomed=doomed)) is expected
+
+
+@pytest.mark.parametrize(
+    "targets, spots, age, expected",
+    [
+        ("a:healthy", "a:running", 0.0, True),
+        ("a:healthy", "a:running", 9.9, True),
+        ("a:healthy", "a:running", 10.0, False),  # a third of the 30 s grace, no longer
+        ("a:healthy", "a:running", -1.0, False),  # the clock stepped back: describe again
+        ("a:healthy s1:healthy", "a:running", 5.0, True),
+        ("a:healthy s1:initial", "a:running", 5.0, False),  # any target not healthy
+        ("", "a:running", 5.0, False),  # nothing healthy to reuse
+        ("a:healthy", "a:running b:pending", 5.0, False),  # a live spot not among the targets
+        ("a:healthy", "a:running b:stopped", 5.0, True),  # a spot that is not live does not count
+    ],
+)
+def test_health_reusable(targets, spots, age, expected):
+    seen = world(spots, targets=targets)
+    assert machine.health_reusable(30.0, seen.targets, seen.spots, age) is expected
+
+
+@pytest.mark.parametrize(
+    "targets, iid, expected",
+    [
+        ("a:healthy s1:healthy", "a", True),
+        ("a:healthy s1:initial", "a", False),  # invariant 1: s1 is not yet healthy
+        ("a:unhealthy s1:healthy", "a", True),
+        ("a:healthy", "a", False),
+        ("a:healthy", "s1", True),  # taking out a target that is not the healthy one
+        ("", "a", False),
+    ],
+)
+def test_may_take_out(targets, iid, expected):
+    assert machine.may_take_out(world(targets=targets).targets, f"i-{iid}") is expected
+
+
+def test_initial_phase_is_where_a_new_guard_starts():
+    assert initial(RULES).phase is machine.INITIAL_PHASE is S
+    assert machine.REHEARSAL_PHASE is S
+    assert machine.FAILOVER_PHASES == {P, H}
