@@ -3,8 +3,11 @@
 `configure()` is called once before anything logs: `json` (one object per
 line, what journald gets; `auto` picks it off a terminal) or `console`.
 Records of the standard `logging` module (botocore, apscheduler, ...) go
-through the same renderer at WARNING and above. Secrets (the Discord webhook
-URL) are dropped or redacted from every event.
+through the same renderer at WARNING and above. When the stream is the
+journal (systemd's JOURNAL_STREAM names it), each line starts with its syslog
+priority as sd-daemon(3) describes (`<3>` for an error), so `journalctl -p
+warning` finds warnings. Secrets (the Discord webhook URL) are dropped or
+redacted from every event.
 
 This module must not decide what is logged, only how.
 """
@@ -12,6 +15,7 @@ This module must not decide what is logged, only how.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -27,6 +31,10 @@ _WEBHOOK_MARK = "/api/webhooks/"
 REDACTED = "[redacted]"
 
 _HANDLER_MARK = "_spotguard_handler"
+
+# Log levels as syslog priorities (sd-daemon(3) prefixes, journalctl -p).
+PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+INFO_PRIORITY = 6
 
 
 def drop_secrets(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
@@ -56,6 +64,8 @@ def configure(log_format: str = "auto", stream: TextIO | None = None, *, level: 
     renderer: Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
     )
+    if is_journal(stream):
+        renderer = _Prioritised(renderer)
     # ConsoleRenderer formats exceptions itself; JSON needs them as a string.
     exc: list[Processor] = [structlog.processors.format_exc_info] if fmt == "json" else []
     shared: list[Processor] = [
@@ -90,6 +100,28 @@ def _route_stdlib(stream: TextIO, pre_chain: list[Processor], render: list[Proce
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
+
+
+def is_journal(stream: TextIO, environ: Any = None) -> bool:
+    """Whether `stream` is connected to journald: systemd sets JOURNAL_STREAM to its device:inode."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):  # unset, malformed, or no file behind the stream
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+class _Prioritised:
+    """A renderer whose lines start with the event's syslog priority, `<N>`, for journald."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event_dict: EventDict) -> str:
+        priority = PRIORITIES.get(str(event_dict.get("level", method)).lower(), INFO_PRIORITY)
+        return f"<{priority}>{self.renderer(logger, method, event_dict)}"
 
 
 def _level(level: str) -> int:

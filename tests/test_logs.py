@@ -5,6 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -142,3 +148,90 @@ def test_configure_twice_writes_each_line_once():
     logging.getLogger("x").error("only here")
     assert first.getvalue() == ""
     assert len(json_lines(second)) == 1
+
+
+# ---------------------------------------------------------------------- journald priorities
+
+
+def test_the_journal_is_recognised_by_the_device_and_inode_systemd_names(tmp_path):
+    with open(tmp_path / "stream", "w") as stream:
+        st = os.fstat(stream.fileno())
+        assert logs.is_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not logs.is_journal(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+        assert not logs.is_journal(stream, {"JOURNAL_STREAM": "garbage"})
+        assert not logs.is_journal(stream, {})
+    assert not logs.is_journal(io.StringIO(), {"JOURNAL_STREAM": "1:2"})  # no file behind it
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_on_the_journal_each_line_starts_with_its_syslog_priority(tmp_path, monkeypatch, fmt):
+    with open(tmp_path / "stream", "w+") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        logs.configure(fmt, stream)
+        log = structlog.get_logger("spotguard.test")
+        log.critical("daemon.crashed")
+        log.error("poll.describe.failed")
+        log.warning("guard.alert")
+        log.info("guard.transition")
+        logging.getLogger("botocore.test").warning("a library's warning")
+        stream.seek(0)
+        prefixes = [line[:3] for line in stream.read().splitlines()]
+    assert prefixes == ["<2>", "<3>", "<4>", "<6>", "<4>"]
+
+
+def test_off_the_journal_lines_have_no_prefix(tmp_path, monkeypatch):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    out = io.StringIO()
+    logs.configure("json", out)
+    structlog.get_logger().error("poll.describe.failed")
+    assert out.getvalue().startswith("{")
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+JOURNAL_SCRIPT = r"""
+set -e
+mount -t tmpfs tmpfs /run/systemd 2>/dev/null || { mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd; }
+mkdir -p /run/systemd/journal
+mount -t tmpfs tmpfs /run/log 2>/dev/null || { mkdir -p /run/log && mount -t tmpfs tmpfs /run/log; }
+mkdir -p /run/log/journal
+@JOURNALD@ & journald=$!
+for i in $(seq 100); do [ -S /run/systemd/journal/stdout ] && break; sleep 0.05; done
+# As systemd does for a service: stdout is a journal stream, named by JOURNAL_STREAM.
+systemd-cat -t @TAG@ sh -c 'export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/$$/fd/1); exec "$0" -c "$1"' \
+    @PYTHON@ @CODE@
+journalctl -D /run/log/journal --sync >/dev/null 2>&1 || true
+# Wait until the last line (info) is in the journal, then ask for warnings and worse.
+for i in $(seq 100); do
+  journalctl -D /run/log/journal -t @TAG@ -o cat --no-pager | grep -q guard.transition && break
+  sleep 0.05
+done
+journalctl -D /run/log/journal -t @TAG@ -p warning -o json --no-pager
+kill $journald
+"""
+LOGGING_CODE = """
+import logging, structlog
+from spotguard import logs
+logs.configure("auto")
+log = structlog.get_logger("spotguard")
+log.critical("daemon.crashed")
+log.error("poll.describe.failed")
+log.warning("guard.alert")
+logging.getLogger("botocore.test").warning("library.warning")
+log.info("guard.transition")
+"""
+
+
+def test_journalctl_priority_filter_sees_spotguards_warnings_through_a_real_journald():
+    if os.geteuid() != 0 or not os.path.exists(JOURNALD) or not shutil.which("systemd-cat") or not shutil.which("unshare"):
+        pytest.skip("needs root, systemd-journald, systemd-cat and unshare to run a private journald")
+    tag = f"spotguard-test-{uuid.uuid4().hex[:12]}"  # only this run's lines count
+    script = (JOURNAL_SCRIPT.replace("@JOURNALD@", JOURNALD).replace("@TAG@", tag).replace("@PYTHON@", shlex.quote(sys.executable))
+              .replace("@CODE@", shlex.quote(LOGGING_CODE)))
+    done = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"cannot make a private mount namespace here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stdout.splitlines()]
+    seen = {(json.loads(e["MESSAGE"])["event"], e["PRIORITY"]) for e in entries}
+    assert seen == {("daemon.crashed", "2"), ("poll.describe.failed", "3"), ("guard.alert", "4"), ("library.warning", "4")}
