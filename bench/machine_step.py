@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 
 from spotguard.store import differs  # the daemon's own check, so a change to it shows here
-from spotguard.machine import step
+from spotguard.machine import FAST_POLL, Observed, step
 
 import cycle
 from stats import fmt, spread, summarize, table
@@ -56,14 +56,15 @@ def run(quick: bool = False) -> str:
     for s in steps:
         counts[cycle.kind(s.event)] += 1
     mix = ", ".join(f"{n:,} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    sizes = sorted({len(s.event.targets) for s in steps if isinstance(s.event, Observed)})
     return "\n\n".join(
         [
             f"One cycle is {len(steps):,} events ({mix}) over "
             f"{steps[-1].now / 60:.0f} simulated minutes, through "
             f"{' → '.join(p.value for p in phases)} → spot-healthy; "
-            "one Observed per round (5 s in spot-healthy, 1 s otherwise, as the daemon polls) "
-            "and one Tick between rounds (today's daemon sends no Tick: each round's Observed re-evaluates "
-            "the timers; Ticks are listed apart below). 1 spot, 2 standbys, 1–3 targets per snapshot. "
+            f"played on spotguard.sim's model of EC2 and an ALB; one Observed per poll (every {cycle.POLL} s "
+            f"in spot-healthy, {FAST_POLL:g} s otherwise: machine.poll_interval, as the daemon polls). "
+            f"1 spot, 2 standbys, {sizes[0]}–{sizes[-1]} targets per snapshot. "
             f"{repeats} interleaved runs of every row.",
             table(
                 ["measure", "median", "p90", "min–max"],

@@ -1,16 +1,14 @@
 """Property tests for spotguard.machine: the five invariants of design.md, over random worlds.
 
-Hypothesis draws a `sim.Script` (interruptions at random times and in every
-phase, refills, duplicate/late/stray notices, ICE, standbys that never get
-healthy, health flaps, ticks, poll gaps, stalls) and `sim.run` plays it against
-`machine.step`. The checks below read the recorded trace after every step.
-Hand-written scenarios at the end play the story of design.md through the sim.
+Hypothesis draws a `spotguard.sim.Script` (interruptions at random times and in
+every phase, refills, duplicate/late/stray notices, ICE, standbys that never get
+healthy, health flaps, poll gaps, stalls, restarts) and `spotguard.sim.run` plays
+it against `machine.step`. The checks below read the recorded trace after every
+step. Hand-written scenarios play the story of design.md through the sim.
 
-Bugs found in the machine are pinned by minimal event sequences marked
-`xfail(strict=True)`: when the machine is fixed they XPASS and fail, so the
-marker (and the matching `KNOWN_*` switch that keeps the random search away from
-the bug) must then be removed. This module must not edit or monkeypatch the
-machine; it only drives it.
+Every bug the random search found in the machine is pinned at the end by the
+smallest event sequence that showed it, as a plain regression test. This module
+must not edit or monkeypatch the machine; it only drives it.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from sim import (
+from spotguard.sim import (
     ExternalStop,
     Flap,
     Interrupt,
@@ -40,7 +38,6 @@ from sim import (
     run,
 )
 from spotguard.machine import (
-    LIVE_STATES,
     RETRY_CAP,
     Alert,
     Deregister,
@@ -59,51 +56,6 @@ from spotguard.machine import (
 
 SERVING = (Phase.BOTH_SERVING, Phase.SPOT_RESTORED)
 SLACK = 30
-
-# Known machine bugs (see the xfail tests at the end): the random search stays away from
-# their triggers until they are fixed. Set a switch to False once its bug is fixed.
-KNOWN_RECURSION = False  # bug 1: standby target healthy while its instance is not live
-KNOWN_STUCK_STARTING = False  # bug 2: no standby can serve; the spot is back but never used
-KNOWN_UNSTOPPED_GIVEN_UP = False  # bug 3: a given-up standby runs on while nothing is healthy
-KNOWN_REPICK_NO_TIMEOUT = False  # bug 4: after "all failed", a running standby is re-picked untimed
-KNOWN_STALE_SEEN = False  # bug 5: a Notice/Tick/Failed acts (deregisters, stops) on a stale observation
-KNOWN_KEEP_LAST_FOREVER = False  # bug 6: the last standby is kept forever; given-up ones never retried
-KNOWN_STOPPED_SPOT_DOOMED = False  # bug 7: a spot stopped by an interruption comes back, stays doomed
-KNOWN_HEALTHY_GIVEN_UP_IGNORED = False  # bug 8: a given-up standby turns healthy; neither used nor stopped
-
-
-def _ignores_healthy_standby(a) -> bool:
-    """Bug 8's state: still starting while another (given-up) standby is healthy."""
-    return (
-        a.phase is Phase.STANDBY_STARTING
-        and a.seen is not None
-        and any(t.health == "healthy" and t.id != a.standby and t.id in a.rules.standbys for t in a.seen.targets)
-    )
-
-
-def known_bug(trace: Trace) -> str | None:
-    """The known bug whose state the trace reached, if any (then liveness checks are moot)."""
-    for s in trace.steps:
-        a = s.after
-        if (
-            KNOWN_REPICK_NO_TIMEOUT
-            and a.phase is Phase.STANDBY_STARTING
-            and a.standby is not None
-            and a.started_at is None
-            and any(i.id == a.standby and i.state in LIVE_STATES for i in a.seen.standbys)
-        ):
-            return "bug 4"
-        if (
-            KNOWN_KEEP_LAST_FOREVER
-            and a.failed
-            and a.standby is not None
-            and a.standby == s.before.standby
-            and any(isinstance(c, Alert) and "not healthy after" in c.text for c in s.commands)
-        ):
-            return "bug 6"
-        if KNOWN_HEALTHY_GIVEN_UP_IGNORED and _ignores_healthy_standby(a):
-            return "bug 8"
-    return None
 
 
 # --------------------------------------------------------------------------- strategies
@@ -147,8 +99,9 @@ def interruptions(horizon: int):
     )
 
 
-def disturbances(n_standbys: int, horizon: int, external_stops: bool):
-    """Everything else a guard meets: rebalances, stray notices, flaps, gaps, stalls."""
+def disturbances(n_standbys: int, horizon: int):
+    """Everything else a guard meets: rebalances, stray notices, flaps, gaps, stalls,
+    restarts, a person stopping a standby."""
     at = st.integers(5, horizon)
     who = st.sampled_from(["spot", *range(n_standbys)])
     ids = st.sampled_from(["i-unknown", "i-sb0", LATE])
@@ -159,16 +112,11 @@ def disturbances(n_standbys: int, horizon: int, external_stops: bool):
         st.builds(PollGap, at=at, duration=st.integers(5, 120)),
         st.builds(Pause, at=at, duration=st.integers(5, 90)),
         st.builds(Restart, at=at, down=st.integers(1, 120)),
-    ) | (st.builds(ExternalStop, at=at, index=st.integers(0, n_standbys - 1)) if external_stops else st.nothing())
+    ) | st.builds(ExternalStop, at=at, index=st.integers(0, n_standbys - 1))
 
 
 @st.composite
-def scenarios(
-    draw,
-    quiet_tail: bool = True,
-    external_stops: bool = not KNOWN_RECURSION,
-    spot_stops: bool = True,
-) -> tuple[Rules, Script, int]:
+def scenarios(draw, quiet_tail: bool = True) -> tuple[Rules, Script, int]:
     """(rules, script, seed). With `quiet_tail` the script ends long enough after its last
     scripted disturbance for invariant 3 to be checkable."""
     n = draw(st.integers(1, 3))
@@ -191,7 +139,7 @@ def scenarios(
     # A first failover early on, so that the phase-triggered ones have phases to hit.
     acts: tuple = (draw(st.builds(Interrupt, at=st.integers(5, 200), refill=refills, deliver=deliveries)),)
     acts += tuple(draw(st.lists(interruptions(horizon), max_size=3)))
-    acts += tuple(draw(st.lists(disturbances(n, horizon, external_stops), max_size=6)))
+    acts += tuple(draw(st.lists(disturbances(n, horizon), max_size=6)))
     last = max([a.at for a in acts if hasattr(a, "at")] + [a.armed + 400 for a in acts if isinstance(a, InterruptWhen)] + [0])
     end = last + (failback_horizon(rules, Script(timing=timing, poll_every=poll)) + 600 if quiet_tail else 300)
     script = Script(
@@ -201,7 +149,7 @@ def scenarios(
         poll_every=poll,
         end=end,
         forget_terminated=draw(st.booleans()),
-        spot_stops=spot_stops and draw(st.booleans()),
+        spot_stops=draw(st.booleans()),
     )
     return rules, script, draw(st.integers(0, 2**16))
 
@@ -231,11 +179,7 @@ def check_safety(trace: Trace) -> None:
         # Counted from when both are `running`: EC2 cannot stop a `pending` instance
         # (IncorrectInstanceState), so a slow boot holds the second one that long.
         live = tuple(i.id for i in s.world.observed.standbys if i.state == "running")
-        if KNOWN_UNSTOPPED_GIVEN_UP and (not healthy or (a.phase is Phase.STANDBY_STARTING and a.standby is None)):
-            two_live_since = None  # bug 3: nothing stops a given-up standby here
-        elif KNOWN_HEALTHY_GIVEN_UP_IGNORED and _ignores_healthy_standby(a):
-            two_live_since = None  # bug 8
-        elif len(live) >= 2:
+        if len(live) >= 2:
             two_live_since = s.t if two_live_since is None else two_live_since
             assert s.t - two_live_since <= two_live_bound, (
                 f"inv4: standbys {live} all running since t={two_live_since} (now {s.t})"
@@ -248,8 +192,6 @@ def check_world_safety(trace: Trace) -> None:
     """Invariant 1 against the real target group: a Deregister never empties it of healthy
     targets (the machine's own earlier commands count as knowledge)."""
     for s in trace.steps:
-        if KNOWN_STALE_SEEN and not isinstance(s.event, Observed):
-            continue  # bug 5: decided on the last observation, however old
         if any(isinstance(c, Deregister) for c in s.commands):
             assert s.world.healthy() or not s.world_before.healthy(), (
                 f"inv1(world): t={s.t} {s.event} -> {s.commands}: "
@@ -284,8 +226,6 @@ def spot_ok(snap) -> bool:
 
 def check_failback(trace: Trace) -> bool:
     """Invariant 3. Returns whether the script let it apply."""
-    if KNOWN_STUCK_STARTING and not set(faults_of(trace)) & {"ok", "ice-once", "slow"}:
-        return False
     q = quiet_since(trace)
     t0 = None
     for s in reversed(trace.steps):
@@ -399,9 +339,8 @@ def safety_case(case: tuple[Rules, Script, int]) -> None:
 
 def failback_case(case: tuple[Rules, Script, int]) -> None:
     trace = play(*case)
-    if not known_bug(trace):
-        check_failback(trace)
-        check_liveness(trace)
+    check_failback(trace)
+    check_liveness(trace)
 
 
 @props(300)
@@ -411,7 +350,7 @@ def test_safety_invariants_after_every_step(case):
 
 
 @props(200)
-@given(scenarios(spot_stops=not KNOWN_STOPPED_SPOT_DOOMED))
+@given(scenarios())
 def test_failback_and_liveness(case):
     failback_case(case)
 
@@ -536,7 +475,8 @@ def test_interruption_during_spot_restored_serves_on_the_standby_again():
 def test_interruption_while_standby_drains_re_registers_it():
     rules = Rules(standbys=(A,), failback_grace=60)
     timing = Timing(dereg_delay=90)
-    # Poll-only detection: with an SQS notice between polls the machine hits bug 5.
+    # Poll-only detection, as when this test was written: an SQS notice between polls
+    # then hit bug 5 (pinned below).
     again = InterruptWhen(Phase.STANDBY_DRAINING, after=10, refill=None, deliver=())
     trace = run(rules, Script(timing=timing, actions=(Interrupt(60, refill=10), again), end=900))
     served(trace)
@@ -650,11 +590,10 @@ def test_late_notice_for_a_replaced_spot_changes_nothing():
     assert trace.final.phase is Phase.SPOT_HEALTHY
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- fixed bugs
 #
-# Each test below is the smallest event sequence found for one machine bug. They are
-# strict xfails: once the machine is fixed they XPASS and fail, and then the marker and
-# the matching KNOWN_* switch at the top of this module go.
+# Each test below is the smallest event sequence found for one machine bug, now fixed:
+# the comments tell what the machine did then, the assertions what it must do.
 
 S0, S1 = "i-s0", "i-s1"
 

@@ -1,56 +1,17 @@
-"""A small pure-Python model of the world a guard lives in, for property tests.
+"""A pure model of the world a guard lives in, and a driver that plays scripts on it.
 
-`run(rules, script, seed)` plays a `Script` against `spotguard.machine.step`:
-a clock advances one second at a time, the `World` (EC2 instances, one
-persistent spot request, an ALB target group) moves on its own timers, the
-driver feeds the machine `Observed` snapshots every `poll_every` seconds (built
-exactly as `spotguard.sources.poll` builds them), plus `Notice` events
-at scripted times, applies the machine's commands to the world, feeds back a
-`Failed` event for every command the world refuses, and records every step in a
-`Trace` so invariants can be checked after each one.
-
-World model (the choices, so tests can reason about them):
-  * EC2: `stopped` --Start--> `pending` (boot) --> `running`; `running` --Stop-->
-    `stopping` (stop) --> `stopped`. Start while `stopping`/terminated and Stop
-    while `pending` fail with IncorrectInstanceState; Start of a running or
-    pending instance and Stop of a stopped/stopping one succeed (idempotent).
-    A standby with the `ice` fault refuses every Start with
-    InsufficientInstanceCapacity, `ice-once` only the first.
-  * The app on an instance passes health checks once it has been `running` for
-    `warmup` seconds, unless the instance is `broken` (never) or inside a flap.
-    A `slow` standby boots `slow_boot` seconds (longer than its ready timeout).
-  * Spot request (persistent, terminate on interruption): an interruption sets
-    the status code to `instance-terminated-no-capacity` while the instance
-    keeps running for `notice_period`; then `shutting-down` (shutdown) -->
-    `terminated`. The request keeps naming the terminated instance (or forgets it
-    with `forget_terminated`) until it is fulfilled again `refill` seconds
-    after the termination, with a NEW instance id that boots like any other.
-    With `spot_stops` (interruption behaviour "stop") the instance is stopped
-    instead and the request later starts the SAME instance again.
-  * ALB target group: RegisterTargets refuses an instance that is not
-    `running` (InvalidTarget). A new target is `initial`; health checks run
-    every `check_interval` seconds from registration. `initial` or `unused`
-    --1 pass--> `healthy`; `healthy` --`unhealthy_threshold` fails--> `unhealthy`
-    --`healthy_threshold` passes--> `healthy`; `initial` also turns `unhealthy`
-    after `unhealthy_threshold` fails. The ALB learns that an instance left
-    `running` only at its next check (`unused`), so a snapshot can show a
-    stopping instance whose target still says `healthy`. DeregisterTargets puts
-    a target in `draining` for `dereg_delay`, then it is absent; deregistering
-    an absent or draining target is a no-op; registering a draining target
-    cancels the drain (`initial` again). A terminating registered instance is
-    deregistered by the ALB itself (draining).
-
-Driver: the world moves first each second, then scripted actions fire, then the
-events due reach the machine. A poll and notices due in the same second land in
-a seeded random order (the daemon steps notices before its round's Observed).
-Commands are carried out at once, in order; a refusal is stepped right away as
-`Failed` at the same `now`. `PollGap` drops polls, `Pause` holds every event
-back, `Restart` holds them back and then reloads the state without `seen`, as
-the store does. `TerminateStandby` is a person deleting a standby for good.
+`World` models EC2 instances, one persistent spot request and an ALB target
+group on a clock of whole seconds; `run(rules, script, seed)` plays a `Script`
+(interruptions, faults, outages) against `spotguard.machine.step` and returns
+the `Trace` of every step. The property tests, bench/cycle.py and (later)
+`spotguard simulate` replaying real interruption traces all stand on it.
+spotguard.lab.world is a different thing: it serves the real AWS HTTP API (moto)
+to a real daemon process, while this module calls `machine.step` directly, with
+no sockets, processes or asyncio.
 
 This module must not make any decision the machine should make: it only plays
-the world and records. It never reads a wall clock and never uses randomness
-except the seeded `random.Random` handed to `run`.
+the world and records. It never reads a wall clock, never does I/O, and uses no
+randomness except the seeded `random.Random` that `run` builds from its seed.
 """
 
 from __future__ import annotations
@@ -77,6 +38,7 @@ from spotguard.machine import (
     Stop,
     Target,
     initial,
+    poll_interval,
     step,
 )
 
@@ -205,7 +167,8 @@ class Script:
     timing: Timing = Timing()
     faults: tuple[str, ...] = ()  # per standby, in order; missing entries are "ok"
     actions: tuple[Action, ...] = ()
-    poll_every: int = 5
+    poll_every: int = 5  # seconds between polls (the steady interval, with `fast_poll`)
+    fast_poll: bool = False  # poll as the daemon does: machine.poll_interval, FAST_POLL while busy
     end: int = 1200
     forget_terminated: bool = False
     spot_stops: bool = False  # interruption behaviour "stop": the same instance id comes back
@@ -337,7 +300,39 @@ class _Request:
 
 
 class World:
-    """EC2 instances, one persistent spot request and one target group, on one clock."""
+    """EC2 instances, one persistent spot request and one target group, on one clock.
+
+    The choices, so tests can reason about them:
+      * EC2: `stopped` --Start--> `pending` (boot) --> `running`; `running` --Stop-->
+        `stopping` (stop) --> `stopped`. Start while `stopping`/terminated and Stop
+        while `pending` fail with IncorrectInstanceState; Start of a running or
+        pending instance and Stop of a stopped/stopping one succeed (idempotent).
+        A standby with the `ice` fault refuses every Start with
+        InsufficientInstanceCapacity, `ice-once` only the first.
+      * The app on an instance passes health checks once it has been `running` for
+        `warmup` seconds, unless the instance is `broken` (never) or inside a flap.
+        A `slow` standby boots `slow_boot` seconds (longer than its ready timeout).
+      * Spot request (persistent, terminate on interruption): an interruption sets
+        the status code to `instance-terminated-no-capacity` while the instance
+        keeps running for `notice_period`; then `shutting-down` (shutdown) -->
+        `terminated`. The request keeps naming the terminated instance (or forgets
+        it with `forget_terminated`) until it is fulfilled again `refill` seconds
+        after the termination, with a NEW instance id that boots like any other.
+        With `spot_stops` (interruption behaviour "stop") the instance is stopped
+        instead and the request later starts the SAME instance again.
+      * ALB target group: RegisterTargets refuses an instance that is not
+        `running` (InvalidTarget). A new target is `initial`; health checks run
+        every `check_interval` seconds from registration. `initial` or `unused`
+        --1 pass--> `healthy`; `healthy` --`unhealthy_threshold` fails-->
+        `unhealthy` --`healthy_threshold` passes--> `healthy`; `initial` also turns
+        `unhealthy` after `unhealthy_threshold` fails. The ALB learns that an
+        instance left `running` only at its next check (`unused`), so a snapshot
+        can show a stopping instance whose target still says `healthy`.
+        DeregisterTargets puts a target in `draining` for `dereg_delay`, then it is
+        absent; deregistering an absent or draining target is a no-op; registering
+        a draining target cancels the drain (`initial` again). A terminating
+        registered instance is deregistered by the ALB itself (draining).
+    """
 
     def __init__(self, timing: Timing, standbys: tuple[str, ...], faults: tuple[str, ...], forget_terminated: bool,
                  spot_healthy: bool = True, spot_stops: bool = False):
@@ -624,12 +619,17 @@ class _Driver:
         events: list[Event] = []
         while self.queue and self.queue[0][0] <= t:
             events.append(heapq.heappop(self.queue)[2])
-        if t >= self.no_poll_until and t - self.last_poll >= self.script.poll_every:
+        if t >= self.no_poll_until and t - self.last_poll >= self._poll_interval():
             self.last_poll = t
             poll: Event = self.world.snapshot().observed
             # Notices race the poll: sometimes they land just before it, sometimes just after.
             events.insert(self.rng.randrange(len(events) + 1), poll)
         return events
+
+    def _poll_interval(self) -> float:
+        if self.script.fast_poll:
+            return poll_interval((self.state,), self.script.poll_every)
+        return self.script.poll_every
 
     def _feed(self, event: Event, t: float) -> None:
         pending = [event]
@@ -709,7 +709,19 @@ class _Driver:
 
 def run(rules: Rules, script: Script, seed: int = 0, *, catch: bool = False) -> Trace:
     """Play `script` against the machine; with `catch`, an exception from step() ends the
-    trace (kept in `Trace.error`) instead of propagating."""
+    trace (kept in `Trace.error`) instead of propagating.
+
+    A clock advances one second at a time. Each second the world moves first, then
+    scripted actions fire, then the events due reach the machine: `Notice` events at
+    their delivery times and, every `poll_every` seconds (or as
+    `machine.poll_interval` says, with `fast_poll`), an `Observed` snapshot built
+    exactly as `spotguard.sources.poll` builds it. A poll and notices due in the same
+    second land in a seeded random order (the daemon steps notices before its round's
+    Observed). Commands are carried out at once, in order; a refusal is stepped right
+    away as `Failed` at the same `now`. `PollGap` drops polls, `Pause` holds every
+    event back, `Restart` holds them back and then reloads the state without `seen`,
+    as the store does. `TerminateStandby` is a person deleting a standby for good.
+    """
     driver = _Driver(rules, script, random.Random(seed))
     error: BaseException | None = None
     try:
