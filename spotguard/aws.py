@@ -23,6 +23,7 @@ import botocore
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from spotguard import __version__
@@ -162,10 +163,13 @@ def error_code(exc: BaseException) -> str:
 # Exceptions that mean "AWS or the network said no", as opposed to a bug in
 # spotguard. The executor turns these into Failed; the poller into PollError.
 # aiobotocore maps most aiohttp failures to botocore's; aiohttp.ClientError
-# covers the few it lets through (payload errors, odd disconnects).
+# covers the few it lets through (payload errors, odd disconnects). A reply
+# botocore cannot parse (a 200 with an empty body from a broken proxy) raises
+# ResponseParserError, which is neither a BotoCoreError nor a ClientError.
 AWS_ERRORS: tuple[type[BaseException], ...] = (
     ClientError,
     BotoCoreError,
+    ResponseParserError,
     aiohttp.ClientError,
     OSError,
     asyncio.TimeoutError,

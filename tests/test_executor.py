@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from conftest import guard_for
-from httpcapture import async_wait_for
+from httpcapture import CaptureServer, async_wait_for
 from structlog.testing import capture_logs
 
-from spotguard.aws import clients
+from spotguard.aws import client, client_config, clients
 from spotguard.executor import Executor
 from spotguard.machine import Alert, Deregister, Failed, Register, Start, Stop
 
@@ -191,3 +193,39 @@ async def test_a_slow_answer_past_the_deadline_is_failed_timeout(guard, deployme
         assert await executor.run(guard.name, Start(standby)) == Failed(Start(standby), "Timeout")
     # The request went on without us, as on AWS: a timed-out start may still start.
     await async_wait_for(lambda: moto_world.instance_state(standby) == "running", timeout=5.0)
+
+
+# ---------------------------------------------------------------------- every botocore failure is a Failed
+
+
+@pytest.fixture
+def broken_aws():
+    """A local HTTP server where AWS should be: it answers whatever the test sets."""
+    with CaptureServer() as server:
+        yield server
+
+
+async def run_start(ec2, guard, standby) -> Failed | None:
+    return await Executor(ec2, ec2, [guard]).run(guard.name, Start(standby))
+
+
+async def test_an_unparsable_200_is_failed_not_raised(guard, deployment, broken_aws):
+    broken_aws.respond(200, b"")  # a proxy answering 200 with an empty body
+    async with client("ec2", "us-east-1", broken_aws.url, max_attempts=1) as ec2:
+        assert await run_start(ec2, guard, "i-0123456789abcdef0") == Failed(Start("i-0123456789abcdef0"), "ResponseParserError")
+
+
+async def test_a_read_timeout_is_failed_not_raised(guard, broken_aws, aio_session):
+    broken_aws.hold()  # the server accepts and never answers
+    config = client_config("ec2", max_attempts=1).merge(AioConfig(read_timeout=0.2))
+    async with aio_session.create_client("ec2", "us-east-1", endpoint_url=broken_aws.url, config=config) as ec2:
+        assert await run_start(ec2, guard, "i-0123456789abcdef0") == Failed(Start("i-0123456789abcdef0"), "ReadTimeoutError")
+
+
+async def test_missing_credentials_are_failed_not_raised(guard, deployment, moto_world, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    async with client("ec2", moto_world.region, moto_world.endpoint_url, session=get_session(), max_attempts=1) as ec2:
+        standby = deployment.standby_ids[0]
+        assert await run_start(ec2, guard, standby) == Failed(Start(standby), "NoCredentialsError")
+    assert moto_world.states(standby) == {standby: "stopped"}
