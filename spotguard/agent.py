@@ -1,29 +1,20 @@
 """The agent on the spot host: IMDSv2 notices forwarded to the SQS queue as EventBridge events.
 
-`spotguard agent` runs on the Spot instance itself, because the daemon on the
-nano cannot read another instance's metadata (design.md § Detection sources).
-Every `interval` the `Agent` reads `spot/instance-action` and
-`events/recommendations/rebalance` from the metadata service (IMDSv2 only: a
-token from `PUT /latest/api/token`, refreshed before it expires and at once on
-a 401). A 404 means nothing; a well-formed answer becomes one SQS message in
-the EventBridge shape `spotguard.sources.sqs.parse` accepts (source
-`spotguard.agent`), sent once per distinct notice: a notice is marked sent only
-after SendMessage succeeded, so a failed send is retried on the next interval.
+It runs on the Spot instance because the daemon cannot read another
+instance's metadata. Every `interval` it reads `spot/instance-action` and
+`events/recommendations/rebalance` (IMDSv2: a token, replaced before it
+expires and on a 401) and sends each new notice once, as `eventbridge.build`
+makes it; a notice counts as sent only once SendMessage succeeded, so a failed
+send is retried next interval. Garbage from IMDS is logged, never sent.
 
-Garbage from the metadata service (HTML, bad JSON, JSON of the wrong shape,
-5xx, a hung service cut off by a short timeout) is logged and never sent.
-
-This module must not decide anything about guards or call any AWS API but
-SendMessage: the daemon reads the queue and the poll stays the backstop.
+This module must not decide anything about guards nor call any AWS API but SendMessage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -31,13 +22,13 @@ from typing import Any, Callable
 import aiohttp
 import structlog
 
+from spotguard import ids
 from spotguard.aws import error_code
-from spotguard.sources.eventbridge import ACTIONS, INTERRUPTION, REBALANCE
+from spotguard.sources.eventbridge import INTERRUPTION, REBALANCE, build, cap, is_action
 from spotguard.sources.sqs import stoppable_sleep
 
 log = structlog.get_logger("spotguard.agent")
 
-SOURCE = "spotguard.agent"
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
 META = "/latest/meta-data/"
@@ -50,10 +41,8 @@ MAX_TTL = 21600
 # A token is replaced this long before it expires (at most), so no GET ever
 # carries one that expires in flight.
 REFRESH_MARGIN = 300.0
-INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
-BODY_CAP = 200  # characters of a bad answer that may reach the log
-SENT_CAP = 256
-MAX_BODY = 65536  # bytes of an IMDS answer read; real ones are under 100  # distinct notices remembered; a host sees a handful in its life
+SENT_CAP = 256  # distinct notices remembered; a host sees a handful in its life
+MAX_BODY = 65536  # bytes of an IMDS answer read; real ones are under 100
 
 
 @dataclass(frozen=True)
@@ -62,7 +51,7 @@ class Notice:
 
     detail_type: str
     detail: dict[str, str]
-    payload: str  # canonical JSON of the IMDS answer: the dedupe key
+    payload: str  # canonical JSON of the IMDS answer: what makes it this notice (dedupe key, event id)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -77,21 +66,6 @@ class _Failed(Exception):
     """No usable answer: a network error, a timeout, a status other than 200/404."""
 
 
-def event(notice: Notice, region: str, now: datetime | None = None) -> dict[str, Any]:
-    """The EventBridge-shaped event for `notice`, as `sources.sqs.parse` accepts it."""
-    moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": notice.detail_type,
-        "source": SOURCE,
-        "time": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "region": region,
-        "resources": [],
-        "detail": dict(notice.detail),
-    }
-
-
 def interpret(path: str, text: str, instance_id: str) -> Notice:
     """The notice a 200 answer on `path` carries; raises _Malformed for anything else."""
     try:
@@ -103,18 +77,13 @@ def interpret(path: str, text: str, instance_id: str) -> Notice:
     payload = json.dumps(answer, sort_keys=True, separators=(",", ":"))
     if path == INSTANCE_ACTION_PATH:
         action, when = answer.get("action"), answer.get("time")
-        # isinstance first: `[] in ACTIONS` raises TypeError on a set, and "" is no time.
-        if not (isinstance(action, str) and action in ACTIONS and isinstance(when, str) and when):
+        if not (is_action(action) and isinstance(when, str) and when):
             raise _Malformed("instance-action needs action terminate|stop|hibernate and a time")
         detail = {"instance-id": instance_id, "instance-action": answer["action"]}
         return Notice(INTERRUPTION, detail, payload)
     if not isinstance(answer.get("noticeTime"), str) or not answer["noticeTime"]:
         raise _Malformed("rebalance needs a noticeTime")
     return Notice(REBALANCE, {"instance-id": instance_id}, payload)
-
-
-def _cap(text: str) -> str:
-    return text if len(text) <= BODY_CAP else text[:BODY_CAP] + "…"
 
 
 class Agent:
@@ -171,7 +140,7 @@ class Agent:
                 try:
                     await self.poll_once()
                 except Exception as exc:  # noqa: BLE001 - a bug in one poll must not end the agent
-                    log.error("agent.poll.failed", error=type(exc).__name__, detail=_cap(str(exc)))
+                    log.error("agent.poll.failed", error=type(exc).__name__, detail=cap(str(exc)))
                 await stoppable_sleep(max(0.0, self.interval - (self.clock() - started)), stop)
         finally:
             await self.close()
@@ -197,10 +166,10 @@ class Agent:
             log.warning("agent.imds.failed", path=INSTANCE_ID_PATH, error=str(failed))
             return False
         if status != 200:
-            log.warning("agent.imds.failed", path=INSTANCE_ID_PATH, status=status, body=_cap(text))
+            log.warning("agent.imds.failed", path=INSTANCE_ID_PATH, status=status, body=cap(text))
             return False
-        if not INSTANCE_ID.fullmatch(text.strip()):
-            log.warning("agent.imds.malformed", path=INSTANCE_ID_PATH, body=_cap(text))
+        if not ids.INSTANCE_ID.fullmatch(text.strip()):
+            log.warning("agent.imds.malformed", path=INSTANCE_ID_PATH, body=cap(text))
             return False
         self.instance_id = text.strip()
         log.info("agent.instance", instance_id=self.instance_id)
@@ -217,12 +186,12 @@ class Agent:
         if status == 404:
             return None
         if status != 200:
-            log.warning("agent.imds.failed", path=path, status=status, body=_cap(text))
+            log.warning("agent.imds.failed", path=path, status=status, body=cap(text))
             return None
         try:
             return interpret(path, text, self.instance_id)
         except _Malformed as bad:
-            log.warning("agent.imds.malformed", path=path, reason=str(bad), body=_cap(text))
+            log.warning("agent.imds.malformed", path=path, reason=str(bad), body=cap(text))
             return None
 
     async def _get(self, path: str) -> tuple[int, str]:
@@ -255,7 +224,7 @@ class Agent:
         status, text = await self._request("PUT", TOKEN_PATH, {TTL_HEADER: str(self.token_ttl)})
         token = text.strip()
         if status != 200 or not token or any(c.isspace() for c in token):
-            raise _Failed(f"token PUT answered {status}: {_cap(text)}")
+            raise _Failed(f"token PUT answered {status}: {cap(text)}")
         margin = min(REFRESH_MARGIN, self.token_ttl / 10)
         self._token = token
         self._refresh_at = asked_at + self.token_ttl - margin
@@ -270,17 +239,18 @@ class Agent:
                 body = await response.content.read(MAX_BODY)
                 return response.status, body.decode("utf-8", errors="replace")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-            raise _Failed(f"{method} {path}: {error_code(exc)} {_cap(str(exc))}".strip()) from None
+            raise _Failed(f"{method} {path}: {error_code(exc)} {cap(str(exc))}".strip()) from None
 
     # ------------------------------------------------------------------ SQS
 
     async def _send(self, notice: Notice) -> bool:
-        message = event(notice, self.sqs.meta.region_name)
+        message = build(notice.detail_type, notice.detail, payload=notice.payload,
+                        region=self.sqs.meta.region_name, at=datetime.now(timezone.utc))
         fields = dict(detail_type=notice.detail_type, instance_id=self.instance_id, event_id=message["id"])
         try:
             await self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(message))
         except Exception as exc:  # noqa: BLE001 - any failure: logged, retried next interval
-            log.error("agent.sqs.failed", code=error_code(exc), error=_cap(str(exc)), **fields)
+            log.error("agent.sqs.failed", code=error_code(exc), error=cap(str(exc)), **fields)
             return False
         self.sent[notice.key] = message["id"]
         while len(self.sent) > SENT_CAP:
@@ -305,7 +275,7 @@ def main(queue_url: str, imds_url: str, interval: float, region: str) -> int:
     try:
         asyncio.run(_main(queue_url, imds_url, interval, region))
     except Exception as exc:  # noqa: BLE001 - one line for journald, then systemd restarts us
-        log.critical("agent.crashed", error=type(exc).__name__, detail=_cap(str(exc)))
+        log.critical("agent.crashed", error=type(exc).__name__, detail=cap(str(exc)))
         return 1
     return 0
 

@@ -24,7 +24,9 @@ from structlog.testing import capture_logs
 from spotguard.agent import Agent
 from spotguard.aws import client
 from spotguard.lab.imds import InstanceMetadata
-from spotguard.sources.eventbridge import Malformed, Parsed, parse
+from spotguard.machine import Notice
+from spotguard.sources.eventbridge import INTERRUPTION, Malformed, Parsed, parse
+from spotguard.sources.sqs import SqsSource
 
 ID = "i-0aaaaaaaaaaaaaaa1"
 AT = datetime(2026, 11, 28, 8, 22, tzinfo=timezone.utc)
@@ -130,6 +132,52 @@ async def test_a_changed_notice_is_a_new_one(imds, sqs, queue_url, moto_world):
         imds.set_rebalance(AT + timedelta(hours=1))
         assert await agent.poll_once() == ["EC2 Instance Rebalance Recommendation"]
     assert len(drain(moto_world, queue_url)) == 2
+
+
+async def test_a_restarted_agent_sends_the_same_event_id_and_a_new_notice_a_new_one(imds, sqs, queue_url, moto_world):
+    imds.set_interruption(AT)
+    ids = []
+    for _ in range(2):  # two processes (a restart): the second remembers nothing the first sent
+        async with Agent(imds.url, sqs, queue_url) as agent:
+            assert await agent.poll_once() == [INTERRUPTION]
+        [parsed] = drain(moto_world, queue_url)
+        ids.append(parsed.event_id)
+    assert ids[0] == ids[1]
+    imds.set_interruption(AT + timedelta(hours=3))  # the (stopped, restarted) spot interrupted again
+    async with Agent(imds.url, sqs, queue_url) as agent:
+        assert await agent.poll_once() == [INTERRUPTION]
+    [again] = drain(moto_world, queue_url)
+    assert again.event_id != ids[0]
+
+
+async def test_the_sqs_source_pushes_a_restarted_agents_notice_once(imds, sqs, queue_url, moto_world):
+    # The agent's copy is dropped by its event id, in the source; that no guard owns ID is the daemon's business.
+    pushed: list[Notice] = []
+    source = SqsSource(sqs, queue_url, owns=lambda _: False, push=pushed.append, wait_seconds=0)
+
+    async def read_queue() -> None:
+        """Receive until a batch comes back empty (the source deletes what it reads)."""
+        for _ in range(20):
+            received = source.counts["received"]
+            assert await source.receive_once()
+            if source.counts["received"] == received:
+                return
+        raise AssertionError("queue never drained")
+
+    imds.set_interruption(AT, "stop")
+    for _ in range(2):
+        async with Agent(imds.url, sqs, queue_url) as agent:
+            await agent.poll_once()
+    with capture_logs() as logs:
+        await read_queue()
+    assert pushed == [Notice(ID, "interruption")]
+    assert len(events(logs, "source.sqs.duplicate")) == 1
+    imds.set_interruption(AT + timedelta(hours=3), "stop")
+    async with Agent(imds.url, sqs, queue_url) as agent:
+        await agent.poll_once()
+    await read_queue()
+    assert pushed == [Notice(ID, "interruption")] * 2
+    assert drain(moto_world, queue_url) == []
 
 
 async def test_the_token_is_refreshed_before_it_expires(imds, sqs, queue_url, moto_world):
@@ -248,6 +296,8 @@ async def test_instance_id_is_retried_until_imds_answers(garbage, sqs, queue_url
             assert await agent.poll_once() == []
             garbage.instance_id = lambda: web.Response(text="<html>not an id</html>", content_type="text/html")
             assert await agent.poll_once() == []
+            garbage.instance_id = lambda: web.Response(text="i-0123456789", content_type="text/plain")  # 10 digits
+            assert await agent.poll_once() == []
             assert agent.instance_id is None
             garbage.instance_id = lambda: web.Response(text=ID, content_type="text/plain")
             garbage.answer = lambda: web.Response(text='{"noticeTime": "2026-11-28T08:00:00Z"}')
@@ -256,7 +306,7 @@ async def test_instance_id_is_retried_until_imds_answers(garbage, sqs, queue_url
     assert [(e["path"], e.get("status")) for e in events(logs, "agent.imds.failed")] == [("instance-id", 503)]
     malformed = [e["path"] for e in events(logs, "agent.imds.malformed")]
     # The rebalance answer on spot/instance-action is the wrong shape there: malformed, not sent.
-    assert sorted(malformed) == ["instance-id", "spot/instance-action"]
+    assert sorted(malformed) == ["instance-id", "instance-id", "spot/instance-action"]
     assert [p.instance_id for p in drain(moto_world, queue_url)] == [ID]
 
 

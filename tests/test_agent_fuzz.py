@@ -5,10 +5,10 @@ metadata service. Whatever the text (and whatever the path), it either returns
 a `Notice` or raises its documented `_Malformed`; a malformed answer (not JSON,
 not an object, an action outside terminate|stop|hibernate, a time or
 noticeTime that is not a string) never yields a Notice; and every Notice it
-does yield becomes an event that `sources.sqs.parse` accepts with the right
-kind. The SQS parser itself is fuzzed in test_sqs.py; here only the one shape
-that fuzz does not reach is searched (a well-formed interruption envelope whose
-`instance-action` is any JSON value).
+does yield becomes an event (`eventbridge.build`) that `eventbridge.parse`
+accepts with the same instance and kind. The parser itself is fuzzed in
+test_sqs.py; here only the one shape that fuzz does not reach is searched (a
+well-formed interruption envelope whose `instance-action` is any JSON value).
 
 It found one crash in each: an `action` that is a JSON array or object raised
 TypeError (`[] in ACTIONS`); both are kept below as examples. This module must
@@ -18,16 +18,19 @@ not patch the agent or the parser; it only calls them.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Notice, _Malformed, event, interpret
-from spotguard.sources.eventbridge import ACTIONS, INTERRUPTION, REBALANCE, Malformed, Parsed, parse
+from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Notice, _Malformed, interpret
+from spotguard.ids import INSTANCE_ID
+from spotguard.sources.eventbridge import ACTIONS, INTERRUPTION, REBALANCE, Malformed, Parsed, build, parse
 
 ID = "i-0123456789abcdef0"
+AT = datetime(2026, 11, 28, 8, 20, tzinfo=timezone.utc)
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -110,19 +113,32 @@ def test_the_same_answer_in_any_layout_is_the_same_notice(data, path, action):
     one = interpret(path, json.dumps(answer), ID)
     other = interpret(path, json.dumps({k: answer[k] for k in order}, indent=indent), ID)
     assert one.key == other.key  # the agent's dedupe key: reformatting is no new notice
+    assert _event(one, "r")["id"] == _event(other, "r")["id"]  # nor a new event id
 
 
 @pytest.mark.fault(fault="IMDS notice forwarded", phase="agent", outcome="daemon parses the same kind")
 @FUZZ
-@given(paths, near_answers.map(json.dumps), st.text(max_size=20))
-def test_every_notice_becomes_an_event_the_daemon_parses(path, text, region):
-    notice = _interpret(path, text)
-    if notice is None:
+@given(
+    paths,
+    near_answers.map(json.dumps),
+    st.from_regex(INSTANCE_ID, fullmatch=True),
+    st.text(max_size=20),
+    st.datetimes(datetime(2000, 1, 1), datetime(2100, 1, 1), timezones=st.timezones()),
+)
+def test_every_notice_becomes_an_event_the_daemon_parses(path, text, instance_id, region, at):
+    # build() and parse() are the two halves of one format: what one writes, the other reads back.
+    try:
+        notice = interpret(path, text, instance_id)
+    except _Malformed:
         return
-    parsed = parse(json.dumps(event(notice, region)))
-    assert isinstance(parsed, Parsed), parsed
+    built = build(notice.detail_type, notice.detail, payload=notice.payload, region=region, at=at)
     expected = "interruption" if notice.detail_type == INTERRUPTION else "rebalance"
-    assert (parsed.instance_id, parsed.kind, parsed.source) == (ID, expected, "spotguard.agent")
+    parsed = parse(json.dumps(built))
+    assert parsed == Parsed(built["id"], "spotguard.agent", notice.detail_type, instance_id, expected)
+
+
+def _event(notice: Notice, region: str) -> dict:
+    return build(notice.detail_type, notice.detail, payload=notice.payload, region=region, at=AT)
 
 
 # --------------------------------------------------------------------------- the SQS parser's blind spot

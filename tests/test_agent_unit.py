@@ -11,17 +11,25 @@ import os
 import re
 import subprocess
 import sys
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Agent, _Malformed, event, interpret, region_from_env
-from spotguard.sources.eventbridge import Malformed, parse
+from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Agent, Notice, _Malformed, interpret, region_from_env
+from spotguard.sources.eventbridge import INTERRUPTION, Malformed, build, parse
 from test_systemd import MAX_EXPOSURE, run_analyze, settings, verify_complaints
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "spotguard-agent.service"
 INSTALLED_EXEC = "/usr/local/bin/spotguard"
 ID = "i-0123456789abcdef0"
+AT = datetime(2026, 11, 28, 8, 20, 5, tzinfo=timezone.utc)
+
+
+def event(notice: Notice, region: str, at: datetime = AT) -> dict:
+    """The event the agent sends for `notice`."""
+    return build(notice.detail_type, notice.detail, payload=notice.payload, region=region, at=at)
 
 
 # ---------------------------------------------------------------------- answers and events
@@ -44,9 +52,36 @@ def test_a_rebalance_becomes_a_rebalance_the_daemon_parses():
     assert not isinstance(parsed, Malformed) and parsed.kind == "rebalance"
 
 
-def test_each_event_has_a_fresh_id():
-    notice = interpret(REBALANCE_PATH, '{"noticeTime": "t"}', ID)
-    assert event(notice, "r")["id"] != event(notice, "r")["id"]
+def test_the_event_id_is_the_notices_not_the_sends():
+    notice = interpret(INSTANCE_ACTION_PATH, '{"action": "stop", "time": "2026-11-28T08:22:00Z"}', ID)
+    first = event(notice, "us-east-1")
+    # Sent again later (a restarted agent, a retried send): the same id, so the SQS source drops the copy.
+    assert event(notice, "us-east-1", AT + timedelta(hours=1))["id"] == first["id"]
+    assert uuid.UUID(first["id"]).version == 8
+    # A new interruption of the same instance (a new time), or another instance: a new id.
+    later = interpret(INSTANCE_ACTION_PATH, '{"action": "stop", "time": "2026-11-28T09:22:00Z"}', ID)
+    other = interpret(INSTANCE_ACTION_PATH, '{"action": "stop", "time": "2026-11-28T08:22:00Z"}', "i-0fedcba9876543210")
+    assert len({first["id"], event(later, "us-east-1")["id"], event(other, "us-east-1")["id"]}) == 3
+
+
+def test_the_time_is_the_send_time_in_utc():
+    notice = interpret(REBALANCE_PATH, '{"noticeTime": "2026-11-28T08:20:00Z"}', ID)
+    seoul = AT.astimezone(timezone(timedelta(hours=9)))
+    assert event(notice, "r", seoul)["time"] == "2026-11-28T08:20:05Z"
+
+
+@pytest.mark.parametrize(
+    "detail_type, detail",
+    [
+        (INTERRUPTION, {"instance-id": "i-0123456789", "instance-action": "stop"}),  # 10 digits: no instance id
+        (INTERRUPTION, {"instance-id": ID}),  # no action
+        (INTERRUPTION, {"instance-id": ID, "instance-action": "reboot"}),
+        ("EC2 Instance Launch Successful", {"instance-id": ID}),
+    ],
+)
+def test_build_refuses_what_parse_would_refuse(detail_type, detail):
+    with pytest.raises(ValueError):
+        build(detail_type, detail, payload="{}", region="r", at=AT)
 
 
 def test_the_payload_key_ignores_key_order_and_spacing():

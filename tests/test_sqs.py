@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from spotguard.aws import client
+from spotguard.ids import INSTANCE_ID
 from spotguard.machine import Notice
 from spotguard.sources.eventbridge import (
     FULFILLMENT,
-    INSTANCE_ID,
     INTERRUPTION,
-    REASON_CAP,
+    LOG_CAP,
     REBALANCE,
     STATE_CHANGE,
     Malformed,
@@ -176,70 +176,49 @@ async def test_duplicate_event_id_is_pushed_once(harness):
     harness.assert_empty()
 
 
-async def test_same_instance_and_kind_from_two_sources_is_pushed_once(harness):
-    harness.send(
-        event(INTERRUPTION),
-        event(INTERRUPTION, source="spotguard.agent"),
-        event(INTERRUPTION, **{"instance-action": "stop"}),
-        event(REBALANCE),  # another kind: its own notice
-    )
-    await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption"), Notice(OWNED, "rebalance")]
-    assert harness.source.counts["duplicates"] == 2
+async def test_dedupe_is_by_event_id_only(harness):
+    # EC2's event, a copy of it, and the agent's event for the same interruption (its own id):
+    # the copy is dropped here; the agent's is pushed, and the machine ignores a known interruption.
+    ec2 = event(INTERRUPTION, event_id="ec2-1")
+    harness.send(ec2, ec2, event(INTERRUPTION, source="spotguard.agent", event_id="agent-1"))
+    with capture_logs() as logs:
+        await harness.drain()
+    assert harness.pushed == [Notice(OWNED, "interruption")] * 2
+    assert [e["event_id"] for e in events(logs, "source.sqs.duplicate")] == ["ec2-1"]
+    assert harness.source.counts["duplicates"] == 1 and harness.source.counts["deleted"] == 3
     harness.assert_empty()
-
-
-async def test_same_notice_after_the_window_is_pushed_again(moto_world, aws):
-    # A stop-behaviour spot can be restarted with the same id and interrupted again.
-    now = [1000.0]
-    h = Harness(moto_world, aws.sqs, clock=lambda: now[0], notice_window=600.0)
-    h.send(event(INTERRUPTION))
-    await h.drain()
-    now[0] += 601.0
-    h.send(event(INTERRUPTION))
-    await h.drain()
-    assert h.pushed == [Notice(OWNED, "interruption")] * 2
-    h.assert_empty()
 
 
 async def test_dedupe_memory_is_bounded(moto_world, aws):
     h = Harness(moto_world, aws.sqs, dedupe_keys=3)
-    h.owned.update(f"i-{n:017x}" for n in range(5))
-    h.send(*(event(INTERRUPTION, f"i-{n:017x}") for n in range(5)))
+    h.send(*(event(INTERRUPTION, f"i-{n:017x}", event_id=f"e{n}") for n in range(5)))
     await h.drain()
-    assert len(h.pushed) == 5
-    assert len(h.source._event_ids) == 3 and len(h.source._notices) == 3
-    # The oldest key was forgotten: its notice goes through again.
-    h.send(event(INTERRUPTION, "i-00000000000000000"))
+    assert len(h.pushed) == 5 and len(h.source._event_ids) == 3
+    # e0 was forgotten: its copy goes through again; e4 is remembered: dropped.
+    h.send(event(INTERRUPTION, "i-00000000000000000", event_id="e0"))
     await h.drain()
-    assert len(h.pushed) == 6
+    h.send(event(INTERRUPTION, "i-00000000000000004", event_id="e4"))
+    await h.drain()
+    assert h.pushed[5:] == [Notice("i-00000000000000000", "interruption")]
+    assert h.source.counts["duplicates"] == 1
     h.assert_empty()
 
 
-# ---------------------------------------------------------------------- unowned
+# ---------------------------------------------------------------------- ownership is the daemon's
 
 
-async def test_unowned_instance_is_deleted_not_pushed(harness):
+async def test_a_notice_for_an_instance_no_guard_owns_is_pushed(harness):
+    # Whose instance it is, the daemon decides (and logs guard.notice.unowned); the source only delivers.
     harness.send(event(INTERRUPTION, OTHER), event(REBALANCE, OTHER))
     with capture_logs() as logs:
         await harness.drain()
-    assert harness.pushed == []
-    assert [(e["instance_id"], e["kind"]) for e in events(logs, "source.sqs.unowned")] == [
+    assert harness.pushed == [Notice(OTHER, "interruption"), Notice(OTHER, "rebalance")]
+    assert [(e["instance_id"], e["kind"]) for e in events(logs, "source.sqs.notice")] == [
         (OTHER, "interruption"),
         (OTHER, "rebalance"),
     ]
-    assert harness.source.counts["unowned"] == 2 and harness.source.counts["deleted"] == 2
-    harness.assert_empty()
-
-
-async def test_unowned_then_owned_is_pushed(harness):
-    # The poll may learn of a new spot between the EventBridge event and the agent's copy.
-    harness.send(event(INTERRUPTION, NEW_SPOT))
-    await harness.drain()
-    harness.owned.add(NEW_SPOT)
-    harness.send(event(INTERRUPTION, NEW_SPOT, source="spotguard.agent"))
-    await harness.drain()
-    assert harness.pushed == [Notice(NEW_SPOT, "interruption")]
+    assert events(logs, "source.sqs.unowned") == [] and "unowned" not in harness.source.counts
+    assert harness.source.counts["deleted"] == 2
     harness.assert_empty()
 
 
@@ -258,6 +237,7 @@ MALFORMED = {
     "missing detail": json.dumps(_without_detail()),
     "bad instance id": json.dumps(event(INTERRUPTION, "i-NOTHEX00")),
     "short instance id": json.dumps(event(INTERRUPTION, "i-0123")),
+    "instance id of 10 digits": json.dumps(event(INTERRUPTION, "i-0123456789")),
     "unknown detail-type": json.dumps(event("EC2 Instance Launch Successful")),
     "unknown source": json.dumps(event(INTERRUPTION, source="evil.corp")),
     "bad instance-action": json.dumps(event(INTERRUPTION, **{"instance-action": "explode"})),
@@ -274,7 +254,7 @@ async def test_malformed_is_logged_counted_deleted_never_pushed(harness, body):
     assert harness.pushed == [] and harness.wakes == 0
     bad = events(logs, "source.sqs.malformed")
     assert len(bad) == 1
-    assert bad[0]["message_id"] and len(bad[0]["reason"]) <= REASON_CAP + 1
+    assert bad[0]["message_id"] and len(bad[0]["reason"]) <= LOG_CAP + 1
     assert all(len(json.dumps(e, default=str)) < 1000 for e in logs)  # never the whole body
     assert harness.source.counts["malformed"] == 1 and harness.source.counts["deleted"] == 1
     harness.assert_empty()
@@ -283,9 +263,9 @@ async def test_malformed_is_logged_counted_deleted_never_pushed(harness, body):
 async def test_a_malformed_message_does_not_spoil_its_batch(harness):
     harness.send("{", event(INTERRUPTION), "[]", event(REBALANCE, OTHER))
     await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption")]
+    assert harness.pushed == [Notice(OWNED, "interruption"), Notice(OTHER, "rebalance")]
     c = harness.source.counts
-    assert (c["received"], c["malformed"], c["notices"], c["unowned"], c["deleted"]) == (4, 2, 1, 1, 4)
+    assert (c["received"], c["malformed"], c["notices"], c["deleted"]) == (4, 2, 2, 4)
     harness.assert_empty()
 
 
@@ -350,7 +330,7 @@ def test_parse_never_raises(body):
         assert INSTANCE_ID.fullmatch(result.instance_id)
         assert result.kind in ("interruption", "rebalance", None)
     else:
-        assert len(result.reason) <= REASON_CAP + 1
+        assert len(result.reason) <= LOG_CAP + 1
 
 
 # ---------------------------------------------------------------------- run loop and failures

@@ -1,20 +1,26 @@
-"""The EventBridge event format: EC2's spot events, and the agent's copies of them.
+"""The EventBridge event format of EC2's spot events, both ways: the one home of its rules.
 
-`parse(body)` reads one SQS message body for the SQS source; it is pure and
-total (never raises): a well-formed event becomes `Parsed`, anything else
-`Malformed` with a short reason.
+`parse(body)` reads one SQS message body for the SQS source and never raises;
+`build(...)` makes the event the agent sends, with an id derived from what the
+notice says, and never makes one `parse` would refuse.
 
-This module must not do I/O or decide anything about guards.
+This module must not do I/O, read a clock, or decide anything about guards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Mapping
 
-SOURCES = frozenset({"aws.ec2", "spotguard.agent"})
+from spotguard import ids
+
+EC2 = "aws.ec2"
+AGENT = "spotguard.agent"
+SOURCES = frozenset({EC2, AGENT})
 INTERRUPTION = "EC2 Spot Instance Interruption Warning"
 REBALANCE = "EC2 Instance Rebalance Recommendation"
 FULFILLMENT = "EC2 Spot Instance Request Fulfillment"
@@ -27,12 +33,11 @@ KINDS: dict[str, str | None] = {
     STATE_CHANGE: None,
 }
 ACTIONS = frozenset({"terminate", "stop", "hibernate"})
-INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 # Envelope fields we do not use but type-check when present. `id`, `detail-type`,
 # `source` and `detail` are required: without them a message cannot be acted on.
 OPTIONAL_STR = ("version", "account", "time", "region")
 
-REASON_CAP = 200  # characters of a bad value that may reach the log
+LOG_CAP = 200  # characters of a bad value (a reason, an answer, an error) that may reach the log
 
 
 # ---------------------------------------------------------------------- parsing
@@ -92,10 +97,9 @@ def _envelope(event: Any) -> Parsed:
     if not isinstance(detail, dict):
         raise _Bad("detail missing or not an object")
     instance_id = _str(detail, "instance-id")
-    if not INSTANCE_ID.fullmatch(instance_id):
+    if not ids.INSTANCE_ID.fullmatch(instance_id):
         raise _Bad(f"bad instance-id {instance_id!r}")
-    action = detail.get("instance-action")
-    if detail_type == INTERRUPTION and not (isinstance(action, str) and action in ACTIONS):
+    if detail_type == INTERRUPTION and not is_action(detail.get("instance-action")):
         raise _Bad(f"bad instance-action {detail.get('instance-action')!r}")
     return Parsed(event_id, source, detail_type, instance_id, KINDS[detail_type])
 
@@ -107,7 +111,47 @@ def _str(table: dict, key: str) -> str:
     return value
 
 
+def is_action(value: Any) -> bool:
+    """Whether `value` is an instance action (isinstance first: `[] in ACTIONS` raises TypeError)."""
+    return isinstance(value, str) and value in ACTIONS
+
+
 def cap(text: str) -> str:
-    return text if len(text) <= REASON_CAP else text[:REASON_CAP] + "…"
+    return text if len(text) <= LOG_CAP else text[:LOG_CAP] + "…"
 
 
+# ---------------------------------------------------------------------- building
+
+
+def build(detail_type: str, detail: Mapping[str, str], *, payload: str, region: str, at: datetime) -> dict[str, Any]:
+    """The agent's event for one notice; raises ValueError for one `parse` would refuse.
+
+    `payload` is the canonical form of what the notice was read from (the IMDS
+    answer); `at` (timezone-aware) is when it is sent. The id depends only on
+    the notice, so sending it again (after a restart, a retry) repeats the id
+    and the SQS source drops the copy; a new interruption has a new payload.
+    """
+    event = {
+        "version": "0",
+        "id": event_id(detail_type, str(detail.get("instance-id", "")), payload),
+        "detail-type": detail_type,
+        "source": AGENT,
+        "time": at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": region,
+        "resources": [],
+        "detail": dict(detail),
+    }
+    try:
+        _envelope(event)
+    except _Bad as bad:
+        raise ValueError(str(bad)) from None
+    return event
+
+
+def event_id(detail_type: str, instance_id: str, payload: str) -> str:
+    """A UUID made from a SHA-256 of the notice (RFC 9562 UUIDv8, its name-based example)."""
+    digest = hashlib.sha256(json.dumps([detail_type, instance_id, payload]).encode()).digest()
+    number = int.from_bytes(digest[:16], "big")
+    number = (number & ~(0xF << 76)) | (0x8 << 76)  # version 8
+    number = (number & ~(0x3 << 62)) | (0x2 << 62)  # the RFC variant
+    return str(uuid.UUID(int=number))

@@ -1,47 +1,36 @@
 """The SQS source: EventBridge EC2 events (and the agent's copies) from a queue, as notices.
 
-`SqsSource.run(stop)` long-polls the queue that the EventBridge rules (and
-`spotguard agent`) feed. Each body is parsed by `parse()`, a pure, total
-function: an interruption warning or a rebalance recommendation for an
-instance some guard owns becomes one `machine.Notice` handed to `push`;
-a spot fulfilment or an instance state change only calls `wake` (the poll will
-see what changed, sooner). Notices are deduplicated by event id and by
-(instance, kind), in bounded memory.
+`SqsSource.run(stop)` long-polls the queue; `eventbridge.parse` reads each
+body. Every interruption or rebalance becomes one `machine.Notice` for `push`,
+whatever the instance (the daemon decides which guard, if any, owns it); a spot
+fulfilment, or a state change of an instance `owns` knows, only calls `wake`.
+Copies of one event are dropped by event id, in bounded memory; a repeated
+notice under a new id (EC2's event and the agent's) is harmless, as the state
+machine ignores a notice for an interruption it already knows. Every message is
+deleted once handled, malformed ones too, or it would come back every
+visibility timeout for days.
 
-Every message is deleted once handled, including those about instances no
-guard owns and malformed ones: left in the queue they would come back every
-visibility timeout for days. Nothing a message says can crash the loop or
-cause an action other than a notice; AWS failures are logged and retried with
-a capped backoff.
-
-This module must not decide anything about guards (the machine does, and the
-poll stays the backstop that corrects a wrong or missed message) nor call any
-AWS API but ReceiveMessage and DeleteMessageBatch.
+This module must not decide anything about guards, let a message crash the
+loop or cause more than a notice or a wake, nor call any AWS API but
+ReceiveMessage and DeleteMessageBatch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Hashable
 
 import structlog
 
 from spotguard.aws import SQS_LONG_POLL, error_code
 from spotguard.machine import Notice
-from spotguard.sources.eventbridge import STATE_CHANGE, Malformed, Parsed, cap as _cap, parse
+from spotguard.sources.eventbridge import STATE_CHANGE, Malformed, Parsed, cap, parse
 
 log = structlog.get_logger("spotguard.sqs")
 
 MAX_MESSAGES = 10  # ReceiveMessage and DeleteMessageBatch both cap at 10
-DEDUPE_KEYS = 4096
-# A stop/hibernate spot can be started again with the same id and interrupted
-# again later; a notice for the same (instance, kind) is a duplicate only this long.
-NOTICE_WINDOW = 600.0
+DEDUPE_KEYS = 4096  # event ids remembered; a copy older than that is pushed again, which is harmless
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
 
@@ -50,18 +39,17 @@ BACKOFF_CAP = 30.0
 
 
 class _Seen:
-    """Keys seen lately: an LRU of at most `size` keys, each forgotten after `window` s."""
+    """The last `size` keys seen, least recently seen forgotten first."""
 
-    def __init__(self, size: int, window: float | None = None):
+    def __init__(self, size: int):
         self.size = size
-        self.window = window
-        self._keys: OrderedDict[Hashable, float] = OrderedDict()
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
 
-    def check_and_add(self, key: Hashable, now: float) -> bool:
-        """True if `key` was seen within the window; records it either way."""
-        at = self._keys.pop(key, None)
-        seen = at is not None and (self.window is None or now - at < self.window)
-        self._keys[key] = at if seen and at is not None else now
+    def check_and_add(self, key: Hashable) -> bool:
+        """True if `key` is remembered; remembers it as the newest either way."""
+        seen = key in self._keys
+        self._keys[key] = None
+        self._keys.move_to_end(key)
         while len(self._keys) > self.size:
             self._keys.popitem(last=False)
         return seen
@@ -98,22 +86,18 @@ class SqsSource:
         wait_seconds: int = SQS_LONG_POLL,
         backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_CAP),
         sleep: Sleep = stoppable_sleep,
-        clock: Callable[[], float] | None = None,
         dedupe_keys: int = DEDUPE_KEYS,
-        notice_window: float = NOTICE_WINDOW,
     ) -> None:
         self.sqs = sqs_client
         self.queue_url = queue_url
-        self.owns = owns
+        self.owns = owns  # only to decide whether a state change is worth a wake
         self.push = push
         self.wake = wake
         self.wait_seconds = wait_seconds
         self.backoff = backoff
         self.sleep = sleep
-        self.clock = clock or time.monotonic
         self.counts: Counter[str] = Counter()
         self._event_ids = _Seen(dedupe_keys)
-        self._notices = _Seen(dedupe_keys, notice_window)
         self._in_hand = False  # a received batch is being handled and deleted
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -126,8 +110,8 @@ class SqsSource:
                 break
             failures = 0 if ok else failures + 1
             if failures:
-                first, cap = self.backoff
-                await self.sleep(min(cap, first * 2 ** (failures - 1)), stop)
+                first, longest = self.backoff
+                await self.sleep(min(longest, first * 2 ** (failures - 1)), stop)
         log.info("source.sqs.stopped", **dict(self.counts))
 
     async def _until_stopped(self, stop: asyncio.Event) -> bool:
@@ -153,7 +137,7 @@ class SqsSource:
             return await self.receive_once()
         except Exception as exc:  # noqa: BLE001 - a bug in one batch must not end the source
             self.counts["errors"] += 1
-            log.error("source.sqs.receive.failed", api="handle", code=error_code(exc), error=_cap(str(exc)))
+            log.error("source.sqs.receive.failed", api="handle", code=error_code(exc), error=cap(str(exc)))
             return False
 
     async def receive_once(self) -> bool:
@@ -181,7 +165,7 @@ class SqsSource:
             except Exception as exc:  # noqa: BLE001 - a bug (or a failing push) must not keep it queued
                 self.counts["errors"] += 1
                 log.error("source.sqs.handle.failed", message_id=message.get("MessageId", "?"),
-                          error=type(exc).__name__, detail=_cap(str(exc)))
+                          error=type(exc).__name__, detail=cap(str(exc)))
         return await self._delete(messages)
 
     def _handle(self, message: dict) -> None:
@@ -191,38 +175,21 @@ class SqsSource:
             self.counts["malformed"] += 1
             log.warning("source.sqs.malformed", message_id=message_id, reason=parsed.reason)
             return
-        now = self.clock()
-        if self._event_ids.check_and_add(parsed.event_id, now):
+        if self._event_ids.check_and_add(parsed.event_id):
             self.counts["duplicates"] += 1
             log.debug("source.sqs.duplicate", message_id=message_id, event_id=parsed.event_id)
             return
         if parsed.kind is None:
             self._wake(parsed, message_id)
             return
-        self._notice(parsed, message_id, now)
-
-    def _notice(self, parsed: Parsed, message_id: str, now: float) -> None:
-        fields = dict(
-            message_id=message_id, event_id=parsed.event_id, source=parsed.source,
-            instance_id=parsed.instance_id, kind=parsed.kind,
-        )
-        # Ownership is checked before the (instance, kind) key is recorded: an
-        # instance no guard owns yet may be owned by the time the agent's copy comes.
-        if not self.owns(parsed.instance_id):
-            self.counts["unowned"] += 1
-            log.info("source.sqs.unowned", **fields)
-            return
-        if self._notices.check_and_add((parsed.instance_id, parsed.kind), now):
-            self.counts["duplicates"] += 1
-            log.debug("source.sqs.duplicate", **fields)
-            return
         self.counts["notices"] += 1
-        log.info("source.sqs.notice", **fields)
-        self.push(Notice(parsed.instance_id, parsed.kind or ""))
+        log.info("source.sqs.notice", message_id=message_id, event_id=parsed.event_id, source=parsed.source,
+                 instance_id=parsed.instance_id, kind=parsed.kind)
+        self.push(Notice(parsed.instance_id, parsed.kind))
 
     def _wake(self, parsed: Parsed, message_id: str) -> None:
         # A fulfilment names a new instance no guard can own yet; a state change
-        # matters only for an instance a guard owns.
+        # is worth a poll only for an instance a guard knows (a wake, not a notice).
         if parsed.detail_type == STATE_CHANGE and not self.owns(parsed.instance_id):
             return
         self.counts["wakes"] += 1
@@ -246,10 +213,10 @@ class SqsSource:
         self.counts["deleted"] += len(reply.get("Successful", []))
         for failed in reply.get("Failed", []):
             self.counts["errors"] += 1
-            log.warning("source.sqs.delete.failed", code=failed.get("Code"), error=_cap(str(failed.get("Message"))))
+            log.warning("source.sqs.delete.failed", code=failed.get("Code"), error=cap(str(failed.get("Message"))))
         return True
 
     def _failed(self, api: str, exc: BaseException) -> bool:
         self.counts["errors"] += 1
-        log.error("source.sqs.receive.failed", api=api, code=error_code(exc), error=_cap(str(exc)))
+        log.error("source.sqs.receive.failed", api=api, code=error_code(exc), error=cap(str(exc)))
         return False
