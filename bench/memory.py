@@ -48,7 +48,7 @@ def show(label):
     print(json.dumps([label, open("/proc/self/status").read()]), flush=True)
 show("interpreter")
 import spotguard.daemon, spotguard.aws, spotguard.sources.poll, spotguard.executor
-import spotguard.store, spotguard.notify, spotguard.config, spotguard.logs, spotguard.cli
+import spotguard.store, spotguard.notify, spotguard.config, spotguard.logs, spotguard.cli, spotguard.commands.run
 show("+ spotguard's imports (aiobotocore, structlog, ...)")
 if STOCK:
     spotguard.aws._lean_models = lambda session: session

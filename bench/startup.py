@@ -83,7 +83,7 @@ def _verdict(s: Any) -> str:
     return "met" if s.median <= GOAL else "**missed**"
 
 
-IMPORTS = "import spotguard.cli, spotguard.config, spotguard.daemon, spotguard.aws, spotguard.sources.poll, spotguard.executor, spotguard.store, spotguard.notify, spotguard.logs"
+IMPORTS = "import spotguard.cli, spotguard.commands.run, spotguard.config, spotguard.daemon, spotguard.aws, spotguard.sources.poll, spotguard.executor, spotguard.store, spotguard.notify, spotguard.logs"
 
 
 def _imports() -> list[tuple[str, float]]:

@@ -1,59 +1,23 @@
-"""Least-privilege IAM policies for the daemon and the agent, derived from the config.
+"""Least-privilege IAM policies for the daemon and the agent, derived from the settings.
 
-`daemon_policy(settings)` is what the instance profile (or user) running
-`spotguard run` needs, and nothing more:
-
-* the Describe calls of the poll, on Resource "*" because AWS cannot scope
-  them: ec2:DescribeInstances, ec2:DescribeSpotInstanceRequests and
-  elasticloadbalancing:DescribeTargetHealth support no resource-level
-  permissions (service authorization reference); and, for `spotguard check`
-  run on the controller with its role, elasticloadbalancing:DescribeTargetGroups
-  and DescribeTargetGroupAttributes, unscoped for the same reason (read-only);
-* ec2:StartInstances / ec2:StopInstances on each guard's standbys only;
-* elasticloadbalancing:RegisterTargets / DeregisterTargets on the guards'
-  target groups only;
-* with `[sources.sqs]`: sqs:ReceiveMessage and sqs:DeleteMessage on the queue
-  (DeleteMessageBatch, which the source calls, is authorized as DeleteMessage),
-  and sqs:GetQueueAttributes, which only `check` calls (does the queue exist);
-* with `[ha]`: on the table only, dynamodb:GetItem and UpdateItem (read,
-  acquire and renew the lease), BatchGetItem (load the guards' shared
-  states), PutItem and ConditionCheckItem (the fenced state write: a
-  TransactWriteItems call is authorized as the actions inside it, and
-  there is no dynamodb:TransactWriteItems action to grant), and
-  dynamodb:DescribeTable, which only `check` calls (the table's key). The
-  table's account is the target groups' (one account, as for a queue URL
-  without one).
-
-`check`'s sts:GetCallerIdentity needs no permission (AWS allows it to anyone)
-and its ec2 DryRuns are authorized as StartInstances/StopInstances on the
-standbys, which the daemon has anyway; `status` with [ha] reads the lease with
-GetItem. So the daemon's role can run `check` and `status` too.
-
-`agent_policy(settings)` is sqs:SendMessage on the queue, for the spot
-instance's role. Partition and account come from the target group ARNs (which
-config.py validates); the queue's account from its URL.
-
-A standby whose EBS volumes are encrypted with a customer-managed KMS key also
-needs kms:CreateGrant on that key to start; the config does not name the key,
-so that statement is the operator's to add.
-
-This module must not talk to AWS: it only reads the settings it is given.
-`main(args)` is the `spotguard iam-policy` entry (cli.py wires it).
+`daemon_policy` is what the controller's role needs to run the daemon (and `check`
+and `status`), `agent_policy` what a spot host's role needs; operators read what
+each grants in docs/operations.md. This module must not talk to AWS: it only
+reads the settings it is given.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 from typing import Any
 
+from spotguard import ids
 from spotguard.config import GuardSettings, Settings
 
-EXIT_CONFIG = 2
 VERSION = "2012-10-17"
 
+# AWS cannot scope these to a resource (service authorization reference), so they
+# go on "*"; the two target group reads are `check`'s, read-only.
 DESCRIBE_ACTIONS = (
     "ec2:DescribeInstances",
     "ec2:DescribeSpotInstanceRequests",
@@ -61,10 +25,17 @@ DESCRIBE_ACTIONS = (
     "elasticloadbalancing:DescribeTargetGroups",  # check
     "elasticloadbalancing:DescribeTargetGroupAttributes",  # check
 )
+# On each guard's standbys only; check's EC2 DryRuns are authorized as these too.
 INSTANCE_ACTIONS = ("ec2:StartInstances", "ec2:StopInstances")
+# On the guards' target groups only.
 TARGET_ACTIONS = ("elasticloadbalancing:RegisterTargets", "elasticloadbalancing:DeregisterTargets")
+# On the queue only. DeleteMessageBatch, which the SQS source calls, is authorized as DeleteMessage.
 QUEUE_READ_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")  # the last: check
 QUEUE_SEND_ACTIONS = ("sqs:SendMessage",)
+# On the [ha] table only: read, acquire and renew the lease (GetItem, UpdateItem; status reads
+# the lease with GetItem too), load the shared states (BatchGetItem), and the fenced state write,
+# a TransactWriteItems that IAM authorizes as the item actions inside it (there is no
+# dynamodb:TransactWriteItems action to grant).
 TABLE_ACTIONS = (
     "dynamodb:GetItem",
     "dynamodb:UpdateItem",
@@ -74,7 +45,6 @@ TABLE_ACTIONS = (
     "dynamodb:DescribeTable",  # check
 )
 
-_TG_ARN = re.compile(r"arn:(?P<partition>aws[-a-z]*):elasticloadbalancing:(?P<region>[^:]+):(?P<account>\d{12}):.+")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
 
 
@@ -142,7 +112,7 @@ def _standby_arns(settings: Settings) -> list[str]:
 
 
 def _arn_part(guard: GuardSettings, part: str) -> str:
-    match = _TG_ARN.fullmatch(guard.target_group_arn)
+    match = ids.TARGET_GROUP_ARN.fullmatch(guard.target_group_arn)
     if match is None:  # config.py already refuses such an ARN; a hand-built Settings may not
         raise IamError(f"guard {guard.name}: {guard.target_group_arn!r} is not a target group ARN")
     return match[part]
@@ -155,18 +125,3 @@ def _statement(sid: str, actions: tuple[str, ...], resources: str | list[str]) -
 def _unique(items: Any) -> list[str]:
     return list(dict.fromkeys(items))
 
-
-def main(args: argparse.Namespace) -> int:
-    """`spotguard iam-policy --config PATH [--agent]`: the policy as JSON on stdout; exit 2 on a bad config."""
-    from spotguard.cli import _load_or_report  # lazily: cli imports this module lazily too
-
-    settings = _load_or_report(args.config)
-    if settings is None:
-        return EXIT_CONFIG
-    try:
-        policy = agent_policy(settings) if args.agent else daemon_policy(settings)
-    except IamError as exc:
-        print(f"spotguard iam-policy: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(json.dumps(policy, indent=2))
-    return 0

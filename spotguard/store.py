@@ -236,6 +236,23 @@ class Store:
             _unlink_quietly(tmp)
 
 
+def peek(state_dir: Path, guard: str, rules: Rules) -> GuardState | None:
+    """The saved state of `guard`, read by a process other than the daemon; None when none is saved.
+
+    Read-only, unlike Store.load: it never sets a file aside nor removes temp files
+    (the daemon may be writing them). A file that cannot be read raises OSError, one
+    that cannot be used ValueError, for the caller to report.
+    """
+    try:
+        raw = Store(state_dir).path(guard).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return decode(json.loads(raw), rules)
+    except RecursionError as exc:  # JSON nested too deep to decode
+        raise ValueError(str(exc)) from None
+
+
 def write_atomic(path: Path, payload: bytes, *, durable: bool = False) -> None:
     """Write `payload` to `path` so that a reader, or a crash, sees the old file or the new.
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from spotguard import cli, config, ha
+from spotguard import cli, config, ha, rehearsal
 from spotguard.aws import client
-from spotguard.check import GuardSeen, HaSeen, Refused, check, leader_line, permission_lines
+from spotguard.commands.check import GuardSeen, HaSeen, Refused, check, leader_line, permission_lines
 from spotguard.iam import daemon_policy
 from spotguard.lab.world import Deployment, MotoWorld
-from spotguard.rehearse import Rehearsal, write_rehearsal
+from spotguard.rehearsal import Rehearsal
 
 DELAY_KEY = "deregistration_delay.timeout_seconds"
 
@@ -285,7 +285,7 @@ async def test_the_last_rehearsal_is_read_back_against_the_notice(
     moto_world, aio_session, sound, tmp_path, healthy, symbol, expected
 ):
     path = write_config(tmp_path, moto_world, sound)
-    write_rehearsal(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
+    rehearsal.write(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
                                                   running=12.0, registered=12.1, healthy=healthy))
 
     code, lines = await run_check(moto_world, aio_session, path)
@@ -298,7 +298,7 @@ async def test_the_last_rehearsal_is_read_back_against_the_notice(
 async def test_with_sqs_detection_is_a_second_and_a_missing_queue_fails(moto_world, aio_session, sound, tmp_path):
     queue_url = f"{moto_world.endpoint_url}/123456789012/spotguard"
     path = write_config(tmp_path, moto_world, sound, extra=f'\n[sources.sqs]\nqueue_url = "{queue_url}"\n')
-    write_rehearsal(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
+    rehearsal.write(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
                                                   healthy=20.0))
 
     code, lines = await run_check(moto_world, aio_session, path)
@@ -345,7 +345,7 @@ def test_a_denied_dry_run_fails_and_names_the_action_and_standby():
 
 def test_a_refused_describe_names_the_call():
     guard = config.GuardSettings(name="g", target_group_arn="arn:tg", standby_instance_ids=("i-0aaaaaaaaaaaaaaaa",))
-    from spotguard.check import group_lines
+    from spotguard.commands.check import group_lines
 
     (line,) = group_lines(guard, GuardSeen(group=Refused("AccessDenied", "no"), attributes={}, health={}))
 

@@ -28,7 +28,8 @@ import pytest
 from spotguard import config
 from spotguard.agent import Agent
 from spotguard.aws import client
-from spotguard.iam import IamError, agent_policy, daemon_policy, main
+from spotguard.commands import iam_policy
+from spotguard.iam import IamError, agent_policy, daemon_policy
 from spotguard.lab.imds import InstanceMetadata
 from spotguard.machine import Phase
 from test_daemon import _warning, health, phase, replace_spot, running, state, until, write_config
@@ -141,7 +142,7 @@ def refused(recorder: Recorder, policy: dict, world: Any, queue_arns: dict[str, 
 async def check_with(recorder: Recorder, settings: config.Settings, world: Any, session: Any, aws: Any,
                      ddb: Any = None) -> list[str]:
     """`spotguard check` on the daemon's own clients (plus an STS one), recorded; its lines."""
-    from spotguard.check import check
+    from spotguard.commands.check import check
 
     out = io.StringIO()
     async with client("sts", world.region, world.endpoint_url, session=session) as sts:
@@ -152,7 +153,7 @@ async def check_with(recorder: Recorder, settings: config.Settings, world: Any, 
 
 
 def cli(path: Path, *, agent: bool = False) -> int:
-    return main(argparse.Namespace(config=str(path), agent=agent))
+    return iam_policy.run(argparse.Namespace(config=str(path), agent=agent))
 
 
 # ---------------------------------------------------------------------- pure

@@ -158,11 +158,11 @@ def test_longest_outage_is_the_longest_run_of_failures():
 
 
 def test_demo_arguments():
-    args = build_parser().parse_args(["demo", "--compare", "--speed", "40"])
+    args = build_parser("demo").parse_args(["demo", "--compare", "--speed", "40"])
     assert (args.command, args.compare, args.speed, args.rate) == ("demo", True, 40.0, 50.0)
     for bad in ("0", "-1", "fast", "inf"):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["demo", "--speed", bad])
+            build_parser("demo").parse_args(["demo", "--speed", bad])
 
 
 # --------------------------------------------------------------------------- end to end

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import pytest
 
-from spotguard import config
+from spotguard import config, rehearsal
 from spotguard.aws import client
 from spotguard.machine import GuardState, Phase
-from spotguard.rehearse import Rehearser, read_rehearsal, rehearsal_path
+from spotguard.commands.rehearse import Rehearser
 from spotguard.store import Store
 from test_check import run_check, set_delay, write_config
 
@@ -98,9 +98,9 @@ async def test_a_rehearsal_times_the_standby_records_it_and_puts_everything_back
     assert re.fullmatch(r"running after \d+\.\ds; RegisterTargets", lines[2])
     assert any(line.startswith("budget: detect 5s + ready ") and "+ drain 30s = " in line for line in lines)
     assert lines[-1].startswith("stopped after ")
-    record_file = rehearsal_path(tmp_state(path), "lab")
+    record_file = rehearsal.path(tmp_state(path), "lab")
     assert stat.S_IMODE(record_file.stat().st_mode) == 0o600
-    record = read_rehearsal(tmp_state(path), "lab")
+    record = rehearsal.read(tmp_state(path), "lab")
     assert (record.standby, record.outcome) == (sid, "healthy")
     assert 0 <= record.running <= record.registered <= record.healthy < 10
     assert json.loads(record_file.read_text())["version"] == 1
@@ -163,7 +163,7 @@ def test_sigint_to_the_real_process_while_the_target_is_initial_puts_everything_
     assert f"DeregisterTargets {sid}" in out and f"StopInstances {sid}" in out
     assert err == ""
     assert_as_found(moto_world, d, before)
-    assert read_rehearsal(tmp_state(path), "lab") is None  # an interrupted rehearsal measured nothing
+    assert rehearsal.read(tmp_state(path), "lab") is None  # an interrupted rehearsal measured nothing
 
 
 async def test_an_interrupt_while_the_standby_is_pending_stops_it(moto_world, aio_session, lab):

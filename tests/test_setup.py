@@ -21,7 +21,7 @@ import pytest
 
 from spotguard.aws import client
 from spotguard.config import AwsSettings, Settings, SqsSettings
-from spotguard.setup import POLICY_SID, RULES, main, setup
+from spotguard.commands.setup import POLICY_SID, RULES, run, setup
 from spotguard.sources.eventbridge import INTERRUPTION, Parsed, parse
 
 QUEUE = "spotguard"
@@ -270,22 +270,22 @@ def write_config(tmp_path: Path, world: Any, *, sqs: bool) -> str:
 def test_main_runs_setup_from_a_config_file(moto_world, tmp_path, capsys):
     config = write_config(tmp_path, moto_world, sqs=True)
 
-    assert main(argparse.Namespace(config=config, dry_run=True)) == 0
+    assert run(argparse.Namespace(config=config, dry_run=True)) == 0
     assert statuses(capsys.readouterr().out.splitlines()) == {"would create"}
-    assert main(argparse.Namespace(config=config, dry_run=False)) == 0
+    assert run(argparse.Namespace(config=config, dry_run=False)) == 0
     assert statuses(capsys.readouterr().out.splitlines()) == {"created"}
-    assert main(argparse.Namespace(config=config, dry_run=False)) == 0
+    assert run(argparse.Namespace(config=config, dry_run=False)) == 0
     assert statuses(capsys.readouterr().out.splitlines()) == {"exists"}
 
 
 def test_main_reports_config_problems_like_check_config(moto_world, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[aws]\nregoin = "us-east-1"\n')
-    assert main(argparse.Namespace(config=str(bad), dry_run=False)) == 2
+    assert run(argparse.Namespace(config=str(bad), dry_run=False)) == 2
     assert "aws.region: required" in capsys.readouterr().err
 
     no_sqs = write_config(tmp_path, moto_world, sqs=False)
-    assert main(argparse.Namespace(config=no_sqs, dry_run=False)) == 2
+    assert run(argparse.Namespace(config=no_sqs, dry_run=False)) == 2
     captured = capsys.readouterr()
     assert "[sources.sqs]" in captured.err and captured.out == ""
 
@@ -382,6 +382,6 @@ def test_main_creates_the_ha_table_from_a_config_file(moto_world, tmp_path, caps
     path = Path(write_config(tmp_path, moto_world, sqs=False))
     path.write_text(path.read_text() + f'[ha]\ntable = "{TABLE}"\n')
 
-    assert main(argparse.Namespace(config=str(path), dry_run=False)) == 0
+    assert run(argparse.Namespace(config=str(path), dry_run=False)) == 0
     assert capsys.readouterr().out.splitlines() == [f"table {TABLE}: created"]
     assert TABLE in moto_world.boto("dynamodb").list_tables()["TableNames"]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from spotguard import ledger, status, store
+from spotguard import ledger, store
+from spotguard.commands import status
 from spotguard.config import GuardSettings
 from spotguard.ledger import Ledger, LedgerView
 from spotguard.machine import Phase

@@ -1,46 +1,10 @@
-"""`spotguard rehearse`: a failover's standby half on the live deployment, timed, then undone.
+"""`spotguard rehearse`: a failover's standby half on the live deployment, timed, recorded for `check`, then undone.
 
-It starts the guard's first standby and times StartInstances → running →
-registered → healthy (ELBv2 target health), then deregisters it, waits out the
-draining and stops it again. The result goes to `<state_dir>/<guard>.rehearsal.json`
-(atomic, 0600), which `spotguard check` reads to judge the timing budget; the
-budget against the 120 s notice is printed: detection + ready + drain.
-
-While registered and healthy, the standby serves real traffic through the load
-balancer for a few seconds: rehearse only a standby whose service is sound.
-
-Refusals (exit 1, nothing touched): the guard's saved state (the daemon's
-`<guard>.json`) is not spot-healthy, the standby is not stopped, or it is
-already registered in the target group.
-
-Leaving things as they were: whatever happens after StartInstances (SIGINT,
-SIGTERM, a timeout, an AWS error), rehearse deregisters the standby if it
-registered it, waits for the drain, and stops it if it started it. Signals that
-arrive while it is putting things back are noted and ignored (SIGKILL still
-works, and leaves the standby to the daemon, see below). Two exceptions, where
-putting back would do harm: it never deregisters the standby when that would
-leave the target group without another healthy target, and it leaves the
-standby alone when the daemon's saved state shows a failover began meanwhile
-(`standby-starting`, `both-serving`); it says so and exits 1.
-
-Interplay with a running daemon: to the daemon, the rehearsal's standby is a
-stray standby running outside a failover. Seen in spot-healthy, it moves the
-guard to `spot-restored` with that standby and starts the failback grace; when
-rehearse stops the standby within the grace, the daemon sees it stopped,
-passes through `standby-draining` and is back in `spot-healthy`. If the
-rehearsal outlasts `failback_grace`, the daemon drains and stops the standby
-itself; rehearse notices the target draining or the instance stopping and
-ends with "changed by someone else", and its own putting back is then a no-op.
-If a real interruption arrives mid-rehearsal, the daemon (in spot-restored)
-keeps the already-warm standby and goes to `both-serving`: rehearse sees that
-phase and hands the standby over instead of stopping it. The daemon's state
-file is read here directly and never written (Store.load is not used: it
-deletes the daemon's temp files and renames unreadable state aside, which a
-second process must not do under a running daemon).
-
-This module must not decide failovers or write the daemon's state; besides
-its own `.rehearsal.json` it only starts, registers, deregisters and stops the
-one standby it rehearses.
+What it refuses, how it puts things back and how it plays with a running daemon
+are in docs/operations.md. This module must not decide failovers (it asks the
+machine when it may start, hand over or deregister) nor write the daemon's state;
+besides its own record it only starts, registers, deregisters and stops the one
+standby it rehearses.
 """
 
 from __future__ import annotations
@@ -48,120 +12,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from spotguard import rehearsal, store
 from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
 from spotguard.config import GuardSettings, Settings, format_duration
-from spotguard.machine import Phase
-from spotguard.store import Store, decode, write_atomic
+from spotguard.machine import FAILOVER_PHASES, REHEARSAL_PHASE, GuardState, Target, may_take_out
+from spotguard.rehearsal import Rehearsal
+from spotguard.timing import Budget, detection_seconds
 
-EXIT_REFUSED = 1
-EXIT_CONFIG = 2
-
-NOTICE = 120.0  # spot interruption notice → instance gone (best effort)
-SQS_DETECTION = 1.0  # SQS/agent notice → daemon, measured (README)
 POLL = 1.0  # seconds between describes while waiting
 DRAIN_MARGIN = 60.0  # past the deregistration delay, stop waiting for a drain
 STOP_DEADLINE = 600.0  # StopInstances → stopped, at most
-VERSION = 1
-FAILOVER_PHASES = frozenset({Phase.STANDBY_STARTING, Phase.BOTH_SERVING})
 ABSENT_TARGET = "InvalidTarget"  # DeregisterTargets of a target not in the group
-GONE_STATES = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
-
-
-# ---------------------------------------------------------------------- the budget (pure)
-
-
-def detection_seconds(settings: Settings) -> float:
-    """How late the daemon may hear of a notice: ~1 s with SQS, else up to one poll."""
-    poll = settings.daemon.poll_interval
-    return min(SQS_DETECTION, poll) if settings.sqs is not None else poll
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A failover against the notice: detect it, get the standby healthy, drain the doomed spot."""
-
-    detect: float
-    ready: float  # StartInstances → healthy target
-    drain: float  # the target group's deregistration delay
-    notice: float = NOTICE
-
-    @property
-    def total(self) -> float:
-        return self.detect + self.ready + self.drain
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.notice
-
-    def text(self, ready: str | None = None) -> str:
-        """`detect 5s + ready 25s + drain 30s = 1m of the 2m notice, 1m to spare`; `ready` words that part."""
-        margin = self.notice - self.total
-        end = f"{_s(margin)} to spare" if self.fits else f"{_s(-margin)} over"
-        return (f"detect {_s(self.detect)} + {ready or 'ready ' + _s(self.ready)} + drain {_s(self.drain)} "
-                f"= {_s(self.total)} of the {_s(self.notice)} notice, {end}")
-
-
-def _s(seconds: float) -> str:
-    return format_duration(round(seconds, 1))
-
-
-# ---------------------------------------------------------------------- the record
-
-
-@dataclass(frozen=True)
-class Rehearsal:
-    """One rehearsal's result: seconds after StartInstances, None where it never got."""
-
-    guard: str
-    standby: str
-    at: str  # when it began, ISO 8601 UTC
-    outcome: str  # "healthy", or what went wrong
-    running: float | None = None
-    registered: float | None = None
-    healthy: float | None = None
-
-
-def rehearsal_path(state_dir: Path, guard: str) -> Path:
-    return Store(state_dir).path(guard).with_name(f"{guard}.rehearsal.json")
-
-
-def write_rehearsal(state_dir: Path, rehearsal: Rehearsal) -> Path:
-    """Atomically (temp file, fsync, rename), mode 0600."""
-    path = rehearsal_path(Path(state_dir), rehearsal.guard)
-    payload = json.dumps({"version": VERSION, **asdict(rehearsal)}, indent=1, sort_keys=True).encode() + b"\n"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomic(path, payload)
-    return path
-
-
-def read_rehearsal(state_dir: Path, guard: str) -> Rehearsal | str | None:
-    """The last rehearsal, None when there is none, or why the file cannot be used."""
-    path = rehearsal_path(Path(state_dir), guard)
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, RecursionError) as exc:
-        return f"{path}: {type(exc).__name__}: {exc}"
-    try:
-        if data.pop("version") != VERSION:
-            raise ValueError("unsupported version")
-        rehearsal = Rehearsal(**data)
-        for name in ("running", "registered", "healthy"):
-            value = getattr(rehearsal, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name} is not a number")
-        return rehearsal
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        return f"{path}: not a rehearsal record ({exc})"
+# The standby in one of these while rehearse starts it: someone else (the daemon?) is stopping it.
+TAKEN_STATES = frozenset({"stopping", "shutting-down", "terminated"})
 
 
 # ---------------------------------------------------------------------- the rehearsal
@@ -207,7 +77,7 @@ class Rehearser:
             refusal = await self._refusal()
             if refusal:
                 self.say(f"refused: {refusal}")
-                return EXIT_REFUSED
+                return EXIT_FAILED
             outcome = await self._measure()
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -222,17 +92,17 @@ class Rehearser:
         ok = await self._put_back()
         if self.signal is not None:
             return 128 + self.signal
-        return 0 if ok and outcome else EXIT_REFUSED
+        return EXIT_OK if ok and outcome else EXIT_FAILED
 
     # ------------------------------------------------------------------ before anything
 
     async def _refusal(self) -> str | None:
-        phase = self._saved_phase()
-        if isinstance(phase, str):
-            return phase
-        if phase is not None and phase[0] != Phase.SPOT_HEALTHY:
-            return (f"guard {self.guard.name} is {phase[0].value} ({phase[1]}); "
-                    "rehearse only while it is spot-healthy")
+        saved = self._saved_state()
+        if isinstance(saved, str):
+            return saved
+        if saved is not None and saved.phase is not REHEARSAL_PHASE:
+            return (f"guard {self.guard.name} is {saved.phase.value} ({saved.reason}); "
+                    f"rehearse only while it is {REHEARSAL_PHASE.value}")
         try:
             state = await self._instance_state()
             registered = await self._health()
@@ -245,21 +115,18 @@ class Rehearser:
             return f"standby {self.standby} is already in the target group ({registered[self.standby]})"
         delay = {a["Key"]: a["Value"] for a in attributes["Attributes"]}.get("deregistration_delay.timeout_seconds")
         self.drain = float(delay) if delay is not None else None
-        if phase is None:
+        if saved is None:
             self.say(f"note: no saved state for guard {self.guard.name} in {self.settings.daemon.state_dir} "
                      "(is the daemon running with this config?)")
         return None
 
-    def _saved_phase(self) -> tuple[Phase, str] | str | None:
-        """The daemon's saved (phase, reason); None when none is saved; a string when unreadable."""
-        path = Store(self.settings.daemon.state_dir).path(self.guard.name)
+    def _saved_state(self) -> GuardState | str | None:
+        """The daemon's saved state; None when none is saved; a string when unreadable."""
+        state_dir = self.settings.daemon.state_dir
         try:
-            saved = decode(json.loads(path.read_bytes()), self.guard.rules())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, RecursionError) as exc:
-            return f"cannot read the guard's saved state {path}: {exc}"
-        return saved.phase, saved.reason
+            return store.peek(state_dir, self.guard.name, self.guard.rules())
+        except (OSError, ValueError) as exc:
+            return f"cannot read the guard's saved state {store.Store(state_dir).path(self.guard.name)}: {exc}"
 
     # ------------------------------------------------------------------ the measurement
 
@@ -300,7 +167,7 @@ class Rehearser:
 
     def _record(self, at: str, outcome: str, marks: dict[str, float]) -> Path:
         rounded = {k: round(v, 2) for k, v in marks.items()}
-        return write_rehearsal(self.settings.daemon.state_dir,
+        return rehearsal.write(self.settings.daemon.state_dir,
                                Rehearsal(self.guard.name, self.standby, at, outcome, **rounded))
 
     async def _until_running(self, deadline: float) -> None:
@@ -308,7 +175,7 @@ class Rehearser:
             state = await self._instance_state()
             if state == "running":
                 return
-            if state in GONE_STATES - {"stopped"}:  # stopped: not yet pending (eventual consistency)
+            if state in TAKEN_STATES:  # not "stopped": just after StartInstances EC2 may still say so
                 raise _Stop(f"{self.standby} is {state}: changed by someone else (the daemon?)")
             await self._wait(deadline, f"not running within {format_duration(self.guard.standby_ready_timeout)}")
 
@@ -345,7 +212,7 @@ class Rehearser:
                 self.say(f"leaving {self.standby} running and registered: {handover}")
                 return False
             if self.registered:
-                if not await self._others_healthy():
+                if not await self._may_deregister():
                     self.say(f"leaving {self.standby} registered and running: it is the only healthy target "
                              "(spotguard never empties a target group); the daemon will stop it once the spot serves")
                     return False
@@ -360,13 +227,15 @@ class Rehearser:
             return False
 
     def _handover(self) -> str | None:
-        phase = self._saved_phase()
-        if isinstance(phase, tuple) and phase[0] in FAILOVER_PHASES:
-            return f"a failover began meanwhile (guard {self.guard.name} is {phase[0].value}: {phase[1]})"
+        saved = self._saved_state()
+        if isinstance(saved, GuardState) and saved.phase in FAILOVER_PHASES:
+            return f"a failover began meanwhile (guard {self.guard.name} is {saved.phase.value}: {saved.reason})"
         return None
 
-    async def _others_healthy(self) -> bool:
-        return any(state == "healthy" for tid, state in (await self._health()).items() if tid != self.standby)
+    async def _may_deregister(self) -> bool:
+        """Invariant 1, asked of the machine: another healthy target stays in the group."""
+        targets = [Target(tid, state) for tid, state in (await self._health()).items()]
+        return may_take_out(targets, self.standby)
 
     async def _deregister(self) -> None:
         began = self.clock()
@@ -409,16 +278,19 @@ class Rehearser:
 # ---------------------------------------------------------------------- command line
 
 
-def main(args: argparse.Namespace) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--guard", required=True, metavar="NAME", help="the guard to rehearse")
+
+
+def run(args: argparse.Namespace) -> int:
     """`spotguard rehearse --config PATH --guard NAME`.
 
     Exit 0: rehearsed and put back (whether the budget fits is for `check` to
     judge); 1: refused, failed, or the standby left running on purpose; 2: bad
     config or no such guard; 128+N: stopped by signal N, and put back.
     """
-    from spotguard.cli import _load_or_report  # lazily: cli imports this module lazily too
-
-    settings = _load_or_report(args.config)
+    settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
     guard = next((g for g in settings.guards if g.name == args.guard), None)

@@ -1,37 +1,10 @@
-"""`spotguard check`: is this deployment ready for a spot interruption? One line per check.
+"""`spotguard check`: is this deployment ready for a spot interruption? One line per check: ✓, ✗ with a fix, ! a warning.
 
-    ✓ what is fine
-    ✗ what is wrong — what to do about it
-    ! what may hurt (a warning: it does not fail the check)
-
-Exit 0 when no line is ✗, 1 otherwise (2 for a bad config, like every command).
-
-What is checked, per guard: the target group exists (instance targets) with its
-health check and deregistration delay; each spot request or tagged spot
-instance exists and is running; each standby exists, is stopped, is On-Demand
-and is in the target group's VPC; the daemon may StartInstances/StopInstances
-each standby (EC2 DryRun: `DryRunOperation` means allowed,
-`UnauthorizedOperation` not; ELBv2 has no DryRun, so RegisterTargets and
-DeregisterTargets cannot be checked without changing the target group); and
-the timing budget against the 120 s notice (design.md § Timing budget):
-deregistration delay, how long a new target needs to pass its health checks,
-and the last `spotguard rehearse` measurement. Globally: the credentials work
-(sts:GetCallerIdentity, which needs no permission), the [sources.sqs] queue
-exists, and with [ha] the DynamoDB table exists with the key spotguard needs
-(DescribeTable) and who holds the lease (one consistent GetItem, ha.leader).
-Without [ha] no DynamoDB client is made and no line printed.
-
-Besides what the daemon calls, check reads elasticloadbalancing:DescribeTargetGroups
-and DescribeTargetGroupAttributes, sqs:GetQueueAttributes and, with [ha],
-dynamodb:DescribeTable; `spotguard iam-policy` grants these read-only actions
-to the daemon too, so check runs on the controller with its role (or with a
-person's read-only credentials). A describe refused is a ✗ naming the call.
-
-The shape: `gather` makes the AWS calls (thin, describes and DryRuns only) into
-a `Seen`; the `*_lines` functions turn what was seen into `Line`s and are pure.
-This module must not change anything in AWS (every call is a Describe, a
-GetCallerIdentity, a GetQueueAttributes, a DryRun or, with [ha], one GetItem of
-the lease) nor read the daemon's state file.
+`gather` makes the AWS calls into a `Seen`; the `*_lines` functions turn what was
+seen into `Line`s and are pure. What is checked, and the exit codes, are in
+docs/operations.md. This module must not change anything in AWS (every call is a
+Describe, GetCallerIdentity, GetQueueAttributes, an EC2 DryRun or, with [ha],
+DescribeTable and one GetItem of the lease) nor read the daemon's state file.
 """
 
 from __future__ import annotations
@@ -46,30 +19,16 @@ from typing import Any, Mapping, TextIO
 
 from botocore.exceptions import ClientError
 
-from spotguard import ha
+from spotguard import ha, rehearsal
 from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
 from spotguard.config import GuardSettings, Settings, format_duration
-from spotguard.rehearse import NOTICE, Budget, Rehearsal, detection_seconds, read_rehearsal
+from spotguard.rehearsal import Rehearsal
 from spotguard.sources.poll import is_notice
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
+from spotguard.timing import DRAIN_LIMIT, DRAIN_WARN, HEALTH_WARN, NOTICE, START_ESTIMATE, Budget, detection_seconds
 
 OK, FAIL, WARN = "ok", "fail", "warn"
 SYMBOLS = {OK: "✓", FAIL: "✗", WARN: "!"}
-
-# Draining the doomed spot starts only once the standby is healthy, and must end
-# before the spot is gone: a delay of the whole notice can never fit, and past
-# ~100 s nothing is left for detection and the standby's start.
-DRAIN_LIMIT = NOTICE
-DRAIN_WARN = 100.0
-# What a new target's health checks may take: the notice minus a ~60 s drain,
-# ~20 s StartInstances → running and a few seconds of detection leaves ~30 s for
-# the service to boot and pass its checks.
-HEALTH_WARN = 30.0
-# StartInstances → running on a stopped EBS-backed instance (design.md): used
-# for an estimate until a rehearsal measures the real thing.
-START_ESTIMATE = 20.0
 
 INSTANCE_NOT_FOUND = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 REQUEST_NOT_FOUND = frozenset({"InvalidSpotInstanceRequestID.NotFound", "InvalidSpotInstanceRequestID.Malformed"})
@@ -330,20 +289,20 @@ def timing_line(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> Li
     """The failover against the notice: detection + standby ready + drain."""
     drain = deregistration_delay(seen.attributes)
     detect = detection_seconds(settings)
-    rehearsal = seen.rehearsal
+    last = seen.rehearsal
     rehearse_cmd = f"spotguard rehearse --config PATH --guard {guard.name}"
-    if isinstance(rehearsal, str):
-        return Line(WARN, f"timing: cannot read the last rehearsal: {rehearsal}", f"run `{rehearse_cmd}` again")
-    if rehearsal is None:
+    if isinstance(last, str):
+        return Line(WARN, f"timing: cannot read the last rehearsal: {last}", f"run `{rehearse_cmd}` again")
+    if last is None:
         checks = 0.0 if isinstance(seen.group, Refused) else health_check_seconds(seen.group)
         estimate = Budget(detect, START_ESTIMATE + checks, drain or 0.0)
         ready = f"start ~{format_duration(START_ESTIMATE)} + health checks {format_duration(checks)}"
         return Line(WARN, f"timing: not rehearsed; leaving out your service's boot: {estimate.text(ready)}",
                     f"measure StartInstances → healthy with `{rehearse_cmd}`")
-    when = f"rehearsed {rehearsal.at} on {rehearsal.standby}"
-    if rehearsal.healthy is None:
-        return Line(WARN, f"timing: {when}: {rehearsal.outcome}", "fix the standby's service, then rehearse again")
-    budget = Budget(detect, rehearsal.healthy, drain or 0.0)
+    when = f"rehearsed {last.at} on {last.standby}"
+    if last.healthy is None:
+        return Line(WARN, f"timing: {when}: {last.outcome}", "fix the standby's service, then rehearse again")
+    budget = Budget(detect, last.healthy, drain or 0.0)
     text = f"timing ({when}): {budget.text()}"
     if budget.fits:
         return Line(OK, text)
@@ -559,7 +518,7 @@ async def _gather_guard(settings: Settings, guard: GuardSettings, ec2: Any, elbv
             # A DryRun never succeeds: it answers DryRunOperation (allowed) or an error.
             dry_runs[(action, sid)] = reply.code if isinstance(reply, Refused) else "NoDryRunAnswer"
     return GuardSeen(group, attributes, health, requests, instances, tagged, dry_runs,
-                     read_rehearsal(settings.daemon.state_dir, guard.name))
+                     rehearsal.read(settings.daemon.state_dir, guard.name))
 
 
 async def _request(ec2: Any, rid: str) -> dict | Refused:
@@ -595,17 +554,19 @@ async def check(settings: Settings, *, config: str, sts: Any, ec2: Any, elbv2: A
     lines = report(settings, seen, config)
     for line in lines:
         print(line, file=out, flush=True)
-    return 0 if passed(lines) else EXIT_FAILED
+    return EXIT_OK if passed(lines) else EXIT_FAILED
 
 
 # ---------------------------------------------------------------------- command line
 
 
-def main(args: argparse.Namespace) -> int:
-    """`spotguard check --config PATH`: exit 0 ready, 1 something is ✗, 2 bad config."""
-    from spotguard.cli import _load_or_report  # lazily: cli imports this module lazily too
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
 
-    settings = _load_or_report(args.config)
+
+def run(args: argparse.Namespace) -> int:
+    """`spotguard check --config PATH`: exit 0 ready, 1 something is ✗, 2 bad config."""
+    settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
     return asyncio.run(_run(settings, args.config))

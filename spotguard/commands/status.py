@@ -1,38 +1,9 @@
-"""`spotguard status`: what each guard is doing now and what this month cost.
+"""`spotguard status`: what each guard is doing now and what this month cost, as text or the stable JSON document.
 
-Per guard: the phase and since when (and why), the spot and standby instances
-with their EC2 states and target health as last observed, the last
-transitions with their reasons, and this month's hours and money (UTC calendar
-month, up to now):
-
-    standby_hours   the On-Demand hours the standbys ran (ledger runs)
-    spot_hours      the hours spot instances ran (ledger runs)
-    cost            = spot_hours × spot_hourly + standby_hours × on_demand_hourly
-    on_demand_cost  = hours × on_demand_hourly   (one On-Demand instance all month to now)
-    saving          = on_demand_cost − cost
-
-where `hours` runs from the month's start, or from the ledger's first record
-when that is later, to now. Money is "unknown" (JSON null) unless the guard
-sets both on_demand_hourly and spot_hourly. The formula lives in
-ledger.Estimate; `--json` output is described in docs/status-json.md.
-
-It reads only the daemon's files in state_dir: the state file (decoded with
-store.decode, read-only: unlike Store.load it never sets a file aside or
-removes the daemon's temp files), `<guard>.seen.json` and the ledger. Each is
-read whole in one go, and the daemon replaces files by rename, so a read while
-the daemon runs sees an old file or a new one. A file that cannot be read is
-reported as a problem for its guard (exit 1), not a traceback.
-
-With [ha] it also shows who leads: one consistent GetItem of the lease item
-through ha.leader(), the only AWS call status makes, so with [ha] it needs
-credentials that may read the table (dynamodb:GetItem: the daemon's role has
-it). Any AWS or network error there (no credentials, no table, no network,
-10 s at most) shows the leader as unknown with the error's code; the rest is
-printed all the same and the exit code does not change. Without [ha] no AWS
-client is made (aiobotocore is not even imported).
-
-This module must not talk to AWS beyond that one read, write anything, or
-print a secret (it never touches the Discord settings).
+It reads the daemon's files in state_dir read-only (docs/status-json.md says
+which, and what each field means). It must not write anything, talk to AWS
+beyond the one [ha] lease read, or print a secret (it never touches the Discord
+settings); without [ha] it does not even import the AWS libraries.
 """
 
 from __future__ import annotations
@@ -47,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from spotguard import ledger, store
-from spotguard.config import ConfigError, GuardSettings, Settings, load
-from spotguard.machine import GuardState
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
+from spotguard.config import GuardSettings, Settings
+from spotguard.machine import INITIAL_PHASE, GuardState
 
 JSON_VERSION = 1
 LAST_TRANSITIONS = 10
-EXIT_CONFIG = 2
-EXIT_PROBLEM = 1
 # The lease read is one GetItem; status is for a person at a prompt, so it waits no longer than this.
 HA_TIMEOUT = 10.0
 
@@ -101,7 +71,7 @@ def _leader(lease: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def guard_report(state_dir: Path, guard: GuardSettings, now: float) -> dict[str, Any]:
     problems: list[str] = []
-    state = _attempt(problems, "state file", lambda: read_state(state_dir, guard))
+    state = _attempt(problems, "state file", lambda: store.peek(state_dir, guard.name, guard.rules()))
     seen = _attempt(problems, "seen file", lambda: ledger.read_seen(state_dir, guard.name))
     view = _attempt(problems, "ledger", lambda: ledger.read(state_dir, guard.name)) or ledger.LedgerView(())
     return {
@@ -115,16 +85,6 @@ def guard_report(state_dir: Path, guard: GuardSettings, now: float) -> dict[str,
         "month": month_report(view, guard, now),
         "problems": problems,
     }
-
-
-def read_state(state_dir: Path, guard: GuardSettings) -> GuardState | None:
-    """The guard's saved state, or None when the daemon has saved none; ValueError if unusable."""
-    path = store.Store(state_dir).path(guard.name)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    return store.decode(json.loads(raw), guard.rules())
 
 
 def _attempt(problems: list[str], what: str, read: Any) -> Any:
@@ -141,8 +101,9 @@ def _phase(state: GuardState | None, seen: dict[str, Any] | None) -> dict[str, A
     if state is not None:
         return {"phase": state.phase.value, "since": iso(state.since), "reason": state.reason,
                 "standby": state.standby}
-    # The daemon saves a state only once it changes: observed but never saved is spot-healthy.
-    return {"phase": "spot-healthy" if seen is not None else None, "since": None, "reason": None, "standby": None}
+    # The daemon saves a state only once it changes: observed but never saved is the machine's initial phase.
+    phase = INITIAL_PHASE.value if seen is not None else None
+    return {"phase": phase, "since": None, "reason": None, "standby": None}
 
 
 def _observed(seen: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -318,16 +279,18 @@ async def _read_ha(settings: Settings, now: float) -> dict[str, Any] | None:
         return await read_ha(settings, dynamodb, now)
 
 
-def main(args: argparse.Namespace) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print the stable JSON document (docs/status-json.md)")
+
+
+def run(args: argparse.Namespace) -> int:
     """0 fine, 1 some guard's file could not be read, 2 bad config (a failed lease read changes nothing)."""
-    try:
-        settings = load(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    settings = load_or_report(args.config)
+    if settings is None:
         return EXIT_CONFIG
     now = time.time()
     lease = asyncio.run(_read_ha(settings, now)) if settings.ha is not None else None
     doc = report(settings, now, ha=lease)
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else render(doc))
-    return EXIT_PROBLEM if any(g["problems"] for g in doc["guards"]) else 0
+    return EXIT_FAILED if any(g["problems"] for g in doc["guards"]) else EXIT_OK

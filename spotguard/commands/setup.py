@@ -1,34 +1,10 @@
-"""`spotguard setup`: creates, idempotently, the AWS side of the SQS detection path and of [ha].
+"""`spotguard setup`: create, idempotently, the AWS side of the SQS detection path and of [ha].
 
-With `[ha]`, first the DynamoDB table holding the lease and the shared guard
-states: partition key `pk` (string), on-demand billing (PAY_PER_REQUEST, see
-docs/ha.md for what it costs). An existing table is kept as it is when its key
-is right; a table with another key is an error (exit 1), never changed.
-
-With `[sources.sqs]`, four things, in this order (each needs what the one before it made):
-
-1. the SQS queue named by the last path segment of `[sources.sqs] queue_url`.
-   A new queue gets MessageRetentionPeriod 1 h and VisibilityTimeout 30 s; an
-   existing queue is kept as it is (its attributes are the owner's choice, and
-   the consumer works with any of them), so it only ever reports `exists`;
-2. one EventBridge rule per detail-type the SQS source understands, on the
-   default bus, pattern {"source": ["aws.ec2"], "detail-type": [that type]},
-   named `spotguard-<slug>`; a rule whose pattern or state drifted is put back;
-3. the queue policy statement (Sid `spotguard-eventbridge`) letting
-   `events.amazonaws.com` SendMessage from exactly those rules. Other
-   statements in the policy are kept: only ours is added or replaced;
-4. each rule's target: the queue, with target Id derived from the queue name,
-   so two deployments in one account each add their own target to the shared
-   rules instead of taking them from each other.
-
-Every thing gets one printed line: `created`, `exists`, `updated`, or with
-`dry_run` `would create` / `would update`. A dry run makes read calls only.
-Running setup twice changes nothing the second time: every desired state is
-compared with what AWS describes before anything is written.
-
-This module must not touch the daemon's state, guards or any AWS API beyond
-SQS, EventBridge and DynamoDB's table calls; it never deletes anything (a rule or target it did not
-create is none of its business).
+With [ha] the DynamoDB table; with [sources.sqs] the queue, one EventBridge rule
+per detail-type, the queue policy statement and the rules' targets, each printed
+as created, exists or updated (docs/operations.md § 4). This module must not
+touch the daemon's state, guards or any AWS API beyond SQS, EventBridge and
+DynamoDB's table calls, and never deletes anything.
 """
 
 from __future__ import annotations
@@ -46,12 +22,10 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 
 from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
 from spotguard.config import Settings, SqsSettings
 from spotguard.ha import table_spec
 from spotguard.sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 
 EVENT_SOURCE = "aws.ec2"
 # detail-type -> rule name. Short fixed slugs read better in the console than
@@ -118,6 +92,7 @@ def event_pattern(detail_type: str) -> dict[str, list[str]]:
 
 
 def target_id(queue_name: str) -> str:
+    """Our target's Id on each rule: from the queue, so two deployments in one account share the rules."""
     return queue_name[:TARGET_ID_MAX]
 
 
@@ -210,7 +185,7 @@ async def setup(
         if settings.ha is not None:
             await _table(dynamodb, settings.ha.table, report)
         if ref is None:
-            return 0
+            return EXIT_OK
         queue_url, queue_arn, policy = await _queue(sqs, ref, region, report)
         rule_arns = [await _rule(events, name, kind, ref, region, report) for kind, name in RULES.items()]
         await _policy(sqs, queue_url, queue_arn, policy, rule_arns, report)
@@ -225,7 +200,7 @@ async def setup(
         return EXIT_FAILED
     if ref.account and f"/{ref.account}/" not in queue_url + "/" and not dry_run:
         print(f"note: the queue is {queue_url}, but sources.sqs.queue_url says {ref.url}", file=err)
-    return 0
+    return EXIT_OK
 
 
 async def _table(dynamodb: Any, table: str, report: _Report) -> None:
@@ -347,11 +322,14 @@ async def _target(events: Any, rule: str, queue_name: str, queue_arn: str, repor
 # ---------------------------------------------------------------------- command line
 
 
-def main(args: argparse.Namespace) -> int:
-    """`spotguard setup --config PATH [--dry-run]`: exit 0 done, 1 AWS said no, 2 bad config."""
-    from spotguard.cli import _load_or_report  # lazily: cli may import this module
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--dry-run", action="store_true", help="say what would be created or updated; change nothing")
 
-    settings = _load_or_report(args.config)
+
+def run(args: argparse.Namespace) -> int:
+    """`spotguard setup --config PATH [--dry-run]`: exit 0 done, 1 AWS said no, 2 bad config."""
+    settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
     return asyncio.run(_run(settings, dry_run=args.dry_run))

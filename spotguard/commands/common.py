@@ -1,0 +1,47 @@
+"""What every verb of the command line shares: exit codes, the --config argument and its loading, argument types.
+
+It must not hold a verb's own logic, nor import anything heavier than config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spotguard.config import ConfigError, Settings, load
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the verb ran and the answer is no (a ✗ line, AWS refused, a file unreadable)
+EXIT_CONFIG = 2  # bad usage or a bad config: nothing was done (argparse exits 2 as well)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="PATH", help="the TOML config file")
+
+
+def load_or_report(path: str) -> Settings | None:
+    """The settings, or None after printing each problem on its own line to stderr."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def http_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with something after the scheme."""
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
+    return text
