@@ -39,6 +39,7 @@ class Captured:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # time.monotonic() when it arrived
 
     @property
     def json(self) -> Any:
@@ -53,6 +54,7 @@ class Response:
     body: Any = field(default_factory=lambda: {"id": "1"})
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
+    trickle: float = 0.0  # send the body one byte every this many seconds (a server that never quite answers)
 
 
 class CaptureServer:
@@ -62,8 +64,10 @@ class CaptureServer:
         self._lock = threading.Lock()
         self._requests: list[Captured] = []
         self._response = Response()
+        self._script: Callable[[int], Response] | None = None  # request number (from 0) -> answer
         self._released = threading.Event()
         self._released.set()
+        self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         # A short poll interval: shutdown() waits up to one interval for the loop to notice.
         self._thread = threading.Thread(
@@ -78,6 +82,7 @@ class CaptureServer:
 
     def stop(self) -> None:
         self._released.set()  # let held handlers finish
+        self._stopping.set()  # and trickling ones
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -96,15 +101,22 @@ class CaptureServer:
         return f"http://{host}:{port}"
 
     def respond(self, status: int = 200, body: Any = None, *, headers: dict[str, str] | None = None,
-                delay: float = 0.0) -> None:
+                delay: float = 0.0, trickle: float = 0.0) -> None:
         """Answer every following request this way."""
         with self._lock:
+            self._script = None
             self._response = Response(
                 status=status,
                 body={"id": "1"} if body is None else body,
                 headers=tuple((headers or {}).items()),
                 delay=delay,
+                trickle=trickle,
             )
+
+    def answer(self, script: Callable[[int], Response]) -> None:
+        """Answer request number n (counted from 0) with `script(n)`, from now on."""
+        with self._lock:
+            self._script = script
 
     def hold(self) -> None:
         """Make handlers block before answering, until `release()` (or `stop()`)."""
@@ -123,7 +135,7 @@ class CaptureServer:
     def _record(self, req: Captured) -> Response:
         with self._lock:
             self._requests.append(req)
-            return self._response
+            return self._response if self._script is None else self._script(len(self._requests) - 1)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -134,7 +146,8 @@ class CaptureServer:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                resp = server._record(Captured(self.command, self.path, dict(self.headers.items()), body))
+                resp = server._record(Captured(self.command, self.path, dict(self.headers.items()), body,
+                                               time.monotonic()))
                 server._released.wait(MAX_HOLD)
                 if resp.delay:
                     time.sleep(resp.delay)
@@ -146,7 +159,13 @@ class CaptureServer:
                     for name, value in resp.headers:
                         self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if not resp.trickle:
+                        self.wfile.write(payload)
+                    for n in range(len(payload) if resp.trickle else 0):
+                        self.wfile.write(payload[n:n + 1])
+                        self.wfile.flush()
+                        if server._stopping.wait(resp.trickle):
+                            break
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its timeout): nothing to answer
 

@@ -11,9 +11,9 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from httpcapture import CaptureServer, async_wait_for, refused_url
+from httpcapture import CaptureServer, Response, async_wait_for, refused_url
 from spotguard import logs as spotguard_logs
-from spotguard.notify import MAX_CONTENT, Notifier
+from spotguard.notify import MAX_CONTENT, RETRY_CAP, Notifier, retry_after
 
 TOKEN = "SECRET-TOKEN-do-not-log"
 WEBHOOK_PATH = f"/api/webhooks/123456789/{TOKEN}"
@@ -72,7 +72,6 @@ async def test_long_text_is_cut_to_what_discord_accepts(discord):
     ("status", "body", "logged"),
     [
         (500, {"message": "internal error"}, {"status": 500}),
-        (429, {"message": "You are being rate limited.", "retry_after": 0.5, "global": False}, {"status": 429}),
         (404, {"message": "Unknown Webhook", "code": 10015}, {"status": 404}),
         (500, b"", {"error": "JSONDecodeError"}),  # discord-webhook parses every body as JSON
     ],
@@ -92,6 +91,116 @@ async def test_an_error_answer_is_logged_and_the_notifier_goes_on(discord, statu
     if isinstance(body, dict):  # Discord's reason is kept, the library's own log line is not
         assert body["message"] in failed[0]["detail"]
     assert [r.json["content"] for r in discord.requests] == ["first", "second"]
+
+
+async def test_a_429_is_waited_out_and_the_text_sent_once(discord):
+    discord.answer(lambda n: Response(429, {"message": "You are being rate limited.", "retry_after": 9},
+                                      headers=(("Retry-After", "0.3"),)) if n == 0 else Response(200))
+    notifier = Notifier(webhook(discord.url), timeout=2.0)
+    await notifier.start()
+    with capture_logs() as entries:
+        notifier.notify("after the limit")
+        await async_wait_for(lambda: events(entries, "notify.discord.sent"))
+    await notifier.close()
+    first, second = discord.requests
+    assert second.at - first.at >= 0.3  # the header's 0.3 s, not the body's 9 s
+    assert [r.json["content"] for r in discord.requests] == ["after the limit"] * 2
+    assert [e["retry_after"] for e in events(entries, "notify.discord.rate_limited")] == [0.3]
+    assert events(entries, "notify.discord.failed") == []
+
+
+class RateLimit:
+    """Discord's webhook limit as a server plays it: `per_second` posts a second, then 429s
+    with the Retry-After that would let the next one through."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.accepted: list[float] = []
+        self.numbers: list[int] = []  # the requests answered 2xx
+
+    def __call__(self, n: int) -> Response:
+        now = time.monotonic()
+        recent = [t for t in self.accepted if now - t < 1.0]
+        if len(recent) >= self.per_second:
+            wait = 1.0 - (now - recent[0])
+            return Response(429, {"message": "You are being rate limited.", "retry_after": wait},
+                            headers=(("Retry-After", f"{wait:.3f}"),))
+        self.accepted.append(now)
+        self.numbers.append(n)
+        left = self.per_second - len(recent) - 1
+        # wait=true (discord-webhook's default): 200 with the message, and the bucket's headers.
+        return Response(200, {"id": str(n)}, headers=(("X-RateLimit-Remaining", str(left)), ("X-RateLimit-Reset-After", "1.0")))
+
+
+async def test_a_burst_against_the_rate_limit_loses_nothing(discord):
+    """Ten guards failing over at once: twenty messages, every one delivered, in order."""
+    limit = RateLimit(per_second=10)
+    discord.answer(limit)
+    notifier = Notifier(webhook(discord.url), timeout=2.0)
+    await notifier.start()
+    texts = [f"[guard-{n % 10}] message {n}" for n in range(20)]
+    with capture_logs() as entries:
+        for text in texts:
+            notifier.notify(text)
+        await async_wait_for(lambda: len(events(entries, "notify.discord.sent")) == 20, timeout=20.0)
+        await notifier.close()
+    delivered = [discord.requests[n].json["content"] for n in limit.numbers]
+    assert delivered == texts
+    assert events(entries, "notify.discord.failed") == [] and events(entries, "notify.dropped") == []
+
+
+def test_retry_after_is_capped_and_read_from_header_or_body():
+    class Answer:
+        def __init__(self, headers: dict, body: object) -> None:
+            self.headers, self._body = headers, body
+
+        def json(self) -> object:
+            return self._body
+
+    assert retry_after(Answer({"Retry-After": "2.5"}, {"retry_after": 9})) == 2.5
+    assert retry_after(Answer({}, {"retry_after": 4})) == 4
+    assert retry_after(Answer({"Retry-After": "3600"}, {})) == RETRY_CAP
+    assert retry_after(Answer({"Retry-After": "soon"}, "not an object")) == 1.0
+
+
+async def test_a_trickling_webhook_is_given_up_at_the_deadline(discord):
+    """requests' timeout is per read: a server sending a byte every 0.5 s would hold a post forever."""
+    discord.respond(200, {"id": "1" * 50}, trickle=0.5)
+    notifier = Notifier(webhook(discord.url), timeout=2.0, deadline=1.0)
+    await notifier.start()
+    with capture_logs() as entries:
+        started = time.monotonic()
+        notifier.notify("trickled")
+        (failed,) = await async_wait_for(lambda: events(entries, "notify.discord.failed"), timeout=5.0)
+        assert 1.0 <= time.monotonic() - started < 3.0
+        discord.respond(200)
+        notifier.notify("next")  # the notifier goes on while the first post's thread still waits
+        await async_wait_for(lambda: events(entries, "notify.discord.sent"), timeout=5.0)
+    await notifier.close()
+    assert failed["error"] == "deadline" and failed["text"] == "trickled"
+
+
+def test_a_process_exits_at_once_however_the_webhook_hangs(discord):
+    """asyncio.run waits for its executor's threads at exit: a post must not be one of them."""
+    import subprocess
+    import sys
+
+    discord.hold()
+    code = (
+        "import asyncio, sys\n"
+        "from spotguard.notify import Notifier\n"
+        "async def main():\n"
+        "    n = Notifier(sys.argv[1], timeout=60.0, deadline=60.0)\n"
+        "    await n.start(); n.notify('stuck')\n"
+        "    await asyncio.sleep(0.3)\n"
+        "    await n.close(deadline=0.2)\n"
+        "asyncio.run(main())\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code, webhook(discord.url)], timeout=30, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 5.0  # interpreter start, 0.3 s, 0.2 s; not the 60 s a post may take
+    assert len(discord.requests) == 1
 
 
 async def test_connection_refused_is_logged_not_raised():
