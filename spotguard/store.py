@@ -12,15 +12,18 @@ This module must not interpret a state (machine.py does) nor talk to AWS.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import json
 import math
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, get_type_hints
+from typing import Any, Callable, Iterator, get_type_hints
 
 import structlog
 
@@ -29,10 +32,16 @@ from spotguard.machine import GuardState, Phase, Rules
 
 log = structlog.get_logger(__name__)
 
-VERSION = 1
+# Version 2 names its guard inside (a file copied from another guard is set aside)
+# and adds `watched`; a version-1 file is still read.
+VERSION = 2
+ADDED_IN_2 = frozenset({"watched"})
 # GuardState fields that are deliberately not written; every other field is.
 NOT_PERSISTED = frozenset({"rules", "seen"})
 _TMP_SUFFIX = ".tmp"
+LOCK_NAME = "spotguard.lock"
+# A state file is a few hundred bytes; anything near this is not one.
+MAX_STATE_BYTES = 1 << 20
 PRIVATE_DIR = 0o700
 
 
@@ -124,34 +133,40 @@ def _encode_value(value: Any) -> Any:
 
 
 def differs(old: GuardState, new: GuardState) -> bool:
-    """Whether the part of a state the store keeps (all but the last observation) changed."""
-    return replace(old, seen=None) != replace(new, seen=None)
+    """Whether the part of a state worth a write changed: all but the last observation and
+    its time (`watched` rides along with the next write; a poll alone never writes)."""
+    return replace(old, seen=None, watched=None) != replace(new, seen=None, watched=None)
 
 
-def encode(state: GuardState) -> dict[str, Any]:
-    """The JSON document for `state`: version plus every field but rules and seen."""
-    data: dict[str, Any] = {"version": VERSION}
+def encode(state: GuardState, guard: str) -> dict[str, Any]:
+    """The JSON document for `guard`'s `state`: version, the guard's name, every field but rules and seen."""
+    data: dict[str, Any] = {"version": VERSION, "guard": guard}
     for name in _DECODERS:
         data[name] = _encode_value(getattr(state, name))
     return data
 
 
-def decode(data: Any, rules: Rules) -> GuardState:
-    """The GuardState in `data` with the given rules; ValueError if `data` is not a version-1 state."""
+def decode(data: Any, rules: Rules, guard: str) -> GuardState:
+    """`guard`'s GuardState in `data`, with the given rules; ValueError if it is not a state
+    spotguard wrote for that guard. A version-1 file (no name inside, fields added since
+    missing) is read as it was written."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     version = data.get("version")
-    if type(version) is not int or version != VERSION:  # bool is an int, 1.0 == 1: both refused
+    if type(version) is not int or version not in (1, VERSION):  # bool is an int, 1.0 == 1: both refused
         raise ValueError(f"unsupported version {version!r}")
-    keys = set(data) - {"version"}
-    if missing := set(_DECODERS) - keys:
+    if version == VERSION and data.get("guard") != guard:
+        raise ValueError(f"it is guard {data.get('guard')!r}'s state, not {guard!r}'s")
+    keys = set(data) - {"version", "guard"} if version == VERSION else set(data) - {"version"}
+    expected = set(_DECODERS) - (ADDED_IN_2 if version == 1 else set())
+    if missing := expected - keys:
         raise ValueError(f"missing keys: {', '.join(sorted(missing))}")
-    if extra := keys - set(_DECODERS):
+    if extra := keys - expected:
         raise ValueError(f"unknown keys: {', '.join(sorted(map(str, extra)))}")
     values = {}
-    for name, dec in _DECODERS.items():
+    for name in keys:
         try:
-            values[name] = dec(data[name])
+            values[name] = _DECODERS[name](data[name])
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return GuardState(rules=rules, **values)
@@ -165,6 +180,7 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
+        self._reported_open = False  # store.dir.open is said once
 
     def __repr__(self) -> str:
         return f"Store({str(self.state_dir)!r})"
@@ -178,46 +194,54 @@ class Store:
         """Write `state` atomically: after a crash the file holds the old state or the new, never a mix."""
         path = self.path(guard)
         # Encode first: a state that cannot be written must not touch the disk.
-        payload = json.dumps(encode(state), sort_keys=True, allow_nan=False, indent=1).encode() + b"\n"
-        self.state_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        self._keep_private()
+        payload = json.dumps(encode(state, guard), sort_keys=True, allow_nan=False, indent=1).encode() + b"\n"
+        self._ensure_dir()
         write_atomic(path, payload, durable=True)
 
     def load(self, guard: str, rules: Rules) -> GuardState | None:
         """The saved state of `guard`, or None when there is none or it cannot be used."""
         path = self.path(guard)
         if self.state_dir.is_dir():
-            self._keep_private()
+            self._check_private()
         self._remove_stale_temps(path)
         try:
-            raw = path.read_bytes()
+            raw = read_bounded(path, MAX_STATE_BYTES)
         except FileNotFoundError:
             return None
-        except OSError as exc:  # permission, a directory in its place, I/O error
+        except OSError as exc:  # permission, a directory, a FIFO or a symlink in its place, I/O error
             return self._set_aside(guard, path, f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
+        except ValueError as exc:  # too large to be a state
+            return self._set_aside(guard, path, str(exc))
         try:
-            text = raw.decode("utf-8")
+            return decode(json.loads(raw.decode("utf-8")), rules, guard)
         except UnicodeDecodeError:
             return self._set_aside(guard, path, "not UTF-8")
-        try:
-            return decode(json.loads(text), rules)
         except json.JSONDecodeError as exc:
             return self._set_aside(guard, path, f"not JSON (truncated?): {exc}")
         except (ValueError, RecursionError) as exc:
             return self._set_aside(guard, path, str(exc))
 
-    def _keep_private(self) -> None:
-        # mkdir's mode only applies to a directory it creates, and only under the umask.
+    def _ensure_dir(self) -> None:
+        """Make the state directory owner-only if spotguard creates it; one it did not
+        create is never chmodded (it may be shared, or a symlink's target), only reported."""
+        try:
+            self.state_dir.mkdir(mode=PRIVATE_DIR, parents=True)
+        except FileExistsError:
+            self._check_private()
+            return
+        os.chmod(self.state_dir, PRIVATE_DIR)  # mkdir's mode is masked by the umask
+
+    def _check_private(self) -> None:
+        if self._reported_open:
+            return
         try:
             mode = stat.S_IMODE(self.state_dir.stat().st_mode)
-            if mode == PRIVATE_DIR:
-                return
-            os.chmod(self.state_dir, PRIVATE_DIR)
-        except OSError as exc:
-            log.warning("store.dir.open", state_dir=str(self.state_dir),
-                        error=f"{type(exc).__name__}: {exc.strerror or exc}")
-            return
-        log.warning("store.dir.tightened", state_dir=str(self.state_dir), was=f"{mode:04o}", now=f"{PRIVATE_DIR:04o}")
+        except OSError:
+            return  # the write that follows says what is wrong
+        if mode & 0o077:
+            self._reported_open = True
+            log.warning("store.dir.open", state_dir=str(self.state_dir), mode=f"{mode:04o}",
+                        fix=f"chmod 0700 {self.state_dir} (spotguard does not change a directory it did not create)")
 
     def _set_aside(self, guard: str, path: Path, reason: str) -> None:
         kept = _free_name(path)
@@ -244,13 +268,66 @@ def peek(state_dir: Path, guard: str, rules: Rules) -> GuardState | None:
     that cannot be used ValueError, for the caller to report.
     """
     try:
-        raw = Store(state_dir).path(guard).read_bytes()
+        raw = read_bounded(Store(state_dir).path(guard), MAX_STATE_BYTES)
     except FileNotFoundError:
         return None
     try:
-        return decode(json.loads(raw), rules)
+        return decode(json.loads(raw), rules, guard)
     except RecursionError as exc:  # JSON nested too deep to decode
         raise ValueError(str(exc)) from None
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, read as if from untrusted ground: no symlink is followed,
+    a FIFO or device is refused rather than read (it could block or never end), and a
+    file longer than `limit` bytes raises ValueError instead of filling memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def check_writable(state_dir: Path) -> None:
+    """Raise OSError unless files can be written in `state_dir` (created if missing): the
+    daemon checks this once before it says it is ready."""
+    Store(state_dir)._ensure_dir()
+    probe = Path(state_dir) / ".spotguard-write-check"
+    write_atomic(probe, b"ok\n", durable=True)
+    probe.unlink()
+
+
+class Locked(Exception):
+    """Another process holds the state directory's lock."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextmanager
+def locked(state_dir: Path) -> Iterator[None]:
+    """Hold `<state_dir>/spotguard.lock` (flock) while inside: one daemon per state
+    directory. Raises Locked, naming the holder's pid, when another process has it."""
+    path = Path(state_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            raise Locked(path, f"pid {holder}" if holder.isdigit() else "another process") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def write_atomic(path: Path, payload: bytes, *, durable: bool = False) -> None:

@@ -34,6 +34,7 @@ from spotguard.machine import GuardState, Instance, Observed, Phase, Rules
 from spotguard.store import Store, decode, encode
 
 RULES = Rules(standbys=("i-0standby1", "i-0standby2"), failback_grace=60.0)
+G = "inference"
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 ids = st.text(min_size=1, max_size=20)
@@ -86,13 +87,13 @@ def corrupt_files(state_dir: Path) -> list[str]:
 @settings(max_examples=200)
 @given(states)
 def test_encode_decode_round_trip_through_json(state):
-    data = json.loads(json.dumps(encode(state), allow_nan=False))
-    assert decode(data, state.rules) == state
+    data = json.loads(json.dumps(encode(state, G), allow_nan=False))
+    assert decode(data, state.rules, G) == state
 
 
 @given(states, rules_st)
 def test_rules_come_from_the_caller_not_the_file(state, rules):
-    assert decode(encode(state), rules).rules == rules
+    assert decode(encode(state, G), rules, G).rules == rules
 
 
 def test_every_field_but_rules_and_seen_is_persisted():
@@ -100,8 +101,8 @@ def test_every_field_but_rules_and_seen_is_persisted():
 
 
 def test_file_format_is_plain_and_versioned():
-    data = encode(failover_state())
-    assert data["version"] == 1
+    data = encode(failover_state(), G)
+    assert data["version"] == 2 and data["guard"] == G
     assert data["phase"] == "standby-starting"
     assert data["since"] == 1_700_000_000.5
     assert data["reason"] == "notice for i-0spot"
@@ -111,7 +112,13 @@ def test_file_format_is_plain_and_versioned():
     assert data["unhealthy_since"] is None
     assert data["retries"] == 2
     assert "rules" not in data and "seen" not in data
-    assert set(data) == {"version", *store_module.PERSISTED}
+    assert set(data) == {"version", "guard", *store_module.PERSISTED}
+
+
+def test_a_version_1_file_is_read_as_it_was_written():
+    """What spotguard wrote before the guard's name and `watched` were kept: read, not set aside."""
+    old = {k: v for k, v in encode(failover_state(), G).items() if k not in ("guard", "watched")} | {"version": 1}
+    assert decode(old, RULES, G) == failover_state()
 
 
 def test_seen_is_not_persisted(tmp_path):
@@ -125,7 +132,7 @@ def test_seen_is_not_persisted(tmp_path):
 @given(json_values)
 def test_decode_accepts_or_raises_value_error_only(data):
     try:
-        result = decode(data, RULES)
+        result = decode(data, RULES, G)
     except ValueError:
         return
     assert isinstance(result, GuardState)
@@ -133,41 +140,45 @@ def test_decode_accepts_or_raises_value_error_only(data):
 
 @given(states, st.sampled_from(store_module.PERSISTED), json_values)
 def test_decode_never_crashes_on_a_mangled_field(state, key, value):
-    data = {**encode(state), key: value}
+    data = {**encode(state, G), key: value}
     try:
-        decode(data, state.rules)
+        decode(data, state.rules, G)
     except ValueError:
         pass
 
 
 BAD = [
     ("not an object", []),
-    ("no version", {k: v for k, v in encode(GuardState(RULES)).items() if k != "version"}),
-    ("version 2", {**encode(GuardState(RULES)), "version": 2}),
-    ("version true", {**encode(GuardState(RULES)), "version": True}),
-    ("version 1.0", {**encode(GuardState(RULES)), "version": 1.0}),
-    ("missing key", {k: v for k, v in encode(GuardState(RULES)).items() if k != "retries"}),
-    ("unknown key", {**encode(GuardState(RULES)), "seen": {}}),
-    ("unknown phase", {**encode(GuardState(RULES)), "phase": "panicking"}),
-    ("since a string", {**encode(GuardState(RULES)), "since": "0"}),
-    ("since overflows", {**encode(GuardState(RULES)), "since": 10**400}),
-    ("since a bool", {**encode(GuardState(RULES)), "since": False}),
-    ("retries a float", {**encode(GuardState(RULES)), "retries": 1.0}),
-    ("failed a string", {**encode(GuardState(RULES)), "failed": "i-1"}),
-    ("failed holds ints", {**encode(GuardState(RULES)), "failed": [1]}),
-    ("standby a number", {**encode(GuardState(RULES)), "standby": 7}),
+    ("no version", {k: v for k, v in encode(GuardState(RULES), G).items() if k != "version"}),
+    ("version 3", {**encode(GuardState(RULES), G), "version": 3}),
+    ("another guard's state", encode(GuardState(RULES), "batch")),
+    ("version 2 without a name", {k: v for k, v in encode(GuardState(RULES), G).items() if k != "guard"}),
+    ("version 1 with a field of version 2", {k: v for k, v in encode(GuardState(RULES), G).items() if k != "guard"}
+     | {"version": 1}),
+    ("version true", {**encode(GuardState(RULES), G), "version": True}),
+    ("version 1.0", {**encode(GuardState(RULES), G), "version": 1.0}),
+    ("missing key", {k: v for k, v in encode(GuardState(RULES), G).items() if k != "retries"}),
+    ("unknown key", {**encode(GuardState(RULES), G), "seen": {}}),
+    ("unknown phase", {**encode(GuardState(RULES), G), "phase": "panicking"}),
+    ("since a string", {**encode(GuardState(RULES), G), "since": "0"}),
+    ("since overflows", {**encode(GuardState(RULES), G), "since": 10**400}),
+    ("since a bool", {**encode(GuardState(RULES), G), "since": False}),
+    ("retries a float", {**encode(GuardState(RULES), G), "retries": 1.0}),
+    ("failed a string", {**encode(GuardState(RULES), G), "failed": "i-1"}),
+    ("failed holds ints", {**encode(GuardState(RULES), G), "failed": [1]}),
+    ("standby a number", {**encode(GuardState(RULES), G), "standby": 7}),
 ]
 
 
 @pytest.mark.parametrize(("why", "data"), BAD, ids=[why for why, _ in BAD])
 def test_decode_refuses_bad_shapes(why, data):
     with pytest.raises(ValueError):
-        decode(data, RULES)
+        decode(data, RULES, G)
 
 
 def test_decode_refuses_non_finite_numbers():
     with pytest.raises(ValueError, match="since"):
-        decode({**encode(GuardState(RULES)), "since": float("inf")}, RULES)
+        decode({**encode(GuardState(RULES), G), "since": float("inf")}, RULES, G)
 
 
 # --------------------------------------------------------------------------- files
@@ -270,7 +281,9 @@ CORRUPT = [
     ("truncated", lambda good: good[: len(good) // 2], "not JSON"),
     ("empty", lambda good: b"", "not JSON"),
     ("binary", lambda good: b"\x80\x81garbage", "not UTF-8"),
-    ("wrong version", lambda good: good.replace(b'"version": 1', b'"version": 7'), "version"),
+    ("wrong version", lambda good: good.replace(b'"version": 2', b'"version": 7'), "version"),
+    ("another guard's file", lambda good: good.replace(b'"guard": "inference"', b'"guard": "batch"'),
+     "guard 'batch''s state"),
     ("wrong shape", lambda good: b'["a", "list"]', "JSON object"),
     ("bad field", lambda good: good.replace(b'"standby-starting"', b'"on-fire"'), "phase"),
     ("deep nesting", lambda good: b"[" * 100_000 + b"]" * 100_000, ""),
@@ -304,6 +317,31 @@ def test_a_corrupt_file_is_kept_aside_and_logged(tmp_path, why, mangle, reason):
     assert entry["guard"] == "inference"
     assert entry["kept"].endswith("inference.json.corrupt")
     assert reason in entry["reason"]
+
+
+SPOILED_PLACES = [
+    ("a symlink", lambda path, elsewhere: path.symlink_to(elsewhere), "unreadable: OSError"),
+    ("a FIFO", lambda path, elsewhere: os.mkfifo(path), "not a regular file"),
+    ("a huge file", lambda path, elsewhere: path.write_bytes(b" " * (store_module.MAX_STATE_BYTES + 1)), "larger than"),
+]
+
+
+@pytest.mark.fault(fault="state file a symlink, FIFO or huge file", phase="start",
+                   outcome="never followed, read or blocked on: kept aside, logged")
+@pytest.mark.parametrize(("why", "place", "reason"), SPOILED_PLACES, ids=[p[0] for p in SPOILED_PLACES])
+def test_the_state_file_is_read_as_untrusted_ground(tmp_path, why, place, reason):
+    """No symlink followed (it could point at another guard's file, or anything as root),
+    no FIFO read (start-up would hang), no unbounded read."""
+    elsewhere = tmp_path / "elsewhere.json"
+    Store(tmp_path).save("elsewhere", failover_state())
+    (tmp_path / "elsewhere.json").rename(elsewhere)
+    path = tmp_path / "inference.json"
+    place(path, elsewhere)
+    with capture_logs() as logs:
+        assert Store(tmp_path).load("inference", RULES) is None  # returns at once, even for the FIFO
+    (entry,) = logs
+    assert entry["event"] == "store.corrupt" and reason in entry["reason"]
+    assert elsewhere.exists() and not path.exists()  # the link itself was set aside, its target untouched
 
 
 def test_corrupt_files_are_numbered_never_overwritten(tmp_path):
@@ -391,37 +429,24 @@ def test_state_dir_is_created_owner_only_whatever_the_umask(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["save", "load"])
-def test_an_open_state_dir_is_made_owner_only_and_logged(tmp_path, how):
+def test_an_open_state_dir_spotguard_did_not_make_is_reported_once_never_chmodded(tmp_path, how):
+    """It may be shared, or a symlink's target (a 1777 directory): not spotguard's to change."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
     state_dir = tmp_path / "state"
-    state_dir.mkdir(mode=0o755)
-    state_dir.chmod(0o755)
+    state_dir.symlink_to(shared)  # systemd's DynamicUser state directories are symlinks too
     s = Store(state_dir)
     with capture_logs() as logs:
         if how == "save":
             s.save("inference", GuardState(RULES))
         else:
             assert s.load("inference", RULES) is None
-    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
-    assert [(e["event"], e["was"], e["now"]) for e in logs] == [("store.dir.tightened", "0755", "0700")]
-    with capture_logs() as logs:
         s.save("inference", failover_state())
-    assert logs == []  # once private, nothing more to say
-
-
-def test_a_state_dir_that_cannot_be_made_private_is_logged_not_fatal(tmp_path, monkeypatch):
-    state_dir = tmp_path / "state"
-    state_dir.mkdir(mode=0o755)
-    state_dir.chmod(0o755)
-
-    def not_owner(*_args, **_kwargs):
-        raise PermissionError(1, "Operation not permitted")
-
-    # Root may chmod anything, so "not the owner" is played by refusing the call itself.
-    monkeypatch.setattr(store_module.os, "chmod", not_owner)
-    with capture_logs() as logs:
-        Store(state_dir).save("inference", failover_state())
-    assert Store(state_dir).load("inference", RULES) == failover_state()
-    assert logs[0]["event"] == "store.dir.open" and "PermissionError" in logs[0]["error"]
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert [(e["event"], e["mode"]) for e in logs] == [("store.dir.open", "1777")]
+    assert "chmod 0700" in logs[0]["fix"]
+    assert s.load("inference", RULES) == failover_state()
 
 
 # --------------------------------------------------------------------------- with the daemon on moto
