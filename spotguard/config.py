@@ -65,6 +65,7 @@ class DaemonSettings:
     state_dir: Path = defaults.STATE_DIR
     poll_interval: float = defaults.POLL_INTERVAL
     log_format: str = defaults.LOG_FORMAT  # auto | json | console
+    blind_after: float = defaults.BLIND_AFTER  # no good observation of a guard this long: alert
     metrics_port: int | None = None  # Prometheus endpoint on 127.0.0.1; None: no endpoint
 
 
@@ -121,7 +122,8 @@ class GuardSettings:
     on_demand_hourly: float | None = None  # USD per standby hour, for status and summaries
     spot_hourly: float | None = None  # USD per spot hour
 
-    def rules(self) -> Rules:
+    def rules(self, poll_interval: float = defaults.POLL_INTERVAL) -> Rules:
+        """The machine's rules for this guard, observed every `poll_interval` (the daemon's) when steady."""
         return Rules(
             standbys=self.standby_instance_ids,
             failback_grace=self.failback_grace,
@@ -129,6 +131,7 @@ class GuardSettings:
             unhealthy_grace=self.unhealthy_grace,
             on_rebalance=self.on_rebalance,
             rebalance_hold=self.rebalance_hold,
+            poll_interval=poll_interval,
         )
 
 
@@ -535,13 +538,14 @@ def _aws(r: _Reader, top: dict) -> AwsSettings:
 
 
 def _daemon(r: _Reader, top: dict) -> DaemonSettings:
-    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format", "metrics_port"))
+    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format", "metrics_port", "blind_after"))
     if table is None:
         return DaemonSettings()
     return DaemonSettings(
         state_dir=r.get(table, "state_dir", "daemon", _path, defaults.STATE_DIR),
         poll_interval=r.get(table, "poll_interval", "daemon", _positive_duration, defaults.POLL_INTERVAL),
         log_format=r.get(table, "log_format", "daemon", _choice(LOG_FORMATS), defaults.LOG_FORMAT),
+        blind_after=r.get(table, "blind_after", "daemon", _positive_duration, defaults.BLIND_AFTER),
         metrics_port=r.get(table, "metrics_port", "daemon", _port, None),
     )
 

@@ -77,6 +77,12 @@ class Observed:
     targets: tuple[Target, ...] = ()  # every registered target of the target group
     target_group_gone: bool = False  # AWS says the target group does not exist
     requests_gone: tuple[str, ...] = ()  # spot request ids AWS does not know (cancelled, deleted)
+    # Instances another guard owns (its spots, its standbys): never started, stopped,
+    # registered or deregistered by this guard, whatever its config says. `disputed`
+    # are those this guard claims itself (a standby that is a spot, a spot found by
+    # an earlier guard's tags too): said once, then left alone.
+    foreign: frozenset[str] = frozenset()
+    disputed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ class Rules:
     unhealthy_grace: float = defaults.UNHEALTHY_GRACE
     on_rebalance: str = defaults.ON_REBALANCE  # ignore | prewarm
     rebalance_hold: float = defaults.REBALANCE_HOLD
+    poll_interval: float = defaults.POLL_INTERVAL  # how often the guard is observed when steady
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,7 @@ class GuardState:
     retry_at: float | None = None  # every standby failed: try again then
     retries: int = 0
     outage_since: float | None = None  # no healthy target in the group since then
+    watched: float | None = None  # when the last observation was stepped
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -191,6 +199,8 @@ Result = tuple[GuardState, tuple[Command, ...]]
 def step(state: GuardState, event: Event, now: float) -> Result:
     """Apply one event at time `now`; return the new state and the commands to run."""
     state = _rebase(state, now)
+    if isinstance(event, Observed):
+        state = _watch(state, now)
     before = state.seen
     state, changed, commands = _absorb(state, event, now)
     if isinstance(event, Observed):
@@ -198,6 +208,7 @@ def step(state: GuardState, event: Event, now: float) -> Result:
     if not changed or state.seen is None or state.seen.target_group_gone:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
+    decided = _own(state, decided)
     if not isinstance(event, Observed):
         # A notice or a failure is decided on the last observation, which may be
         # old (a poll outage) or already overtaken by our own commands. Starting and
@@ -206,6 +217,12 @@ def step(state: GuardState, event: Event, now: float) -> Result:
         return state, commands + tuple(c for c in decided if not isinstance(c, (Deregister, Stop)))
     state, outage = _watch_outage(state, now)
     return state, commands + decided + outage
+
+
+def _own(state: GuardState, commands: tuple[Command, ...]) -> tuple[Command, ...]:
+    """The last word on ownership: no command ever names an instance another guard owns."""
+    foreign = state.seen.foreign
+    return tuple(c for c in commands if isinstance(c, Alert) or c.instance_id not in foreign)
 
 
 def _watch_outage(state: GuardState, now: float) -> Result:
@@ -227,7 +244,8 @@ def _rebase(state: GuardState, now: float) -> GuardState:
     back must not mean an hour more of On-Demand). A step forward needs nothing:
     timers fire early, and every rule is safe whenever it fires.
     """
-    marks = (state.since, state.started_at, state.start_sent, state.unhealthy_since, state.prewarm_at, state.outage_since)
+    marks = (state.since, state.started_at, state.start_sent, state.unhealthy_since, state.prewarm_at, state.outage_since,
+             state.watched)
     latest = max(t for t in marks if t is not None)
     if now >= latest:
         return state
@@ -245,6 +263,35 @@ def _rebase(state: GuardState, now: float) -> GuardState:
         prewarm_at=moved(state.prewarm_at),
         outage_since=moved(state.outage_since),
         retry_at=moved(state.retry_at),
+        watched=moved(state.watched),
+    )
+
+
+def _watch(state: GuardState, now: float) -> GuardState:
+    """Timers count only the time the guard was watched.
+
+    An observation long after the one before (the daemon frozen, stopped, or
+    blind to AWS) moves the timers that give something a chance forward by the
+    time nobody looked: a standby that booted meanwhile is registered and
+    given its health check rather than given up on, and an unhealthy spot gets
+    its whole grace. Phase times (`since`) and the outage clock stay as they
+    were: they say what happened, for people.
+    """
+    last, state = state.watched, replace(state, watched=now)
+    lost = 0.0 if last is None else now - last - watch_gap(state.rules)
+    if lost <= 0:
+        return state
+
+    def later(t: float | None) -> float | None:
+        # A mark set while nobody looked (a notice stepped during the gap) moves to now, not past it.
+        return None if t is None else min(now, t + lost)
+
+    return replace(
+        state,
+        started_at=later(state.started_at),
+        unhealthy_since=later(state.unhealthy_since),
+        prewarm_at=later(state.prewarm_at),
+        retry_at=None if state.retry_at is None else state.retry_at + lost,  # a due time, not a mark
     )
 
 
@@ -267,6 +314,10 @@ def _lost(seen: Observed) -> dict[str, str]:
     for i in seen.standbys:
         if i.state in GONE_STATES:
             lost[i.id] = f"standby {i.id} is {i.state} (terminated?): it cannot serve; fix standby_instance_ids"
+    for iid in sorted(seen.disputed):
+        what = "standby" if iid in {i.id for i in seen.standbys} else "spot"
+        lost[f"disputed {iid}"] = (f"{what} {iid} belongs to another guard (a spot there, or found by its tags "
+                                   "first): this guard never touches it; fix the config")
     return lost
 
 
@@ -399,9 +450,15 @@ def _healthy_spot(state: GuardState) -> Instance | None:
     return next((i for i in _live_spots(state) if _healthy(state, i.id)), None)
 
 
+def _own_standbys(state: GuardState) -> tuple[str, ...]:
+    """The configured standbys this guard may use: none that another guard owns."""
+    foreign = state.seen.foreign if state.seen is not None else frozenset()
+    return tuple(s for s in state.rules.standbys if s not in foreign)
+
+
 def _pick(state: GuardState) -> str | None:
     """The standby to use: one already running, else the first in order not given up on."""
-    usable = [s for s in state.rules.standbys if s not in state.failed]
+    usable = [s for s in _own_standbys(state) if s not in state.failed]
     if state.seen is not None:
         for sid in usable:
             if _instance(state, sid).state in LIVE_STATES:
@@ -448,7 +505,7 @@ def _drop_stopped_standbys(state: GuardState) -> tuple[Command, ...]:
     it cannot serve, and the group should list only what can. Never a healthy target."""
     return tuple(
         Deregister(s)
-        for s in state.rules.standbys
+        for s in _own_standbys(state)
         if _health(state, s) == UNUSED and _instance(state, s).state not in LIVE_STATES
     )
 
@@ -456,7 +513,7 @@ def _drop_stopped_standbys(state: GuardState) -> tuple[Command, ...]:
 def _tidy_other_standbys(state: GuardState) -> tuple[Command, ...]:
     """Standbys other than the chosen one drain and stop (invariant: one standby at a time)."""
     out: tuple[Command, ...] = ()
-    for sid in state.rules.standbys:
+    for sid in _own_standbys(state):
         if sid == state.standby or _instance(state, sid).state not in LIVE_STATES:
             continue
         # Drain it when another target is healthy; a standby that is not healthy
@@ -504,7 +561,7 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
         state = replace(state, unhealthy_since=since)
         return state, _register_new_spots(state)
     state = replace(state, unhealthy_since=None)
-    stray = next((s for s in state.rules.standbys if _instance(state, s).state in LIVE_STATES), None)
+    stray = next((s for s in _own_standbys(state) if _instance(state, s).state in LIVE_STATES), None)
     if stray:
         # A standby running outside a failover (a crash, or a person) gets the usual
         # grace and is then drained and stopped: no forgotten On-Demand bill.
@@ -524,7 +581,7 @@ def _why_spot_lost(state: GuardState) -> str:
 
 def _decide_starting(state: GuardState, now: float) -> Result:
     # Whichever standby is up serves, even one given up on a moment ago.
-    up = next((s for s in state.rules.standbys if _up(state, s)), None)
+    up = next((s for s in _own_standbys(state) if _up(state, s)), None)
     if up:
         return _serve(replace(state, standby=up), now, f"standby {up} healthy")
     spot = _healthy_spot(state)
@@ -695,6 +752,17 @@ STEADY_HEALTH_SHARE = 3
 FAILOVER_PHASES = frozenset({Phase.STANDBY_STARTING, Phase.BOTH_SERVING})
 # The only phase in which a rehearsal may start (nothing else is using a standby).
 REHEARSAL_PHASE = Phase.SPOT_HEALTHY
+
+
+# Between two observations, up to this many steady poll intervals (and at least
+# WATCH_GAP_MIN seconds, for a slow or retried poll) count as watched time.
+WATCH_GAP_POLLS = 3
+WATCH_GAP_MIN = 30.0
+
+
+def watch_gap(rules: Rules) -> float:
+    """The longest gap between observations that still counts as watching the guard."""
+    return max(WATCH_GAP_MIN, WATCH_GAP_POLLS * rules.poll_interval)
 
 
 def poll_interval(states: Iterable[GuardState], steady: float) -> float:

@@ -481,3 +481,58 @@ def test_initial_phase_is_where_a_new_guard_starts():
     assert initial(RULES).phase is machine.INITIAL_PHASE is S
     assert machine.REHEARSAL_PHASE is S
     assert machine.FAILOVER_PHASES == {P, H}
+
+
+# --------------------------------------------------------------------------- a freeze in each phase
+# The daemon frozen (SIGSTOP, a paused VM), down, or blind to AWS: the next
+# observation comes long after the last. Timers count only watched time, so
+# nothing is given up on for the time nobody looked. Each row: a guard last
+# watched at t=0, observed again at t=150 (a 60 s ready timeout, a 30 s watch gap).
+
+QUICK = replace(RULES, standby_ready_timeout=60)
+FROZEN = 150
+
+FREEZES = [
+    # The issue's case: the standby booted while the daemon was stopped. It is
+    # registered and given its health check, not stopped for a cold second standby.
+    ("standby-starting: booted meanwhile", at(P, world("a:running!", "s1:pending s2:stopped", "a:healthy"),
+     rules=QUICK, standby="i-s1", started_at=0.0, start_sent=0.0, watched=0.0),
+     world("a:running!", "s1:running s2:stopped", "a:healthy"), P, (Register("i-s1"),)),
+    ("standby-starting: healthy meanwhile", at(P, world("a:running!", "s1:pending s2:stopped", "a:healthy"),
+     rules=QUICK, standby="i-s1", started_at=0.0, start_sent=0.0, watched=0.0),
+     world("a:running!", "s1:running s2:stopped", "a:healthy s1:healthy"), H, (Deregister("i-a"),)),
+    ("spot-healthy: an unhealthy spot that recovered meanwhile", at(S, world("a:running", targets="a:unhealthy"),
+     rules=QUICK, unhealthy_since=0.0, watched=0.0), HEALTHY_SPOT, S, ()),
+    ("both-serving: nothing is due", at(H, world("", "s1:running s2:stopped", "s1:healthy"),
+     rules=QUICK, standby="i-s1", started_at=0.0, watched=0.0),
+     world("", "s1:running s2:stopped", "s1:healthy"), H, ()),
+    ("spot-restored: the grace ran out meanwhile, the standby drains", at(D, world("b:running", "s1:running s2:stopped",
+     "b:healthy s1:healthy"), rules=QUICK, standby="i-s1", started_at=0.0, watched=0.0),
+     world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), D, ()),
+    ("standby-draining: the drain ended meanwhile, the standby stops", at(DR, world("b:running", "s1:running s2:stopped",
+     "b:healthy s1:draining"), rules=QUICK, standby="i-s1", watched=0.0),
+     world("b:running", "s1:running s2:stopped", "b:healthy"), DR, (Stop("i-s1"),)),
+]
+
+
+@pytest.mark.parametrize("name,state,event,phase,commands", FREEZES, ids=[f[0] for f in FREEZES])
+def test_a_freeze(name, state, event, phase, commands):
+    after, cmds = step(state, event, FROZEN)
+    assert (after.phase, cmds) == (phase, commands)
+
+
+def test_the_same_standby_is_given_up_on_when_the_whole_timeout_was_watched():
+    """The control for the first freeze row: watched all along, the timeout stands."""
+    state = at(P, world("a:running!", "s1:pending s2:stopped", "a:healthy"), rules=QUICK, standby="i-s1",
+               started_at=0.0, start_sent=0.0, watched=0.0)
+    for t in range(5, 61, 5):
+        state, cmds = step(state, world("a:running!", "s1:running s2:stopped", "a:healthy"), t)
+    assert Alert("standby i-s1 not healthy after 60s") in cmds and Start("i-s2") in cmds
+    assert state.standby == "i-s2"
+
+
+def test_a_backoff_waits_out_its_time_after_a_freeze():
+    state = at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby=None,
+               failed=frozenset({"i-s1", "i-s2"}), retry_at=60.0, watched=0.0)
+    state, cmds = step(state, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), FROZEN)
+    assert cmds == () and state.retry_at == 60.0 + FROZEN - machine.watch_gap(RULES)

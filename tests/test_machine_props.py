@@ -657,7 +657,8 @@ def test_bug2_healthy_spot_does_not_end_a_failover_whose_standby_never_gets_heal
 
 
 def test_bug3_given_up_standby_is_not_stopped_while_nothing_is_healthy():
-    rules = Rules(standbys=(A, B), standby_ready_timeout=120)
+    # At a 60 s poll the 110 s between the observations below count as watched time.
+    rules = Rules(standbys=(A, B), standby_ready_timeout=120, poll_interval=60)
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Start(A)
         (20, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Register(A)
