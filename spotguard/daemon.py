@@ -24,13 +24,25 @@ import structlog
 
 from . import machine, sdnotify, store
 from .machine import Alert, Event, GuardState, Notice, Observed
+from .sources.poll import PollError
 
 log = structlog.get_logger("spotguard")
 
 
+class SteadyClock:
+    """Wall-clock seconds that a wall-clock step cannot move: the wall time at start plus
+    monotonic time since. Timers measured on it are monotonic; times stay readable."""
+
+    def __init__(self) -> None:
+        self._wall, self._mono = time.time(), time.monotonic()
+
+    def __call__(self) -> float:
+        return self._wall + (time.monotonic() - self._mono)
+
+
 @dataclass
 class Guard:
-    """One guard's settings, its machine state, and the events waiting for its worker."""
+    """One guard's settings, its machine state, and what the shell keeps about it."""
 
     settings: Any
     state: GuardState
@@ -41,6 +53,10 @@ class Guard:
     worker: asyncio.Task | None = None  # steps and acts on the queue; ends when it is empty
     acting: int = 0  # AWS commands in flight
     acted: float = float("-inf")  # monotonic time the last command ended
+    unsaved: str | None = None  # why the state could not be written; None once it is
+    seen_at: float = field(default_factory=time.monotonic)  # the last good observation (monotonic)
+    blind: bool = False  # said to be blind: no observation for blind_after
+    why_blind: str | None = None  # the last poll error
 
     @property
     def name(self) -> str:
@@ -54,7 +70,7 @@ class Observer(Protocol):
     observer's failure is logged and never stops a failover. `event` comes
     with the states before and after the machine stepped it, so an observer
     reads what the machine concluded (say, a newly doomed spot) instead of
-    deciding it again.
+    deciding it again. An observer may leave out a hook it has no use for.
     """
 
     def event(self, guard: str, event: Event, old: GuardState, new: GuardState, at: float) -> None: ...
@@ -62,6 +78,10 @@ class Observer(Protocol):
     def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None: ...
 
     def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float, at: float) -> None: ...
+
+    def polled(self, guard: str, error: Exception | None, at: float) -> None: ...
+
+    def saved(self, guard: str, error: str | None, at: float) -> None: ...
 
 
 class Daemon:
@@ -75,7 +95,7 @@ class Daemon:
         executor: Any,
         store: Any,
         notifier: Any,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         observers: Sequence[Observer] = (),
         ha: Any = None,
     ) -> None:
@@ -84,31 +104,35 @@ class Daemon:
         self.executor = executor
         self.store = store
         self.notifier = notifier
-        self.clock = clock
+        self.clock = clock or SteadyClock()
         self.observers = tuple(observers)
         self.ha = ha  # ha.Leadership with [ha]; None: this daemon runs alone and always acts
         self.loaded_epoch: int | None = None  # the lease epoch whose shared states we loaded
         self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
-        self.notices: asyncio.Queue[Notice] = asyncio.Queue()
+        self.held: list[Notice] = []  # notices for instances no guard is known to own, until the next poll
         self.woken = asyncio.Event()  # set by push()/wake(): start a round now
+        self.cadence = asyncio.Event()  # set when a phase changes: the poll interval may have too
+        self.fatal: BaseException | None = None  # a bug in a worker: the daemon stops with it
         self.rounds = 0  # completed observation rounds; tests wait on it
 
     # ------------------------------------------------------------------ lifecycle
 
     def _load(self, settings: Any) -> GuardState:
-        state = self.store.load(settings.name, settings.rules())
+        rules = settings.rules(self.settings.daemon.poll_interval)
+        state = self.store.load(settings.name, rules)
         if state is None:
-            return machine.initial(settings.rules(), self.clock())
+            return machine.initial(rules, self.clock())
         log.info("guard.resumed", guard=settings.name, phase=state.phase.value, standby=state.standby)
         return machine.resumed(state)
 
     async def async_run(self, stop: asyncio.Event, ready: Callable[[], None] = lambda: None) -> None:
         """Observe and act until `stop` is set; `ready` is called after the first round.
 
-        Rounds are timed on the monotonic clock (a wall-clock step must not stall
-        them) and do not wait for the guards' commands: each guard's worker
-        carries them out, so one guard's slow or throttled call never delays
-        another guard's next round. On `stop` the commands in flight finish.
+        Rounds are timed on the monotonic clock and do not wait for the guards'
+        commands: each guard's worker carries them out, so one guard's slow call
+        never delays another guard's next round. A bug in a worker ends the loop
+        with that exception (systemd restarts the daemon). On `stop` the
+        commands in flight finish.
         """
         try:
             while not stop.is_set():
@@ -117,15 +141,25 @@ class Daemon:
                 if self.rounds == 1:
                     ready()
                 self._reraise()
-                await self._wait(stop, started + self._interval())
+                await self._wait(stop, started)
+                self._reraise()
             await self.settle()
         finally:
             self._cancel_workers()
 
     def push(self, notice: Notice) -> None:
-        """Hand in a notice from a fast source (SQS, agent); it wakes the loop at once."""
-        self.notices.put_nowait(notice)
-        self.woken.set()
+        """Hand in a notice from a fast source (SQS, agent): stepped at once by its guard's
+        worker, whatever the poll is doing; one for an instance no guard is known to own
+        yet (a spot fulfilled since the last poll) waits for the next poll, which starts now."""
+        if self.ha is not None and not self.ha.leading():
+            log.info("ha.follower.notice.dropped", instance_id=notice.instance_id, kind=notice.kind)
+            return
+        owner = self._owner(notice.instance_id, {})
+        if owner is not None and (self.ha is None or self.loaded_epoch == self.ha.epoch):
+            self._enqueue(self.guards[owner], notice)
+        else:
+            self.held.append(notice)
+            self.woken.set()
 
     def wake(self) -> None:
         """Look at the world now rather than at the next poll (e.g. a spot was fulfilled)."""
@@ -138,53 +172,83 @@ class Daemon:
     def _interval(self) -> float:
         return machine.poll_interval((g.state for g in self.guards.values()), self.settings.daemon.poll_interval)
 
-    async def _wait(self, stop: asyncio.Event, until: float) -> None:
-        """Sleep until the next round is due, we are woken, or we are stopped."""
-        timeout = max(0.0, until - time.monotonic())
-        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.woken.wait())]
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+    async def _wait(self, stop: asyncio.Event, started: float) -> None:
+        """Sleep until the next round is due, we are woken, or we are stopped. A phase
+        change while sleeping (a notice's failover) recomputes when the next round is due."""
+        while True:
+            self.cadence.clear()
+            timeout = max(0.0, started + self._interval() - time.monotonic())
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, self.woken, self.cadence)]
+            try:
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if not self.cadence.is_set() or stop.is_set() or self.woken.is_set() or self.fatal is not None:
+                return
 
     # ------------------------------------------------------------------ one round
 
     async def round(self, settle: bool = True) -> None:
-        """One round: hand pending notices to their guards at once, then poll and hand
-        each guard the observation; with `settle`, return once every guard has acted."""
-        # Notices go first, on the last observation: the machine only starts and
-        # registers on them (never deregisters or stops), so a failover starts without
-        # waiting for a whole poll. A notice for an instance no guard has seen yet
-        # (a spot fulfilled since the last poll) waits for this round's poll.
+        """One round: poll and hand each guard its observation (with any notices held for
+        it); with `settle`, return once every guard has acted."""
         self.woken.clear()
         if self.ha is not None and not await self._lead():
             await self._follow()
             self.rounds += 1
             return
-        later = self._route(self._drain_notices(), {}, final=False)
+        self.held = self._route(self.held, {}, final=False)  # their owner may be known now (a takeover)
         if settle:
             await self.settle()  # as before a poll that waits for nothing: notices acted on first
         polled = time.monotonic()
-        try:
-            seen = await self.poller.observe(steady=self._steady(), now=self.clock())
-        except Exception as exc:  # noqa: BLE001 - a failed poll must never kill the daemon
-            log.error("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
-            seen = {}
-        self._route(later, seen, final=True)
+        seen = await self._observe()
+        self.held = self._route(self.held, seen, final=True)
         for name, observed in seen.items():
             guard = self.guards.get(name)
             # An observation taken while one of the guard's commands was in flight may
             # predate it; stepping it would repeat the command. The next poll is fresh.
-            if guard is not None and not guard.acting and guard.acted < polled:
+            if isinstance(observed, Observed) and guard is not None and not guard.acting and guard.acted < polled:
                 self._enqueue(guard, observed)
+        self._retry_saves()
         if settle:
             await self.settle()
         self.rounds += 1
+        if self.ha is not None and self.guards and all(g.blind for g in self.guards.values()):
+            await self.ha.step_aside("every guard is blind: EC2/ELBv2 cannot be described from here",
+                                     hold=self.settings.daemon.blind_after)
+
+    async def _observe(self) -> dict[str, Any]:
+        """Each guard's observation, or why it has none this round (a PollError)."""
+        try:
+            seen = await self.poller.observe(steady=self._steady(), now=self.clock())
+        except Exception as exc:  # noqa: BLE001 - a bug in the poll blinds the guards (said loudly), never kills the daemon
+            log.exception("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
+            seen = {name: PollError("poll", type(exc).__name__) for name in self.guards}
+        self._sight(seen)
+        return seen
 
     def _steady(self) -> set[str]:
         """Steady guards with nothing queued or in flight: the poller may reuse their target health."""
         return {name for name, g in self.guards.items() if machine.is_steady(g.state) and not g.queued and not g.acting}
+
+    def _sight(self, seen: dict[str, Any]) -> None:
+        """Keep track of each guard's last good observation: blindness past blind_after is
+        said loudly (log and Discord), and so is sight coming back."""
+        now, at = time.monotonic(), self.clock()
+        for name, guard in self.guards.items():
+            result = seen.get(name)
+            failed = result if isinstance(result, Exception) else None
+            self._tell("polled", name, failed, at)
+            if failed is None:
+                if guard.blind:
+                    self._say(guard, "guard.sight.back", f"sight back: observed again after {now - guard.seen_at:.0f}s blind")
+                guard.seen_at, guard.blind, guard.why_blind = now, False, None
+                continue
+            guard.why_blind = str(failed)
+            if not guard.blind and now - guard.seen_at >= self.settings.daemon.blind_after:
+                guard.blind = True
+                self._say(guard, "guard.blind", f"blind: no observation for {now - guard.seen_at:.0f}s "
+                          f"(last: {failed}); spotguard cannot see this guard's instances", error=True)
 
     def _enqueue(self, guard: Guard, event: Event) -> None:
         if isinstance(event, Observed):
@@ -193,6 +257,14 @@ class Daemon:
             guard.queued.append(event)
         if guard.worker is None or guard.worker.done():
             guard.worker = asyncio.create_task(self._work(guard))
+            guard.worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        # The only exceptions left in a worker are bugs: never lost, they stop the daemon.
+        if not task.cancelled() and task.exception() is not None and self.fatal is None:
+            self.fatal = task.exception()
+            log.critical("guard.worker.failed", error=type(self.fatal).__name__, detail=str(self.fatal))
+            self.woken.set()
 
     async def _work(self, guard: Guard) -> None:
         """Step and act on a guard's events in order until none is left."""
@@ -210,13 +282,8 @@ class Daemon:
         self._reraise()
 
     def _reraise(self) -> None:
-        # A worker only fails when the write-ahead save does (disk full, read-only):
-        # acting without it would be unsafe, so the daemon stops and systemd restarts it.
-        for guard in self.guards.values():
-            if guard.worker is not None and guard.worker.done() and not guard.worker.cancelled():
-                error = guard.worker.exception()
-                if error is not None:
-                    raise error
+        if self.fatal is not None:
+            raise self.fatal
 
     def _cancel_workers(self) -> None:
         for guard in self.guards.values():
@@ -243,33 +310,30 @@ class Daemon:
 
     async def _follow(self) -> None:
         """A follower's round: observe and adopt the leader's states; step nothing, so act on nothing."""
-        for notice in self._drain_notices():  # the leader's own sources see the same notices
+        for notice in self.held:  # the leader's own sources see the same notices
             log.info("ha.follower.notice.dropped", instance_id=notice.instance_id, kind=notice.kind)
+        self.held = []
         self._cancel_workers()  # deposed: stop acting now, as a kill -9 would
         self.loaded_epoch = None
-        try:
-            seen = await self.poller.observe(steady=self._steady(), now=self.clock())
-        except Exception as exc:  # noqa: BLE001 - a follower's failed poll changes nothing
-            log.warning("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
-            seen = {}
+        seen = await self._observe()
         shared = await self.ha.states(self._rules(), consistent=False)
         self._adopt(shared or {})
         for name, observed in seen.items():
-            if name in self.guards:
+            if isinstance(observed, Observed) and name in self.guards:
                 self.guards[name].state = replace(self.guards[name].state, seen=observed)
 
     def _rules(self) -> dict[str, machine.Rules]:
-        return {name: g.settings.rules() for name, g in self.guards.items()}
+        return {name: g.settings.rules(self.settings.daemon.poll_interval) for name, g in self.guards.items()}
 
     def _adopt(self, shared: dict[str, GuardState]) -> None:
         # The shared state never holds an observation; ours is as fresh as any.
         for name, state in shared.items():
             guard = self.guards[name]
             if store.differs(guard.state, state):
-                self.store.save(name, state)  # the local mirror `status` reads
+                self._write(guard, state)  # the local mirror `status` reads
             guard.state = replace(state, seen=guard.state.seen)
 
-    def _route(self, notices: list[Notice], seen: dict[str, Observed], final: bool) -> list[Notice]:
+    def _route(self, notices: list[Notice], seen: dict[str, Any], final: bool) -> list[Notice]:
         """Hand each notice to its guard's worker; return those no guard owns (yet)."""
         unowned = []
         for notice in notices:
@@ -282,19 +346,14 @@ class Daemon:
                 unowned.append(notice)
         return unowned
 
-    def _drain_notices(self) -> list[Notice]:
-        out = []
-        while not self.notices.empty():
-            out.append(self.notices.get_nowait())
-        return out
-
-    def _owner(self, instance_id: str, seen: dict[str, Observed]) -> str | None:
+    def _owner(self, instance_id: str, seen: dict[str, Any]) -> str | None:
+        """The guard whose spot this is (the observation's owner), else whose standby."""
         for name, guard in self.guards.items():
-            observed = seen.get(name) or guard.state.seen
-            spots = observed.spots if observed else ()
-            if any(i.id == instance_id for i in spots) or instance_id in guard.settings.standby_instance_ids:
+            observed = seen.get(name)
+            observed = observed if isinstance(observed, Observed) else guard.state.seen
+            if observed is not None and any(i.id == instance_id for i in observed.spots):
                 return name
-        return None
+        return next((n for n, g in self.guards.items() if instance_id in g.settings.standby_instance_ids), None)
 
     async def apply(self, guard: Guard, event: Event) -> None:
         """Step the machine, persist, then carry out the commands (write ahead)."""
@@ -309,6 +368,7 @@ class Daemon:
         if new.phase is not old.phase:
             self._transition(guard, old, new)
             self._tell("transition", guard.name, old, new, now)
+            self.cadence.set()
         for command in commands:
             if not self._may_act(guard, type(command).__name__.lower()):
                 return
@@ -324,16 +384,43 @@ class Daemon:
         return False
 
     async def _save(self, guard: Guard, old: GuardState, new: GuardState) -> bool:
-        """Persist before acting. With [ha] the write is fenced: refused or failed, the state
-        reverts (so the next round decides the same step again) and nothing is carried out."""
-        if self.ha is None:
-            self.store.save(guard.name, new)
-            return True
-        if await self.ha.save(guard.name, new):
-            self.store.save(guard.name, new)  # a local mirror, so `status` reads the phase on either controller
-            return True
-        guard.state = old
-        return False
+        """Persist before acting. Alone, a failed write never blocks the commands (see
+        _write). With [ha] the shared write is fenced: refused or failed, the state reverts
+        (so the next round decides the same step again) and nothing is carried out."""
+        if self.ha is not None and not await self.ha.save(guard.name, new):
+            guard.state = old
+            return False
+        self._write(guard, new)  # with [ha], a local mirror, so `status` reads the phase on either controller
+        return True
+
+    def _write(self, guard: Guard, state: GuardState) -> None:
+        """Write the state file. Availability beats persistence: when the disk says no (full,
+        read-only, gone), the commands still run, the state stays in memory, the write is
+        retried every round, and people hear once that it failed and once that it is back."""
+        try:
+            self.store.save(guard.name, state)
+        except OSError as exc:
+            reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+            self._tell("saved", guard.name, reason, self.clock())
+            if guard.unsaved is None:
+                self._say(guard, "guard.state.unsaved", f"state not saved ({reason}): acting on it anyway; "
+                          "a restart now would forget this phase", error=True)
+            guard.unsaved = reason
+            return
+        if guard.unsaved is not None:
+            guard.unsaved = None
+            self._tell("saved", guard.name, None, self.clock())
+            self._say(guard, "guard.state.saved", "state saved again")
+
+    def _retry_saves(self) -> None:
+        for guard in self.guards.values():
+            if guard.unsaved is not None and not guard.acting and (guard.worker is None or guard.worker.done()):
+                self._write(guard, guard.state)
+
+    def _say(self, guard: Guard, event: str, text: str, *, error: bool = False) -> None:
+        """One line in the log and one Discord message about a guard's own health."""
+        (log.error if error else log.warning)(event, guard=guard.name, text=text)
+        self.notifier.notify(f"[{guard.name}] ⚠ {text}")
 
     def _transition(self, guard: Guard, old: GuardState, new: GuardState) -> None:
         spots = [i.id for i in new.seen.spots] if new.seen else []
@@ -364,8 +451,11 @@ class Daemon:
 
     def _tell(self, what: str, *args: Any) -> None:
         for observer in self.observers:
+            hook = getattr(observer, what, None)
+            if hook is None:
+                continue
             try:
-                getattr(observer, what)(*args)
+                hook(*args)
             except Exception as exc:  # noqa: BLE001 - an observer must never stop a failover
                 log.error("guard.observer.failed", observer=type(observer).__name__, hook=what, error=type(exc).__name__, detail=str(exc))
 
@@ -374,12 +464,28 @@ class Daemon:
 
 
 def run(settings: Any) -> int:
-    """Run the daemon until SIGTERM/SIGINT; the exit code for the process."""
+    """Run the daemon until SIGTERM/SIGINT; the exit code for the process.
+
+    Before anything starts: the state directory must take a write, and no other
+    daemon may hold it (one line and exit 1 otherwise, so systemd retries).
+    """
     from . import logs
 
     logs.configure(settings.daemon.log_format)
+    state_dir = settings.daemon.state_dir
     try:
-        asyncio.run(_main(settings))
+        store.check_writable(state_dir)
+    except OSError as exc:
+        log.critical("daemon.state_dir.unusable", state_dir=str(state_dir),
+                     error=f"{type(exc).__name__}: {exc.strerror or exc}")
+        return 1
+    try:
+        with store.locked(state_dir):
+            asyncio.run(_main(settings))
+    except store.Locked as exc:
+        log.critical("daemon.already_running", state_dir=str(state_dir), holder=exc.holder,
+                     detail=f"another spotguard ({exc.holder}) runs on this state directory")
+        return 1
     except Exception as exc:  # noqa: BLE001 - logged as one line for journald, then systemd restarts us
         log.critical("daemon.crashed", error=type(exc).__name__, detail=str(exc))
         return 1

@@ -13,6 +13,7 @@ from pathlib import Path
 STATE_DIR = Path("/var/lib/spotguard")
 POLL_INTERVAL = 5.0
 LOG_FORMAT = "auto"
+BLIND_AFTER = 60.0  # no observation of a guard this long: alert (and, with [ha], let the other controller lead)
 
 # [notify.discord]
 TIMEZONE = "UTC"

@@ -88,6 +88,7 @@ class Leadership:
         self.valid_until = 0.0  # monotonic: act only before this
         self.seen: LeaseItem | None = None  # the lease as last read or written
         self.changed = asyncio.Event()  # set whenever leadership is won or lost
+        self.aside_until = 0.0  # monotonic: after stepping aside, take no lease before this
         self._reported: tuple[str, int] | None = None  # the leader last logged as ha.follower
 
     # ------------------------------------------------------------------ the gate
@@ -158,7 +159,21 @@ class Leadership:
             self.seen = current
             self._follow(current)
             return
+        if self.monotonic() < self.aside_until:
+            return  # stepped aside: the other controller gets the first chance
         await self._acquire()
+
+    async def step_aside(self, reason: str, *, hold: float) -> None:
+        """Give the lease up because this daemon cannot do the leader's job (it is blind
+        to EC2/ELBv2 while DynamoDB still answers), and take none for `hold` seconds, so
+        the other controller, which may see, leads. A no-op when not leading."""
+        if self.epoch is None:
+            return
+        self.aside_until = self.monotonic() + hold
+        log.error("ha.stepped_aside", holder=self.holder, epoch=self.epoch, reason=reason, hold=hold)
+        self._notify(f"spotguard {self.holder} stepped aside (epoch {self.epoch}): {reason}")
+        await self.release()
+        self.changed.set()
 
     async def _acquire(self) -> None:
         sent, now = self.monotonic(), self.clock()
@@ -240,7 +255,7 @@ class Leadership:
         epoch = self.epoch
         if epoch is None or not self.leading():
             return False
-        document = json.dumps(store.encode(state), sort_keys=True, allow_nan=False)
+        document = json.dumps(store.encode(state, guard), sort_keys=True, allow_nan=False)
         try:
             await self.ddb.transact_write_items(
                 TransactItems=[
@@ -316,7 +331,7 @@ def _decode(name: str, item: dict, rules: Rules | None) -> GuardState | None:
     if rules is None:
         return None
     try:
-        return store.decode(json.loads(item["state"]["S"]), rules)
+        return store.decode(json.loads(item["state"]["S"]), rules, name)
     except (KeyError, ValueError) as exc:
         log.error("ha.state.corrupt", guard=name, reason=str(exc))
         return None

@@ -11,6 +11,7 @@ into the daemon; it reads time only through the `at` the daemon passes.
 
 from __future__ import annotations
 
+import platform
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ from typing import Any, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from . import machine
+from . import __version__, machine
 from .machine import Deregister, Event, GuardState, Observed, Phase, Register, Start, Stop
 
 log = structlog.get_logger("spotguard.metrics")
@@ -101,6 +102,29 @@ class Metrics:
         self.errors = Counter(
             "spotguard_aws_errors", "Failed AWS actions by API call and AWS error code.", ["guard", "action", "code"], registry=r
         )
+        self.last_observation = Gauge(
+            "spotguard_last_observation_timestamp_seconds",
+            "When the guard's instances and targets were last described successfully (Unix time).",
+            ["guard"],
+            registry=r,
+        )
+        self.poll_errors = Counter(
+            "spotguard_poll_errors", "Rounds in which the guard could not be observed, by the Describe that failed "
+            "and its error code.", ["guard", "api", "code"], registry=r,
+        )
+        self.save_errors = Counter(
+            "spotguard_state_save_errors", "Failed writes of the guard's state file (the daemon acted anyway).",
+            ["guard"], registry=r,
+        )
+        self.unsaved = Gauge(
+            "spotguard_state_unsaved", "1 while the guard's latest state is not on disk.", ["guard"], registry=r
+        )
+        Info("spotguard_build", "The spotguard version and the Python running it.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()})
+        ProcessCollector(namespace="spotguard", registry=r)  # spotguard_process_*: memory, CPU, fds
+        r.register(_SourceCollector(self))
+        self._sqs: Any = None  # the SQS source, once watched
+        self._ha: Any = None  # the [ha] leadership, once watched
         self._watch: dict[str, _Watch] = {}
         for guard in guards:
             self._add(guard if isinstance(guard, str) else guard.name)
@@ -111,6 +135,8 @@ class Metrics:
         watch = self._watch[name] = _Watch()
         self.failovers.labels(name)
         self.standby_seconds.labels(name)
+        self.save_errors.labels(name)
+        self.unsaved.labels(name)
         return watch
 
     def _guard(self, name: str) -> _Watch:
@@ -125,6 +151,10 @@ class Metrics:
         thread is safe: the loop only ever swaps the reference.
         """
         self._phases = guards
+
+    def watch_sources(self, *, sqs: Any = None, ha: Any = None) -> None:
+        """Read the SQS source's message counts and the [ha] leadership at each scrape."""
+        self._sqs, self._ha = sqs, ha
 
     def current_phases(self) -> dict[str, Phase]:
         """Each guard's phase as the gauge shows it."""
@@ -152,6 +182,17 @@ class Metrics:
             self.failovers.labels(guard).inc()
         if new.phase is not Phase.STANDBY_STARTING:
             watch.noticed_at = None  # served without a start: nothing to measure
+
+    def polled(self, guard: str, error: Exception | None, at: float) -> None:
+        if error is None:
+            self.last_observation.labels(guard).set(at)
+        else:
+            self.poll_errors.labels(guard, getattr(error, "api", "poll"), getattr(error, "code", type(error).__name__)).inc()
+
+    def saved(self, guard: str, error: str | None, at: float) -> None:
+        if error is not None:
+            self.save_errors.labels(guard).inc()
+        self.unsaved.labels(guard).set(0 if error is None else 1)
 
     def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float, at: float) -> None:
         name = ACTIONS.get(type(command))
@@ -196,6 +237,35 @@ class _PhaseCollector:
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily("spotguard_phase", "1 for the guard's current phase, 0 for the others.", labels=["guard", "phase"])
+
+
+class _SourceCollector:
+    """The SQS source's message counts and the [ha] leader, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return list(self._families(None, None))
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families(self.metrics._sqs, self.metrics._ha)
+
+    @staticmethod
+    def _families(sqs: Any, ha: Any) -> Iterator[Any]:
+        messages = CounterMetricFamily("spotguard_sqs_messages", "SQS messages by what became of them.",
+                                       labels=["outcome"])
+        last = GaugeMetricFamily("spotguard_sqs_last_receive_timestamp_seconds",
+                                 "When ReceiveMessage last answered (Unix time).")
+        leader = GaugeMetricFamily("spotguard_leader", "With [ha]: 1 while this daemon holds the lease, else 0.")
+        if sqs is not None:
+            for outcome, count in list(sqs.counts.items()):
+                messages.add_metric([outcome], count)
+            if sqs.received_at is not None:
+                last.add_metric([], sqs.received_at)
+        if ha is not None:
+            leader.add_metric([], 1 if ha.leading() else 0)
+        yield from (messages, last, leader)
 
 
 # ---------------------------------------------------------------------- endpoint

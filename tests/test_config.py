@@ -544,7 +544,7 @@ def test_operator_keys_have_their_defaults_and_values(tmp_path):
 
 def test_the_example_file_has_every_key():
     text = EXAMPLE.read_text()
-    for key in ["region", "endpoint_url", "state_dir", "poll_interval", "log_format", "[notify.discord]",
+    for key in ["region", "endpoint_url", "state_dir", "poll_interval", "log_format", "blind_after", "[notify.discord]",
                 "webhook_url_file", "webhook_url", "[sources.sqs]", "queue_url", "[[guard]]", "name",
                 "target_group_arn", "target_port", "spot_request_ids", "spot_instance_tags", "standby_instance_ids",
                 "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance", "rebalance_hold",
@@ -709,3 +709,19 @@ def test_load_returns_settings_or_config_error_and_nothing_else(fuzz_dir, doc, e
     else:
         assert isinstance(settings, Settings) and settings.guards
         assert all(isinstance(g.rules(), Rules) for g in settings.guards)
+
+
+def test_the_example_states_the_defaults_of_defaults_py():
+    """config.example.toml writes out each default it shows: the values must be defaults.py's."""
+    from spotguard import defaults
+
+    settings = load(EXAMPLE, env={})
+    d, (g,) = settings.daemon, settings.guards
+    assert (d.state_dir, d.poll_interval, d.log_format, d.blind_after) == (
+        defaults.STATE_DIR, defaults.POLL_INTERVAL, defaults.LOG_FORMAT, defaults.BLIND_AFTER)
+    assert (g.failback_grace, g.standby_ready_timeout, g.unhealthy_grace, g.on_rebalance, g.rebalance_hold) == (
+        defaults.FAILBACK_GRACE, defaults.STANDBY_READY_TIMEOUT, defaults.UNHEALTHY_GRACE, defaults.ON_REBALANCE,
+        defaults.REBALANCE_HOLD)
+    text = EXAMPLE.read_text()
+    assert f'# lease = "{format_duration(defaults.LEASE)}"' in text
+    assert f'# timezone = "{defaults.TIMEZONE}"' in text

@@ -174,7 +174,7 @@ class Recorder:
     def __init__(self) -> None:
         self.seen: list[tuple] = []
 
-    def event(self, guard, event, at):
+    def event(self, guard, event, old, new, at):
         self.seen.append(("event", guard, type(event).__name__))
 
     def transition(self, guard, old, new, at):

@@ -622,7 +622,7 @@ class JumpBack:
     def __init__(self, clock: Clock) -> None:
         self.clock, self.armed = clock, False
 
-    def event(self, guard, event, at):
+    def event(self, guard, event, old, new, at):
         if self.armed:
             self.armed = False
             self.clock.jump(-3600)

@@ -205,15 +205,17 @@ async def test_missing_target_group_is_reported_for_its_guard_only(aws, moto_wor
     assert any(e["event"] == "poll.target_group.missing" and e["guards"] == ["b"] for e in logs)
 
 
-async def test_unreachable_endpoint_raises_poll_error(deployment, aio_session):
+async def test_an_unreachable_endpoint_is_each_guards_poll_error(deployment, aio_session):
     # A port nothing listens on: the connection is refused at once (one attempt, no backoff).
     dead = "http://127.0.0.1:9"
     async with clients("us-east-1", dead, session=aio_session, max_attempts=1) as (ec2, elbv2, _):
-        poller = Poller(ec2, elbv2, [guard_for(deployment)])
-        with capture_logs() as logs, pytest.raises(PollError) as raised:
-            await poller.observe()
-    assert raised.value.code == "EndpointConnectionError"
+        poller = Poller(ec2, elbv2, [guard_for(deployment), guard_for(deployment, "other")])
+        with capture_logs() as logs:
+            seen = await poller.observe()
+    assert {name: (type(r).__name__, r.code) for name, r in seen.items()} == {
+        "inference": ("PollError", "EndpointConnectionError"), "other": ("PollError", "EndpointConnectionError")}
     assert any(e["event"] == "poll.describe.failed" for e in logs)
+    assert poller.errors[("DescribeSpotInstanceRequests", "EndpointConnectionError")] == 1
 
 
 # ---------------------------------------------------------------------- steady guards reuse target health

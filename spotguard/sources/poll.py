@@ -48,8 +48,15 @@ REQUEST_BAD_ID = frozenset({"InvalidSpotInstanceRequestID.NotFound", "InvalidSpo
 TG_NOT_FOUND = "TargetGroupNotFound"
 
 
+# Each Describe, retries included, ends within this many seconds: a stuck or
+# throttled endpoint costs the round seconds, not the notice's two minutes.
+CALL_DEADLINE = 10.0
+
+View = tuple[tuple[Instance, ...], tuple[Instance, ...]]  # a guard's spots and standbys
+
+
 class PollError(Exception):
-    """A poll round failed as a whole; the daemon logs it and tries next round."""
+    """A Describe failed, so the guards it concerns are not observed this round."""
 
     def __init__(self, api: str, code: str):
         super().__init__(f"{api} failed: {code}")
@@ -74,47 +81,70 @@ class _Described:
 class Poller:
     """Describes the world of every guard in as few calls as it can."""
 
-    def __init__(self, ec2: Any, elbv2: Any, guards: Iterable[Any]):
+    def __init__(self, ec2: Any, elbv2: Any, guards: Iterable[Any], *, deadline: float = CALL_DEADLINE):
         self.ec2 = ec2
         self.elbv2 = elbv2
         self.guards = tuple(guards)
+        self.deadline = deadline
         self.calls: Counter[str] = Counter()
+        self.errors: Counter[tuple[str, str]] = Counter()  # (api, code) of every failed call
         self.gone: set[str] = set()  # ids AWS said were gone at the last look, logged once
+        self.disputed: set[str] = set()  # ownership conflicts at the last look, logged once
         self.described: dict[str, _Described] = {}  # by target group arn
-        self.views: dict[str, tuple[tuple[Instance, ...], tuple[Instance, ...]]] = {}  # guard: spots, standbys
+        self.views: dict[str, View] = {}  # guard: spots, standbys
 
     # ------------------------------------------------------------------ round
 
-    async def observe(self, steady: Collection[str] = (), now: float = 0.0) -> dict[str, Observed]:
-        """One snapshot per guard; a guard whose target group is gone has no targets and says so.
+    async def observe(self, steady: Collection[str] = (), now: float = 0.0) -> dict[str, Observed | PollError]:
+        """One snapshot per guard, or the PollError that kept it from being observed.
 
-        `steady` names the guards that are spot-healthy with nothing pending; their
-        target health may be reused (see the module docstring), judged at `now`.
+        A failure blinds only the guards it concerns: a target group that cannot be
+        described fails its guards alone, a failed tag lookup the guards that use
+        tags; only the shared DescribeSpotInstanceRequests/DescribeInstances blind
+        everyone. `steady` names the guards whose target health may be reused
+        (machine.health_reusable), judged at `now`.
         """
         reusable = {g.target_group_arn for g in self.guards if g.name in steady and self._reusable(g, now)}
         arns = _unique(g.target_group_arn for g in self.guards)
         # Independent calls run at once; gather waits for all, so none is left running.
-        results = await asyncio.gather(
+        spot_view, tagged, health = await asyncio.gather(
             self._spot_view(),
             self._tagged_instances(),
             self._target_health([a for a in arns if a not in reusable], now),
             return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        (requests, instances), tagged, health = results  # type: ignore[misc]
+        if isinstance(spot_view, BaseException):
+            _reraise_bug(spot_view)
+            return {g.name: spot_view for g in self.guards}
+        requests, instances = spot_view
         views = {g.name: self._view(g, requests, instances, tagged) for g in self.guards}
+        health = _reraise_bug(health)
         # A guard whose instances changed since last round gets its group described now.
         moved = [g.target_group_arn for g in self.guards
                  if g.target_group_arn in reusable and views[g.name] != self.views.get(g.name)]
         if moved:
             health.update(await self._target_health(moved, now))
-        self.views = views
+        self.views.update({name: v for name, v in views.items() if not isinstance(v, PollError)})
         for arn in reusable.difference(moved):
             health[arn] = self.described[arn].targets
         self._log_gone(requests, health)
-        return {g.name: self._assemble(g, requests, views[g.name], health.get(g.target_group_arn)) for g in self.guards}
+        return self._assemble_all(requests, views, health)
+
+    def _assemble_all(
+        self, requests: dict[str, dict], views: dict[str, "View | PollError"], health: dict[str, Any]
+    ) -> dict[str, Observed | PollError]:
+        claims = _claims(self.guards, views)
+        self._log_disputes(claims)
+        out: dict[str, Observed | PollError] = {}
+        for g in self.guards:
+            view, targets = views[g.name], health.get(g.target_group_arn)
+            if isinstance(view, PollError):
+                out[g.name] = view
+            elif isinstance(targets, PollError):
+                out[g.name] = targets
+            else:
+                out[g.name] = self._assemble(g, requests, view, targets, claims[g.name])
+        return out
 
     def _reusable(self, guard: Any, now: float) -> bool:
         """Whether a steady guard's last described targets still do (machine.health_reusable)."""
@@ -124,7 +154,7 @@ class Poller:
             return False
         return health_reusable(guard.unhealthy_grace, last.targets, view[0], now - last.at)
 
-    def _log_gone(self, requests: dict[str, dict], health: dict[str, tuple[Target, ...]]) -> None:
+    def _log_gone(self, requests: dict[str, dict], health: dict[str, Any]) -> None:
         """Log what went missing since the last look, and what came back."""
         gone = {rid for g in self.guards for rid in g.spot_request_ids if rid not in requests}
         gone |= {g.target_group_arn for g in self.guards if g.target_group_arn not in health}
@@ -138,10 +168,14 @@ class Poller:
             log.info("poll.found_again", id=rid)
         self.gone = gone
 
+    def _log_disputes(self, claims: dict[str, "_Claims"]) -> None:
+        disputed = {(name, iid) for name, c in claims.items() for iid in c.disputed}
+        for name, iid in sorted(disputed - self.disputed):
+            log.error("poll.ownership.conflict", guard=name, instance_id=iid)
+        self.disputed = disputed
+
     @staticmethod
-    def _view(
-        guard: Any, requests: dict[str, dict], instances: dict[str, dict], tagged: list[dict]
-    ) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:
+    def _view(guard: Any, requests: dict[str, dict], instances: dict[str, dict], tagged: Any) -> "View | PollError":
         """The guard's spots and standbys, as this round's EC2 calls describe them."""
         spots: list[Instance] = []
         for rid in guard.spot_request_ids:
@@ -149,6 +183,8 @@ class Poller:
             if spot is not None:
                 spots.append(spot)
         if guard.spot_instance_tags:
+            if isinstance(tagged, BaseException):
+                return _reraise_bug(tagged)
             known = {s.id for s in spots}
             spots.extend(
                 _instance(i)
@@ -162,18 +198,16 @@ class Poller:
         return tuple(spots), standbys
 
     @staticmethod
-    def _assemble(
-        guard: Any,
-        requests: dict[str, dict],
-        view: tuple[tuple[Instance, ...], tuple[Instance, ...]],
-        targets: tuple[Target, ...] | None,
-    ) -> Observed:
+    def _assemble(guard: Any, requests: dict[str, dict], view: "View", targets: tuple[Target, ...] | None,
+                  claims: "_Claims") -> Observed:
         return Observed(
-            spots=view[0],
+            spots=tuple(i for i in view[0] if i.id not in claims.disputed),
             standbys=view[1],
             targets=targets or (),
             target_group_gone=targets is None,
             requests_gone=tuple(rid for rid in guard.spot_request_ids if rid not in requests),
+            foreign=claims.foreign,
+            disputed=claims.disputed,
         )
 
     # ------------------------------------------------------------------ EC2
@@ -190,22 +224,17 @@ class Poller:
 
     async def _describe_requests(self, ids: Sequence[str]) -> dict[str, dict]:
         async def one_call(batch: Sequence[str]) -> list[dict]:
-            reply = await self._call(
-                "DescribeSpotInstanceRequests",
-                self.ec2.describe_spot_instance_requests,
-                SpotInstanceRequestIds=list(batch),
-            )
-            return reply.get("SpotInstanceRequests", [])
+            pages = self._pages("DescribeSpotInstanceRequests", self.ec2.describe_spot_instance_requests,
+                                SpotInstanceRequestIds=list(batch))
+            return [r for reply in await pages for r in reply.get("SpotInstanceRequests", [])]
 
         found = await self._batched("DescribeSpotInstanceRequests", one_call, ids, REQUEST_BAD_ID)
         return {r["SpotInstanceRequestId"]: r for r in found}
 
     async def _describe_instances(self, ids: Sequence[str]) -> dict[str, dict]:
         async def one_call(batch: Sequence[str]) -> list[dict]:
-            reply = await self._call(
-                "DescribeInstances", self.ec2.describe_instances, InstanceIds=list(batch)
-            )
-            return [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
+            replies = await self._pages("DescribeInstances", self.ec2.describe_instances, InstanceIds=list(batch))
+            return [i for reply in replies for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
 
         found = await self._batched("DescribeInstances", one_call, ids, INSTANCE_BAD_ID)
         return {i["InstanceId"]: i for i in found}
@@ -225,33 +254,25 @@ class Poller:
             {"Name": "tag-key", "Values": keys},
             {"Name": "instance-state-name", "Values": list(TAGGED_STATES)},
         ]
-        found: list[dict] = []
-        token: str | None = None
-        while True:
-            extra = {"NextToken": token} if token else {}
-            try:
-                reply = await self._call(
-                    "DescribeInstances", self.ec2.describe_instances, Filters=filters, **extra
-                )
-            except AWS_ERRORS as exc:
-                raise self._failed("DescribeInstances", exc) from exc
-            found.extend(i for r in reply.get("Reservations", []) for i in r.get("Instances", []))
-            token = reply.get("NextToken")
-            if not token:
-                break
+        try:
+            replies = await self._pages("DescribeInstances", self.ec2.describe_instances, Filters=filters)
+        except AWS_ERRORS as exc:
+            raise self._failed("DescribeInstances", exc) from exc
+        found = [i for reply in replies for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
         spots = [i for i in found if i.get("InstanceLifecycle") == "spot"]
         return sorted(spots, key=lambda i: (str(i.get("LaunchTime", "")), i["InstanceId"]))
 
     # ------------------------------------------------------------------ ELBv2
 
-    async def _target_health(self, arns: Sequence[str], now: float) -> dict[str, tuple[Target, ...]]:
-        """Targets of the given target groups; a group that is gone is absent from the result."""
+    async def _target_health(self, arns: Sequence[str], now: float) -> dict[str, tuple[Target, ...] | PollError]:
+        """Targets of the given target groups, or the PollError of a group that could not be
+        described; a group that is gone is absent from the result."""
         replies = await asyncio.gather(*(self._one_group(arn) for arn in arns), return_exceptions=True)
-        health: dict[str, tuple[Target, ...]] = {}
+        health: dict[str, tuple[Target, ...] | PollError] = {}
         for arn, reply in zip(arns, replies):
             if isinstance(reply, BaseException):
-                raise reply
-            if reply is None:
+                health[arn] = _reraise_bug(reply)
+            elif reply is None:
                 self.described.pop(arn, None)
             else:
                 health[arn] = reply
@@ -266,7 +287,7 @@ class Poller:
         except AWS_ERRORS as exc:
             if error_code(exc) == TG_NOT_FOUND:
                 return None  # logged once by _log_gone; the machine alerts
-            raise self._failed("DescribeTargetHealth", exc) from exc
+            raise self._failed("DescribeTargetHealth", exc, target_group_arn=arn) from exc
         return tuple(
             Target(d["Target"]["Id"], d.get("TargetHealth", {}).get("State", "unavailable"))
             for d in reply.get("TargetHealthDescriptions", [])
@@ -275,8 +296,20 @@ class Poller:
     # ------------------------------------------------------------------ plumbing
 
     async def _call(self, api: str, method: Any, **kwargs: Any) -> dict:
+        """One call, bounded: retries included, it may not take longer than the deadline."""
         self.calls[api] += 1
-        return await method(**kwargs)
+        async with asyncio.timeout(self.deadline):
+            return await method(**kwargs)
+
+    async def _pages(self, api: str, method: Any, **kwargs: Any) -> list[dict]:
+        """Every page of a Describe that pages (NextToken), in order."""
+        replies, token = [], None
+        while True:
+            reply = await self._call(api, method, **kwargs, **({"NextToken": token} if token else {}))
+            replies.append(reply)
+            token = reply.get("NextToken")
+            if not token:
+                return replies
 
     async def _batched(
         self, api: str, one_call: Any, ids: Sequence[str], bad_id: frozenset[str]
@@ -297,11 +330,48 @@ class Poller:
             found.extend(await self._batched(api, one_call, [one], bad_id))
         return found
 
-    @staticmethod
-    def _failed(api: str, exc: BaseException) -> PollError:
+    def _failed(self, api: str, exc: BaseException, **where: str) -> PollError:
         code = error_code(exc)
-        log.error("poll.describe.failed", api=api, code=code, error=str(exc))
+        self.errors[(api, code)] += 1
+        log.error("poll.describe.failed", api=api, code=code, error=str(exc), **where)
         return PollError(api, code)
+
+
+@dataclass(frozen=True)
+class _Claims:
+    """Of the instances this round shows, which a guard must leave alone."""
+
+    foreign: frozenset[str]  # owned by another guard: its spots and its standbys
+    disputed: frozenset[str]  # claimed by this guard but owned elsewhere (a spot of an earlier guard, a standby that is a spot)
+
+
+def _claims(guards: Sequence[Any], views: dict[str, "View | PollError"]) -> dict[str, _Claims]:
+    """Who owns each instance: a spot belongs to the first guard (in config order) that
+    finds it, and an instance that is some guard's spot is no guard's standby."""
+    spot_owner: dict[str, str] = {}
+    for g in guards:
+        view = views[g.name]
+        if not isinstance(view, PollError):
+            for i in view[0]:
+                spot_owner.setdefault(i.id, g.name)
+    standby_owner = {sid: g.name for g in guards for sid in g.standby_instance_ids}
+    out = {}
+    for g in guards:
+        foreign = {iid for iid, owner in spot_owner.items() if owner != g.name}
+        foreign |= {sid for sid, owner in standby_owner.items() if owner != g.name}
+        view = views[g.name]
+        mine = () if isinstance(view, PollError) else view[0]
+        disputed = {i.id for i in mine if spot_owner[i.id] != g.name}
+        disputed |= {sid for sid in g.standby_instance_ids if sid in spot_owner}
+        out[g.name] = _Claims(frozenset(foreign | disputed), frozenset(disputed))
+    return out
+
+
+def _reraise_bug(result: Any) -> Any:
+    """A PollError (or a result) passes; any other exception from a poll call is a bug: raised."""
+    if isinstance(result, BaseException) and not isinstance(result, PollError):
+        raise result
+    return result
 
 
 # ---------------------------------------------------------------------- helpers

@@ -18,6 +18,7 @@ ReceiveMessage and DeleteMessageBatch.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, OrderedDict
 from typing import Any, Awaitable, Callable, Hashable
 
@@ -30,6 +31,8 @@ from spotguard.sources.eventbridge import STATE_CHANGE, Malformed, Parsed, cap, 
 log = structlog.get_logger("spotguard.sqs")
 
 MAX_MESSAGES = 10  # ReceiveMessage and DeleteMessageBatch both cap at 10
+# What becomes of messages, as counted (and logged with source.sqs.stopped).
+OUTCOMES = ("received", "notices", "wakes", "duplicates", "malformed", "deleted", "errors")
 DEDUPE_KEYS = 4096  # event ids remembered; a copy older than that is pushed again, which is harmless
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
@@ -96,7 +99,9 @@ class SqsSource:
         self.wait_seconds = wait_seconds
         self.backoff = backoff
         self.sleep = sleep
-        self.counts: Counter[str] = Counter()
+        # Every outcome present from the start: the metrics endpoint reads these from its own thread.
+        self.counts: Counter[str] = Counter({outcome: 0 for outcome in OUTCOMES})
+        self.received_at: float | None = None  # wall time of the last ReceiveMessage that answered
         self._event_ids = _Seen(dedupe_keys)
         self._in_hand = False  # a received batch is being handled and deleted
 
@@ -104,15 +109,17 @@ class SqsSource:
         """Receive and handle batches until `stop` is set; never raises (but CancelledError)."""
         failures = 0
         log.info("source.sqs.started", queue_url=self.queue_url)
-        while not stop.is_set():
-            ok = await self._until_stopped(stop)
-            if stop.is_set():
-                break
-            failures = 0 if ok else failures + 1
-            if failures:
-                first, longest = self.backoff
-                await self.sleep(min(longest, first * 2 ** (failures - 1)), stop)
-        log.info("source.sqs.stopped", **dict(self.counts))
+        try:
+            while not stop.is_set():
+                ok = await self._until_stopped(stop)
+                if stop.is_set():
+                    break
+                failures = 0 if ok else failures + 1
+                if failures:
+                    first, longest = self.backoff
+                    await self.sleep(min(longest, first * 2 ** (failures - 1)), stop)
+        finally:  # also when cancelled: the counts are said on every stop
+            log.info("source.sqs.stopped", **dict(self.counts))
 
     async def _until_stopped(self, stop: asyncio.Event) -> bool:
         """One batch, abandoned if `stop` is set during the long poll; once messages are
@@ -150,6 +157,7 @@ class SqsSource:
             )
         except Exception as exc:  # noqa: BLE001 - any failure: logged, backed off, retried
             return self._failed("ReceiveMessage", exc)
+        self.received_at = time.time()
         self._in_hand = True
         try:
             return await self._handle_all(reply)
