@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "spotguard.service"
-MAX_EXPOSURE = 2.5
+MAX_EXPOSURE = 2.0
+NANO_MEMORY = 512 * 2**20  # a t4g.nano
 INSTALLED_EXEC = "/usr/local/bin/spotguard"
 
 
@@ -92,6 +93,20 @@ def test_unit_runs_the_daemon_as_a_notify_service():
     assert service_value("DynamicUser") == "yes"
     assert service_value("StateDirectory") == "spotguard"
     assert service_value("ConfigurationDirectory") == "spotguard"
+
+
+def test_a_bad_config_is_not_restarted_and_memory_is_bounded_for_a_nano():
+    assert service_value("RestartPreventExitStatus") == "2"  # `spotguard run`'s exit for a bad config
+    high, most = _bytes(service_value("MemoryHigh")), _bytes(service_value("MemoryMax"))
+    steady = 62 * 2**20  # docs/benchmarks.md: about 62 MiB for 1 to 20 guards
+    assert 2 * steady <= high < most <= NANO_MEMORY // 2
+    docs = [v for s, k, v in settings(UNIT.read_text()) if s == "Unit" and k == "Documentation"]
+    assert docs and all(url.startswith(("file:///", "https://")) for url in docs[0].split())
+
+
+def _bytes(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 def test_unit_keeps_the_network_the_daemon_needs():
