@@ -25,7 +25,7 @@ import structlog
 
 from spotguard import ids
 from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Observed, Start, Stop
-from spotguard.store import write_atomic
+from spotguard.store import read_bounded, write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +33,11 @@ VERSION = 1
 # A ledger file past this size is rotated early: a flood of records (a flapping
 # target, say) must not fill the nano's disk. A normal month is a few KiB.
 MAX_BYTES = 4 << 20
+READ_LIMIT = 2 * MAX_BYTES  # a file can outgrow MAX_BYTES by the records of one month's start
+SEEN_LIMIT = 1 << 20
+# seen.json is rewritten when the world changes and at least this often (seconds), so
+# `status` can tell how long ago the daemon last saw the world.
+HEARTBEAT = 30.0
 STANDBY, SPOT = "standby", "spot"
 
 
@@ -214,7 +219,7 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 def _lines(path: Path) -> list[dict[str, Any]]:
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, READ_LIMIT)
     except FileNotFoundError:
         return []
     return [r for r in map(_parse, raw.splitlines()) if r is not None]
@@ -245,9 +250,10 @@ def read(state_dir: Path | str, guard: str) -> LedgerView:
 
 
 def read_seen(state_dir: Path | str, guard: str) -> dict[str, Any] | None:
-    """The last observation snapshot, or None when there is none (or it is not one)."""
+    """The last observation snapshot, or None when there is none (or it is not one).
+    OSError when it cannot be read (a symlink, a FIFO, permission)."""
     try:
-        data = json.loads(seen_path(state_dir, guard).read_bytes())
+        data = json.loads(read_bounded(seen_path(state_dir, guard), SEEN_LIMIT))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -266,8 +272,10 @@ class _GuardBook:
     open: dict[str, str]  # instance id → role, for runs not yet stopped
     started: dict[str, float]  # instance id → run start, for carrying over on rotation
     counted: set[str]  # spot ids with an interruption record
-    seen: dict[str, Any] | None  # the last snapshot written (without `since`)
+    seen: dict[str, Any] | None  # the last snapshot written (without `since` and `observed_at`)
     month: tuple[int, int] | None  # the month of the current file's first record
+    since: float | None = None  # when the world first looked like `seen`
+    written: float | None = None  # when seen.json was last written
 
 
 class Ledger:
@@ -300,7 +308,8 @@ class Ledger:
             open={r.instance: r.role for r in open_runs},
             started={r.instance: r.start for r in open_runs},
             counted={r["instance"] for r in view.records if r["kind"] == "interruption"},
-            seen={k: v for k, v in seen.items() if k != "since"} if seen else None,
+            seen={k: v for k, v in seen.items() if k not in ("since", "observed_at")} if seen else None,
+            since=seen.get("since") if seen else None,
             month=_month(current[0]["at"]) if current else None,
         )
 
@@ -416,10 +425,12 @@ class Ledger:
             "standbys": [{"id": i.id, "state": i.state, "target": health.get(i.id)} for i in seen.standbys],
             "targets": [{"id": t.id, "health": t.health} for t in seen.targets],
         }
-        if snap == book.seen:
+        changed = snap != book.seen
+        if not changed and book.written is not None and 0 <= at - book.written < HEARTBEAT:
             return
-        _write_atomic(self.state_dir, seen_path(self.state_dir, guard), {**snap, "since": at})
-        book.seen = snap
+        since = at if changed or book.since is None else book.since
+        _write_atomic(self.state_dir, seen_path(self.state_dir, guard), {**snap, "since": since, "observed_at": at})
+        book.seen, book.since, book.written = snap, since, at
 
 
 def _failed(guard: str, hook: str, exc: Exception) -> None:
@@ -439,7 +450,8 @@ def _append_lines(state_dir: Path, path: Path, records: list[dict[str, Any]]) ->
     # failover state, and a lost last line after a power cut is acceptable.
     data = b"".join(json.dumps(r, sort_keys=True, allow_nan=False).encode() + b"\n" for r in records)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    # Never through a symlink: as root, that would append to whatever it points at.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
     finally:

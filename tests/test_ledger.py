@@ -107,13 +107,16 @@ def test_a_spot_gone_without_notice_is_an_interruption(tmp_path, book, tell):
     assert (i.instance, i.how, i.at) == (SPOT, "lost", t("2026-11-28 09:05"))
 
 
-def test_seen_is_written_only_when_the_world_changes(tmp_path, book, tell):
+def test_seen_is_written_when_the_world_changes_and_every_heartbeat(tmp_path, book, tell):
     path = ledger.seen_path(tmp_path, "inference")
     tell.event("inference", observed(), t("2026-11-28 09:00"))
     first = path.stat().st_ino
+    tell.event("inference", observed(), t("2026-11-28 09:00") + ledger.HEARTBEAT - 1)
+    assert path.stat().st_ino == first  # same world, within the heartbeat: not rewritten
     tell.event("inference", observed(), t("2026-11-28 09:01"))
-    assert path.stat().st_ino == first  # same world: not rewritten
-    assert json.loads(path.read_text())["since"] == t("2026-11-28 09:00")
+    beat = json.loads(path.read_text())
+    assert path.stat().st_ino != first  # a heartbeat: how long ago the world was seen, for `status`
+    assert (beat["since"], beat["observed_at"]) == (t("2026-11-28 09:00"), t("2026-11-28 09:01"))
     tell.event("inference", observed(health={SPOT: "unhealthy"}), t("2026-11-28 09:02"))
     seen = ledger.read_seen(tmp_path, "inference")
     assert seen["since"] == t("2026-11-28 09:02")

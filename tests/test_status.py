@@ -75,6 +75,7 @@ async def test_status_follows_a_failover_phase_by_phase(tmp_path, moto_world, de
         g = check(Phase.SPOT_HEALTHY)
         assert g["since"] is None  # nothing saved yet: the daemon has only observed
         assert [s["id"] for s in g["observed"]["spots"]] == [d.spot_instance_id]
+        assert abs(status.parse_time(g["observed"]["at"]) - time.time()) < 60  # when the daemon last saw the world
         assert g["observed"]["spots"][0]["target"] == "healthy"
 
         moto_world.notice(d.spot_request_id)
@@ -95,12 +96,13 @@ async def test_status_follows_a_failover_phase_by_phase(tmp_path, moto_world, de
         assert code == 0
         doc = json.loads(out)
         assert doc["version"] == 1 and doc["guards"][0]["phase"] in ("both-serving", "spot-restored")
-        assert set(doc) == {"version", "generated_at", "state_dir", "ha", "guards"}  # docs/status-json.md
+        assert set(doc) == {"version", "generated_at", "state_dir", "blind_after", "ha", "guards"}  # docs/status-json.md
         assert doc["ha"] is None  # no [ha]: no DynamoDB, no field value
         assert set(doc["guards"][0]) == GUARD_FIELDS and set(doc["guards"][0]["month"]) == MONTH_FIELDS
         outputs.append(out)
         code, text = await cli(config)
         print(text)  # what a person sees mid-failover (pytest -s)
+        assert "  last observed " in text and "not observed for" not in text
         outputs.append(text)
 
         await replace_spot(moto_world, daemon, d)
@@ -169,6 +171,19 @@ def test_a_corrupt_state_file_is_reported_and_left_alone(tmp_path, capsys):
     assert g["problems"] and g["problems"][0].startswith("state file: unusable")
     assert path.read_text() == "{ truncated"  # evidence for a person; only the daemon sets it aside
     assert g["phase"] is None and "unknown" in status.render({"guards": [g], "generated_at": status.iso(0)})
+
+
+def test_a_world_not_seen_for_blind_after_is_said(tmp_path):
+    """A daemon stopped or blind to AWS leaves an old observation behind: status says how old."""
+    guard = GuardSettings(name="lab", target_group_arn="arn:x")
+    now = time.time()
+    for ago in (10, 300):
+        ledger.seen_path(tmp_path, "lab").write_text(json.dumps(
+            {"version": 1, "spots": [], "standbys": [], "targets": [], "since": now - 3600, "observed_at": now - ago}))
+        g = status.guard_report(tmp_path, guard, now)
+        text = status.render({"guards": [g], "generated_at": status.iso(now), "blind_after": 60.0})
+        assert f"last observed {status.iso(now - ago).replace('T', ' ').replace('Z', ' UTC')}" in text
+        assert ("not observed for 5m 00s, over blind_after (1m 00s)" in text) is (ago == 300), text
 
 
 # --------------------------------------------------------------------------- [ha]: who leads

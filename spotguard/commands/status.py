@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spotguard import ledger, store
+from spotguard import defaults, ledger, store
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
 from spotguard.config import GuardSettings, Settings
 from spotguard.machine import INITIAL_PHASE, GuardState
@@ -42,6 +42,7 @@ def report(settings: Settings, now: float, *, ha: dict[str, Any] | None = None) 
         "version": JSON_VERSION,
         "generated_at": iso(now),
         "state_dir": str(settings.daemon.state_dir),
+        "blind_after": settings.daemon.blind_after,
         "ha": ha if settings.ha is not None else None,
         "guards": [guard_report(settings.daemon.state_dir, g, now) for g in settings.guards],
     }
@@ -109,8 +110,9 @@ def _phase(state: GuardState | None, seen: dict[str, Any] | None) -> dict[str, A
 def _observed(seen: dict[str, Any] | None) -> dict[str, Any] | None:
     if seen is None:
         return None
-    since = seen.get("since")
+    since, at = seen.get("since"), seen.get("observed_at")
     return {
+        "at": iso(at) if isinstance(at, (int, float)) else None,
         "since": iso(since) if isinstance(since, (int, float)) else None,
         "spots": [_instance(i, notice=True) for i in seen.get("spots", [])],
         "standbys": [_instance(i) for i in seen.get("standbys", [])],
@@ -157,7 +159,8 @@ def iso(at: float) -> str:
 
 def render(doc: dict[str, Any]) -> str:
     """The status document for people."""
-    blocks = [_render_guard(g, doc["generated_at"]) for g in doc["guards"]]
+    blind_after = doc.get("blind_after", defaults.BLIND_AFTER)
+    blocks = [_render_guard(g, doc["generated_at"], blind_after) for g in doc["guards"]]
     if doc.get("ha") is not None:
         blocks.insert(0, _ha_line(doc["ha"], doc["generated_at"]))
     return "\n\n".join(blocks) + "\n"
@@ -171,15 +174,15 @@ def _ha_line(h: dict[str, Any], now: str) -> str:
     if lease is None:
         return start + "no leader (no daemon has held the lease yet)"
     who = f"{lease['holder']} (epoch {lease['epoch']})"
-    left = _parse(lease["expires"]) - _parse(now)
+    left = parse_time(lease["expires"]) - parse_time(now)
     if lease["valid"]:
         return start + f"leader {who}, lease valid until {_when(lease['expires'])} ({_duration(left)} left)"
-    if _parse(lease["expires"]) <= 0:  # released on a clean stop
+    if parse_time(lease["expires"]) <= 0:  # released on a clean stop
         return start + f"no leader ({who} released the lease on a clean stop)"
     return start + f"no leader (the lease of {who} expired at {_when(lease['expires'])}, {_duration(-left)} ago)"
 
 
-def _render_guard(g: dict[str, Any], now: str) -> str:
+def _render_guard(g: dict[str, Any], now: str, blind_after: float) -> str:
     lines = [_headline(g, now)]
     if g["reason"]:
         lines.append(f"  why: {g['reason']}")
@@ -192,8 +195,7 @@ def _render_guard(g: dict[str, Any], now: str) -> str:
                 lines.append(_instance_line(role, i, g["standby"]))
         if not obs["spots"]:
             lines.append("  spot     none (the spot request has no instance)")
-        if obs["since"]:
-            lines.append(f"  world as last observed, unchanged since {_when(obs['since'])}")
+        lines += _observed_lines(obs, now, blind_after)
     if g["transitions"]:
         lines.append("  last transitions:")
         lines += [f"    {_when(t['at'])}  {t['from']} → {t['to']}  {t['reason']}" for t in g["transitions"]]
@@ -202,12 +204,25 @@ def _render_guard(g: dict[str, Any], now: str) -> str:
     return "\n".join(lines)
 
 
+def _observed_lines(obs: dict[str, Any], now: str, blind_after: float) -> list[str]:
+    lines = []
+    if obs["at"]:
+        ago = parse_time(now) - parse_time(obs["at"])
+        lines.append(f"  last observed {_when(obs['at'])} ({_duration(ago)} ago)")
+        if ago > blind_after:
+            lines.append(f"  ! not observed for {_duration(ago)}, over blind_after ({_duration(blind_after)}): "
+                         "is the daemon running, and can it reach EC2 and ELBv2?")
+    if obs["since"]:
+        lines.append(f"  world as last observed, unchanged since {_when(obs['since'])}")
+    return lines
+
+
 def _headline(g: dict[str, Any], now: str) -> str:
     if g["phase"] is None:
         return f"guard {g['name']}: unknown (no state or observation in the state directory yet)"
     if g["since"] is None:
         return f"guard {g['name']}: {g['phase']} (no phase change recorded yet)"
-    ago = _parse(now) - _parse(g["since"])
+    ago = parse_time(now) - parse_time(g["since"])
     return f"guard {g['name']}: {g['phase']} since {_when(g['since'])} ({_duration(ago)} ago)"
 
 
@@ -245,7 +260,8 @@ def _usd(amount: float) -> str:
     return f"{'-' if cents < 0 else ''}${abs(cents) / 100:,.2f}"
 
 
-def _parse(text: str) -> float:
+def parse_time(text: str) -> float:
+    """Seconds since the epoch of an ISO 8601 time as this document writes them."""
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
@@ -272,11 +288,15 @@ def _duration(seconds: float) -> str:
 
 async def _read_ha(settings: Settings, now: float) -> dict[str, Any] | None:
     from spotguard import ha
-    from spotguard.aws import client
+    from spotguard.aws import AWS_ERRORS, client, error_code
 
-    async with client("dynamodb", settings.aws.region, settings.aws.endpoint_url,
-                      max_attempts=ha.MAX_ATTEMPTS) as dynamodb:
-        return await read_ha(settings, dynamodb, now)
+    try:
+        async with client("dynamodb", settings.aws.region, settings.aws.endpoint_url,
+                          max_attempts=ha.MAX_ATTEMPTS) as dynamodb:
+            return await read_ha(settings, dynamodb, now)
+    except AWS_ERRORS as exc:  # no client at all (no such profile, say): the leader is unknown, as for a failed read
+        assert settings.ha is not None
+        return {"table": settings.ha.table, "leader": None, "error": error_code(exc)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
