@@ -160,6 +160,17 @@ def error_code(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a person: the error's code, then AWS's (or botocore's) message."""
+    code = error_code(exc)
+    if isinstance(exc, ClientError):
+        message = exc.response.get("Error", {}).get("Message", "")
+    else:
+        message = str(exc)
+    message = " ".join(message.split())
+    return f"{code}: {message}" if message and message != code else code
+
+
 # Exceptions that mean "AWS or the network said no", as opposed to a bug in
 # spotguard. The executor turns these into Failed; the poller into PollError.
 # aiobotocore maps most aiohttp failures to botocore's; aiohttp.ClientError

@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 
 from spotguard import ha, rehearsal
 from spotguard.aws import AWS_ERRORS, client, error_code
-from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import GuardSettings, Settings, format_duration
 from spotguard.rehearsal import Rehearsal
 from spotguard.sources.poll import is_notice
@@ -569,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
-    return asyncio.run(_run(settings, args.config))
+    return run_aws("check", _run(settings, args.config))
 
 
 async def _run(settings: Settings, config: str) -> int:

@@ -6,7 +6,9 @@ It must not hold a verb's own logic, nor import anything heavier than config.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from typing import Any, Coroutine
 
 from spotguard.config import ConfigError, Settings, load
 
@@ -45,3 +47,16 @@ def http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL")
     return text
+
+
+def run_aws(verb: str, work: Coroutine[Any, Any, int]) -> int:
+    """Run a verb's AWS work; any AWS, credential or network failure, raised before a
+    call (no such profile, no credentials) or by one, is one line on stderr and exit 1,
+    never a traceback."""
+    from spotguard.aws import AWS_ERRORS, describe_error  # only verbs that talk to AWS pay for it
+
+    try:
+        return asyncio.run(work)
+    except AWS_ERRORS as exc:
+        print(f"spotguard {verb}: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED

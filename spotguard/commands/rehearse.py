@@ -20,7 +20,7 @@ from typing import Any, Callable, TextIO
 
 from spotguard import rehearsal, store
 from spotguard.aws import AWS_ERRORS, client, error_code
-from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import GuardSettings, Settings, format_duration
 from spotguard.machine import FAILOVER_PHASES, REHEARSAL_PHASE, GuardState, Target, may_take_out
 from spotguard.rehearsal import Rehearsal
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(g.name for g in settings.guards)
         print(f"spotguard rehearse: no guard named {args.guard!r} (the config has: {names})", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(_run(settings, guard))
+    return run_aws("rehearse", _run(settings, guard))
 
 
 async def _run(settings: Settings, guard: GuardSettings) -> int:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from botocore.exceptions import ClientError
 
 from spotguard.aws import AWS_ERRORS, client, error_code
-from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
+from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import Settings, SqsSettings
 from spotguard.ha import table_spec
 from spotguard.sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
-    return asyncio.run(_run(settings, dry_run=args.dry_run))
+    return run_aws("setup", _run(settings, dry_run=args.dry_run))
 
 
 async def _run(settings: Settings, *, dry_run: bool) -> int:
