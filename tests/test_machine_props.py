@@ -51,6 +51,7 @@ from spotguard.machine import (
     Start,
     Stop,
     Target,
+    initial,
     step,
 )
 
@@ -781,3 +782,54 @@ def test_bug1_via_the_sim():
     rules = Rules(standbys=(A,))
     trace = run(rules, Script(actions=(Interrupt(30, refill=None), ExternalStop(300, 0)), end=600), catch=True)
     assert trace.error is None
+
+
+# --------------------------------------------------------------------------- several guards: ownership
+
+# Guard A owns its spot and its standby; guard B's config wrongly names them too (A's spot
+# as a standby, as issue 21 reproduced; A's spot found by B's broader tag selector too).
+A_SPOT, A_STANDBY = "i-a0000000000000001", "i-a0000000000000002"
+B_SPOT, B_STANDBY = "i-b0000000000000001", "i-b0000000000000002"
+FOREIGN = frozenset({A_SPOT, A_STANDBY})
+B_RULES = Rules(standbys=(A_SPOT, B_STANDBY), failback_grace=30, standby_ready_timeout=40, unhealthy_grace=10,
+                rebalance_hold=30)
+STATES = ["pending", "running", "stopping", "stopped", "shutting-down", "terminated"]
+HEALTH = ["initial", "healthy", "unhealthy", "unused", "draining"]
+
+
+@st.composite
+def b_observations(draw) -> Observed:
+    """What B's poll could show: its own spot, maybe A's spot (a broader tag selector), both
+    standbys (one of them A's spot), and any targets in B's group, A's instances included."""
+    spots = [Instance(B_SPOT, draw(st.sampled_from(STATES)), draw(st.booleans()))]
+    if draw(st.booleans()):
+        spots.append(Instance(A_SPOT, draw(st.sampled_from(STATES)), draw(st.booleans())))
+    standbys = (Instance(A_SPOT, draw(st.sampled_from(STATES))), Instance(B_STANDBY, draw(st.sampled_from(STATES))))
+    ids = draw(st.lists(st.sampled_from([A_SPOT, A_STANDBY, B_SPOT, B_STANDBY]), unique=True))
+    targets = tuple(Target(i, draw(st.sampled_from(HEALTH))) for i in ids)
+    disputed = frozenset({A_SPOT})  # B claims it (standby, maybe spot) but A owns it
+    return Observed(spots=tuple(spots), standbys=standbys, targets=targets, foreign=FOREIGN, disputed=disputed)
+
+
+b_events = st.one_of(
+    b_observations(),
+    st.builds(Notice, st.sampled_from([A_SPOT, A_STANDBY, B_SPOT, B_STANDBY]),
+              st.sampled_from(["interruption", "rebalance"])),
+    st.builds(Failed, st.builds(Start, st.sampled_from([A_SPOT, B_STANDBY])),
+              st.sampled_from(["InsufficientInstanceCapacity", "RequestLimitExceeded"])),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(1, 120), b_events), min_size=1, max_size=60))
+def test_no_command_ever_names_another_guards_instance(events):
+    """Issue 21: B's standby list named A's spot, and B stopped A's serving spot after its grace."""
+    t, state, alerted = 0.0, initial(B_RULES, 0.0), False
+    for gap, event in events:
+        t += gap
+        state, commands = step(state, event, t)
+        named = [c for c in commands if not isinstance(c, Alert) and c.instance_id in FOREIGN]
+        assert named == [], (event, commands)
+        alerted |= any(isinstance(c, Alert) and A_SPOT in c.text and "another guard" in c.text for c in commands)
+    if any(isinstance(e, Observed) for _, e in events):
+        assert alerted  # the disputed standby is said, once the guard has seen it
