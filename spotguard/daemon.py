@@ -532,7 +532,7 @@ async def _main(settings: Any) -> None:
                      holder=ha.holder if ha else None, metrics_port=settings.daemon.metrics_port)
             watchdog = asyncio.create_task(_watchdog())
             try:
-                await serve(daemon, settings, aws, stop, ready=_ready)
+                await serve(daemon, settings, aws, stop, ready=_ready, metrics=metrics)
             finally:
                 if summary is not None:
                     summary.shutdown()
@@ -579,15 +579,19 @@ async def _leadership(settings: Any, notifier: Any) -> AsyncIterator[Any]:
                          holder=settings.ha.holder or default_holder(), notifier=notifier)
 
 
-async def serve(daemon: Daemon, settings: Any, aws: Any, stop: asyncio.Event, ready: Callable[[], None] = lambda: None) -> None:
-    """The daemon's loop plus its fast sources (SQS when `[sources.sqs]` is set), until `stop`."""
-    tasks = []
+async def serve(daemon: Daemon, settings: Any, aws: Any, stop: asyncio.Event, ready: Callable[[], None] = lambda: None,
+                metrics: Any = None) -> None:
+    """The daemon's loop plus its fast sources (SQS when `[sources.sqs]` is set), until `stop`;
+    `metrics` (when serving) is shown the SQS source and the [ha] leadership."""
+    tasks, source = [], None
     if settings.sqs is not None:
         from .sources.sqs import SqsSource
 
         source = SqsSource(aws.sqs, settings.sqs.queue_url, owns=daemon.owns, push=daemon.push, wake=daemon.wake)
         run_source = source.run if daemon.ha is None else (lambda s: _while_leading(daemon.ha, source.run, s))
         tasks.append(asyncio.create_task(run_source(stop)))
+    if metrics is not None:
+        metrics.watch_sources(sqs=source, ha=daemon.ha)
     if daemon.ha is not None:
         tasks.append(asyncio.create_task(daemon.ha.run(stop)))
         tasks.append(asyncio.create_task(_wake_on_change(daemon, stop)))
