@@ -5,16 +5,14 @@ every request (method, path, headers, body). How it answers is set by the test:
 status code, JSON body, extra headers, a delay, or "hold" (the handler blocks
 until `release()` or `stop()`, so a stuck server costs no wall-clock time).
 
-`wait_for` / `async_wait_for` poll a condition until a deadline, so tests wait
-for what they need instead of sleeping and hoping. `refused_url()` gives a URL
-whose port is bound but not listening: connecting there is refused at once.
+`refused_url()` gives a URL whose port is bound but not listening: connecting
+there is refused at once. (Waiting for what the server saw: tests/waiting.py.)
 
 This module must not mock anything: the client under test opens real sockets.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -22,9 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, TypeVar
-
-T = TypeVar("T")
+from typing import Any, Callable, Iterator
 
 # Upper bound on a "hold": a handler never blocks longer than this, even if a
 # test forgets to release it, so a broken test cannot hang the suite.
@@ -189,27 +185,3 @@ def refused_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         sock.close()
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
-    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
-async def async_wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
-    """`wait_for` for async tests: yields to the event loop between polls instead of blocking it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)

@@ -27,6 +27,7 @@ from spotguard.lab.imds import InstanceMetadata
 from spotguard.machine import Notice
 from spotguard.sources.eventbridge import INTERRUPTION, Malformed, Parsed, parse
 from spotguard.sources.sqs import SqsSource
+from waiting import until
 
 ID = "i-0aaaaaaaaaaaaaaa1"
 AT = datetime(2026, 11, 28, 8, 22, tzinfo=timezone.utc)
@@ -362,21 +363,14 @@ async def test_run_forwards_a_notice_within_an_interval_and_stops(imds, sqs, que
     agent = Agent(imds.url, sqs, queue_url, interval=0.05)
     task = asyncio.create_task(agent.run(stop))
     try:
-        await wait_for(lambda: agent.instance_id is not None)
+        await until(lambda: agent.instance_id is not None, timeout=5.0)
         imds.set_interruption(AT)
-        await wait_for(lambda: agent.sent)
+        await until(lambda: agent.sent, timeout=5.0)
         await asyncio.sleep(0.2)  # several more polls: still one message
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
     assert len(drain(moto_world, queue_url)) == 1
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_cli_forwards_and_exits_0_on_sigterm(imds, queue_url, moto_world):

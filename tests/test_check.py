@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from configs import write_config
 from spotguard import cli, config, ha, rehearsal
 from spotguard.aws import client
 from spotguard.commands.check import GuardSeen, HaSeen, Refused, check, leader_line, permission_lines
@@ -33,43 +34,6 @@ from spotguard.lab.world import Deployment, MotoWorld
 from spotguard.rehearsal import Rehearsal
 
 DELAY_KEY = "deregistration_delay.timeout_seconds"
-
-
-def write_config(
-    tmp_path: Path,
-    world: MotoWorld,
-    d: Deployment,
-    *,
-    standbys: tuple[str, ...] | None = None,
-    target_group_arn: str | None = None,
-    spot: str | None = None,
-    extra: str = "",
-    poll: str = "5s",
-    guard_extra: str = "",
-) -> Path:
-    """A config for deployment `d` (keywords replace the guard's resources)."""
-    standbys = d.standby_ids if standbys is None else standbys
-    spot = spot if spot is not None else f'spot_request_ids = ["{d.spot_request_id}"]'
-    text = f"""
-[aws]
-region = "{world.region}"
-endpoint_url = "{world.endpoint_url}"
-
-[daemon]
-state_dir = "{tmp_path / 'state'}"
-poll_interval = "{poll}"
-{extra}
-
-[[guard]]
-name = "{d.name}"
-target_group_arn = "{target_group_arn or d.target_group_arn}"
-{spot}
-standby_instance_ids = {list(standbys)!r}
-{guard_extra}
-""".replace("'", '"')
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return path
 
 
 def set_delay(world: MotoWorld, d: Deployment, seconds: int) -> None:
@@ -119,7 +83,7 @@ def marked(lines: list[str], symbol: str) -> list[str]:
 
 
 async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_path):
-    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, [sound]))
 
     assert code == 0, "\n".join(lines)
     assert marked(lines, "✗") == []
@@ -140,7 +104,7 @@ async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_p
 
 
 def test_the_cli_runs_check_as_a_real_process(moto_world, sound, tmp_path):
-    path = write_config(tmp_path, moto_world, sound)
+    path = write_config(tmp_path, moto_world, [sound])
     argv = [sys.executable, "-m", "spotguard", "check", "--config", str(path)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert (done.returncode, done.stderr) == (0, ""), done.stdout
@@ -164,7 +128,7 @@ async def test_a_running_standby_fails_naming_it(moto_world, aio_session, sound,
     running = sound.standby_ids[1]
     moto_world.boto("ec2").start_instances(InstanceIds=[running])
 
-    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, [sound]))
 
     assert code == 1
     (fail,) = marked(lines, "✗")
@@ -174,7 +138,7 @@ async def test_a_running_standby_fails_naming_it(moto_world, aio_session, sound,
 
 async def test_a_standby_that_does_not_exist_fails_naming_it(moto_world, aio_session, sound, tmp_path):
     ghost = "i-0123456789abcdef0"
-    path = write_config(tmp_path, moto_world, sound, standbys=(sound.standby_ids[0], ghost))
+    path = write_config(tmp_path, moto_world, [sound], guard={"standby_instance_ids": [sound.standby_ids[0], ghost]})
 
     code, lines = await run_check(moto_world, aio_session, path)
 
@@ -186,7 +150,7 @@ async def test_a_standby_that_does_not_exist_fails_naming_it(moto_world, aio_ses
 
 async def test_a_target_group_that_does_not_exist_fails_naming_it(moto_world, aio_session, sound, tmp_path):
     ghost = sound.target_group_arn.rsplit("/", 1)[0] + "/0123456789abcdef"
-    path = write_config(tmp_path, moto_world, sound, target_group_arn=ghost)
+    path = write_config(tmp_path, moto_world, [sound], guard={"target_group_arn": ghost})
 
     code, lines = await run_check(moto_world, aio_session, path)
 
@@ -195,7 +159,7 @@ async def test_a_target_group_that_does_not_exist_fails_naming_it(moto_world, ai
 
 
 async def test_a_spot_request_that_does_not_exist_fails_naming_it(moto_world, aio_session, sound, tmp_path):
-    path = write_config(tmp_path, moto_world, sound, spot='spot_request_ids = ["sir-0123456789abcdef0"]')
+    path = write_config(tmp_path, moto_world, [sound], guard={"spot_request_ids": ["sir-0123456789abcdef0"]})
 
     code, lines = await run_check(moto_world, aio_session, path)
 
@@ -206,7 +170,7 @@ async def test_a_spot_request_that_does_not_exist_fails_naming_it(moto_world, ai
 async def test_a_spot_request_without_an_instance_fails(moto_world, aio_session, sound, tmp_path):
     moto_world.terminate_spot(sound.spot_request_id)
 
-    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, [sound]))
 
     assert code == 1
     (fail,) = marked(lines, "✗")
@@ -217,7 +181,7 @@ async def test_a_standby_that_is_a_spot_instance_or_in_another_vpc_fails(moto_wo
     spot_standby = moto_world.launch_spot(sound.subnet_ids[1], {"Role": "oops"})
     moto_world.boto("ec2").stop_instances(InstanceIds=[spot_standby])
     other = moto_world.provision("other", standbys=1).standby_ids[0]
-    path = write_config(tmp_path, moto_world, sound, standbys=(spot_standby, other))
+    path = write_config(tmp_path, moto_world, [sound], guard={"standby_instance_ids": [spot_standby, other]})
 
     code, lines = await run_check(moto_world, aio_session, path)
 
@@ -228,8 +192,8 @@ async def test_a_standby_that_is_a_spot_instance_or_in_another_vpc_fails(moto_wo
 
 
 async def test_tagged_spot_instances_are_found_or_missed(moto_world, aio_session, sound, tmp_path):
-    tags = 'spot_instance_tags = { Role = "inference-spot" }'
-    path = write_config(tmp_path, moto_world, sound, spot=tags)
+    tags = {"spot_request_ids": None, "spot_instance_tags": {"Role": "inference-spot"}}
+    path = write_config(tmp_path, moto_world, [sound], guard=tags)
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 1
     assert marked(lines, "✗")[0].startswith("✗ no running spot instance tagged Role=inference-spot (none found)")
@@ -247,7 +211,7 @@ async def test_tagged_spot_instances_are_found_or_missed(moto_world, aio_session
 async def test_a_deregistration_delay_past_the_notice_fails_and_one_near_it_warns(
     moto_world, aio_session, deployment, tmp_path
 ):
-    path = write_config(tmp_path, moto_world, deployment)
+    path = write_config(tmp_path, moto_world, [deployment])
     set_delay(moto_world, deployment, 300)  # the AWS default
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 1
@@ -266,7 +230,7 @@ async def test_slow_health_checks_warn_with_the_figure(moto_world, aio_session, 
         TargetGroupArn=sound.target_group_arn, HealthCheckIntervalSeconds=30, HealthyThresholdCount=5
     )
 
-    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, sound))
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, [sound]))
 
     assert code == 0
     (health,) = [line for line in marked(lines, "!") if line.startswith("! health check:")]
@@ -284,7 +248,7 @@ async def test_slow_health_checks_warn_with_the_figure(moto_world, aio_session, 
 async def test_the_last_rehearsal_is_read_back_against_the_notice(
     moto_world, aio_session, sound, tmp_path, healthy, symbol, expected
 ):
-    path = write_config(tmp_path, moto_world, sound)
+    path = write_config(tmp_path, moto_world, [sound])
     rehearsal.write(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
                                                   running=12.0, registered=12.1, healthy=healthy))
 
@@ -297,7 +261,7 @@ async def test_the_last_rehearsal_is_read_back_against_the_notice(
 
 async def test_with_sqs_detection_is_a_second_and_a_missing_queue_fails(moto_world, aio_session, sound, tmp_path):
     queue_url = f"{moto_world.endpoint_url}/123456789012/spotguard"
-    path = write_config(tmp_path, moto_world, sound, extra=f'\n[sources.sqs]\nqueue_url = "{queue_url}"\n')
+    path = write_config(tmp_path, moto_world, [sound], sqs=queue_url)
     rehearsal.write(tmp_path / "state", Rehearsal("lab", sound.standby_ids[0], "2026-11-28T21:30:00Z", "healthy",
                                                   healthy=20.0))
 
@@ -313,7 +277,7 @@ async def test_with_sqs_detection_is_a_second_and_a_missing_queue_fails(moto_wor
 
 
 async def test_an_unreachable_endpoint_fails_at_the_credentials_and_skips_the_rest(aio_session, tmp_path, moto_world):
-    settings = config.load(write_config(tmp_path, moto_world, moto_world.provision()))
+    settings = config.load(write_config(tmp_path, moto_world, [moto_world.provision()]))
     dead = "http://127.0.0.1:9"
     out = io.StringIO()
     async with client("sts", "us-east-1", dead, session=aio_session, max_attempts=1) as sts:
@@ -356,12 +320,12 @@ def test_a_refused_describe_names_the_call():
 # ---------------------------------------------------------------------- [ha]
 
 TABLE = "spotguard-ha"
-HA = f'\n[ha]\ntable = "{TABLE}"\nlease = "30s"\n'
+HA = {"table": TABLE, "lease": "30s"}
 
 
 async def test_with_ha_the_table_and_the_leader_are_checked(moto_world, aio_session, sound, tmp_path):
     moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
-    path = write_config(tmp_path, moto_world, sound, extra=HA)
+    path = write_config(tmp_path, moto_world, [sound], ha=HA)
 
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 0, "\n".join(lines)
@@ -388,7 +352,7 @@ async def test_with_ha_the_table_and_the_leader_are_checked(moto_world, aio_sess
 
 
 async def test_with_ha_a_missing_or_wrong_table_fails_naming_it(moto_world, aio_session, sound, tmp_path):
-    path = write_config(tmp_path, moto_world, sound, extra=HA)
+    path = write_config(tmp_path, moto_world, [sound], ha=HA)
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 1
     assert marked(lines, "✗") == [
@@ -410,7 +374,7 @@ async def test_with_ha_a_missing_or_wrong_table_fails_naming_it(moto_world, aio_
 
 def test_the_cli_makes_its_dynamodb_client_only_with_ha(moto_world, sound, tmp_path, capsys):
     moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
-    assert cli.main(["check", "--config", str(write_config(tmp_path, moto_world, sound, extra=HA))]) == 0
+    assert cli.main(["check", "--config", str(write_config(tmp_path, moto_world, [sound], ha=HA))]) == 0
     assert f"✓ [ha] table {TABLE}: key pk, ACTIVE" in capsys.readouterr().out.splitlines()
 
 

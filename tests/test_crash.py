@@ -45,7 +45,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import boto3
@@ -54,9 +53,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
 from awsproxy import AwsProxy, Hold, ProxyRequest
-from test_daemon import write_config
+from configs import daemon_settings
+from waiting import DEADLINE, TimedOut, until_blocking
 
-DEADLINE = 15.0
 # A lost command must reach AWS this soon after the restarted process's first poll.
 RESEND = 5.0
 # The health sampler's period: finer than a poll round, so any gap a command opens is seen.
@@ -268,17 +267,24 @@ class Scene:
         self.settled_at: float | None = None  # when the transient state ended
 
     def until(self, predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-        """Wait for `predicate` with a deadline; kill and restart the guard when the crash is due."""
-        end = time.monotonic() + timeout
-        while not predicate() or self._crash_pending():
+        """until_blocking that plays the crash between looks; a failure shows what AWS saw and the logs."""
+
+        def done() -> bool:
+            if predicate() and not self._crash_pending():
+                return True
             self._crash_if_due()
             self._settle()
             self.check_resent()
             if self.guard.proc.poll() is not None:
                 self.fail(f"spotguard exited ({self.guard.proc.returncode}) waiting for {what}")
-            if time.monotonic() > end:
-                self.fail(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(0.02)
+            return False
+
+        try:
+            until_blocking(done, timeout, what=what)
+            return
+        except TimedOut as timed_out:
+            why = str(timed_out)
+        self.fail(why)
 
     def _crash_pending(self) -> bool:
         """The hold caught its request but the kill has not come yet: nothing is settled until it has."""
@@ -373,8 +379,7 @@ def play(case: Case, world, d, tmp_path: Path) -> None:
         return current if current not in (None, doomed) else None
 
     with AwsProxy(world.endpoint_url) as proxy:
-        via_proxy = SimpleNamespace(region=world.region, endpoint_url=proxy.url)
-        write_config(tmp_path, via_proxy, [d], poll="0.2s", grace="1s")
+        daemon_settings(tmp_path, world, [d], poll="0.2s", grace="1s", aws={"endpoint_url": proxy.url})
         guard = Guard(tmp_path, tmp_path / "config.toml", d.name)
         crash = arm(case, proxy, guard, {"standby": standby, "doomed spot": doomed, "new spot": new_spot})
         scene = Scene(world, d, proxy, guard, crash, case.transient)

@@ -13,59 +13,15 @@ import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 
-from httpcapture import CaptureServer, async_wait_for
-from spotguard import config
+from configs import daemon_settings
+from httpcapture import CaptureServer
 from spotguard.daemon import build, serve
 from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
-
-DEADLINE = 15.0
-
-
-def write_config(tmp_path: Path, world, deployments, *, poll="0.2s", grace="1s", ready="30s", unhealthy="30s",
-                 extra="", rules="") -> config.Settings:
-    guards = "".join(
-        f"""
-[[guard]]
-name = "{d.name}"
-target_group_arn = "{d.target_group_arn}"
-spot_request_ids = ["{d.spot_request_id}"]
-standby_instance_ids = {list(d.standby_ids)!r}
-failback_grace = "{grace}"
-standby_ready_timeout = "{ready}"
-unhealthy_grace = "{unhealthy}"
-{rules}
-""".replace("'", '"')
-        for d in deployments
-    )
-    text = f"""
-[aws]
-region = "{world.region}"
-endpoint_url = "{world.endpoint_url}"
-
-[daemon]
-state_dir = "{tmp_path / 'state'}"
-poll_interval = "{poll}"
-log_format = "json"
-{extra}
-{guards}
-"""
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return config.load(path)
-
-
-async def until(predicate, timeout: float = DEADLINE, what: str = "condition") -> None:
-    """Wait for `predicate()` with a deadline; never a blind sleep."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+from waiting import DEADLINE, until
 
 
 @asynccontextmanager
@@ -124,7 +80,7 @@ async def replace_spot(world, daemon, d) -> str:
 
 
 async def test_full_cycle_failover_then_failback_and_again(tmp_path, moto_world, deployment, aws):
-    settings = write_config(tmp_path, moto_world, [deployment], poll="1s", grace="2s")
+    settings = daemon_settings(tmp_path, moto_world, [deployment], poll="1s", grace="2s")
     d, standby = deployment, deployment.standby_ids[0]
     # The standby will look like a fresh ALB target: `initial` until we say it passed a check.
     moto_world.set_health(d.target_group_arn, standby, "initial")
@@ -193,7 +149,7 @@ class Broken:
 
 
 async def test_observers_are_told_and_a_broken_one_stops_nothing(tmp_path, moto_world, deployment, aws):
-    settings = write_config(tmp_path, moto_world, [deployment])
+    settings = daemon_settings(tmp_path, moto_world, [deployment])
     recorder = Recorder()
     async with running(settings, aws, observers=(Broken(), recorder)) as daemon:
         await fail_over(moto_world, daemon, deployment)
@@ -208,7 +164,7 @@ async def test_observers_are_told_and_a_broken_one_stops_nothing(tmp_path, moto_
 async def test_two_guards_in_one_daemon(tmp_path, moto_world, aws):
     a = moto_world.provision("alpha", standbys=1)
     b = moto_world.provision("beta", standbys=1)
-    settings = write_config(tmp_path, moto_world, [_named(a, "alpha"), _named(b, "beta")])
+    settings = daemon_settings(tmp_path, moto_world, [_named(a, "alpha"), _named(b, "beta")])
     async with running(settings, aws) as daemon:
         await fail_over(moto_world, daemon, _named(a, "alpha"))
         assert phase(daemon, "beta") is Phase.SPOT_HEALTHY
@@ -229,7 +185,7 @@ async def test_steady_guards_health_is_reused_while_another_fails_over(tmp_path,
     not every round, even while another guard's failover polls every second."""
     a = moto_world.provision("alpha", standbys=1)
     b = moto_world.provision("beta", standbys=1)
-    settings = write_config(tmp_path, moto_world, [_named(a, "alpha"), _named(b, "beta")], unhealthy="90s")
+    settings = daemon_settings(tmp_path, moto_world, [_named(a, "alpha"), _named(b, "beta")], unhealthy="90s")
     async with running(settings, aws) as daemon:
         await until(lambda: daemon.rounds >= 5, what="five steady rounds")
         assert daemon.poller.calls["DescribeTargetHealth"] == 2  # the first round's, then reused
@@ -255,7 +211,7 @@ async def test_restart_in_each_phase_converges(tmp_path, moto_world, deployment,
     d, standby, second = deployment, deployment.standby_ids[0], deployment.standby_ids[1]
     # A grace longer than the test holds the first daemon in spot-restored.
     grace = "1h" if stop_in is Phase.SPOT_RESTORED else "1s"
-    settings = write_config(tmp_path, moto_world, [d], grace=grace)
+    settings = daemon_settings(tmp_path, moto_world, [d], grace=grace)
     moto_world.set_health(d.target_group_arn, standby, "initial")  # holds it in standby-starting
     moto_world.hold_draining(d.target_group_arn, standby)  # holds it in standby-draining
     async with running(settings, aws, kill=True) as daemon:
@@ -269,7 +225,7 @@ async def test_restart_in_each_phase_converges(tmp_path, moto_world, deployment,
         await until(lambda: phase(daemon) is stop_in, what=stop_in.value)
 
     # The restart resumes from the state file, then finishes the cycle.
-    settings = write_config(tmp_path, moto_world, [d], grace="1s")
+    settings = daemon_settings(tmp_path, moto_world, [d], grace="1s")
     assert build(settings, aws, Notifier(None)).guards[d.name].state.phase is stop_in
     moto_world.set_health(d.target_group_arn, standby, None)
     moto_world.hold_draining(d.target_group_arn, standby, False)
@@ -284,13 +240,13 @@ async def test_restart_in_each_phase_converges(tmp_path, moto_world, deployment,
 
 async def test_phase_changes_and_alerts_are_posted_to_discord(tmp_path, moto_world, deployment, aws):
     d = deployment
-    settings = write_config(tmp_path, moto_world, [d])
+    settings = daemon_settings(tmp_path, moto_world, [d])
     with CaptureServer() as discord:
         notifier = Notifier(discord.url + "/api/webhooks/1/secret")
         moto_world.inject_error("start", d.standby_ids[0], "InsufficientInstanceCapacity")
         async with running(settings, aws, notifier) as daemon:
             await fail_over(moto_world, daemon, d)
-            await async_wait_for(lambda: len(discord.requests) >= 3, timeout=DEADLINE)
+            await until(lambda: len(discord.requests) >= 3, timeout=DEADLINE)
         texts = [r.json["content"] for r in discord.requests]
     assert any("spot-healthy → standby-starting" in t for t in texts), texts
     assert any("InsufficientInstanceCapacity" in t for t in texts), texts
@@ -302,7 +258,7 @@ async def test_a_pushed_notice_starts_the_standby_without_waiting_for_a_poll(tmp
     # The fast path the SQS source and the agent use: the loop wakes at once, and the
     # notice is acted on before the round's poll.
     d, standby = deployment, deployment.standby_ids[0]
-    settings = write_config(tmp_path, moto_world, [d], poll="60s")
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="60s")
     async with running(settings, aws) as daemon:
         rounds = daemon.rounds
         daemon.push(Notice(d.spot_instance_id))
@@ -319,7 +275,7 @@ async def test_an_eventbridge_warning_on_sqs_starts_the_standby_at_once(tmp_path
     d, standby = deployment, deployment.standby_ids[0]
     sqs = moto_world.boto("sqs")
     queue_url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
-    settings = write_config(tmp_path, moto_world, [d], poll="60s", extra=f'[sources.sqs]\nqueue_url = "{queue_url}"')
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="60s", sqs=queue_url)
     async with running(settings, aws) as daemon:
         sent = time.monotonic()
         sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(_warning(d.spot_instance_id)))
@@ -360,15 +316,15 @@ def _rebalance(instance_id: str) -> dict:
 def _queue(tmp_path, world, d, **kw):
     sqs = world.boto("sqs")
     url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
-    settings = write_config(tmp_path, world, [d], extra=f'[sources.sqs]\nqueue_url = "{url}"', **kw)
+    settings = daemon_settings(tmp_path, world, [d], sqs=url, **kw)
     return sqs, url, settings
 
 
 @pytest.mark.parametrize("policy", ["ignore", "prewarm"])
 async def test_rebalance_recommendation_then_nothing(tmp_path, moto_world, deployment, aws, policy):
     d, standby = deployment, deployment.standby_ids[0]
-    rules = f'on_rebalance = "{policy}"\nrebalance_hold = "2s"'
-    sqs, url, settings = _queue(tmp_path, moto_world, d, poll="0.2s", grace="1h", rules=rules)
+    rules = {"on_rebalance": policy, "rebalance_hold": "2s"}
+    sqs, url, settings = _queue(tmp_path, moto_world, d, poll="0.2s", grace="1h", guard=rules)
     async with running(settings, aws) as daemon:
         sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_rebalance(d.spot_instance_id)))
         if policy == "ignore":
@@ -387,8 +343,8 @@ async def test_rebalance_recommendation_then_nothing(tmp_path, moto_world, deplo
 
 async def test_rebalance_prewarm_then_interruption(tmp_path, moto_world, deployment, aws):
     d, standby = deployment, deployment.standby_ids[0]
-    rules = 'on_rebalance = "prewarm"\nrebalance_hold = "2s"'
-    sqs, url, settings = _queue(tmp_path, moto_world, d, poll="0.2s", grace="1h", rules=rules)
+    rules = {"on_rebalance": "prewarm", "rebalance_hold": "2s"}
+    sqs, url, settings = _queue(tmp_path, moto_world, d, poll="0.2s", grace="1h", guard=rules)
     async with running(settings, aws) as daemon:
         sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_rebalance(d.spot_instance_id)))
         await until(lambda: phase(daemon) is Phase.SPOT_RESTORED, what="prewarmed: both serving")
@@ -406,7 +362,7 @@ async def test_an_sqs_notice_starts_the_right_guards_standby(tmp_path, moto_worl
     b = _named(moto_world.provision("beta", standbys=1), "beta")
     sqs = moto_world.boto("sqs")
     url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
-    settings = write_config(tmp_path, moto_world, [a, b], poll="60s", extra=f'[sources.sqs]\nqueue_url = "{url}"')
+    settings = daemon_settings(tmp_path, moto_world, [a, b], poll="60s", sqs=url)
     async with running(settings, aws) as daemon:
         sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_warning(b.spot_instance_id)))
         await until(lambda: state(moto_world, b.standby_ids[0]) == "running", timeout=10.0, what="beta's standby")

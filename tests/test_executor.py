@@ -6,8 +6,9 @@ import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from conftest import guard_for
-from httpcapture import CaptureServer, async_wait_for
+from httpcapture import CaptureServer
 from structlog.testing import capture_logs
+from waiting import until
 
 from spotguard.aws import client, client_config, clients
 from spotguard.executor import Executor
@@ -192,7 +193,7 @@ async def test_a_slow_answer_past_the_deadline_is_failed_timeout(guard, deployme
         executor = Executor(ec2, elbv2, [guard], deadline=0.3)
         assert await executor.run(guard.name, Start(standby)) == Failed(Start(standby), "Timeout")
     # The request went on without us, as on AWS: a timed-out start may still start.
-    await async_wait_for(lambda: moto_world.instance_state(standby) == "running", timeout=5.0)
+    await until(lambda: moto_world.instance_state(standby) == "running", timeout=5.0)
 
 
 # ---------------------------------------------------------------------- every botocore failure is a Failed

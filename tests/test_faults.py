@@ -27,6 +27,8 @@ from dataclasses import replace
 
 import pytest
 
+import waiting
+from configs import daemon_settings
 from httpcapture import CaptureServer
 from spotguard.aws import clients
 from spotguard.daemon import Daemon, serve
@@ -36,7 +38,8 @@ from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
 from spotguard.sources.poll import Poller
 from spotguard.store import Store
-from test_daemon import DEADLINE, health, phase, state, write_config
+from test_daemon import health, phase, state
+from waiting import DEADLINE
 
 fault = pytest.mark.fault
 
@@ -85,7 +88,7 @@ async def guarding(tmp_path, world, session, deployments, inbox, *, clock=None, 
     `max_attempts` bounds botocore's retries (None: the production setting),
     `deadline` the executor's time per action.
     """
-    settings = write_config(tmp_path, world, deployments, **config)
+    settings = daemon_settings(tmp_path, world, deployments, **config)
     notifier = Notifier(inbox.server.url + "/api/webhooks/1/secret")
     await notifier.start()
     retries = {} if max_attempts is None else {"max_attempts": max_attempts}
@@ -113,14 +116,9 @@ async def guarding(tmp_path, world, session, deployments, inbox, *, clock=None, 
             raise task.exception()
 
 
-async def until(predicate, timeout: float = DEADLINE, what: str = "condition") -> None:
-    """Wait for `predicate()` with a deadline. Looks every 50 ms: most predicates ask moto,
-    and asking faster only takes the GIL from the daemon under test."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+async def until(predicate, timeout: float = DEADLINE, what: str = "condition"):
+    """waiting.until looking every 50 ms: predicates here ask moto; faster only takes the GIL from the daemon."""
+    return await waiting.until(predicate, timeout, interval=0.05, what=what)
 
 
 async def fail_over(world, daemon, d) -> str:

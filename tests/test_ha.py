@@ -25,15 +25,19 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from configs import daemon_settings
 from spotguard import config, ha
 from spotguard.aws import client
 from spotguard.daemon import build, serve
 from spotguard.machine import GuardState, Phase, Rules
 from spotguard.notify import Notifier
-from test_daemon import health, phase, replace_spot, state, until, write_config
+from test_daemon import health, phase, replace_spot, state
+from waiting import until
 
 TABLE = "spotguard-ha"
 LEASE = 3.0
+# How long to wait on two `spotguard run` processes, which share the CPUs with moto and the test.
+PROC_DEADLINE = 20.0
 
 
 class Clock:
@@ -160,7 +164,7 @@ async def test_a_deposed_leaders_state_write_is_refused(moto_world, table, ddb):
 
 
 async def test_leader_for_check_and_status(moto_world, table, ddb, tmp_path, deployment):
-    settings = write_config(tmp_path, moto_world, [deployment], extra=f'[ha]\ntable = "{TABLE}"\nlease = "3s"')
+    settings = daemon_settings(tmp_path, moto_world, [deployment], ha={"table": TABLE, "lease": "3s"})
     assert await ha.leader(settings, ddb) is None
     a = ha.Leadership(ddb, table, lease=LEASE, holder="a")
     await a.tick()
@@ -176,11 +180,9 @@ async def test_leader_for_check_and_status(moto_world, table, ddb, tmp_path, dep
 
 
 def ha_config(tmp_path: Path, world, deployments, holder: str, *, lease: float = LEASE, **kw) -> config.Settings:
-    extra = kw.pop("extra", "")
     d = tmp_path / holder
     d.mkdir(exist_ok=True)
-    return write_config(d, world, deployments,
-                        extra=f'[ha]\ntable = "{TABLE}"\nlease = "{lease}s"\nholder = "{holder}"\n{extra}', **kw)
+    return daemon_settings(d, world, deployments, ha={"table": TABLE, "lease": f"{lease}s", "holder": holder}, **kw)
 
 
 class Actions:
@@ -289,7 +291,7 @@ async def test_a_follower_leaves_the_sqs_queue_to_the_leader(tmp_path, moto_worl
     sqs = moto_world.boto("sqs")
     url = sqs.create_queue(QueueName="spotguard")["QueueUrl"]
     hold_lease(moto_world, "elsewhere", time.time() + 60)
-    settings = ha_config(tmp_path, moto_world, [d], "a", poll="0.2s", extra=f'[sources.sqs]\nqueue_url = "{url}"')
+    settings = ha_config(tmp_path, moto_world, [d], "a", poll="0.2s", sqs=url)
     async with InTask(settings, aws, ddb) as a:
         await until(lambda: a.daemon.rounds >= 1, what="first round")
         sqs.send_message(QueueUrl=url, MessageBody=json.dumps(_warning(d.spot_instance_id)))
@@ -307,7 +309,7 @@ async def test_a_follower_leaves_the_sqs_queue_to_the_leader(tmp_path, moto_worl
 
 
 async def test_without_ha_no_dynamodb_is_touched(tmp_path, moto_world, deployment, aws):
-    settings = write_config(tmp_path, moto_world, [deployment])
+    settings = daemon_settings(tmp_path, moto_world, [deployment])
     assert settings.ha is None
     daemon = build(settings, aws, Notifier(None))
     assert daemon.ha is None
@@ -321,11 +323,9 @@ class Proc:
 
     def __init__(self, tmp_path: Path, world, deployments, holder: str, *, endpoint: str | None = None, **kw) -> None:
         self.holder = holder
-        ha_config(tmp_path, world, deployments, holder, **kw)
+        aws = None if endpoint is None else {"endpoint_url": endpoint}
+        ha_config(tmp_path, world, deployments, holder, aws=aws, **kw)
         self.config = tmp_path / holder / "config.toml"
-        if endpoint is not None:
-            text = self.config.read_text().replace(f'"{world.endpoint_url}"', f'"{endpoint}"')
-            self.config.write_text(text)
         self.log = tmp_path / holder / "out.jsonl"
         self.err = tmp_path / holder / "err.txt"
         self.proc: subprocess.Popen | None = None
@@ -375,10 +375,6 @@ class Proc:
         return self.events("executor.action", action="start", outcome="done")
 
 
-async def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    await until(predicate, timeout=timeout, what=what)
-
-
 @asynccontextmanager
 async def pair(tmp_path, world, deployments, *, endpoints=(None, None), **kw):
     """Both daemons started; yields (leader, follower) once one leads and the other follows."""
@@ -387,9 +383,9 @@ async def pair(tmp_path, world, deployments, *, endpoints=(None, None), **kw):
     try:
         a.start()
         b.start()
-        await wait_for(lambda: a.leads() or b.leads(), what="a leader")
+        await until(lambda: a.leads() or b.leads(), timeout=PROC_DEADLINE, what="a leader")
         leader, follower = (a, b) if a.leads() else (b, a)
-        await wait_for(lambda: follower.events("ha.follower"), what="a follower")
+        await until(lambda: follower.events("ha.follower"), timeout=PROC_DEADLINE, what="a follower")
         yield leader, follower
     finally:
         for p in (a, b):
@@ -422,15 +418,16 @@ async def test_kill_9_the_leader_in_each_phase_and_the_follower_finishes(tmp_pat
 
         async def kill_and_take_over(phase: Phase) -> None:
             nonlocal leader, follower
-            await wait_for(lambda: follower.events("ha.follower"), what="a follower")
-            await wait_for(lambda: leader.events("guard.transition", to=phase.value), what=phase.value)
+            await until(lambda: follower.events("ha.follower"), timeout=PROC_DEADLINE, what="a follower")
+            await until(lambda: leader.events("guard.transition", to=phase.value),
+                        timeout=PROC_DEADLINE, what=phase.value)
             killed = leader.signal(signal.SIGKILL)
             # The next follower boots while the takeover happens.
             fresh = Proc(tmp_path, moto_world, [d], f"{leader.holder}{len(procs)}", **kw).start()
             procs.append(fresh)
             # The waiting follower takes over, or (when it wins the race) the one still booting.
-            await wait_for(lambda: follower.leads() or fresh.leads(), timeout=LEASE * 3,
-                           what=f"takeover in {phase.value}")
+            await until(lambda: follower.leads() or fresh.leads(), timeout=LEASE * 3,
+                        what=f"takeover in {phase.value}")
             if fresh.leads():
                 follower, fresh = fresh, follower
             took = follower.at(follower.events("ha.leader")[0]) - killed
@@ -442,22 +439,24 @@ async def test_kill_9_the_leader_in_each_phase_and_the_follower_finishes(tmp_pat
             leader, follower = follower, fresh
 
         moto_world.notice(d.spot_request_id)
-        await wait_for(lambda: standby in health(moto_world, d), what="standby registered")
+        await until(lambda: standby in health(moto_world, d), timeout=PROC_DEADLINE, what="standby registered")
         await kill_and_take_over(Phase.STANDBY_STARTING)
 
         moto_world.set_health(d.target_group_arn, standby, None)  # passed its first check
         await kill_and_take_over(Phase.BOTH_SERVING)
 
-        await wait_for(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot out")
+        await until(lambda: d.spot_instance_id not in health(moto_world, d),
+                    timeout=PROC_DEADLINE, what="doomed spot out")
         await replace_spot(moto_world, None, d)
         await kill_and_take_over(Phase.SPOT_RESTORED)
 
-        await wait_for(lambda: health(moto_world, d).get(standby) == "draining", timeout=15, what="standby draining")
+        await until(lambda: health(moto_world, d).get(standby) == "draining", timeout=15, what="standby draining")
         await kill_and_take_over(Phase.STANDBY_DRAINING)
 
         moto_world.hold_draining(d.target_group_arn, standby, False)
-        await wait_for(lambda: leader.events("guard.transition", to="spot-healthy"), what="cycle finished")
-        await wait_for(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
+        await until(lambda: leader.events("guard.transition", to="spot-healthy"),
+                    timeout=PROC_DEADLINE, what="cycle finished")
+        await until(lambda: state(moto_world, standby) == "stopped", timeout=PROC_DEADLINE, what="standby stopped")
 
     assert state(moto_world, second) == "stopped"
     starts = [e["instance_id"] for p in procs for e in p.starts()]
@@ -492,24 +491,29 @@ async def test_a_leader_frozen_past_its_lease_does_not_act_when_it_wakes(tmp_pat
     moto_world.set_health(d.target_group_arn, standby, "initial")
     async with proxied_pair(tmp_path, moto_world, [d], poll="0.5s", grace="1s") as (leader, follower, lp, _):
         moto_world.notice(d.spot_request_id)
-        await wait_for(lambda: leader.events("executor.action", action="register"), what="standby registered")
+        await until(lambda: leader.events("executor.action", action="register"),
+                    timeout=PROC_DEADLINE, what="standby registered")
         leader.signal(signal.SIGSTOP)
         try:
-            await wait_for(lambda: follower.leads(), timeout=LEASE * 3, what="the follower takes over")
+            await until(lambda: follower.leads(), timeout=LEASE * 3, what="the follower takes over")
             # The new leader finishes the whole cycle while the old one sleeps: the old one's
             # memory still says standby-starting, from which a stale leader would start the standby again.
             moto_world.set_health(d.target_group_arn, standby, None)
-            await wait_for(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot out")
+            await until(lambda: d.spot_instance_id not in health(moto_world, d),
+                        timeout=PROC_DEADLINE, what="doomed spot out")
             new = await replace_spot(moto_world, None, d)
-            await wait_for(lambda: follower.events("guard.transition", to="spot-healthy"), what="cycle finished")
-            await wait_for(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
+            await until(lambda: follower.events("guard.transition", to="spot-healthy"),
+                        timeout=PROC_DEADLINE, what="cycle finished")
+            await until(lambda: state(moto_world, standby) == "stopped", timeout=PROC_DEADLINE, what="standby stopped")
             mark = len(lp.actions)
         finally:
             woke = leader.signal(signal.SIGCONT)
-        await wait_for(lambda: after(leader, "ha.follower", woke, leader=follower.holder), what="old leader follows")
+        await until(lambda: after(leader, "ha.follower", woke, leader=follower.holder),
+                    timeout=PROC_DEADLINE, what="old leader follows")
         assert after(leader, "ha.stepped_down", woke)
         # Three of its rounds at least, as AWS saw them: all reads.
-        await wait_for(lambda: lp.actions[mark:].count("DescribeInstances") >= 3, what="three rounds after waking")
+        await until(lambda: lp.actions[mark:].count("DescribeInstances") >= 3,
+                    timeout=PROC_DEADLINE, what="three rounds after waking")
         assert not MUTATING & set(lp.actions[mark:]), lp.actions[mark:]
         assert not after(leader, "executor.action", woke) and not after(leader, "guard.transition", woke)
 
@@ -524,7 +528,7 @@ async def test_a_leader_cut_off_from_aws_steps_down_and_the_follower_acts(tmp_pa
     async with proxied_pair(tmp_path, moto_world, [d], poll="0.5s", grace="1h") as (leader, follower, lp, _):
         cut = time.time()
         lp.blackhole()
-        await wait_for(lambda: follower.leads(), timeout=LEASE * 3, what="the follower takes over")
+        await until(lambda: follower.leads(), timeout=LEASE * 3, what="the follower takes over")
         down = leader.events("ha.stepped_down")
         assert down, "the cut-off leader must step down on its own"
         took = follower.at(follower.events("ha.leader")[0])
@@ -533,12 +537,15 @@ async def test_a_leader_cut_off_from_aws_steps_down_and_the_follower_acts(tmp_pa
         print(f"\ncut-off leader stepped down after {leader.at(down[0]) - cut:.2f}s, follower led after {took - cut:.2f}s")
 
         moto_world.notice(d.spot_request_id)
-        await wait_for(lambda: follower.events("guard.transition", to="both-serving"), what="failover by the follower")
-        await wait_for(lambda: health(moto_world, d) == {standby: "healthy"}, what="serving on the standby")
+        await until(lambda: follower.events("guard.transition", to="both-serving"),
+                    timeout=PROC_DEADLINE, what="failover by the follower")
+        await until(lambda: health(moto_world, d) == {standby: "healthy"},
+                    timeout=PROC_DEADLINE, what="serving on the standby")
         mark = len(lp.actions)
         healed = time.time()
         lp.blackhole(False)
-        await wait_for(lambda: after(leader, "ha.follower", healed, leader=follower.holder), what="old leader follows")
+        await until(lambda: after(leader, "ha.follower", healed, leader=follower.holder),
+                    timeout=PROC_DEADLINE, what="old leader follows")
         # (Its round that was stuck in the poll ends at the read timeout, 15 s, and is then
         # stopped by the gate: `ha.gate.closed`. Not waited for here, to keep the test short.)
         assert not MUTATING & set(lp.actions[mark:]), lp.actions[mark:]
@@ -549,7 +556,7 @@ async def test_a_leader_cut_off_from_aws_steps_down_and_the_follower_acts(tmp_pa
 async def test_started_at_the_same_moment_exactly_one_leads(tmp_path, moto_world, deployment, table):
     async with pair(tmp_path, moto_world, [deployment], poll="0.5s") as (leader, follower):
         end = time.monotonic() + LEASE  # a lease of renewals: no second acquisition in it
-        await wait_for(lambda: time.monotonic() > end, what="two leases")
+        await until(lambda: time.monotonic() > end, timeout=PROC_DEADLINE, what="two leases")
         assert len(leader.events("ha.leader")) == 1
         assert follower.events("ha.leader") == [] and not follower.leads()
         assert {e["leader"] for e in follower.events("ha.follower")} == {leader.holder}
@@ -559,7 +566,7 @@ async def test_started_at_the_same_moment_exactly_one_leads(tmp_path, moto_world
         stopped = leader.signal(signal.SIGTERM)
         assert leader.proc.wait(timeout=10) == 0
         assert leader.events("ha.released")
-        await wait_for(lambda: follower.leads(), timeout=LEASE, what="the follower takes over")
+        await until(lambda: follower.leads(), timeout=LEASE, what="the follower takes over")
         took = follower.at(follower.events("ha.leader")[0]) - stopped
         print(f"\ntakeover after SIGTERM: {took:.2f}s")
         assert took < LEASE, "a released lease is taken at the follower's next look"

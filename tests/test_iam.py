@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from configs import daemon_settings, write_config
 from spotguard import config
 from spotguard.agent import Agent
 from spotguard.aws import client
@@ -32,7 +33,8 @@ from spotguard.commands import iam_policy
 from spotguard.iam import IamError, agent_policy, daemon_policy
 from spotguard.lab.imds import InstanceMetadata
 from spotguard.machine import Phase
-from test_daemon import _warning, health, phase, replace_spot, running, state, until, write_config
+from test_daemon import _warning, health, phase, replace_spot, running, state
+from waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TG = "arn:aws:elasticloadbalancing:ap-northeast-2:123456789012:targetgroup/inference/6d0ecf831eec9f09"
@@ -53,20 +55,13 @@ NO_PERMISSION = frozenset({"sts:GetCallerIdentity"})
 # ---------------------------------------------------------------------- helpers
 
 
-def load(tmp_path: Path, text: str) -> config.Settings:
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return config.load(path, env={})
+def load(tmp_path: Path, region: str, guards: list[dict], **keys: Any) -> config.Settings:
+    """A config with no endpoint (a policy is only printed), loaded without the environment."""
+    return config.load(write_config(tmp_path, None, guards, aws={"region": region}, **keys), env={})
 
 
-def guard(name: str, tg: str, standbys: list[str], sir: str) -> str:
-    return f"""
-[[guard]]
-name = "{name}"
-target_group_arn = "{tg}"
-spot_request_ids = ["{sir}"]
-standby_instance_ids = {json.dumps(standbys)}
-"""
+def guard(name: str, tg: str, standbys: list[str], sir: str) -> dict:
+    return {"name": name, "target_group_arn": tg, "spot_request_ids": [sir], "standby_instance_ids": standbys}
 
 
 def by_sid(policy: dict) -> dict[str, dict]:
@@ -204,9 +199,10 @@ def test_the_example_config_gets_exactly_these_statements():
 
 def test_every_guard_lists_its_standbys_and_target_group(tmp_path):
     tg2 = "arn:aws:elasticloadbalancing:ap-northeast-2:210987654321:targetgroup/chat/0123456789abcdef"
-    settings = load(tmp_path, '[aws]\nregion = "ap-northeast-2"\n'
-                    + guard("inference", TG, ["i-0a1b2c3d4e5f60718", "i-0f9e8d7c6b5a49382"], "sir-8x4kq2bn")
-                    + guard("chat", tg2, ["i-0123456789abcdef0"], "sir-aaaabbbb"))
+    settings = load(tmp_path, "ap-northeast-2", [
+        guard("inference", TG, ["i-0a1b2c3d4e5f60718", "i-0f9e8d7c6b5a49382"], "sir-8x4kq2bn"),
+        guard("chat", tg2, ["i-0123456789abcdef0"], "sir-aaaabbbb"),
+    ])
     statements = by_sid(daemon_policy(settings))
     assert statements["StartStopStandbys"]["Resource"] == [
         "arn:aws:ec2:ap-northeast-2:123456789012:instance/i-0a1b2c3d4e5f60718",
@@ -231,9 +227,8 @@ def test_no_wildcard_resource_on_anything_that_acts(tmp_path):
 
 def test_the_partition_comes_from_the_target_group_arn(tmp_path):
     tg = "arn:aws-cn:elasticloadbalancing:cn-north-1:123456789012:targetgroup/web/6d0ecf831eec9f09"
-    settings = load(tmp_path, '[aws]\nregion = "cn-north-1"\n'
-                    '[sources.sqs]\nqueue_url = "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/sg"\n'
-                    + guard("web", tg, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"))
+    settings = load(tmp_path, "cn-north-1", [guard("web", tg, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn")],
+                    sqs="https://sqs.cn-north-1.amazonaws.com.cn/123456789012/sg")
     statements = by_sid(daemon_policy(settings))
     assert statements["StartStopStandbys"]["Resource"] == [
         "arn:aws-cn:ec2:cn-north-1:123456789012:instance/i-0a1b2c3d4e5f60718"
@@ -242,8 +237,7 @@ def test_the_partition_comes_from_the_target_group_arn(tmp_path):
 
 
 def test_without_a_queue_the_daemon_gets_no_sqs_and_the_agent_nothing(tmp_path, capsys):
-    settings = load(tmp_path, '[aws]\nregion = "ap-northeast-2"\n'
-                    + guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"))
+    settings = load(tmp_path, "ap-northeast-2", [guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn")])
     policy = daemon_policy(settings)
     assert not any(a.startswith("sqs:") for a in granted_actions(policy))
     assert [s["Sid"] for s in policy["Statement"]] == ["Describe", "StartStopStandbys", "RegisterTargets"]
@@ -285,8 +279,7 @@ async def test_every_call_of_a_daemon_cycle_and_check_is_allowed_and_every_grant
         tmp_path, moto_world, deployment, aws, queue, aio_session):
     d, standby = deployment, deployment.standby_ids[0]
     url, queue_arns = queue
-    settings = write_config(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
-                            extra=f'[sources.sqs]\nqueue_url = "{url}"')
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s", grace="1s", sqs=url)
     recorder = Recorder()
     recorder.attach(*aws)
     async with running(settings, aws) as daemon:
@@ -316,7 +309,7 @@ async def test_the_check_catches_a_missing_grant(tmp_path, moto_world, deploymen
     # The same recorder and matcher fail a policy that lacks a statement the daemon needs.
     d = deployment
     url, queue_arns = queue
-    settings = write_config(tmp_path, moto_world, [d], poll="0.2s", extra=f'[sources.sqs]\nqueue_url = "{url}"')
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s", sqs=url)
     recorder = Recorder()
     recorder.attach(*aws)
     async with running(settings, aws):
@@ -327,16 +320,17 @@ async def test_the_check_catches_a_missing_grant(tmp_path, moto_world, deploymen
     policy["Statement"] = [s for s in policy["Statement"] if s["Sid"] != "StartStopStandbys"]
     assert any(r.startswith("ec2:StartInstances on ") for r in refused(recorder, policy, moto_world, queue_arns))
     # A policy for another queue does not cover this one.
-    other = write_config(tmp_path, moto_world, [d], extra=f'[sources.sqs]\nqueue_url = "{url}-other"')
+    other = daemon_settings(tmp_path, moto_world, [d], sqs=f"{url}-other")
     assert any(r.startswith("sqs:ReceiveMessage on ")
                for r in refused(recorder, daemon_policy(other), moto_world, queue_arns))
 
 
 async def test_every_call_of_the_agent_is_allowed(tmp_path, moto_world, aio_session, queue):
     url, queue_arns = queue
-    settings = load(tmp_path, f'[aws]\nregion = "{moto_world.region}"\n[sources.sqs]\nqueue_url = "{url}"\n'
-                    + guard("web", f"arn:aws:elasticloadbalancing:{moto_world.region}:{moto_world.account_id}:"
-                            "targetgroup/web/6d0ecf831eec9f09", ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"))
+    settings = load(tmp_path, moto_world.region, [
+        guard("web", f"arn:aws:elasticloadbalancing:{moto_world.region}:{moto_world.account_id}:"
+              "targetgroup/web/6d0ecf831eec9f09", ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"),
+    ], sqs=url)
     imds = InstanceMetadata("i-0aaaaaaaaaaaaaaa1")
     await imds.start()
     recorder = Recorder()
@@ -379,8 +373,8 @@ def test_the_cli_prints_the_same_policies():
 
 
 def test_ha_adds_the_table_actions_on_the_table_only(tmp_path):
-    settings = load(tmp_path, '[aws]\nregion = "ap-northeast-2"\n[ha]\ntable = "spotguard"\n'
-                    + guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"))
+    settings = load(tmp_path, "ap-northeast-2", [guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn")],
+                    ha={"table": "spotguard"})
     assert by_sid(daemon_policy(settings))["LeaseTable"] == {
         "Sid": "LeaseTable",
         "Effect": "Allow",
@@ -389,9 +383,10 @@ def test_ha_adds_the_table_actions_on_the_table_only(tmp_path):
         "Resource": "arn:aws:dynamodb:ap-northeast-2:123456789012:table/spotguard",
     }
     tg2 = "arn:aws:elasticloadbalancing:ap-northeast-2:210987654321:targetgroup/chat/0123456789abcdef"
-    two = load(tmp_path, '[aws]\nregion = "ap-northeast-2"\n[ha]\ntable = "spotguard"\n'
-               + guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn")
-               + guard("chat", tg2, ["i-0123456789abcdef0"], "sir-aaaabbbb"))
+    two = load(tmp_path, "ap-northeast-2", [
+        guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn"),
+        guard("chat", tg2, ["i-0123456789abcdef0"], "sir-aaaabbbb"),
+    ], ha={"table": "spotguard"})
     with pytest.raises(IamError, match="ha.table"):
         daemon_policy(two)
 
@@ -404,8 +399,8 @@ async def test_every_call_of_an_ha_daemon_cycle_is_allowed_and_every_grant_is_us
 
     d, standby = deployment, deployment.standby_ids[0]
     moto_world.boto("dynamodb").create_table(**ha.table_spec("spotguard-ha"))
-    settings = write_config(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
-                            extra='[ha]\ntable = "spotguard-ha"\nlease = "3s"\nholder = "a"')
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
+                               ha={"table": "spotguard-ha", "lease": "3s", "holder": "a"})
     recorder = Recorder()
     recorder.attach(*aws)
     async with client("dynamodb", moto_world.region, moto_world.endpoint_url, session=aio_session) as ddb:

@@ -11,7 +11,6 @@ re-fulfilment times than the demo, so the file stays well under a minute.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 
 import aiohttp
@@ -27,18 +26,11 @@ from spotguard.lab.load import Sample, longest_outage
 from spotguard.lab.report import summary
 from spotguard.lab.run import run_scenario
 from spotguard.lab.scenario import Scenario
+from waiting import until
 
 SPEED = 50.0
 # The demo's scenario with a shorter grace and capacity back sooner: the same cycle, fewer idle minutes.
 QUICK = Scenario(refulfil_after=60.0, failback_grace=120.0, tail=10.0)
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- the lab's parts
@@ -95,12 +87,13 @@ async def test_describe_target_health_answers_from_the_balancer(moto_world):
     syncing = asyncio.create_task(keep_syncing())
     try:
         await spot_app.start()
-        await until(lambda: balancer.healthy() == [d.spot_instance_id], what="spot healthy")
+        await until(lambda: balancer.healthy() == [d.spot_instance_id], timeout=10.0, what="spot healthy")
         elbv2.register_targets(TargetGroupArn=tg, Targets=[{"Id": sid}])
         assert moto_world.health(tg)[sid] == "initial"  # asked before any check: registration in progress
         await standby_app.start()
-        await until(lambda: moto_world.health(tg).get(sid) == "unhealthy", what="standby failing its checks")
-        await until(lambda: moto_world.health(tg).get(sid) == "healthy", what="standby warmed up")
+        await until(lambda: moto_world.health(tg).get(sid) == "unhealthy", timeout=10.0,
+                    what="standby failing its checks")
+        await until(lambda: moto_world.health(tg).get(sid) == "healthy", timeout=10.0, what="standby warmed up")
         assert [c[1:] for c in changes if c[0] == sid] == [("unused", "initial"), ("initial", "unhealthy"), ("unhealthy", "healthy")]
 
         elbv2.deregister_targets(TargetGroupArn=tg, Targets=[{"Id": sid}])
@@ -109,7 +102,7 @@ async def test_describe_target_health_answers_from_the_balancer(moto_world):
             for _ in range(5):  # a draining target gets no new requests
                 async with client.get(balancer.url + "/") as reply:
                     assert reply.headers["X-Served-By"] == d.spot_instance_id
-        await until(lambda: sid not in moto_world.health(tg), what="drain over")
+        await until(lambda: sid not in moto_world.health(tg), timeout=10.0, what="drain over")
         assert moto_world.health(tg) == {d.spot_instance_id: "healthy"}
     finally:
         syncing.cancel()

@@ -18,10 +18,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from configs import daemon_settings
 from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
 from spotguard.metrics import Metrics, exposed, serve
 from observing import Told
-from test_daemon import phase, replace_spot, running, until, write_config
+from test_daemon import phase, replace_spot, running
+from waiting import until
 
 PHASES = [p.value for p in Phase]
 
@@ -113,7 +115,7 @@ async def test_a_failover_and_failback_as_scraped(tmp_path, moto_world, deployme
     d = deployment
     first, standby = d.standby_ids  # the first has no capacity: the second serves
     port = free_port()
-    settings = write_config(tmp_path, moto_world, [d], poll="0.2s", grace="2s", extra=f"metrics_port = {port}")
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s", grace="2s", daemon={"metrics_port": port})
     url = f"http://127.0.0.1:{port}/metrics"
     moto_world.inject_error("start", first, "InsufficientInstanceCapacity")
     moto_world.set_health(d.target_group_arn, standby, "initial")  # holds standby-starting
@@ -196,7 +198,7 @@ async def test_a_failover_and_failback_as_scraped(tmp_path, moto_world, deployme
 
 
 async def test_without_metrics_port_nothing_listens(tmp_path, moto_world, deployment, aws):
-    settings = write_config(tmp_path, moto_world, [deployment])
+    settings = daemon_settings(tmp_path, moto_world, [deployment])
     assert settings.daemon.metrics_port is None
     before = listening()
     with exposed(settings.daemon.metrics_port, settings.guards) as metrics:

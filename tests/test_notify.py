@@ -11,9 +11,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from httpcapture import CaptureServer, Response, async_wait_for, refused_url
+from httpcapture import CaptureServer, Response, refused_url
 from spotguard import logs as spotguard_logs
 from spotguard.notify import MAX_CONTENT, RETRY_CAP, Notifier, retry_after
+from waiting import until
 
 TOKEN = "SECRET-TOKEN-do-not-log"
 WEBHOOK_PATH = f"/api/webhooks/123456789/{TOKEN}"
@@ -38,7 +39,7 @@ async def test_a_message_arrives_with_its_content(discord):
     await notifier.start()
     with capture_logs() as entries:
         notifier.notify("[inference] spot-healthy → standby-starting: notice for i-0abc")
-        await async_wait_for(lambda: events(entries, "notify.discord.sent"))
+        await until(lambda: events(entries, "notify.discord.sent"), timeout=5.0)
     await notifier.close()
     (request,) = discord.requests
     assert request.method == "POST"
@@ -54,7 +55,7 @@ async def test_messages_arrive_in_order(discord):
     await notifier.start()
     notifier.notify("two")
     notifier.notify("three")
-    await async_wait_for(lambda: len(discord.requests) == 3)
+    await until(lambda: len(discord.requests) == 3, timeout=5.0)
     await notifier.close()
     assert [r.json["content"] for r in discord.requests] == ["one", "two", "three"]
 
@@ -63,7 +64,7 @@ async def test_long_text_is_cut_to_what_discord_accepts(discord):
     notifier = Notifier(webhook(discord.url), timeout=2.0)
     await notifier.start()
     notifier.notify("x" * 5000)
-    await async_wait_for(lambda: discord.requests)
+    await until(lambda: discord.requests, timeout=5.0)
     await notifier.close()
     assert len(discord.requests[0].json["content"]) == MAX_CONTENT
 
@@ -82,10 +83,10 @@ async def test_an_error_answer_is_logged_and_the_notifier_goes_on(discord, statu
     await notifier.start()
     with capture_logs() as entries:
         notifier.notify("first")
-        failed = await async_wait_for(lambda: events(entries, "notify.discord.failed"))
+        failed = await until(lambda: events(entries, "notify.discord.failed"), timeout=5.0)
         discord.respond(200)
         notifier.notify("second")
-        await async_wait_for(lambda: events(entries, "notify.discord.sent"))
+        await until(lambda: events(entries, "notify.discord.sent"), timeout=5.0)
     await notifier.close()
     assert failed[0] == {**failed[0], **logged, "text": "first", "log_level": "warning"}
     if isinstance(body, dict):  # Discord's reason is kept, the library's own log line is not
@@ -100,7 +101,7 @@ async def test_a_429_is_waited_out_and_the_text_sent_once(discord):
     await notifier.start()
     with capture_logs() as entries:
         notifier.notify("after the limit")
-        await async_wait_for(lambda: events(entries, "notify.discord.sent"))
+        await until(lambda: events(entries, "notify.discord.sent"), timeout=5.0)
     await notifier.close()
     first, second = discord.requests
     assert second.at - first.at >= 0.3  # the header's 0.3 s, not the body's 9 s
@@ -142,7 +143,7 @@ async def test_a_burst_against_the_rate_limit_loses_nothing(discord):
     with capture_logs() as entries:
         for text in texts:
             notifier.notify(text)
-        await async_wait_for(lambda: len(events(entries, "notify.discord.sent")) == 20, timeout=20.0)
+        await until(lambda: len(events(entries, "notify.discord.sent")) == 20, timeout=20.0)
         await notifier.close()
     delivered = [discord.requests[n].json["content"] for n in limit.numbers]
     assert delivered == texts
@@ -171,11 +172,11 @@ async def test_a_trickling_webhook_is_given_up_at_the_deadline(discord):
     with capture_logs() as entries:
         started = time.monotonic()
         notifier.notify("trickled")
-        (failed,) = await async_wait_for(lambda: events(entries, "notify.discord.failed"), timeout=5.0)
+        (failed,) = await until(lambda: events(entries, "notify.discord.failed"), timeout=5.0)
         assert 1.0 <= time.monotonic() - started < 3.0
         discord.respond(200)
         notifier.notify("next")  # the notifier goes on while the first post's thread still waits
-        await async_wait_for(lambda: events(entries, "notify.discord.sent"), timeout=5.0)
+        await until(lambda: events(entries, "notify.discord.sent"), timeout=5.0)
     await notifier.close()
     assert failed["error"] == "deadline" and failed["text"] == "trickled"
 
@@ -208,7 +209,7 @@ async def test_connection_refused_is_logged_not_raised():
         notifier = Notifier(webhook(url), timeout=2.0)
         await notifier.start()
         notifier.notify("nobody listens")
-        (failed,) = await async_wait_for(lambda: events(entries, "notify.discord.failed"))
+        (failed,) = await until(lambda: events(entries, "notify.discord.failed"), timeout=5.0)
         await notifier.close()
     assert failed["error"] == "ConnectionError"
 
@@ -219,7 +220,7 @@ async def test_a_server_slower_than_the_timeout_is_a_failure(discord):
     await notifier.start()
     with capture_logs() as entries:
         notifier.notify("slow")
-        (failed,) = await async_wait_for(lambda: events(entries, "notify.discord.failed"))
+        (failed,) = await until(lambda: events(entries, "notify.discord.failed"), timeout=5.0)
     discord.release()
     await notifier.close()
     assert failed["error"] == "ReadTimeout"
@@ -230,7 +231,7 @@ async def test_a_stuck_server_blocks_neither_notify_nor_close(discord):
     notifier = Notifier(webhook(discord.url), timeout=10.0)
     await notifier.start()
     notifier.notify("stuck in flight")
-    await async_wait_for(lambda: discord.requests)  # the post is now waiting on the server
+    await until(lambda: discord.requests, timeout=5.0)  # the post is now waiting on the server
     with capture_logs() as entries:
         started = time.monotonic()
         for n in range(5):

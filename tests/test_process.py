@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from test_daemon import write_config
+from configs import daemon_settings
 
 
 def receive_until(sock: socket.socket, wanted: str, timeout: float = 20.0) -> list[str]:
@@ -35,7 +35,7 @@ def receive_until(sock: socket.socket, wanted: str, timeout: float = 20.0) -> li
 
 def test_run_notifies_systemd_and_exits_0_on_sigterm(tmp_path, moto_world, deployment):
     settings_path = tmp_path / "config.toml"
-    write_config(tmp_path, moto_world, [deployment], poll="0.5s")
+    daemon_settings(tmp_path, moto_world, [deployment], poll="0.5s")
     notify_path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(notify_path)
@@ -73,8 +73,8 @@ def free_port() -> int:
 def test_run_wires_the_ledger_metrics_and_daily_summary(tmp_path, moto_world, deployment):
     """The operator's parts are wired into the real process, not only into tests' daemons."""
     port = free_port()
-    extra = f'metrics_port = {port}\n[notify.discord]\nwebhook_url = "http://127.0.0.1:9/hook"\ndaily_summary = "09:00"\n'
-    write_config(tmp_path, moto_world, [deployment], poll="0.5s", extra=extra)
+    daemon_settings(tmp_path, moto_world, [deployment], poll="0.5s", daemon={"metrics_port": port},
+                    discord={"webhook_url": "http://127.0.0.1:9/hook", "daily_summary": "09:00"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "spotguard", "run", "--config", str(tmp_path / "config.toml")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -23,32 +23,25 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 
+from configs import write_config
 from spotguard import config, rehearsal
 from spotguard.aws import client
 from spotguard.machine import GuardState, Phase
 from spotguard.commands.rehearse import Rehearser
 from spotguard.store import Store
-from test_check import run_check, set_delay, write_config
+from test_check import run_check, set_delay
+from waiting import until
 
 
 @pytest.fixture
 def lab(deployment, moto_world, tmp_path):
     """The sound deployment, its config and what the target group lists before the rehearsal."""
     set_delay(moto_world, deployment, 30)
-    path = write_config(tmp_path, moto_world, deployment)
+    path = write_config(tmp_path, moto_world, [deployment])
     return deployment, path, moto_world.health(deployment.target_group_arn)
-
-
-async def until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return value
 
 
 async def start_rehearsal(world, session, path: Path, out: io.StringIO) -> tuple[Rehearser, asyncio.Task, list]:
@@ -83,10 +76,10 @@ async def test_a_rehearsal_times_the_standby_records_it_and_puts_everything_back
     out = io.StringIO()
     rehearser, task, stack = await start_rehearsal(moto_world, aio_session, path, out)
 
-    await until(lambda: sid in moto_world.registered_targets(d.target_group_arn))
-    await until(lambda: "initial" in out.getvalue())
+    await until(lambda: sid in moto_world.registered_targets(d.target_group_arn), timeout=10.0)
+    await until(lambda: "initial" in out.getvalue(), timeout=10.0)
     moto_world.set_health(d.target_group_arn, sid, None)  # moto's own answer: healthy
-    await until(lambda: "draining" in out.getvalue())
+    await until(lambda: "draining" in out.getvalue(), timeout=10.0)
     assert not task.done() and moto_world.health(d.target_group_arn)[sid] == "draining"  # it waits out the drain
     moto_world.hold_draining(d.target_group_arn, sid, False)
     code = await finish(task, stack)
@@ -173,9 +166,9 @@ async def test_an_interrupt_while_the_standby_is_pending_stops_it(moto_world, ai
     out = io.StringIO()
     rehearser, task, stack = await start_rehearsal(moto_world, aio_session, path, out)
 
-    await until(lambda: moto_world.instance_state(sid) == "pending")
+    await until(lambda: moto_world.instance_state(sid) == "pending", timeout=10.0)
     rehearser.interrupt(signal.SIGTERM, task)
-    await until(lambda: moto_world.instance_state(sid) == "stopping")
+    await until(lambda: moto_world.instance_state(sid) == "stopping", timeout=10.0)
     rehearser.interrupt(signal.SIGINT, task)  # a second signal while putting back: noted, not obeyed
     moto_world.set_state(sid, "stopped")
     code = await finish(task, stack)
@@ -217,7 +210,7 @@ async def test_it_never_deregisters_the_only_healthy_target(moto_world, aio_sess
     out = io.StringIO()
     moto_world.set_health(d.target_group_arn, sid, "initial")
     _, task, stack = await start_rehearsal(moto_world, aio_session, path, out)
-    await until(lambda: "initial" in out.getvalue())
+    await until(lambda: "initial" in out.getvalue(), timeout=10.0)
     moto_world.set_health(d.target_group_arn, d.spot_instance_id, "unhealthy")  # the spot fails meanwhile
     moto_world.set_health(d.target_group_arn, sid, None)
 
@@ -229,7 +222,7 @@ async def test_it_never_deregisters_the_only_healthy_target(moto_world, aio_sess
 
 async def test_a_standby_never_healthy_is_recorded_put_back_and_reported_by_check(moto_world, aio_session, lab, tmp_path):
     d, _, before = lab
-    path = write_config(tmp_path, moto_world, d, guard_extra='standby_ready_timeout = "0.3s"')
+    path = write_config(tmp_path, moto_world, [d], ready="0.3s")
     sid = d.standby_ids[0]
     moto_world.set_health(d.target_group_arn, sid, "unhealthy")
     out = io.StringIO()

@@ -14,11 +14,11 @@ import argparse
 import io
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from configs import write_config
 from spotguard.aws import client
 from spotguard.config import AwsSettings, Settings, SqsSettings
 from spotguard.commands.setup import POLICY_SID, RULES, run, setup
@@ -26,12 +26,23 @@ from spotguard.sources.eventbridge import INTERRUPTION, Parsed, parse
 
 QUEUE = "spotguard"
 INSTANCE = "i-0123456789abcdef0"
+# The guard in the config files setup reads: setup never looks at it, but a valid config has one.
+GUARD = {
+    "name": "inference",
+    "target_group_arn": "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/inference/0123456789abcdef",
+    "spot_request_ids": ["sir-8x4kq2bn"],
+    "standby_instance_ids": ["i-0123456789abcdef1"],
+}
+
+
+def queue_url(world: Any, queue: str = QUEUE) -> str:
+    return f"{world.endpoint_url}/123456789012/{queue}"
 
 
 def settings_for(world: Any, queue: str = QUEUE) -> Settings:
     return Settings(
         aws=AwsSettings(region=world.region, endpoint_url=world.endpoint_url),
-        sqs=SqsSettings(queue_url=f"{world.endpoint_url}/123456789012/{queue}"),
+        sqs=SqsSettings(queue_url=queue_url(world, queue)),
     )
 
 
@@ -252,23 +263,8 @@ async def test_unusable_queue_urls_exit_2_before_any_change(moto_world, aio_sess
     assert problem in err
 
 
-def write_config(tmp_path: Path, world: Any, *, sqs: bool) -> str:
-    text = f'[aws]\nregion = "{world.region}"\nendpoint_url = "{world.endpoint_url}"\n'
-    if sqs:
-        text += f'[sources.sqs]\nqueue_url = "{world.endpoint_url}/123456789012/{QUEUE}"\n'
-    text += (
-        '[[guard]]\nname = "inference"\n'
-        f'target_group_arn = "arn:aws:elasticloadbalancing:{world.region}:123456789012:'
-        'targetgroup/inference/0123456789abcdef"\n'
-        'spot_request_ids = ["sir-8x4kq2bn"]\nstandby_instance_ids = ["i-0123456789abcdef1"]\n'
-    )
-    path = tmp_path / "spotguard.toml"
-    path.write_text(text)
-    return str(path)
-
-
 def test_main_runs_setup_from_a_config_file(moto_world, tmp_path, capsys):
-    config = write_config(tmp_path, moto_world, sqs=True)
+    config = str(write_config(tmp_path, moto_world, [GUARD], sqs=queue_url(moto_world)))
 
     assert run(argparse.Namespace(config=config, dry_run=True)) == 0
     assert statuses(capsys.readouterr().out.splitlines()) == {"would create"}
@@ -284,7 +280,7 @@ def test_main_reports_config_problems_like_check_config(moto_world, tmp_path, ca
     assert run(argparse.Namespace(config=str(bad), dry_run=False)) == 2
     assert "aws.region: required" in capsys.readouterr().err
 
-    no_sqs = write_config(tmp_path, moto_world, sqs=False)
+    no_sqs = str(write_config(tmp_path, moto_world, [GUARD]))
     assert run(argparse.Namespace(config=no_sqs, dry_run=False)) == 2
     captured = capsys.readouterr()
     assert "[sources.sqs]" in captured.err and captured.out == ""
@@ -309,7 +305,7 @@ def test_the_cli_runs_setup_twice_without_a_change(moto_world, tmp_path):
     import subprocess
     import sys
 
-    config = write_config(tmp_path, moto_world, sqs=True)
+    config = str(write_config(tmp_path, moto_world, [GUARD], sqs=queue_url(moto_world)))
     argv = [sys.executable, "-m", "spotguard", "setup", "--config", config]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(os.environ))
     again = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(os.environ))
@@ -379,8 +375,7 @@ async def test_ha_table_with_another_key_is_an_error_and_is_left_alone(moto_worl
 
 
 def test_main_creates_the_ha_table_from_a_config_file(moto_world, tmp_path, capsys):
-    path = Path(write_config(tmp_path, moto_world, sqs=False))
-    path.write_text(path.read_text() + f'[ha]\ntable = "{TABLE}"\n')
+    path = write_config(tmp_path, moto_world, [GUARD], ha={"table": TABLE})
 
     assert run(argparse.Namespace(config=str(path), dry_run=False)) == 0
     assert capsys.readouterr().out.splitlines() == [f"table {TABLE}: created"]

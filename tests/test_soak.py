@@ -57,12 +57,12 @@ from typing import Any, Callable
 import pytest
 import structlog
 
+from configs import daemon_settings
 from spotguard import machine
 from spotguard.daemon import build
 from spotguard.machine import Deregister, Failed, Notice, Observed, Phase, Start, Stop
 from spotguard.notify import Notifier
 from spotguard.store import Store, differs
-from test_daemon import write_config
 
 DEFAULT_STEPS = 600
 STEPS = int(os.environ.get("SPOTGUARD_SOAK_STEPS", DEFAULT_STEPS))
@@ -170,9 +170,9 @@ def rss() -> int:
 
 
 def write_settings(tmp_path: Path, world: Any, d: Any) -> Any:
-    return write_config(
+    return daemon_settings(
         tmp_path, world, [d], poll="5s", grace=f"{GRACE}s", ready=f"{READY}s", unhealthy=f"{UNHEALTHY}s",
-        rules=f'on_rebalance = "prewarm"\nrebalance_hold = "{HOLD}s"',
+        guard={"on_rebalance": "prewarm", "rebalance_hold": f"{HOLD}s"},
     )
 
 

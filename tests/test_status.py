@@ -18,24 +18,26 @@ from pathlib import Path
 
 import pytest
 
+from configs import daemon_settings, write_config
 from spotguard import ledger, store
 from spotguard.commands import status
 from spotguard.config import GuardSettings
 from spotguard.ledger import Ledger, LedgerView
 from spotguard.machine import Phase
 from observing import Told
-from test_daemon import health, phase, replace_spot, running, until, write_config
+from test_daemon import health, phase, replace_spot, running
+from waiting import until
 
 SECRET = "SECRET-webhook-token-never-printed"
-PRICES = "on_demand_hourly = 1.006\nspot_hourly = 0.35"
+PRICES = {"on_demand_hourly": 1.006, "spot_hourly": 0.35}
 GUARD_FIELDS = {"name", "phase", "since", "reason", "standby", "observed", "transitions", "month", "problems"}
 MONTH_FIELDS = {"start", "end", "counted_from", "hours", "spot_hours", "standby_hours", "interruptions",
                 "on_demand_hourly", "spot_hourly", "cost", "on_demand_cost", "saving"}
 
 
 def configured(tmp_path, world, d):
-    extra = f'[notify.discord]\nwebhook_url = "http://127.0.0.1:9/api/webhooks/1/{SECRET}"\n'
-    return write_config(tmp_path, world, [d], poll="0.2s", grace="1s", extra=extra, rules=PRICES)
+    discord = {"webhook_url": f"http://127.0.0.1:9/api/webhooks/1/{SECRET}"}
+    return daemon_settings(tmp_path, world, [d], poll="0.2s", grace="1s", discord=discord, guard=PRICES)
 
 
 async def cli(config: Path, *flags: str) -> tuple[int, str]:
@@ -189,7 +191,7 @@ def test_a_world_not_seen_for_blind_after_is_said(tmp_path):
 # --------------------------------------------------------------------------- [ha]: who leads
 
 TABLE = "spotguard-ha"
-HA = f'[ha]\ntable = "{TABLE}"\nlease = "15s"\n'
+HA = {"table": TABLE, "lease": "15s"}
 
 
 def write_lease(world, holder: str, epoch: int, expires: float) -> None:
@@ -212,7 +214,7 @@ def run_status(config: Path, capsys, *flags: str) -> tuple[int, str]:
 def test_with_ha_status_reads_the_leader_from_the_table(tmp_path, moto_world, deployment, capsys):
     from spotguard import ha
 
-    write_config(tmp_path, moto_world, [deployment], extra=HA)
+    daemon_settings(tmp_path, moto_world, [deployment], ha=HA)
     config = tmp_path / "config.toml"
     moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
 
@@ -252,7 +254,7 @@ def test_with_ha_status_reads_the_leader_from_the_table(tmp_path, moto_world, de
 
 
 def test_with_ha_a_failed_read_shows_the_leader_unknown_and_the_rest(tmp_path, moto_world, deployment, capsys):
-    write_config(tmp_path, moto_world, [deployment], extra=HA)  # no table
+    daemon_settings(tmp_path, moto_world, [deployment], ha=HA)  # no table
     config = tmp_path / "config.toml"
     code, out = run_status(config, capsys, "--json")
     doc = json.loads(out)
@@ -268,28 +270,28 @@ def test_with_ha_a_failed_read_shows_the_leader_unknown_and_the_rest(tmp_path, m
 async def test_with_ha_an_unreachable_endpoint_is_an_error_code(tmp_path, moto_world, deployment, aio_session):
     from spotguard.aws import client
 
-    settings = write_config(tmp_path, moto_world, [deployment], extra=HA)
+    settings = daemon_settings(tmp_path, moto_world, [deployment], ha=HA)
     async with client("dynamodb", "us-east-1", "http://127.0.0.1:9", session=aio_session, max_attempts=1) as ddb:
         got = await status.read_ha(settings, ddb, time.time())
     assert got == {"table": TABLE, "leader": None, "error": "EndpointConnectionError"}
-    assert await status.read_ha(write_config(tmp_path, moto_world, [deployment]), None, time.time()) is None
+    assert await status.read_ha(daemon_settings(tmp_path, moto_world, [deployment]), None, time.time()) is None
     with pytest.raises(ValueError):
         status.report(settings, time.time())  # with [ha], the caller must pass what it read
 
 
 def test_without_ha_status_loads_no_aws_library(tmp_path):
     # Run alone, status reads local files only: not even aiobotocore is imported.
-    (tmp_path / "c.toml").write_text(
-        f'[aws]\nregion = "us-east-1"\n[daemon]\nstate_dir = "{tmp_path}"\n'
-        '[[guard]]\nname = "lab"\ntarget_group_arn = '
-        '"arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/lab/6d0ecf831eec9f09"\n'
-        'spot_request_ids = ["sir-8x4kq2bn"]\nstandby_instance_ids = ["i-0a1b2c3d4e5f60718"]\n')
+    path = write_config(tmp_path, None, [{
+        "name": "lab",
+        "target_group_arn": "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/lab/6d0ecf831eec9f09",
+        "spot_request_ids": ["sir-8x4kq2bn"],
+        "standby_instance_ids": ["i-0a1b2c3d4e5f60718"],
+    }], aws={"region": "us-east-1"}, daemon={"state_dir": tmp_path})
     code = ("import sys; from spotguard.cli import main; rc = main(['status', '--config', sys.argv[1], '--json']); "
             "assert 'aiobotocore' not in sys.modules and 'botocore' not in sys.modules, 'AWS loaded'; sys.exit(rc)")
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.toml")], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ha"] is None
 

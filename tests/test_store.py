@@ -25,13 +25,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from httpcapture import CaptureServer, async_wait_for
+from configs import write_config
+from httpcapture import CaptureServer
 from spotguard import config
 from spotguard import store as store_module
 from spotguard.daemon import build
 from spotguard.notify import Notifier
 from spotguard.machine import GuardState, Instance, Observed, Phase, Rules
 from spotguard.store import Store, decode, encode
+from waiting import until
 
 RULES = Rules(standbys=("i-0standby1", "i-0standby2"), failback_grace=60.0)
 G = "inference"
@@ -460,28 +462,6 @@ class Clock:
         return self.now
 
 
-def daemon_settings(tmp_path: Path, world, d, extra: str = "") -> config.Settings:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""
-[aws]
-region = "{world.region}"
-endpoint_url = "{world.endpoint_url}"
-
-[daemon]
-state_dir = "{tmp_path / 'state'}"
-{extra}
-[[guard]]
-name = "inference"
-target_group_arn = "{d.target_group_arn}"
-spot_request_ids = ["{d.spot_request_id}"]
-standby_instance_ids = {json.dumps(list(d.standby_ids))}
-failback_grace = "60s"
-"""
-    )
-    return config.load(path)
-
-
 def started(settings, aws, notifier, clock):
     daemon = build(settings, aws, notifier)
     daemon.clock = clock  # build() wires the real parts; time is the test's
@@ -513,7 +493,7 @@ async def test_a_bad_state_file_is_kept_aside_and_the_guard_rebuilt_from_aws(
     tmp_path, moto_world, deployment, aws, why, spoil
 ):
     d, standby = deployment, deployment.standby_ids[0]
-    settings = daemon_settings(tmp_path, moto_world, d)
+    settings = config.load(write_config(tmp_path, moto_world, [d], grace="60s", guard={"name": "inference"}))
     # The daemon died mid-failover: the standby runs and serves beside the spot.
     Store(settings.daemon.state_dir).save("inference", failover_state())
     moto_world.boto("ec2").start_instances(InstanceIds=[standby])
@@ -542,7 +522,8 @@ async def test_the_discord_webhook_url_never_reaches_a_state_file(tmp_path, moto
     d = deployment
     with CaptureServer() as discord:
         url = discord.url + "/api/webhooks/123456789/S3cr3t-T0ken_never-on-disk"
-        settings = daemon_settings(tmp_path, moto_world, d, extra=f'\n[notify.discord]\nwebhook_url = "{url}"\n')
+        settings = config.load(write_config(tmp_path, moto_world, [d], grace="60s", guard={"name": "inference"},
+                                            discord={"webhook_url": url}))
         assert settings.discord.webhook_url == url
         notifier = Notifier(settings.discord.webhook_url)
         await notifier.start()
@@ -555,7 +536,7 @@ async def test_the_discord_webhook_url_never_reaches_a_state_file(tmp_path, moto
         moto_world.terminate_spot(d.spot_request_id)
         moto_world.fulfil(d.spot_request_id)
         await rounds_until(daemon, clock, lambda: guard.state.phase.value == "spot-healthy")
-        await async_wait_for(lambda: len(discord.requests) >= 5, timeout=15.0)
+        await until(lambda: len(discord.requests) >= 5, timeout=15.0)
         await notifier.close()
     texts = [r.json["content"] for r in discord.requests]
     assert any("InsufficientInstanceCapacity" in t for t in texts), texts

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from structlog.testing import capture_logs
 
-from httpcapture import CaptureServer, async_wait_for
+from httpcapture import CaptureServer
 from spotguard.config import AwsSettings, DaemonSettings, DiscordSettings, GuardSettings, Settings
 from spotguard.ledger import Estimate, Ledger
 from spotguard.machine import GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
@@ -15,6 +15,7 @@ from spotguard.notify import Notifier
 from spotguard.summary import DailySummary, summary_text
 
 from observing import Told
+from waiting import until
 
 H = 3600.0
 SPOT, SB = "i-00000000000000001", "i-0000000000000000a"
@@ -115,7 +116,7 @@ async def test_the_job_posts_each_guards_summary_through_the_notifier(tmp_path):
             await job.func()  # what the scheduler runs at 09:30: the job itself, triggered now
         finally:
             daily.shutdown()
-        await async_wait_for(lambda: discord.requests)
+        await until(lambda: discord.requests, timeout=5.0)
         await notifier.close()
         (request,) = discord.requests
     assert request.json["content"] == (

@@ -2,7 +2,9 @@
 
 `write_config()` writes the TOML a user would write for the lab's deployment,
 with every duration divided by the lab's speed (spotguard runs on the wall
-clock; the lab's scenario clock runs `speed` times faster). `SpotguardProcess`
+clock; the lab's scenario clock runs `speed` times faster). It renders with
+`render_toml()`, which turns any config held as a dict into TOML: the one way
+a config is rendered (the tests write theirs with it too). `SpotguardProcess`
 starts the daemon as a subprocess pointed at the lab's moto endpoint, reads
 its JSON log lines from stdout as they come and hands each to a callback,
 and stops it with SIGTERM as systemd would.
@@ -20,10 +22,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 # What the child sees of AWS: only moto, through the endpoint in its config.
 SANDBOX_ENV = {
@@ -65,32 +68,78 @@ def write_config(
 ) -> Path:
     """The lab's config; durations are scenario seconds, written as wall seconds (÷ speed)."""
 
-    def wall(seconds: float) -> str:
-        return repr(round(seconds / speed, 6))
+    def wall(seconds: float) -> float:
+        return round(seconds / speed, 6)
 
-    standbys = ", ".join(json.dumps(s) for s in standby_ids)
-    path.write_text(
-        f"""# Written by the spotguard lab: durations are the scenario's divided by the speed ({speed:g}).
-[aws]
-region = {json.dumps(region)}
-endpoint_url = {json.dumps(endpoint_url)}
-
-[daemon]
-state_dir = {json.dumps(str(state_dir))}
-poll_interval = {wall(poll_interval)}
-log_format = "json"
-
-[[guard]]
-name = {json.dumps(guard_name)}
-target_group_arn = {json.dumps(target_group_arn)}
-spot_request_ids = [{json.dumps(spot_request_id)}]
-standby_instance_ids = [{standbys}]
-failback_grace = {wall(failback_grace)}
-standby_ready_timeout = {wall(standby_ready_timeout)}
-unhealthy_grace = {wall(unhealthy_grace)}
-"""
-    )
+    doc = {
+        "aws": {"region": region, "endpoint_url": endpoint_url},
+        "daemon": {"state_dir": state_dir, "poll_interval": wall(poll_interval), "log_format": "json"},
+        "guard": [{
+            "name": guard_name,
+            "target_group_arn": target_group_arn,
+            "spot_request_ids": [spot_request_id],
+            "standby_instance_ids": list(standby_ids),
+            "failback_grace": wall(failback_grace),
+            "standby_ready_timeout": wall(standby_ready_timeout),
+            "unhealthy_grace": wall(unhealthy_grace),
+        }],
+    }
+    comment = f"Written by the spotguard lab: durations are the scenario's divided by the speed ({speed:g})."
+    path.write_text(render_toml(doc, comment=comment))
     return path
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def render_toml(doc: Mapping[str, Any], *, comment: str | None = None) -> str:
+    """`doc` as TOML: a dict value is a [table], a list of dicts an [[array of tables]], None leaves a key out.
+
+    Tables come in the dict's order, each after a blank line; values are
+    strings (JSON's escapes are TOML's), paths, numbers, booleans and lists.
+    """
+    blocks: list[str] = []
+
+    def table(path: list[str], body: Mapping[str, Any], *, element: bool = False) -> None:
+        keys = "".join(f"{_key(k)} = {_value(v)}\n" for k, v in body.items() if v is not None and not _is_table(v))
+        name = ".".join(_key(k) for k in path)
+        if not path:
+            blocks.append(keys)
+        elif element:
+            blocks.append(f"[[{name}]]\n{keys}")
+        elif keys or not any(_is_table(v) for v in body.values()):  # a table of tables needs no header of its own
+            blocks.append(f"[{name}]\n{keys}")
+        for k, v in body.items():
+            if isinstance(v, Mapping):
+                table(path + [k], v)
+            elif _is_table(v):
+                for item in v:
+                    table(path + [k], item, element=True)
+
+    table([], doc)
+    text = "\n".join(block for block in blocks if block)
+    return f"# {comment}\n{text}" if comment else text
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, Mapping) or (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Mapping) for v in value))
+
+
+def _key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML value for {value!r}")
 
 
 class SpotguardProcess:
