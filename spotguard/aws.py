@@ -26,8 +26,20 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
+import structlog
+
 from spotguard import __version__
 from spotguard.ec2model import DATA as LEAN_DATA
+
+log = structlog.get_logger("spotguard.aws")
+
+# Codes botocore's standard retries treat as throttling (botocore.retries.standard).
+THROTTLING_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException",
+})
 
 # Standard mode retries throttling and transient errors with backoff; five tries
 # bound the worst case so a failover is never stuck behind an endless retry loop.
@@ -118,6 +130,7 @@ async def client(
         endpoint_url=endpoint_url,
         config=client_config(service, max_attempts=max_attempts),
     ) as c:
+        c.meta.events.register_first("needs-retry", _RetryLog(max_attempts))
         yield c
 
 
@@ -144,6 +157,38 @@ async def clients(
             for name in ("ec2", "elbv2", "sqs")
         ]
         yield Clients(*made)
+
+
+class _RetryLog:
+    """A botocore `needs-retry` hook that only logs: a call about to be retried (throttled,
+    5xx, a dropped connection) says so, so a slow round is never silent. It decides nothing:
+    returning None leaves the decision and the backoff to botocore's standard retries."""
+
+    def __init__(self, max_attempts: int) -> None:
+        self.retries = max_attempts  # botocore's max_attempts counts the retries after the first try
+
+    def __call__(self, attempts: int, response: Any = None, caught_exception: Any = None, event_name: str = "",
+                 **_: Any) -> None:
+        if attempts > self.retries:
+            return None  # the last try: what it got is the caller's to report
+        code = _retryable(response, caught_exception)
+        if code is not None:
+            _, _, call = event_name.partition(".")
+            log.warning("aws.retrying", call=call, attempt=attempts, code=code)
+        return None
+
+
+def _retryable(response: Any, caught: Any) -> str | None:
+    """The code of an answer standard retries would retry (throttling, 5xx, no connection), else None."""
+    if caught is not None:
+        return type(caught).__name__
+    if not response:
+        return None
+    http, parsed = response
+    code = (parsed or {}).get("Error", {}).get("Code")
+    if http.status_code >= 500 or http.status_code == 429 or code in THROTTLING_CODES:
+        return code or f"HTTP {http.status_code}"
+    return None
 
 
 def error_code(exc: BaseException) -> str:

@@ -683,6 +683,20 @@ def _check_unclaimed(r: _Reader, guards: list[tuple[str, GuardSettings]]) -> Non
         if g.spot_instance_tags:
             where = f"{path}.spot_instance_tags"
             claim("tags", frozenset(g.spot_instance_tags), where, "the same tags already select {first}'s spot instances")
+    _check_exclusive_tags(r, guards)
+
+
+def _check_exclusive_tags(r: _Reader, guards: list[tuple[str, GuardSettings]]) -> None:
+    """Two tag selectors must exclude each other: some tag key both name, with different
+    values. Otherwise one instance can carry both sets, and two guards would claim it."""
+    tagged = [(path, dict(g.spot_instance_tags)) for path, g in guards if g.spot_instance_tags]
+    for n, (path, tags) in enumerate(tagged):
+        for first, other in tagged[:n]:
+            if tags == other:
+                continue  # said above: the same tags
+            if not any(key in other and other[key] != value for key, value in tags.items()):
+                r.problem(f"{path}.spot_instance_tags", f"can select the same instances as {first}.spot_instance_tags "
+                          "(no tag key with a different value in each): give both a key with different values")
 
 
 # --------------------------------------------------------------------------- loading

@@ -397,6 +397,28 @@ def test_two_guards_may_not_share_anything(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "a, b, overlap",
+    [
+        ({"Role": "svc", "Team": "x"}, {"Role": "svc"}, True),  # issue 21: A's spot was registered in B's group
+        ({"Role": "svc"}, {"Team": "x"}, True),  # an instance may carry both tags
+        ({"Role": "svc"}, {"Role": "batch"}, False),  # one key, different values: exclusive
+        ({"Role": "svc", "Env": "prod"}, {"Role": "svc", "Env": "test"}, False),
+    ],
+)
+def test_tag_selectors_must_exclude_each_other(tmp_path, a, b, overlap):
+    def guard(name: str, arn: str, tags: dict, standby: str) -> dict:
+        return {"name": name, "target_group_arn": arn, "spot_instance_tags": tags, "standby_instance_ids": [standby]}
+
+    doc = {"aws": VALID["aws"], "guard": [guard("a", ARN, a, "i-0000aaaa"), guard("b", ARN2, b, "i-0000bbbb")]}
+    expected = ["guard[1].spot_instance_tags: can select the same instances as guard[0].spot_instance_tags "
+                "(no tag key with a different value in each): give both a key with different values"]
+    if overlap:
+        assert problems(tmp_path, doc) == expected
+    else:
+        assert len(load(write(tmp_path, doc), env={}).guards) == 2
+
+
 def test_every_problem_of_a_file_is_reported(tmp_path):
     text = f"""
 colour = "red"
