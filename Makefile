@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install bench bench-detect demo clean reliability
+.PHONY: test lint install bench bench-detect demo clean reliability
 
 install: $(STAMP)
 
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q -n 4
+
+# ruff: pyflakes, pycodestyle and import order over everything Python in the tree.
+lint: $(STAMP)
+	$(PY) -m ruff check spotguard tests bench
 
 # Issue 7's figures into docs/benchmarks.md (~6 min on an idle 2-core machine): steady memory/CPU/AWS calls for 1 and 20 guards
 # beside a bare-aiobotocore floor, growth over 10,000 polls, start-up, reaction, poll rounds, machine.step.

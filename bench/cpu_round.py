@@ -34,17 +34,17 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import configs
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from stats import fmt, table
 
 from spotguard import config
+
 # The variants set up their sessions with spotguard.aws's own helpers, so each is
 # exactly what the daemon does, one change at a time.
 from spotguard.aws import USER_AGENT, _fast_parsers, _lean_models, client_config, clients
 from spotguard.sources.poll import Poller
-
-import configs
-from stats import fmt, table
 
 GUARDS = 20
 ROUNDS = 30

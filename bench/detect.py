@@ -52,17 +52,16 @@ from remote import RemoteWorld, start_time, until, use_dummy_credentials
 use_dummy_credentials()  # before any botocore import reads the environment
 
 import boto3  # noqa: E402
+import configs  # noqa: E402
 from aiobotocore.session import get_session  # noqa: E402
+from run import loadavg, shown  # noqa: E402
+from stats import fmt, percentile, table  # noqa: E402
 
 from spotguard import config, logs  # noqa: E402
 from spotguard.aws import clients  # noqa: E402
 from spotguard.daemon import build, serve  # noqa: E402
 from spotguard.machine import Phase  # noqa: E402
 from spotguard.notify import Notifier  # noqa: E402
-
-import configs  # noqa: E402
-from run import loadavg, shown  # noqa: E402
-from stats import fmt, percentile, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"

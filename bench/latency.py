@@ -33,7 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import configs
+import cycle
 from aiobotocore.session import get_session
+from remote import start_time, until
+from stats import fmt, percentile, spread, summarize, table
 
 from spotguard import config
 from spotguard.aws import clients
@@ -41,11 +45,6 @@ from spotguard.daemon import build
 from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
 from spotguard.store import Store
-
-import configs
-from remote import start_time, until
-import cycle
-from stats import fmt, percentile, spread, summarize, table
 
 DEADLINE = 15.0
 PUSH_POLL_INTERVAL = 5.0  # steady-state default: the push, not a poll, must be what acts

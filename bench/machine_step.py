@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from spotguard.store import differs  # the daemon's own check, so a change to it shows here
-from spotguard.machine import FAST_POLL, Observed, step
-
 import cycle
 from stats import fmt, spread, summarize, table
+
+from spotguard.machine import FAST_POLL, Observed, step
+from spotguard.store import differs  # the daemon's own check, so a change to it shows here
 
 REPEATS = 21  # each repeat times the whole cycle, every group and the check once, interleaved
 GROUP_MIN_STEPS = 1000  # a group's events are looped until at least this many steps per repeat

@@ -19,14 +19,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import configs
 from aiobotocore.session import get_session
+from stats import fmt, spread, summarize, table
 
 from spotguard import config
 from spotguard.aws import clients
 from spotguard.sources.poll import Poller
-
-import configs
-from stats import fmt, spread, summarize, table
 
 SIZES = (1, 4, 20)
 ROUNDS = 25

@@ -50,8 +50,6 @@ from stats import table
 
 use_dummy_credentials()  # before any botocore import reads the environment
 
-from spotguard import logs  # noqa: E402
-
 import cpu_round  # noqa: E402
 import latency  # noqa: E402
 import machine_step  # noqa: E402
@@ -59,6 +57,8 @@ import memory  # noqa: E402
 import poll_round  # noqa: E402
 import startup  # noqa: E402
 import steady  # noqa: E402
+
+from spotguard import logs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"

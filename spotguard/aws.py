@@ -20,13 +20,12 @@ from typing import Any, AsyncIterator, NamedTuple
 import aiobotocore
 import aiohttp
 import botocore
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
-
-import structlog
 
 from spotguard import __version__
 from spotguard.ec2model import DATA as LEAN_DATA

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
+from waiting import until
 
 from spotguard.agent import Agent
 from spotguard.aws import client
@@ -27,7 +28,6 @@ from spotguard.lab.imds import InstanceMetadata
 from spotguard.machine import Notice
 from spotguard.sources.eventbridge import INTERRUPTION, Malformed, Parsed, parse
 from spotguard.sources.sqs import SqsSource
-from waiting import until
 
 ID = "i-0aaaaaaaaaaaaaaa1"
 AT = datetime(2026, 11, 28, 8, 22, tzinfo=timezone.utc)

@@ -16,10 +16,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from test_systemd import MAX_EXPOSURE, run_analyze, settings, verify_complaints
 
 from spotguard.agent import INSTANCE_ACTION_PATH, REBALANCE_PATH, Agent, Notice, _Malformed, interpret, region_from_env
 from spotguard.sources.eventbridge import INTERRUPTION, Malformed, build, parse
-from test_systemd import MAX_EXPOSURE, run_analyze, settings, verify_complaints
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "spotguard-agent.service"
 INSTALLED_EXEC = "/usr/local/bin/spotguard"

@@ -4,9 +4,9 @@ every request names spotguard in its User-Agent."""
 from __future__ import annotations
 
 import pytest
+from awsproxy import AwsProxy
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
-from awsproxy import AwsProxy
 from spotguard import __version__
 from spotguard.aws import clients, parse_timestamp
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from configs import write_config
+
 from spotguard import cli, config, ha, rehearsal
 from spotguard.aws import client
 from spotguard.commands.check import GuardSeen, HaSeen, Refused, check, leader_line, permission_lines

@@ -49,10 +49,9 @@ from typing import Callable
 
 import boto3
 import pytest
+from awsproxy import AwsProxy, Hold, ProxyRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
-
-from awsproxy import AwsProxy, Hold, ProxyRequest
 from configs import daemon_settings
 from waiting import DEADLINE, TimedOut, until_blocking
 

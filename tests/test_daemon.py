@@ -15,13 +15,13 @@ import time
 from contextlib import asynccontextmanager
 
 import pytest
-
 from configs import daemon_settings
 from httpcapture import CaptureServer
+from waiting import DEADLINE, until
+
 from spotguard.daemon import build, serve
 from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
-from waiting import DEADLINE, until
 
 
 @asynccontextmanager

@@ -26,10 +26,12 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import pytest
-
 import waiting
 from configs import daemon_settings
 from httpcapture import CaptureServer
+from test_daemon import health, phase, state
+from waiting import DEADLINE
+
 from spotguard.aws import clients
 from spotguard.daemon import Daemon, serve
 from spotguard.executor import ACTION_DEADLINE, Executor
@@ -38,8 +40,6 @@ from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
 from spotguard.sources.poll import Poller
 from spotguard.store import Store
-from test_daemon import health, phase, state
-from waiting import DEADLINE
 
 fault = pytest.mark.fault
 

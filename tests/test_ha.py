@@ -23,16 +23,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
-
 from configs import daemon_settings
+from structlog.testing import capture_logs
+from test_daemon import health, phase, replace_spot, state
+from waiting import until
+
 from spotguard import config, ha
 from spotguard.aws import client
 from spotguard.daemon import build, serve
 from spotguard.machine import GuardState, Phase, Rules
 from spotguard.notify import Notifier
-from test_daemon import health, phase, replace_spot, state
-from waiting import until
 
 TABLE = "spotguard-ha"
 LEASE = 3.0

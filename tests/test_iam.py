@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from configs import daemon_settings, write_config
+from test_daemon import _warning, health, phase, replace_spot, running, state
+from waiting import until
+
 from spotguard import config
 from spotguard.agent import Agent
 from spotguard.aws import client
@@ -33,8 +35,6 @@ from spotguard.commands import iam_policy
 from spotguard.iam import IamError, agent_policy, daemon_policy
 from spotguard.lab.imds import InstanceMetadata
 from spotguard.machine import Phase
-from test_daemon import _warning, health, phase, replace_spot, running, state
-from waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TG = "arn:aws:elasticloadbalancing:ap-northeast-2:123456789012:targetgroup/inference/6d0ecf831eec9f09"
@@ -356,7 +356,8 @@ def test_the_cli_prints_the_same_policies():
     from pathlib import Path
 
     from spotguard import config as _config
-    from spotguard.iam import agent_policy as _agent, daemon_policy as _daemon
+    from spotguard.iam import agent_policy as _agent
+    from spotguard.iam import daemon_policy as _daemon
 
     example = Path(__file__).resolve().parent.parent / "config.example.toml"
     settings = _config.load(example)

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
+from waiting import until
 
 from spotguard import config
 from spotguard.cli import build_parser
@@ -26,7 +27,6 @@ from spotguard.lab.load import Sample, longest_outage
 from spotguard.lab.report import summary
 from spotguard.lab.run import run_scenario
 from spotguard.lab.scenario import Scenario
-from waiting import until
 
 SPEED = 50.0
 # The demo's scenario with a shorter grace and capacity back sooner: the same cycle, fewer idle minutes.

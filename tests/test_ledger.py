@@ -14,9 +14,8 @@ import stat
 from dataclasses import dataclass
 
 import pytest
-from structlog.testing import capture_logs
-
 from observing import Told
+from structlog.testing import capture_logs
 
 from spotguard import ledger
 from spotguard.ledger import Ledger, LedgerView, Run

@@ -5,7 +5,6 @@ from dataclasses import replace
 import pytest
 
 from spotguard import machine
-
 from spotguard.machine import (
     Alert,
     Deregister,

@@ -19,24 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from spotguard.sim import (
-    ExternalStop,
-    Flap,
-    Interrupt,
-    InterruptWhen,
-    LATE,
-    Pause,
-    PollGap,
-    Rebalance,
-    Restart,
-    Script,
-    StrayNotice,
-    TerminateStandby,
-    Timing,
-    Trace,
-    replay,
-    run,
-)
 from spotguard.machine import (
     RETRY_CAP,
     Alert,
@@ -53,6 +35,24 @@ from spotguard.machine import (
     Target,
     initial,
     step,
+)
+from spotguard.sim import (
+    LATE,
+    ExternalStop,
+    Flap,
+    Interrupt,
+    InterruptWhen,
+    Pause,
+    PollGap,
+    Rebalance,
+    Restart,
+    Script,
+    StrayNotice,
+    TerminateStandby,
+    Timing,
+    Trace,
+    replay,
+    run,
 )
 
 SERVING = (Phase.BOTH_SERVING, Phase.SPOT_RESTORED)

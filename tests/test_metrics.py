@@ -15,15 +15,15 @@ import urllib.error
 import urllib.request
 
 import pytest
+from configs import daemon_settings
+from observing import Told
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
-
-from configs import daemon_settings
-from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
-from spotguard.metrics import Metrics, exposed, serve
-from observing import Told
 from test_daemon import phase, replace_spot, running
 from waiting import until
+
+from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
+from spotguard.metrics import Metrics, exposed, serve
 
 PHASES = [p.value for p in Phase]
 

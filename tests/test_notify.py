@@ -9,12 +9,12 @@ from typing import Iterator
 
 import pytest
 import structlog
-from structlog.testing import capture_logs
-
 from httpcapture import CaptureServer, Response, refused_url
+from structlog.testing import capture_logs
+from waiting import until
+
 from spotguard import logs as spotguard_logs
 from spotguard.notify import MAX_CONTENT, RETRY_CAP, Notifier, retry_after
-from waiting import until
 
 TOKEN = "SECRET-TOKEN-do-not-log"
 WEBHOOK_PATH = f"/api/webhooks/123456789/{TOKEN}"

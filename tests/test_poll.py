@@ -8,7 +8,7 @@ from structlog.testing import capture_logs
 
 from spotguard.aws import clients
 from spotguard.machine import Instance, Observed, Target
-from spotguard.sources.poll import PollError, Poller, is_notice
+from spotguard.sources.poll import Poller, is_notice
 
 
 async def observe_one(aws, guard) -> Observed:

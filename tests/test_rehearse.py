@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from configs import write_config
-from spotguard import config, rehearsal
-from spotguard.aws import client
-from spotguard.machine import GuardState, Phase
-from spotguard.commands.rehearse import Rehearser
-from spotguard.store import Store
 from test_check import run_check, set_delay
 from waiting import until
+
+from spotguard import config, rehearsal
+from spotguard.aws import client
+from spotguard.commands.rehearse import Rehearser
+from spotguard.machine import GuardState, Phase
+from spotguard.store import Store
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 import pytest
-
 from configs import write_config
+
 from spotguard.aws import client
-from spotguard.config import AwsSettings, Settings, SqsSettings
 from spotguard.commands.setup import POLICY_SID, RULES, run, setup
+from spotguard.config import AwsSettings, Settings, SqsSettings
 from spotguard.sources.eventbridge import INTERRUPTION, Parsed, parse
 
 QUEUE = "spotguard"

@@ -56,8 +56,8 @@ from typing import Any, Callable
 
 import pytest
 import structlog
-
 from configs import daemon_settings
+
 from spotguard import machine
 from spotguard.daemon import build
 from spotguard.machine import Deregister, Failed, Notice, Observed, Phase, Start, Stop

@@ -17,16 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from configs import daemon_settings, write_config
+from observing import Told
+from test_daemon import health, phase, replace_spot, running
+from waiting import until
+
 from spotguard import ledger, store
 from spotguard.commands import status
 from spotguard.config import GuardSettings
 from spotguard.ledger import Ledger, LedgerView
 from spotguard.machine import Phase
-from observing import Told
-from test_daemon import health, phase, replace_spot, running
-from waiting import until
 
 SECRET = "SECRET-webhook-token-never-printed"
 PRICES = {"on_demand_hourly": 1.006, "spot_hourly": 0.35}

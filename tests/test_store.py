@@ -21,19 +21,19 @@ from pathlib import Path
 from typing import get_type_hints
 
 import pytest
+from configs import write_config
+from httpcapture import CaptureServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
+from waiting import until
 
-from configs import write_config
-from httpcapture import CaptureServer
 from spotguard import config
 from spotguard import store as store_module
 from spotguard.daemon import build
-from spotguard.notify import Notifier
 from spotguard.machine import GuardState, Instance, Observed, Phase, Rules
+from spotguard.notify import Notifier
 from spotguard.store import Store, decode, encode
-from waiting import until
 
 RULES = Rules(standbys=("i-0standby1", "i-0standby2"), failback_grace=60.0)
 G = "inference"

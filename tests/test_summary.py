@@ -5,17 +5,16 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from structlog.testing import capture_logs
-
 from httpcapture import CaptureServer
+from observing import Told
+from structlog.testing import capture_logs
+from waiting import until
+
 from spotguard.config import AwsSettings, DaemonSettings, DiscordSettings, GuardSettings, Settings
 from spotguard.ledger import Estimate, Ledger
 from spotguard.machine import GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
 from spotguard.notify import Notifier
 from spotguard.summary import DailySummary, summary_text
-
-from observing import Told
-from waiting import until
 
 H = 3600.0
 SPOT, SB = "i-00000000000000001", "i-0000000000000000a"

@@ -10,7 +10,6 @@ DescribeTable and one GetItem of the lease) nor read the daemon's state file.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from contextlib import AsyncExitStack

@@ -10,7 +10,6 @@ DynamoDB's table calls, and never deletes anything.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
