@@ -77,7 +77,8 @@ class Observer(Protocol):
 
     def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None: ...
 
-    def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float, at: float) -> None: ...
+    def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float,
+               at: float) -> None: ...
 
     def polled(self, guard: str, error: Exception | None, at: float) -> None: ...
 
@@ -209,7 +210,6 @@ class Daemon:
             # predate it; stepping it would repeat the command. The next poll is fresh.
             if isinstance(observed, Observed) and guard is not None and not guard.acting and guard.acted < polled:
                 self._enqueue(guard, observed)
-        self._retry_saves()
         if settle:
             await self.settle()
         self.rounds += 1
@@ -241,7 +241,8 @@ class Daemon:
             self._tell("polled", name, failed, at)
             if failed is None:
                 if guard.blind:
-                    self._say(guard, "guard.sight.back", f"sight back: observed again after {now - guard.seen_at:.0f}s blind")
+                    self._say(guard, "guard.sight.back",
+                              f"sight back: observed again after {now - guard.seen_at:.0f}s blind")
                 guard.seen_at, guard.blind, guard.why_blind = now, False, None
                 continue
             guard.why_blind = str(failed)
@@ -267,13 +268,16 @@ class Daemon:
             self.woken.set()
 
     async def _work(self, guard: Guard) -> None:
-        """Step and act on a guard's events in order until none is left."""
+        """Step and act on a guard's events in order until none is left; then retry a state
+        write that failed (every round brings its worker here)."""
         while guard.queued or guard.latest is not None:
             if guard.queued:
                 event = guard.queued.pop(0)
             else:
                 event, guard.latest = guard.latest, None
             await self.apply(guard, event)
+        if guard.unsaved is not None:
+            self._write(guard, guard.state)
 
     async def settle(self) -> None:
         """Wait until every guard has stepped and acted on everything handed to it."""
@@ -395,8 +399,9 @@ class Daemon:
 
     def _write(self, guard: Guard, state: GuardState) -> None:
         """Write the state file. Availability beats persistence: when the disk says no (full,
-        read-only, gone), the commands still run, the state stays in memory, the write is
-        retried every round, and people hear once that it failed and once that it is back."""
+        read-only), the commands still run, the state stays in memory, the write is retried
+        at the end of every round's work, and people hear once that it failed and once that
+        it is back."""
         try:
             self.store.save(guard.name, state)
         except OSError as exc:
@@ -411,11 +416,6 @@ class Daemon:
             guard.unsaved = None
             self._tell("saved", guard.name, None, self.clock())
             self._say(guard, "guard.state.saved", "state saved again")
-
-    def _retry_saves(self) -> None:
-        for guard in self.guards.values():
-            if guard.unsaved is not None and not guard.acting and (guard.worker is None or guard.worker.done()):
-                self._write(guard, guard.state)
 
     def _say(self, guard: Guard, event: str, text: str, *, error: bool = False) -> None:
         """One line in the log and one Discord message about a guard's own health."""
@@ -457,7 +457,8 @@ class Daemon:
             try:
                 hook(*args)
             except Exception as exc:  # noqa: BLE001 - an observer must never stop a failover
-                log.error("guard.observer.failed", observer=type(observer).__name__, hook=what, error=type(exc).__name__, detail=str(exc))
+                log.error("guard.observer.failed", observer=type(observer).__name__, hook=what,
+                          error=type(exc).__name__, detail=str(exc))
 
 
 # ---------------------------------------------------------------------- process
@@ -522,7 +523,8 @@ async def _main(settings: Any) -> None:
     notifier = Notifier(settings.discord.webhook_url if settings.discord else None)
     await notifier.start()
     with _metrics(settings) as metrics:
-        async with clients(settings.aws.region, settings.aws.endpoint_url) as aws, _leadership(settings, notifier) as ha:
+        async with clients(settings.aws.region, settings.aws.endpoint_url) as aws, \
+                _leadership(settings, notifier) as ha:
             observers = [Ledger(settings.daemon.state_dir, settings.guards), *([metrics] if metrics else [])]
             daemon = build(settings, aws, notifier, observers, ha=ha)
             if metrics is not None:
