@@ -54,12 +54,14 @@ POLL_INTERVAL = 5.0
 # (bucket, substrings of a profiled function's file path), first match wins.
 BUCKETS = (
     ("timestamp parsing (dateutil, spotguard.aws.parse_timestamp)", ("dateutil", "_strptime", "spotguard/aws.py")),
-    ("response parsing (botocore.parsers, XML)", ("botocore/parsers", "aiobotocore/parsers", "xml/etree", "ElementTree")),
+    ("response parsing (botocore.parsers, XML)",
+     ("botocore/parsers", "aiobotocore/parsers", "xml/etree", "ElementTree")),
     ("request building and signing (serialize, auth, user agent, endpoints)",
      ("botocore/serialize", "botocore/auth", "botocore/useragent", "botocore/awsrequest", "botocore/signers",
       "aiobotocore/signers", "botocore/regions", "botocore/endpoint_provider", "botocore/validate", "hashlib", "hmac",
       "urllib/parse")),
-    ("HTTP (aiohttp, sockets, connections)", ("aiohttp", "aiohappyeyeballs", "multidict", "yarl", "socket", "selectors")),
+    ("HTTP (aiohttp, sockets, connections)",
+     ("aiohttp", "aiohappyeyeballs", "multidict", "yarl", "socket", "selectors")),
     ("the rest of aiobotocore/botocore (events, retries, client)", ("aiobotocore", "botocore")),
     ("spotguard", ("spotguard",)),
     ("asyncio", ("asyncio",)),

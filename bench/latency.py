@@ -115,7 +115,9 @@ async def _one(
     run_dir = workdir / f"latency-{case.path}-{case.guards}-{time.monotonic_ns()}"
     run_dir.mkdir()
     interval = PUSH_POLL_INTERVAL if case.path == "push" else POLL_INTERVAL
-    path = configs.write(run_dir / "config.toml", world, deployments, state_dir=run_dir / "state", poll_interval=interval)
+    path = configs.write(
+        run_dir / "config.toml", world, deployments, state_dir=run_dir / "state", poll_interval=interval
+    )
     settings = config.load(path)
     notifier = Notifier(None)
     await notifier.start()

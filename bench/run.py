@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (None if args.quick else DEFAULT_OUT)
 
     began, started_at, load = time.monotonic(), dt.datetime.now(dt.timezone.utc), loadavg()
-    with tempfile.TemporaryDirectory(prefix="spotguard-bench-") as tmp, RemoteWorld() as world, RemoteWorld() as leak_world:
+    with tempfile.TemporaryDirectory(prefix="spotguard-bench-") as tmp, \
+            RemoteWorld() as world, RemoteWorld() as leak_world:
         workdir = Path(tmp)
         # The in-process daemon logs as in production (JSON), to a file rather than over the figures.
         log_stream = open(workdir / "daemon-inprocess.log", "w")
@@ -222,7 +223,8 @@ def _goals(steady_fig: dict, startup_fig: dict, latency_fig: dict, leak_fig: dic
                      f"CPU {cpu.median:.2f} s", startup._verdict(wall)])
     for n, (p50, p99, count) in latency_fig.items():
         rows.append([f"notice reaching the daemon → StartInstances leaving it, {n} guard{'s' * (n > 1)}",
-                     f"p99 <= {latency.GOAL_P99 * 1e3:g} ms", f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms ({count} runs)",
+                     f"p99 <= {latency.GOAL_P99 * 1e3:g} ms",
+                     f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms ({count} runs)",
                      "met" if p99 <= latency.GOAL_P99 else "**missed**"])
     return table(["goal (issue 7)", "target", "measured", "verdict"], rows, align="llll")
 

@@ -65,7 +65,9 @@ def _one(world: Any, run_dir: Path, kind: str, deployments: list) -> tuple[float
     """(wall seconds from exec to READY=1, the process's CPU seconds by then)."""
     run_dir.mkdir(parents=True)
     if kind == "spotguard":
-        path = configs.write(run_dir / "config.toml", world, deployments, state_dir=run_dir / "state", poll_interval=5.0)
+        path = configs.write(
+            run_dir / "config.toml", world, deployments, state_dir=run_dir / "state", poll_interval=5.0
+        )
         argv = ["-m", "spotguard", "run", "--config", str(path)]
     else:
         configs.write_floor_spec(run_dir / "spec.json", world, deployments, interval=5.0)
@@ -83,7 +85,10 @@ def _verdict(s: Any) -> str:
     return "met" if s.median <= GOAL else "**missed**"
 
 
-IMPORTS = "import spotguard.cli, spotguard.commands.run, spotguard.config, spotguard.daemon, spotguard.aws, spotguard.sources.poll, spotguard.executor, spotguard.store, spotguard.notify, spotguard.logs"
+IMPORTS = (
+    "import spotguard.cli, spotguard.commands.run, spotguard.config, spotguard.daemon, spotguard.aws, "
+    "spotguard.sources.poll, spotguard.executor, spotguard.store, spotguard.notify, spotguard.logs"
+)
 
 
 def _imports() -> list[tuple[str, float]]:

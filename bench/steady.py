@@ -117,7 +117,8 @@ def _floor(world: Any, workdir: Path, deployments: list) -> Watched:
     run_dir = workdir / f"steady-floor-{len(deployments)}"
     run_dir.mkdir(parents=True)
     configs.write_floor_spec(run_dir / "spec.json", world, deployments, interval=POLL_INTERVAL)
-    launched = proc.launch(f"floor{len(deployments)}", [str(proc.BENCH / "floor.py"), str(run_dir / "spec.json")], run_dir)
+    argv = [str(proc.BENCH / "floor.py"), str(run_dir / "spec.json")]
+    launched = proc.launch(f"floor{len(deployments)}", argv, run_dir)
     return Watched("floor", len(deployments), launched, deployments)
 
 
@@ -148,7 +149,8 @@ def _failover(world: Any, watched: list[Watched], daemons: list[Watched], began:
     for w in daemons:
         world.call("notice", request_id=w.deployments[0]["spot_request_id"])
     short = length < FULFIL + 5  # --quick: everything sooner
-    plan = [(began + (TERMINATE / 4 if short else TERMINATE), "terminate_spot"), (began + (FULFIL / 4 if short else FULFIL), "fulfil")]
+    plan = [(began + (TERMINATE / 4 if short else TERMINATE), "terminate_spot"),
+            (began + (FULFIL / 4 if short else FULFIL), "fulfil")]
     for at, op in plan:
         time.sleep(max(0.0, at - time.monotonic()))
         for w in daemons:
@@ -253,7 +255,8 @@ def _report(figures: dict, steady: float, window: float, failover: float) -> str
             name = f"{'`spotguard run`' if kind == 'spotguard' else 'floor'}, {n} guard{'s' * (n > 1)}"
             call_rows.append([name, "steady", _calls_cell(f["calls"]), _per_poll(f["calls"]), fmt(f["cpu"], 2) + " %"])
             if kind == "spotguard":
-                call_rows.append([name, "failover", _calls_cell(f["failover_calls"]), "", fmt(f["failover_cpu"], 2) + " %"])
+                call_rows.append([name, "failover", _calls_cell(f["failover_calls"]), "",
+                                  fmt(f["failover_cpu"], 2) + " %"])
     return "\n\n".join(
         [
             f"Four processes at once against one moto, each started as systemd starts a service (notify "
@@ -269,7 +272,7 @@ def _report(figures: dict, steady: float, window: float, failover: float) -> str
             f"its notice (spot request status flipped; the spot terminated at +{TERMINATE:g} s and a new one "
             f"fulfilled at +{FULFIL:g} s), while the daemon polls every 1 s until the guard is back in "
             f"spot-healthy; Start/Register/Deregister are the failover's own commands.",
-            table(["process", "window", "calls per minute, by operation", "per poll (÷ DescribeSpotInstanceRequests)", "CPU, one core"],
-                  call_rows, align="lll"),
+            table(["process", "window", "calls per minute, by operation", "per poll (÷ DescribeSpotInstanceRequests)",
+                   "CPU, one core"], call_rows, align="lll"),
         ]
     )

@@ -604,10 +604,12 @@ def _ha(r: _Reader, top: dict) -> HaSettings | None:
     lease = r.get(table, "lease", "ha", _positive_duration, defaults.LEASE)
     if lease is not None and lease < 3:
         r.problem("ha.lease", f"must be at least 3s (renewed every third of it), got {format_duration(lease)}")
+    table_name = _matching(ids.DYNAMODB_TABLE, "a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")
+    holder_name = _matching(re.compile(r"[\x21-\x7e]{1,128}"), "a holder name (1-128 printable characters, no spaces)")
     return HaSettings(
-        table=r.get(table, "table", "ha", _matching(ids.DYNAMODB_TABLE, "a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")),
+        table=r.get(table, "table", "ha", table_name),
         lease=lease,
-        holder=r.get(table, "holder", "ha", _matching(re.compile(r"[\x21-\x7e]{1,128}"), "a holder name (1-128 printable characters, no spaces)"), None),
+        holder=r.get(table, "holder", "ha", holder_name, None),
     )
 
 
@@ -632,7 +634,8 @@ def _guards(r: _Reader, top: dict, region: str | None) -> tuple[GuardSettings, .
 def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSettings:
     r.known_keys(table, path, _GUARD_KEYS)
     get = lambda key, convert, default=_REQUIRED: r.get(table, key, path, convert, default)  # noqa: E731
-    name = get("name", _matching(ids.GUARD_NAME, "a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)"))
+    name = get("name", _matching(ids.GUARD_NAME, "a guard name (1-63 characters of a-z, 0-9 and -, "
+                                                 "starting with a letter or digit)"))
     arn = get("target_group_arn", _matching(ids.TARGET_GROUP_ARN, "an ELBv2 target group ARN"))
     if arn is not None and region is not None:
         arn_region = ids.TARGET_GROUP_ARN.fullmatch(arn)["region"]  # type: ignore[index]
@@ -682,7 +685,8 @@ def _check_unclaimed(r: _Reader, guards: list[tuple[str, GuardSettings]]) -> Non
                 claim(kind, value, where, f"{_show(value)} is already listed at {{first}}")
         if g.spot_instance_tags:
             where = f"{path}.spot_instance_tags"
-            claim("tags", frozenset(g.spot_instance_tags), where, "the same tags already select {first}'s spot instances")
+            claim("tags", frozenset(g.spot_instance_tags), where,
+                  "the same tags already select {first}'s spot instances")
     _check_exclusive_tags(r, guards)
 
 

@@ -123,7 +123,8 @@ class Leadership:
                     await self._observe_or_acquire()
         except AWS_ERRORS as exc:
             if not _condition_failed(exc):
-                log.warning("ha.lease.failed", holder=self.holder, error=error_code(exc), leading=self.epoch is not None)
+                log.warning("ha.lease.failed", holder=self.holder, error=error_code(exc),
+                            leading=self.epoch is not None)
             elif self.epoch is not None:
                 self._step_down("another daemon holds the lease")
             # else: another daemon acquired between our read and our write; we follow it next tick

@@ -70,7 +70,9 @@ class Metrics:
             ["guard", "from", "to"],
             registry=r,
         )
-        self.failovers = Counter("spotguard_failovers", "Failovers begun: spot-healthy to standby-starting.", ["guard"], registry=r)
+        self.failovers = Counter(
+            "spotguard_failovers", "Failovers begun: spot-healthy to standby-starting.", ["guard"], registry=r
+        )
         self.latency = Histogram(
             "spotguard_detection_latency_seconds",
             "Seconds from the daemon learning of a spot interruption to StartInstances of a standby succeeding.",
@@ -97,10 +99,12 @@ class Metrics:
             registry=r,
         )
         self.action_seconds = Histogram(
-            "spotguard_aws_action_seconds", "Duration of AWS actions, retries included.", ["action"], buckets=ACTION_BUCKETS, registry=r
+            "spotguard_aws_action_seconds", "Duration of AWS actions, retries included.", ["action"],
+            buckets=ACTION_BUCKETS, registry=r,
         )
         self.errors = Counter(
-            "spotguard_aws_errors", "Failed AWS actions by API call and AWS error code.", ["guard", "action", "code"], registry=r
+            "spotguard_aws_errors", "Failed AWS actions by API call and AWS error code.", ["guard", "action", "code"],
+            registry=r,
         )
         self.last_observation = Gauge(
             "spotguard_last_observation_timestamp_seconds",
@@ -187,14 +191,16 @@ class Metrics:
         if error is None:
             self.last_observation.labels(guard).set(at)
         else:
-            self.poll_errors.labels(guard, getattr(error, "api", "poll"), getattr(error, "code", type(error).__name__)).inc()
+            api, code = getattr(error, "api", "poll"), getattr(error, "code", type(error).__name__)
+            self.poll_errors.labels(guard, api, code).inc()
 
     def saved(self, guard: str, error: str | None, at: float) -> None:
         if error is not None:
             self.save_errors.labels(guard).inc()
         self.unsaved.labels(guard).set(0 if error is None else 1)
 
-    def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float, at: float) -> None:
+    def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float,
+               at: float) -> None:
         name = ACTIONS.get(type(command))
         if name is None:
             return  # an Alert is no AWS call (the daemon does not report them anyway)
@@ -236,7 +242,8 @@ class _PhaseCollector:
         yield family
 
     def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily("spotguard_phase", "1 for the guard's current phase, 0 for the others.", labels=["guard", "phase"])
+        return GaugeMetricFamily("spotguard_phase", "1 for the guard's current phase, 0 for the others.",
+                                 labels=["guard", "phase"])
 
 
 class _SourceCollector:
@@ -313,7 +320,8 @@ def serve(port: int, metrics: Metrics) -> Server:
     # prometheus_client's start_http_server, but with a short shutdown poll (its
     # serve_forever polls every 0.5 s, which a SIGTERM and every test would wait).
     httpd = make_server(LOOPBACK, port, make_wsgi_app(metrics.registry), ThreadingWSGIServer, handler_class=_Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL}, name="spotguard-metrics", daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL},
+                              name="spotguard-metrics", daemon=True)
     thread.start()
     server = Server(httpd, thread)
     log.info("metrics.serving", url=server.url)

@@ -77,7 +77,8 @@ def _atomic_dynamodb() -> None:
     from moto.dynamodb.models import DynamoDBBackend
 
     lock = threading.RLock()
-    for name in ("put_item", "update_item", "delete_item", "get_item", "transact_write_items", "transact_get_items", "batch_get_item"):
+    for name in ("put_item", "update_item", "delete_item", "get_item", "transact_write_items", "transact_get_items",
+                 "batch_get_item"):
         original = getattr(DynamoDBBackend, name)
         if getattr(original, "_spotguard_atomic", False):
             continue

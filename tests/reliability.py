@@ -57,7 +57,8 @@ def pytest_collection_finish(session: Any) -> None:
             kwargs = {k: marker.kwargs.get(k) for k in FAULT_KEYS}
             complete = all(isinstance(v, str) and v for v in kwargs.values())
             if marker.args or set(marker.kwargs) != set(FAULT_KEYS) or not complete:
-                problems.append(f"{item.nodeid}: a fault marker needs exactly fault=, phase=, outcome= (non-empty strings)")
+                problems.append(f"{item.nodeid}: a fault marker needs exactly fault=, phase=, outcome= "
+                                "(non-empty strings)")
                 continue
             faults.append({"test": _base(item.nodeid), **kwargs})
         handle = getattr(getattr(item, "obj", None), "hypothesis", None)
@@ -162,7 +163,8 @@ def render(data: dict[str, Any], scores: dict[str, str], measured: str) -> str:
         "",
         "## Fuzz and property tests",
         "",
-        f"{len(fuzz)} Hypothesis tests, {total} generated cases per run (`max_examples`, read from each test's settings).",
+        f"{len(fuzz)} Hypothesis tests, {total} generated cases per run "
+        "(`max_examples`, read from each test's settings).",
         "",
         "| test | cases per run |",
         "|---|---|",

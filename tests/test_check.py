@@ -92,7 +92,8 @@ async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_p
     assert "target group lab-tg: HTTP:8080, instance targets" in ok
     assert "every 5s, healthy after 2 passing: a new target needs up to 2 × 5s = 10s" in ok
     assert "deregistration delay 30s" in ok
-    assert f"spot request {sound.spot_request_id}: persistent, active; instance {sound.spot_instance_id} running, healthy" in ok
+    assert (f"spot request {sound.spot_request_id}: persistent, active; "
+            f"instance {sound.spot_instance_id} running, healthy") in ok
     for sid in sound.standby_ids:
         assert f"standby {sid}: stopped, On-Demand" in ok
     assert "ec2:StartInstances/StopInstances allowed on " + ", ".join(sound.standby_ids) in ok
@@ -164,7 +165,8 @@ async def test_a_spot_request_that_does_not_exist_fails_naming_it(moto_world, ai
     code, lines = await run_check(moto_world, aio_session, path)
 
     assert code == 1
-    assert marked(lines, "✗") == ["✗ spot request sir-0123456789abcdef0 not found — fix spot_request_ids (or aws.region)"]
+    assert marked(lines, "✗") == [
+        "✗ spot request sir-0123456789abcdef0 not found — fix spot_request_ids (or aws.region)"]
 
 
 async def test_a_spot_request_without_an_instance_fails(moto_world, aio_session, sound, tmp_path):
@@ -201,8 +203,8 @@ async def test_tagged_spot_instances_are_found_or_missed(moto_world, aio_session
     spot = moto_world.launch_spot(sound.subnet_ids[0], {"Role": "inference-spot"})
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 0
-    assert f"! spot instance {spot} (tagged Role=inference-spot) running, not registered in the target group" in "\n".join(
-        marked(lines, "!"))
+    assert (f"! spot instance {spot} (tagged Role=inference-spot) running, "
+            "not registered in the target group") in "\n".join(marked(lines, "!"))
 
 
 # ---------------------------------------------------------------------- the timing budget
@@ -295,7 +297,8 @@ def test_a_denied_dry_run_fails_and_names_the_action_and_standby():
     guard = config.GuardSettings(name="g", target_group_arn="arn", standby_instance_ids=("i-0aaaaaaaaaaaaaaaa",))
     sid = guard.standby_instance_ids[0]
     seen = GuardSeen(group={}, attributes={}, health={},
-                     dry_runs={("StartInstances", sid): "DryRunOperation", ("StopInstances", sid): "UnauthorizedOperation"})
+                     dry_runs={("StartInstances", sid): "DryRunOperation",
+                               ("StopInstances", sid): "UnauthorizedOperation"})
 
     lines = permission_lines(guard, seen)
 

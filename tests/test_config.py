@@ -278,13 +278,15 @@ CASES = [
     ("daemon.poll_interval", 0, "daemon.poll_interval: must be greater than 0"),
     ("daemon.poll_interval", "0s", "daemon.poll_interval: must be greater than 0"),
     ("daemon.poll_interval", -1, "daemon.poll_interval: -1 is not a duration: must not be negative"),
-    ("daemon.poll_interval", True, 'daemon.poll_interval: expected a number of seconds or a string like "90s", "10m", "1h30m", got a boolean (true)'),
+    ("daemon.poll_interval", True,
+     'daemon.poll_interval: expected a number of seconds or a string like "90s", "10m", "1h30m", got a boolean (true)'),
     ("daemon.log_format", "text", 'daemon.log_format: "text" is not one of auto | json | console'),
     ("daemon.state_dir", 5, "daemon.state_dir: expected a string, got an integer (5)"),
     ("daemon.state_dir", "", 'daemon.state_dir: "" is not a usable path'),
     ("daemon.state_dir", "a\0b", 'daemon.state_dir: "a\\u0000b" is not a usable path'),
     # notify / sources
-    ("notify.discord", {}, f"notify.discord: set webhook_url or webhook_url_file (or the environment variable {DISCORD_ENV})"),
+    ("notify.discord", {},
+     f"notify.discord: set webhook_url or webhook_url_file (or the environment variable {DISCORD_ENV})"),
     ("notify.discord", {"webhook_url": HOOK, "webhook_url_file": "/x"},
      "notify.discord.webhook_url_file: cannot be combined with webhook_url (choose one)"),
     ("notify.discord.webhook_url", 5, "notify.discord.webhook_url: expected a string, got an integer"),
@@ -292,15 +294,24 @@ CASES = [
     ("sources.sqs.queue_url", "sqs://q", 'sources.sqs.queue_url: "sqs://q" is not an http(s) URL'),
     # guard: name and target group
     ("guard[0].name", "DROP", "guard[0].name: required"),
-    ("guard[0].name", "Inference", 'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
-    ("guard[0].name", "", 'guard[0].name: "" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
-    ("guard[0].name", "a" * 64, f'guard[0].name: "{"a" * 64}" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
+    ("guard[0].name", "Inference",
+     'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -, '
+     'starting with a letter or digit)'),
+    ("guard[0].name", "",
+     'guard[0].name: "" is not a guard name (1-63 characters of a-z, 0-9 and -, '
+     'starting with a letter or digit)'),
+    ("guard[0].name", "a" * 64,
+     f'guard[0].name: "{"a" * 64}" is not a guard name (1-63 characters of a-z, 0-9 and -, '
+     'starting with a letter or digit)'),
     # A name is part of file names in state_dir: the store would refuse "-web" as a path.
-    ("guard[0].name", "-web", 'guard[0].name: "-web" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)'),
+    ("guard[0].name", "-web",
+     'guard[0].name: "-web" is not a guard name (1-63 characters of a-z, 0-9 and -, '
+     'starting with a letter or digit)'),
     ("guard[0].target_group_arn", "DROP", "guard[0].target_group_arn: required"),
     ("guard[0].target_group_arn", ARN.replace("targetgroup", "loadbalancer/app"),
      f'guard[0].target_group_arn: "{ARN.replace("targetgroup", "loadbalancer/app")}" is not an ELBv2 target group ARN'),
-    ("guard[0].target_group_arn", ARN[:-1], f'guard[0].target_group_arn: "{ARN[:-1]}" is not an ELBv2 target group ARN'),
+    ("guard[0].target_group_arn", ARN[:-1],
+     f'guard[0].target_group_arn: "{ARN[:-1]}" is not an ELBv2 target group ARN'),
     ("guard[0].target_group_arn", ARN.replace("123456789012", "12345"),
      f'guard[0].target_group_arn: "{ARN.replace("123456789012", "12345")}" is not an ELBv2 target group ARN'),
     ("guard[0].target_group_arn", ARN.replace("ap-northeast-2", "us-east-1"),
@@ -314,8 +325,10 @@ CASES = [
     ("guard[0].spot_instance_tags", {"Role": "x"},
      "guard[0].spot_instance_tags: cannot be combined with spot_request_ids (choose one)"),
     ("guard[0].spot_request_ids", [], "guard[0].spot_request_ids: must not be empty"),
-    ("guard[0].spot_request_ids", "sir-8x4kq2bn", 'guard[0].spot_request_ids: expected an array, got a string ("sir-8x4kq2bn")'),
-    ("guard[0].spot_request_ids[0]", "sir-8X4KQ2BN", 'guard[0].spot_request_ids[0]: "sir-8X4KQ2BN" is not a spot request id'),
+    ("guard[0].spot_request_ids", "sir-8x4kq2bn",
+     'guard[0].spot_request_ids: expected an array, got a string ("sir-8x4kq2bn")'),
+    ("guard[0].spot_request_ids[0]", "sir-8X4KQ2BN",
+     'guard[0].spot_request_ids[0]: "sir-8X4KQ2BN" is not a spot request id'),
     ("guard[0].spot_request_ids[0]", "sir-123", 'guard[0].spot_request_ids[0]: "sir-123" is not a spot request id'),
     ("guard[0].spot_request_ids", ["sir-8x4kq2bn", "sir-8x4kq2bn"],
      'guard[0].spot_request_ids[1]: "sir-8x4kq2bn" is already listed at guard[0].spot_request_ids[0]'),
@@ -323,21 +336,31 @@ CASES = [
     ("guard[0].standby_instance_ids", "DROP", "guard[0].standby_instance_ids: required"),
     ("guard[0].standby_instance_ids", [], "guard[0].standby_instance_ids: must not be empty"),
     ("guard[0].standby_instance_ids[1]", "i-zz", 'guard[0].standby_instance_ids[1]: "i-zz" is not an instance id'),
-    ("guard[0].standby_instance_ids[1]", "i-0123456789abcdef", 'guard[0].standby_instance_ids[1]: "i-0123456789abcdef" is not an instance id'),
+    ("guard[0].standby_instance_ids[1]", "i-0123456789abcdef",
+     'guard[0].standby_instance_ids[1]: "i-0123456789abcdef" is not an instance id'),
     ("guard[0].standby_instance_ids[0]", 7, "guard[0].standby_instance_ids[0]: expected a string, got an integer (7)"),
     ("guard[0].standby_instance_ids", [SB1, SB2, SB1],
      f'guard[0].standby_instance_ids[2]: "{SB1}" is already listed at guard[0].standby_instance_ids[0]'),
     # guard: durations and policy
-    ("guard[0].failback_grace", "10 min", 'guard[0].failback_grace: "10 min" is not a duration (use a number of seconds or a string like "90s", "10m", "1h30m")'),
-    ("guard[0].standby_ready_timeout", -5, "guard[0].standby_ready_timeout: -5 is not a duration: must not be negative"),
-    ("guard[0].unhealthy_grace", math.nan, 'guard[0].unhealthy_grace: nan is not a duration (use a number of seconds or a string like "90s", "10m", "1h30m")'),
+    ("guard[0].failback_grace", "10 min",
+     'guard[0].failback_grace: "10 min" is not a duration '
+     '(use a number of seconds or a string like "90s", "10m", "1h30m")'),
+    ("guard[0].standby_ready_timeout", -5,
+     "guard[0].standby_ready_timeout: -5 is not a duration: must not be negative"),
+    ("guard[0].unhealthy_grace", math.nan,
+     'guard[0].unhealthy_grace: nan is not a duration '
+     '(use a number of seconds or a string like "90s", "10m", "1h30m")'),
     ("guard[0].rebalance_hold", math.inf, "guard[0].rebalance_hold: inf is too long a duration"),
-    ("guard[0].rebalance_hold", [1], 'guard[0].rebalance_hold: expected a number of seconds or a string like "90s", "10m", "1h30m", got an array'),
+    ("guard[0].rebalance_hold", [1],
+     'guard[0].rebalance_hold: expected a number of seconds or a string like "90s", "10m", "1h30m", got an array'),
     ("guard[0].on_rebalance", "start", 'guard[0].on_rebalance: "start" is not one of ignore | prewarm'),
     # prices, metrics, daily summary, ha
-    ("guard[0].on_demand_hourly", -1, "guard[0].on_demand_hourly: expected a price in USD per hour (a number, 0 or more), got an integer (-1)"),
-    ("guard[0].spot_hourly", "0.3", 'guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a string ("0.3")'),
-    ("guard[0].spot_hourly", math.nan, "guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a float (nan)"),
+    ("guard[0].on_demand_hourly", -1,
+     "guard[0].on_demand_hourly: expected a price in USD per hour (a number, 0 or more), got an integer (-1)"),
+    ("guard[0].spot_hourly", "0.3",
+     'guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a string ("0.3")'),
+    ("guard[0].spot_hourly", math.nan,
+     "guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a float (nan)"),
     ("daemon.metrics_port", 70000, "daemon.metrics_port: 70000 is not a port (1-65535)"),
     ("notify.discord", {"webhook_url": HOOK, "daily_summary": "9am"},
      'notify.discord.daily_summary: expected a time of day like "09:00" (24-hour HH:MM), got "9am"'),
@@ -353,7 +376,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "line"), CASES, ids=[c[2].split(":")[0] + "|" + str(i) for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(("path", "value", "line"), CASES,
+                         ids=[c[2].split(":")[0] + "|" + str(i) for i, c in enumerate(CASES)])
 def test_each_problem_is_reported_with_its_key_path(tmp_path, path, value, line):
     doc = edited(VALID, path, drop=True) if value == "DROP" else edited(VALID, path, value)
     lines = problems(tmp_path, doc)
@@ -452,11 +476,13 @@ on_rebalance = "always"
         'daemon.log_format: "text" is not one of auto | json | console',
         "notify.discord.webhook_url_file: cannot be combined with webhook_url (choose one)",
         "sources.sqs.queue_url: required",
-        'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -, starting with a letter or digit)',
+        'guard[0].name: "Inference" is not a guard name (1-63 characters of a-z, 0-9 and -, '
+        'starting with a letter or digit)',
         "guard[0].spot_instance_tags: cannot be combined with spot_request_ids (choose one)",
         'guard[0].spot_request_ids[0]: "sir-bad" is not a spot request id',
         'guard[0].standby_instance_ids[1]: "i-zz" is not an instance id',
-        'guard[0].failback_grace: "ten minutes" is not a duration (use a number of seconds or a string like "90s", "10m", "1h30m")',
+        'guard[0].failback_grace: "ten minutes" is not a duration '
+        '(use a number of seconds or a string like "90s", "10m", "1h30m")',
         "guard[1].spot_request_ids: required (or spot_instance_tags)",
         'guard[1].on_rebalance: "always" is not one of ignore | prewarm',
         f'guard[1].standby_instance_ids[0]: "{SB1}" is already listed at guard[0].standby_instance_ids[0]',
@@ -537,7 +563,9 @@ def test_format_duration_round_trips(seconds):
 
 
 def test_format_duration_examples():
-    assert [format_duration(s) for s in (0, 30, 90, 600, 5400, 3605, 2.5)] == ["0s", "30s", "1m30s", "10m", "1h30m", "1h5s", "2.5s"]
+    assert [format_duration(s) for s in (0, 30, 90, 600, 5400, 3605, 2.5)] == [
+        "0s", "30s", "1m30s", "10m", "1h30m", "1h5s", "2.5s"
+    ]
 
 
 # --------------------------------------------------------------------------- the example file and the CLI
@@ -654,7 +682,7 @@ def test_cli_summarises_tag_guards_and_prewarm(tmp_path, capsys, monkeypatch):
     )
 
 
-# --------------------------------------------------------------------------- fuzz: ConfigError or Settings, nothing else
+# --------------------------------------------------------------------------- fuzz: ConfigError or Settings only
 
 toml_keys = st.text(max_size=12)
 toml_scalars = (
@@ -665,10 +693,13 @@ toml_scalars = (
     | st.datetimes(timezones=st.none() | st.just(dt.timezone.utc))
     | st.dates()
     | st.times()
-    | st.sampled_from(["5s", "1h30m", "-1s", "prewarm", "json", SB1, "i-zz", "sir-8x4kq2bn", ARN, "https://example.com/x", "hook", "/dev/zero", ""])
+    | st.sampled_from(["5s", "1h30m", "-1s", "prewarm", "json", SB1, "i-zz", "sir-8x4kq2bn", ARN,
+                       "https://example.com/x", "hook", "/dev/zero", ""])
 )
 toml_values = st.recursive(
-    toml_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(toml_keys, inner, max_size=4), max_leaves=12
+    toml_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(toml_keys, inner, max_size=4),
+    max_leaves=12,
 )
 
 
@@ -717,7 +748,8 @@ def fuzz_dir(tmp_path_factory) -> Path:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(mutated(FULL), st.dictionaries(toml_keys, toml_values, max_size=5)), st.none() | st.just(HOOK) | st.text(max_size=10))
+@given(st.one_of(mutated(FULL), st.dictionaries(toml_keys, toml_values, max_size=5)),
+       st.none() | st.just(HOOK) | st.text(max_size=10))
 def test_load_returns_settings_or_config_error_and_nothing_else(fuzz_dir, doc, env_hook):
     path = fuzz_dir / "config.toml"
     path.write_text(to_toml(doc if isinstance(doc, dict) else {"guard": doc}), encoding="utf-8")

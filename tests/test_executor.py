@@ -166,12 +166,15 @@ def test_client_config_and_error_codes():
     [("RequestLimitExceeded", 503), ("InternalError", 500)],
     ids=["throttled", "5xx"],
 )
-async def test_transient_errors_are_retried_by_botocore_then_failed(guard, deployment, aio_session, moto_world, code, status):
+async def test_transient_errors_are_retried_by_botocore_then_failed(
+    guard, deployment, aio_session, moto_world, code, status
+):
     from spotguard.lab.world import ApiFault
 
     standby = deployment.standby_ids[0]
     # max_attempts=1: one retry after the first try (botocore counts retries, not tries).
-    async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session, max_attempts=1) as (ec2, elbv2, _):
+    async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session,
+                       max_attempts=1) as (ec2, elbv2, _):
         executor = Executor(ec2, elbv2, [guard])
         once = moto_world.api_fault(ApiFault("StartInstances", code=code, status=status, times=1))
         assert await executor.run(guard.name, Start(standby)) is None  # the retry got through
@@ -213,14 +216,16 @@ async def run_start(ec2, guard, standby) -> Failed | None:
 async def test_an_unparsable_200_is_failed_not_raised(guard, deployment, broken_aws):
     broken_aws.respond(200, b"")  # a proxy answering 200 with an empty body
     async with client("ec2", "us-east-1", broken_aws.url, max_attempts=1) as ec2:
-        assert await run_start(ec2, guard, "i-0123456789abcdef0") == Failed(Start("i-0123456789abcdef0"), "ResponseParserError")
+        assert await run_start(ec2, guard, "i-0123456789abcdef0") == Failed(
+            Start("i-0123456789abcdef0"), "ResponseParserError")
 
 
 async def test_a_read_timeout_is_failed_not_raised(guard, broken_aws, aio_session):
     broken_aws.hold()  # the server accepts and never answers
     config = client_config("ec2", max_attempts=1).merge(AioConfig(read_timeout=0.2))
     async with aio_session.create_client("ec2", "us-east-1", endpoint_url=broken_aws.url, config=config) as ec2:
-        assert await run_start(ec2, guard, "i-0123456789abcdef0") == Failed(Start("i-0123456789abcdef0"), "ReadTimeoutError")
+        assert await run_start(ec2, guard, "i-0123456789abcdef0") == Failed(
+            Start("i-0123456789abcdef0"), "ReadTimeoutError")
 
 
 async def test_missing_credentials_are_failed_not_raised(guard, deployment, moto_world, monkeypatch):

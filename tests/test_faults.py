@@ -165,9 +165,12 @@ async def test_ice_on_the_first_standby_starts_the_next(tmp_path, moto_world, de
 
 @fault(fault="InsufficientInstanceCapacity on every standby", phase="standby-starting",
        outcome="alerted; first standby retried after the backoff, not before")
-async def test_ice_on_every_standby_retries_the_first_after_a_backoff(tmp_path, moto_world, deployment, aio_session, inbox):
+async def test_ice_on_every_standby_retries_the_first_after_a_backoff(
+    tmp_path, moto_world, deployment, aio_session, inbox
+):
     d, first, second = deployment, *deployment.standby_ids
-    ice = [moto_world.api_fault(ApiFault("StartInstances", code="InsufficientInstanceCapacity", match=s)) for s in (first, second)]
+    ice = [moto_world.api_fault(ApiFault("StartInstances", code="InsufficientInstanceCapacity", match=s))
+           for s in (first, second)]
     clock = Clock()
     async with guarding(tmp_path, moto_world, aio_session, [d], inbox, clock=clock) as daemon:
         moto_world.notice(d.spot_request_id)
@@ -195,12 +198,14 @@ TRANSIENT = [
     ),
     pytest.param(
         "StartInstances", "InternalError", 500,
-        marks=fault(fault="StartInstances answers 500", phase="standby-starting", outcome="retried next poll; standby serves"),
+        marks=fault(fault="StartInstances answers 500", phase="standby-starting",
+                    outcome="retried next poll; standby serves"),
         id="start-5xx",
     ),
     pytest.param(
         "RegisterTargets", "Throttling", 400,
-        marks=fault(fault="RegisterTargets throttled", phase="standby-starting", outcome="retried next poll; standby serves"),
+        marks=fault(fault="RegisterTargets throttled", phase="standby-starting",
+                    outcome="retried next poll; standby serves"),
         id="register-throttled",
     ),
     pytest.param(
@@ -265,7 +270,9 @@ SLOW_NEIGHBOUR = [
 
 
 @pytest.mark.parametrize("trouble,max_attempts", SLOW_NEIGHBOUR)
-async def test_one_guards_slow_calls_do_not_delay_another(tmp_path, moto_world, aio_session, inbox, trouble, max_attempts):
+async def test_one_guards_slow_calls_do_not_delay_another(
+    tmp_path, moto_world, aio_session, inbox, trouble, max_attempts
+):
     a = named(moto_world.provision("alpha", standbys=1), "alpha")
     b = named(moto_world.provision("beta", standbys=1), "beta")
     trouble = moto_world.api_fault(replace(trouble, match=a.standby_ids[0]))
@@ -392,7 +399,9 @@ def probe(world, action: str, instance_id: str) -> ApiFault:
 
 @fault(fault="standby started by hand", phase="spot-healthy",
        outcome="given failback_grace, then stopped (no forgotten bill)")
-async def test_a_standby_started_by_hand_is_stopped_after_the_grace(tmp_path, moto_world, deployment, aio_session, inbox):
+async def test_a_standby_started_by_hand_is_stopped_after_the_grace(
+    tmp_path, moto_world, deployment, aio_session, inbox
+):
     d, first = deployment, deployment.standby_ids[0]
     async with guarding(tmp_path, moto_world, aio_session, [d], inbox, grace="1s") as daemon:
         moto_world.boto("ec2").start_instances(InstanceIds=[first])
@@ -420,7 +429,9 @@ async def test_a_serving_standby_stopped_by_hand_is_started_again(tmp_path, moto
 
 @fault(fault="standby stopped by hand", phase="spot-restored",
        outcome="accepted: back to spot-healthy, the spot serves")
-async def test_a_standby_stopped_by_hand_after_the_spot_is_back_is_let_go(tmp_path, moto_world, deployment, aio_session, inbox):
+async def test_a_standby_stopped_by_hand_after_the_spot_is_back_is_let_go(
+    tmp_path, moto_world, deployment, aio_session, inbox
+):
     d, first = deployment, deployment.standby_ids[0]
     async with guarding(tmp_path, moto_world, aio_session, [d], inbox, grace="1h") as daemon:
         await fail_over(moto_world, daemon, d)
@@ -602,7 +613,9 @@ async def test_a_clock_jump_forward_ends_the_grace_safely(tmp_path, moto_world, 
 
 @fault(fault="clock jumps back 1 h", phase="spot-restored",
        outcome="grace restarts from the jump, not an hour more On-Demand")
-async def test_a_clock_jump_back_does_not_hold_the_standby_for_the_jump(tmp_path, moto_world, deployment, aio_session, inbox):
+async def test_a_clock_jump_back_does_not_hold_the_standby_for_the_jump(
+    tmp_path, moto_world, deployment, aio_session, inbox
+):
     d, first = deployment, deployment.standby_ids[0]
     clock = Clock()
     async with guarding(tmp_path, moto_world, aio_session, [d], inbox, clock=clock, grace="1s") as daemon:
@@ -633,7 +646,9 @@ class JumpBack:
 
 
 @fault(fault="clock jumps back 1 h during a round", phase="spot-healthy", outcome="the next poll still comes on time")
-async def test_a_clock_jump_back_mid_round_does_not_stall_the_loop(tmp_path, moto_world, deployment, aio_session, inbox):
+async def test_a_clock_jump_back_mid_round_does_not_stall_the_loop(
+    tmp_path, moto_world, deployment, aio_session, inbox
+):
     # The loop is scheduled on time.monotonic(); `clock` is only the machine's `now`.
     d = deployment
     clock = Clock()

@@ -534,7 +534,8 @@ async def test_a_leader_cut_off_from_aws_steps_down_and_the_follower_acts(tmp_pa
         took = follower.at(follower.events("ha.leader")[0])
         # It stops acting before the lease could pass to anyone: before the follower leads.
         assert leader.at(down[0]) < took and leader.at(down[0]) - cut <= LEASE
-        print(f"\ncut-off leader stepped down after {leader.at(down[0]) - cut:.2f}s, follower led after {took - cut:.2f}s")
+        print(f"\ncut-off leader stepped down after {leader.at(down[0]) - cut:.2f}s, "
+              f"follower led after {took - cut:.2f}s")
 
         moto_world.notice(d.spot_request_id)
         await until(lambda: follower.events("guard.transition", to="both-serving"),

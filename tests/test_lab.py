@@ -94,7 +94,8 @@ async def test_describe_target_health_answers_from_the_balancer(moto_world):
         await until(lambda: moto_world.health(tg).get(sid) == "unhealthy", timeout=10.0,
                     what="standby failing its checks")
         await until(lambda: moto_world.health(tg).get(sid) == "healthy", timeout=10.0, what="standby warmed up")
-        assert [c[1:] for c in changes if c[0] == sid] == [("unused", "initial"), ("initial", "unhealthy"), ("unhealthy", "healthy")]
+        assert [c[1:] for c in changes if c[0] == sid] == [
+            ("unused", "initial"), ("initial", "unhealthy"), ("unhealthy", "healthy")]
 
         elbv2.deregister_targets(TargetGroupArn=tg, Targets=[{"Id": sid}])
         assert moto_world.health(tg)[sid] == "draining"  # at once, before the balancer's next sync
@@ -194,7 +195,8 @@ async def test_standby_warm_up_longer_than_the_notice_loses_requests_and_says_so
     assert outcome.completed and outcome.problem is None, outcome.problem
     assert outcome.failed > 0
     # Once the spot is gone only the warming standby is registered: ALB fails open to it, and it answers 503.
-    assert set(outcome.failures) <= {"503 no healthy target", "503 from a warming target (fail-open)", "502 target died mid-request"}
+    assert set(outcome.failures) <= {"503 no healthy target", "503 from a warming target (fail-open)",
+                                     "502 target died mid-request"}
     assert outcome.standby_lead is None  # the standby never served before the spot died
     # The gap: from the termination until the standby passed its checks (~ +0:53 booted + 200 s warm-up).
     assert 60.0 < outcome.no_healthy_target < 140.0

@@ -159,7 +159,8 @@ def test_the_command_line_imports_only_the_chosen_verb():
     probe = (
         "import sys; from spotguard.cli import main\n"
         "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
-        "verbs = sorted(m for m in sys.modules if m.startswith('spotguard.commands.') and m != 'spotguard.commands.common')\n"
+        "verbs = sorted(m for m in sys.modules if m.startswith('spotguard.commands.') "
+        "and m != 'spotguard.commands.common')\n"
         "aws = sorted(m for m in ('aiobotocore', 'botocore', 'boto3') if m in sys.modules)\n"
         "print(code, verbs, aws, file=sys.stderr)"
     )

@@ -69,7 +69,8 @@ def test_a_failover_is_recorded_as_transitions_runs_and_one_interruption(tmp_pat
     tell.event(g, observed(), t("2026-11-28 10:00"))
     tell.event(g, Notice(SPOT), t("2026-11-28 10:01"))
     tell.event(g, observed(notice=True), t("2026-11-28 10:01:05"))  # the poll sees the notice too: counted once
-    book.transition(g, state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING, "interruption notice"), t("2026-11-28 10:01"))
+    book.transition(g, state(Phase.SPOT_HEALTHY), state(Phase.STANDBY_STARTING, "interruption notice"),
+                    t("2026-11-28 10:01"))
     book.action(g, Start(SB), None, 0.2, t("2026-11-28 10:01:01"))
     tell.event(g, observed(notice=True, sb="running"), t("2026-11-28 10:01:10"))
     tell.event(g, observed(spot=None, sb="running", health={SB: "healthy"}), t("2026-11-28 10:03"))

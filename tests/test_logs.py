@@ -223,15 +223,21 @@ log.info("guard.transition")
 
 
 def test_journalctl_priority_filter_sees_spotguards_warnings_through_a_real_journald():
-    if os.geteuid() != 0 or not os.path.exists(JOURNALD) or not shutil.which("systemd-cat") or not shutil.which("unshare"):
+    if (
+        os.geteuid() != 0
+        or not os.path.exists(JOURNALD)
+        or not shutil.which("systemd-cat")
+        or not shutil.which("unshare")
+    ):
         pytest.skip("needs root, systemd-journald, systemd-cat and unshare to run a private journald")
     tag = f"spotguard-test-{uuid.uuid4().hex[:12]}"  # only this run's lines count
-    script = (JOURNAL_SCRIPT.replace("@JOURNALD@", JOURNALD).replace("@TAG@", tag).replace("@PYTHON@", shlex.quote(sys.executable))
-              .replace("@CODE@", shlex.quote(LOGGING_CODE)))
+    script = (JOURNAL_SCRIPT.replace("@JOURNALD@", JOURNALD).replace("@TAG@", tag)
+              .replace("@PYTHON@", shlex.quote(sys.executable)).replace("@CODE@", shlex.quote(LOGGING_CODE)))
     done = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=60)
     if done.returncode != 0 and "unshare" in done.stderr:
         pytest.skip(f"cannot make a private mount namespace here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
     entries = [json.loads(line) for line in done.stdout.splitlines()]
     seen = {(json.loads(e["MESSAGE"])["event"], e["PRIORITY"]) for e in entries}
-    assert seen == {("daemon.crashed", "2"), ("poll.describe.failed", "3"), ("guard.alert", "4"), ("library.warning", "4")}
+    assert seen == {("daemon.crashed", "2"), ("poll.describe.failed", "3"), ("guard.alert", "4"),
+                    ("library.warning", "4")}

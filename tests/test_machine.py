@@ -119,7 +119,8 @@ ROWS = [
     # --- standby-starting
     (
         "booting: wait",
-        at(P, world("a:running!", "s1:pending s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0, start_sent=0.0),
+        at(P, world("a:running!", "s1:pending s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0,
+           start_sent=0.0),
         world("a:running!", "s1:pending s2:stopped", "a:healthy"),
         5,
         P,
@@ -151,7 +152,8 @@ ROWS = [
     ),
     (
         "ICE: next standby",
-        at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0, start_sent=0.0),
+        at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0,
+           start_sent=0.0),
         Failed(Start("i-s1"), "InsufficientInstanceCapacity"),
         1,
         P,
@@ -162,7 +164,8 @@ ROWS = [
     ),
     (
         "throttled start: nothing new",
-        at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0, start_sent=0.0),
+        at(P, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), standby="i-s1", started_at=0.0,
+           start_sent=0.0),
         Failed(Start("i-s1"), "RequestLimitExceeded"),
         1,
         P,
@@ -508,8 +511,8 @@ FREEZES = [
     ("spot-restored: the grace ran out meanwhile, the standby drains", at(D, world("b:running", "s1:running s2:stopped",
      "b:healthy s1:healthy"), rules=QUICK, standby="i-s1", started_at=0.0, watched=0.0),
      world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), D, ()),
-    ("standby-draining: the drain ended meanwhile, the standby stops", at(DR, world("b:running", "s1:running s2:stopped",
-     "b:healthy s1:draining"), rules=QUICK, standby="i-s1", watched=0.0),
+    ("standby-draining: the drain ended meanwhile, the standby stops", at(DR, world("b:running",
+     "s1:running s2:stopped", "b:healthy s1:draining"), rules=QUICK, standby="i-s1", watched=0.0),
      world("b:running", "s1:running s2:stopped", "b:healthy"), DR, (Stop("i-s1"),)),
 ]
 

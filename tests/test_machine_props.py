@@ -141,7 +141,8 @@ def scenarios(draw, quiet_tail: bool = True) -> tuple[Rules, Script, int]:
     acts: tuple = (draw(st.builds(Interrupt, at=st.integers(5, 200), refill=refills, deliver=deliveries)),)
     acts += tuple(draw(st.lists(interruptions(horizon), max_size=3)))
     acts += tuple(draw(st.lists(disturbances(n, horizon), max_size=6)))
-    last = max([a.at for a in acts if hasattr(a, "at")] + [a.armed + 400 for a in acts if isinstance(a, InterruptWhen)] + [0])
+    last = max([a.at for a in acts if hasattr(a, "at")]
+               + [a.armed + 400 for a in acts if isinstance(a, InterruptWhen)] + [0])
     end = last + (failback_horizon(rules, Script(timing=timing, poll_every=poll)) + 600 if quiet_tail else 300)
     script = Script(
         timing=timing,
@@ -258,7 +259,8 @@ def liveness_bound(trace: Trace, t_notice: float) -> float | None:
     bound = poll + t.stop + time_to_healthy(t, poll) + SLACK
     if "ok" in faults:
         # Worst case: every broken/slow standby before it times out first.
-        bound += sum(rules.standby_ready_timeout + poll for f in faults[: faults.index("ok")] if f in ("broken", "slow"))
+        bound += sum(rules.standby_ready_timeout + poll
+                     for f in faults[: faults.index("ok")] if f in ("broken", "slow"))
     elif "ice-once" in faults:
         # Every standby fails once; after the retry wait the ice-once one starts.
         bound += 2 * timeouts + RETRY_CAP + poll
@@ -553,7 +555,8 @@ def test_rebalance_with_ignore_only_alerts():
     rules = Rules(standbys=(A,), on_rebalance="ignore")
     trace = run(rules, Script(actions=(Rebalance(50, deliver=(1, 2, 30)),), end=400))
     served(trace)
-    assert [c for _, c in trace.commands()] == [Alert("rebalance recommendation for spot i-spot0; on_rebalance=ignore, no action")]
+    assert [c for _, c in trace.commands()] == [
+        Alert("rebalance recommendation for spot i-spot0; on_rebalance=ignore, no action")]
     assert trace.phases() == [Phase.SPOT_HEALTHY]
 
 
@@ -649,7 +652,10 @@ def test_bug2_healthy_spot_does_not_end_a_failover_whose_standby_never_gets_heal
         (20, Observed((spot(S0, notice=True),), (sb(A, "running"),), tg(f"{S0}:healthy"))),  # Register(A)
     ]
     # From t=200 on a new spot serves; A never passes a health check.
-    events += [(t, Observed((spot(S1),), (sb(A, "running"),), tg(f"{S1}:healthy", f"{A}:unhealthy"))) for t in range(200, 1400, 20)]
+    events += [
+        (t, Observed((spot(S1),), (sb(A, "running"),), tg(f"{S1}:healthy", f"{A}:unhealthy")))
+        for t in range(200, 1400, 20)
+    ]
     results = replay(rules, events)
     assert any(c in (Deregister(A), Stop(A)) for c in all_commands(results, 200, events))
     # The replayed world never carries the commands out: the guard stays in draining,
@@ -662,7 +668,8 @@ def test_bug3_given_up_standby_is_not_stopped_while_nothing_is_healthy():
     rules = Rules(standbys=(A, B), standby_ready_timeout=120, poll_interval=60)
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Start(A)
-        (20, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Register(A)
+        (20, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")),
+                      tg(f"{S0}:healthy"))),  # Register(A)
         # Ready timeout, the spot is gone: Start(B), but A (registered, unhealthy) runs on:
         # _tidy_other_standbys only deregisters a registered standby, and _deregister
         # refuses whenever no target is healthy, even when A itself is not healthy.
@@ -678,14 +685,19 @@ def test_bug4_repicked_running_standby_never_times_out():
     rules = Rules(standbys=(A, B), standby_ready_timeout=120)
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Start(A)
-        (20, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Register(A)
+        (20, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")),
+                      tg(f"{S0}:healthy"))),  # Register(A)
         # Ready timeout while the doomed spot still serves: Deregister(A), Start(B) ...
-        (125, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")), tg(f"{S0}:healthy", f"{A}:unhealthy"))),
+        (125, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")),
+                       tg(f"{S0}:healthy", f"{A}:unhealthy"))),
         (125, Failed(Start(B), "InsufficientInstanceCapacity")),  # ... B has no capacity: all failed
         # Retry after 30 s: _pick prefers the running A, with started_at=None (from _give_up).
         (155, Observed((spot(S0, "terminated"),), (sb(A, "running"), sb(B, "stopped")), ())),
     ]
-    events += [(t, Observed((spot(S0, "terminated"),), (sb(A, "running"), sb(B, "stopped")), tg(f"{A}:unhealthy"))) for t in range(160, 1000, 20)]
+    events += [
+        (t, Observed((spot(S0, "terminated"),), (sb(A, "running"), sb(B, "stopped")), tg(f"{A}:unhealthy")))
+        for t in range(160, 1000, 20)
+    ]
     results = replay(rules, events)
     later = all_commands(results, 156, events)
     # By 155 + ready timeout the guard must give up on A again (alert) and try B again.
@@ -697,7 +709,8 @@ def test_bug5_notice_while_standby_starts_draining_deregisters_the_last_healthy_
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"),), tg(f"{S0}:healthy"))),  # Start(A)
         (20, Observed((spot(S0, notice=True),), (sb(A, "running"),), tg(f"{S0}:healthy"))),  # Register(A)
-        (40, Observed((spot(S0, notice=True),), (sb(A, "running"),), tg(f"{S0}:healthy", f"{A}:healthy"))),  # Deregister(S0)
+        (40, Observed((spot(S0, notice=True),), (sb(A, "running"),),
+                      tg(f"{S0}:healthy", f"{A}:healthy"))),  # Deregister(S0)
         (200, Observed((spot(S1),), (sb(A, "running"),), tg(f"{S1}:healthy", f"{A}:healthy"))),  # spot-restored
         (260, Observed((spot(S1),), (sb(A, "running"),), tg(f"{S1}:healthy", f"{A}:healthy"))),  # grace: Deregister(A)
         # SQS notice for the new spot before the next poll (the daemon steps notices before
@@ -731,12 +744,16 @@ def test_bug6_standby_given_up_on_ice_is_never_retried():
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Start(A)
         (0, Failed(Start(A), "InsufficientInstanceCapacity")),  # give up A: Start(B)
-        (20, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "running")), tg(f"{S0}:healthy"))),  # Register(B)
+        (20, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "running")),
+                      tg(f"{S0}:healthy"))),  # Register(B)
     ]
     # B never gets healthy. At its ready timeout _ready_timeout finds no other standby
     # (A is in `failed`) and keeps B, re-arming its timer forever; A, whose capacity
     # problem may long be over, is never tried again (the all-failed retry never comes).
-    events += [(t, Observed((spot(S0, "terminated"),), (sb(A, "stopped"), sb(B, "running")), tg(f"{B}:unhealthy"))) for t in range(140, 1500, 20)]
+    events += [
+        (t, Observed((spot(S0, "terminated"),), (sb(A, "stopped"), sb(B, "running")), tg(f"{B}:unhealthy")))
+        for t in range(140, 1500, 20)
+    ]
     results = replay(rules, events)
     assert Start(A) in all_commands(results, 140, events)
 
@@ -746,7 +763,8 @@ def test_bug7_spot_with_stop_behaviour_is_never_used_again():
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"),), tg(f"{S0}:healthy"))),  # Start(A)
         (20, Observed((spot(S0, notice=True),), (sb(A, "running"),), tg(f"{S0}:healthy"))),  # Register(A)
-        (40, Observed((spot(S0, notice=True),), (sb(A, "running"),), tg(f"{S0}:healthy", f"{A}:healthy"))),  # Deregister(S0)
+        (40, Observed((spot(S0, notice=True),), (sb(A, "running"),),
+                      tg(f"{S0}:healthy", f"{A}:healthy"))),  # Deregister(S0)
         # Interruption behaviour "stop" (status marked-for-stop): the same instance stops ...
         (130, Observed((spot(S0, "stopped"),), (sb(A, "running"),), tg(f"{A}:healthy"))),
         # ... and the persistent request starts it again: same id, no notice.
@@ -760,14 +778,16 @@ def test_bug8_standby_healthy_just_after_its_timeout_is_ignored():
     rules = Rules(standbys=(A, B), standby_ready_timeout=120)
     events = [
         (0, Observed((spot(S0, notice=True),), (sb(A, "stopped"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Start(A)
-        (96, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")), tg(f"{S0}:healthy"))),  # Register(A)
+        (96, Observed((spot(S0, notice=True),), (sb(A, "running"), sb(B, "stopped")),
+                      tg(f"{S0}:healthy"))),  # Register(A)
         # (A poll outage delayed the registration.) Ready timeout: Start(B).
         (125, Observed((spot(S0, "shutting-down"),), (sb(A, "running"), sb(B, "stopped")), tg(f"{A}:initial"))),
         # One check later A is healthy and serves alone; B is broken.
         (126, Observed((spot(S0, "terminated"),), (sb(A, "running"), sb(B, "pending")), tg(f"{A}:healthy"))),
     ]
     events += [
-        (t, Observed((spot(S0, "terminated"),), (sb(A, "running"), sb(B, "running")), tg(f"{A}:healthy", f"{B}:unhealthy")))
+        (t, Observed((spot(S0, "terminated"),), (sb(A, "running"), sb(B, "running")),
+                     tg(f"{A}:healthy", f"{B}:unhealthy")))
         for t in range(130, 1000, 20)
     ]
     results = replay(rules, events)

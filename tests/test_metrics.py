@@ -148,8 +148,10 @@ async def test_a_failover_and_failback_as_scraped(tmp_path, moto_world, deployme
             await until(lambda: standby in moto_world.health(d.target_group_arn), what="standby registered")
             s = await at(Phase.STANDBY_STARTING, action="RegisterTargets")  # the last of the notice's actions
             assert value(s, "spotguard_failovers_total", guard=name) == 1
-            assert value(s, "spotguard_phase_changes_total", guard=name, **{"from": "spot-healthy", "to": "standby-starting"}) == 1
-            assert value(s, "spotguard_aws_errors_total", guard=name, action="StartInstances", code="InsufficientInstanceCapacity") == 1
+            assert value(s, "spotguard_phase_changes_total", guard=name,
+                         **{"from": "spot-healthy", "to": "standby-starting"}) == 1
+            assert value(s, "spotguard_aws_errors_total", guard=name, action="StartInstances",
+                         code="InsufficientInstanceCapacity") == 1
             assert value(s, "spotguard_aws_actions_total", guard=name, action="StartInstances", outcome="failed") == 1
             assert value(s, "spotguard_aws_actions_total", guard=name, action="StartInstances", outcome="ok") == 1
             assert value(s, "spotguard_aws_actions_total", guard=name, action="RegisterTargets", outcome="ok") == 1
@@ -176,12 +178,15 @@ async def test_a_failover_and_failback_as_scraped(tmp_path, moto_world, deployme
             assert moto_world.states(standby)[standby] == "stopped"
             assert value(s, "spotguard_aws_actions_total", guard=name, action="StopInstances", outcome="ok") == 1
             assert value(s, "spotguard_failovers_total", guard=name) == 1
-            cycle = ["spot-healthy", "standby-starting", "both-serving", "spot-restored", "standby-draining", "spot-healthy"]
+            cycle = ["spot-healthy", "standby-starting", "both-serving", "spot-restored", "standby-draining",
+                     "spot-healthy"]
             for old, new in zip(cycle, cycle[1:]):
-                assert value(s, "spotguard_phase_changes_total", guard=name, **{"from": old, "to": new}) == 1, (old, new)
+                assert value(s, "spotguard_phase_changes_total", guard=name,
+                             **{"from": old, "to": new}) == 1, (old, new)
             changes = sum(v for (n, _), v in s.items() if n == "spotguard_phase_changes_total")
             assert changes == 5
-            assert value(s, "spotguard_aws_errors_total", guard=name, action="StartInstances", code="InsufficientInstanceCapacity") == 1
+            assert value(s, "spotguard_aws_errors_total", guard=name, action="StartInstances",
+                         code="InsufficientInstanceCapacity") == 1
             assert value(s, "spotguard_detection_latency_seconds_count", guard=name) == 1
 
             # One standby ran for part of the cycle, and has stopped counting.
@@ -190,7 +195,8 @@ async def test_a_failover_and_failback_as_scraped(tmp_path, moto_world, deployme
             rounds = daemon.rounds
             await until(lambda: daemon.rounds >= rounds + 3, what="three more rounds")
             assert value(await ascrape(url), "spotguard_standby_seconds_total", guard=name) == served
-            help_text = {f.name: f.documentation for f in text_string_to_metric_families(urllib.request.urlopen(url).read().decode())}
+            body = urllib.request.urlopen(url).read().decode()
+            help_text = {f.name: f.documentation for f in text_string_to_metric_families(body)}
     assert all(n.startswith("spotguard_") and help_text[n] for n in help_text), help_text
     # Stopped with the daemon: the port is free again.
     with pytest.raises(urllib.error.URLError):
@@ -274,7 +280,8 @@ def test_detection_clock_runs_from_the_first_notice_to_the_start_that_succeeds()
     m.action("web", Start("i-other"), None, 0.3, 104.0)
     assert sample(m, "spotguard_last_detection_latency_seconds", guard="web") == 3.0
     assert sample(m, "spotguard_detection_latency_seconds_count", guard="web") == 1
-    assert sample(m, "spotguard_aws_errors_total", guard="web", action="StartInstances", code="InsufficientInstanceCapacity") == 1
+    assert sample(m, "spotguard_aws_errors_total", guard="web", action="StartInstances",
+                  code="InsufficientInstanceCapacity") == 1
     m.action("web", Start("i-other"), None, 0.3, 110.0)  # a re-issued start measures nothing
     assert sample(m, "spotguard_detection_latency_seconds_count", guard="web") == 1
 

@@ -88,7 +88,8 @@ async def test_clients_use_the_lean_model_and_read_what_botocore_reads(moto_worl
     assert error_code(dry.value) == "DryRunOperation"
 
     instances = {i["InstanceId"]: i for r in lean_reply["Reservations"] for i in r["Instances"]}
-    whole = {i["InstanceId"]: i for r in full.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]}
+    full_reply = full.describe_instances(InstanceIds=ids)
+    whole = {i["InstanceId"]: i for r in full_reply["Reservations"] for i in r["Instances"]}
     assert instances.keys() == set(ids)
     for iid, described in instances.items():
         assert described == {k: v for k, v in whole[iid].items() if k in ec2model.INSTANCE_MEMBERS}

@@ -130,7 +130,8 @@ class RateLimit:
         self.numbers.append(n)
         left = self.per_second - len(recent) - 1
         # wait=true (discord-webhook's default): 200 with the message, and the bucket's headers.
-        return Response(200, {"id": str(n)}, headers=(("X-RateLimit-Remaining", str(left)), ("X-RateLimit-Reset-After", "1.0")))
+        return Response(200, {"id": str(n)},
+                        headers=(("X-RateLimit-Remaining", str(left)), ("X-RateLimit-Reset-After", "1.0")))
 
 
 async def test_a_burst_against_the_rate_limit_loses_nothing(discord):
@@ -198,7 +199,8 @@ def test_a_process_exits_at_once_however_the_webhook_hangs(discord):
         "asyncio.run(main())\n"
     )
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code, webhook(discord.url)], timeout=30, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, webhook(discord.url)], timeout=30, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 5.0  # interpreter start, 0.3 s, 0.2 s; not the 60 s a post may take
     assert len(discord.requests) == 1

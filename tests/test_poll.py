@@ -85,7 +85,8 @@ async def test_tag_guard_finds_running_spots_only(aws, moto_world):
         MinCount=1,
         MaxCount=1,
         TagSpecifications=[
-            {"ResourceType": "instance", "Tags": [{"Key": "Role", "Value": "inference-spot"}, {"Key": "Env", "Value": "lab"}]}
+            {"ResourceType": "instance",
+             "Tags": [{"Key": "Role", "Value": "inference-spot"}, {"Key": "Env", "Value": "lab"}]}
         ],
     )["Instances"][0]["InstanceId"]
     seen = await observe_one(aws, guard)
@@ -119,7 +120,8 @@ async def test_unknown_spot_request_is_logged(aws, deployment):
     with capture_logs() as logs:
         seen = await observe_one(aws, guard)
     assert seen.spots == (Instance(deployment.spot_instance_id, "running"),)
-    assert {"event": "poll.spot_request.missing", "request_id": "sir-00000000", "guards": [guard.name], "log_level": "error"} in logs
+    assert {"event": "poll.spot_request.missing", "request_id": "sir-00000000", "guards": [guard.name],
+            "log_level": "error"} in logs
     assert seen.requests_gone == ("sir-00000000",)
 
 

@@ -188,7 +188,8 @@ async def test_it_refuses_unless_the_guard_is_spot_healthy(moto_world, aio_sessi
     _, task, stack = await start_rehearsal(moto_world, aio_session, path, out)
 
     assert await finish(task, stack) == 1
-    assert out.getvalue() == (f"refused: guard lab is {phase.value} (a notice); rehearse only while it is spot-healthy\n")
+    assert out.getvalue() == (f"refused: guard lab is {phase.value} (a notice); "
+                              "rehearse only while it is spot-healthy\n")
     assert_as_found(moto_world, d, before)
 
 
@@ -220,7 +221,9 @@ async def test_it_never_deregisters_the_only_healthy_target(moto_world, aio_sess
     assert moto_world.states(sid) == {sid: "running"}
 
 
-async def test_a_standby_never_healthy_is_recorded_put_back_and_reported_by_check(moto_world, aio_session, lab, tmp_path):
+async def test_a_standby_never_healthy_is_recorded_put_back_and_reported_by_check(
+    moto_world, aio_session, lab, tmp_path
+):
     d, _, before = lab
     path = write_config(tmp_path, moto_world, [d], ready="0.3s")
     sid = d.standby_ids[0]

@@ -84,7 +84,8 @@ def test_unset_socket_is_a_silent_no_op():
     "address",
     [
         "/nonexistent/spotguard/notify.sock",  # no such socket
-        pytest.param("@spotguard-nobody-listens-" + uuid.uuid4().hex, id="abstract-unbound"),  # abstract name nobody bound
+        pytest.param("@spotguard-nobody-listens-" + uuid.uuid4().hex,
+                     id="abstract-unbound"),  # abstract name nobody bound
         pytest.param("/" + "x" * 200, id="too-long"),  # longer than an AF_UNIX path may be
         "/",  # a directory, not a socket
         "vsock:2:1234",  # a form this module does not speak

@@ -322,7 +322,8 @@ TABLE = "spotguard-ha"
 def ha_settings(world: Any, *, sqs: bool = False) -> Settings:
     from spotguard.config import HaSettings
 
-    base = settings_for(world) if sqs else Settings(aws=AwsSettings(region=world.region, endpoint_url=world.endpoint_url))
+    base = (settings_for(world) if sqs
+            else Settings(aws=AwsSettings(region=world.region, endpoint_url=world.endpoint_url)))
     return Settings(aws=base.aws, sqs=base.sqs, ha=HaSettings(table=TABLE))
 
 

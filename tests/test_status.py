@@ -98,7 +98,8 @@ async def test_status_follows_a_failover_phase_by_phase(tmp_path, moto_world, de
         assert code == 0
         doc = json.loads(out)
         assert doc["version"] == 1 and doc["guards"][0]["phase"] in ("both-serving", "spot-restored")
-        assert set(doc) == {"version", "generated_at", "state_dir", "blind_after", "ha", "guards"}  # docs/status-json.md
+        assert set(doc) == {"version", "generated_at", "state_dir",
+                            "blind_after", "ha", "guards"}  # docs/status-json.md
         assert doc["ha"] is None  # no [ha]: no DynamoDB, no field value
         assert set(doc["guards"][0]) == GUARD_FIELDS and set(doc["guards"][0]["month"]) == MONTH_FIELDS
         outputs.append(out)
@@ -130,7 +131,8 @@ async def test_status_follows_a_failover_phase_by_phase(tmp_path, moto_world, de
         "standby-starting", "both-serving", "spot-restored", "standby-draining", "spot-healthy"]
     month = g["month"]
     assert 0 < month["standby_hours"] < 0.02 and month["interruptions"] == 1
-    assert month["cost"] is not None and month["saving"] == pytest.approx(month["on_demand_cost"] - month["cost"], abs=1e-3)
+    assert month["cost"] is not None and month["saving"] == pytest.approx(
+        month["on_demand_cost"] - month["cost"], abs=1e-3)
     # Nothing status prints, in either form, holds the webhook URL.
     assert not any(SECRET in o or "/api/webhooks" in o for o in outputs)
 
@@ -235,7 +237,8 @@ def test_with_ha_status_reads_the_leader_from_the_table(tmp_path, moto_world, de
     code, out = run_status(config, capsys)
     first = out.splitlines()[0]
     until = status.iso(expires).replace("T", " ").replace("Z", " UTC")
-    left = re.fullmatch(rf"ha \(table {TABLE}\): leader controller-a \(epoch 3\), lease valid until {until} \((\d+)s left\)", first)
+    left = re.fullmatch(rf"ha \(table {TABLE}\): leader controller-a \(epoch 3\), "
+                        rf"lease valid until {until} \((\d+)s left\)", first)
     assert left and 5 <= int(left[1]) <= 13, first  # 12.4 s rounded up, less the time status took
 
     write_lease(moto_world, "controller-a", 3, time.time() - 30)

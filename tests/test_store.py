@@ -40,7 +40,8 @@ G = "inference"
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 ids = st.text(min_size=1, max_size=20)
-rules_st = st.builds(Rules, standbys=st.tuples(ids, ids), failback_grace=finite, on_rebalance=st.sampled_from(["ignore", "prewarm"]))
+rules_st = st.builds(Rules, standbys=st.tuples(ids, ids), failback_grace=finite,
+                     on_rebalance=st.sampled_from(["ignore", "prewarm"]))
 # A strategy per GuardState field type; a field of a new type fails loudly here too.
 BY_TYPE = {
     Phase: st.sampled_from(Phase),
@@ -510,7 +511,8 @@ async def test_a_bad_state_file_is_kept_aside_and_the_guard_rebuilt_from_aws(
     assert (settings.daemon.state_dir / "inference.json.corrupt").exists()
 
     # What AWS shows is enough: a standby running outside a failover gets the grace, then stops.
-    await rounds_until(daemon, clock, lambda: guard.state.phase.value == "spot-healthy" and guard.state.reason != "initial")
+    await rounds_until(daemon, clock,
+                       lambda: guard.state.phase.value == "spot-healthy" and guard.state.reason != "initial")
     assert moto_world.states(standby)[standby] == "stopped"
     assert guard.state.reason == f"standby {standby} stopped"
     assert moto_world.health(d.target_group_arn) == {d.spot_instance_id: "healthy"}

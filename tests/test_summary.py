@@ -42,11 +42,14 @@ UNTIL = "2026-11-29 09:30 KST"
         (0, est(), "[g] daily summary, 24 h to 2026-11-29 09:30 KST: no interruptions; standby never ran; "
                    "est. cost $7.20, saving $16.80 against On-Demand all day"),
         (1, est(spot=23.5, standby=0.25), "[g] daily summary, 24 h to 2026-11-29 09:30 KST: 1 interruption; "
-                                          "standby ran 15m On-Demand; est. cost $7.30, saving $16.70 against On-Demand all day"),
+                                          "standby ran 15m On-Demand; est. cost $7.30, saving $16.70 "
+                                          "against On-Demand all day"),
         (3, est(standby=2.5, od=None), "[g] daily summary, 24 h to 2026-11-29 09:30 KST: 3 interruptions; "
-                                       "standby ran 2h 30m On-Demand; cost unknown (set on_demand_hourly and spot_hourly)"),
+                                       "standby ran 2h 30m On-Demand; "
+                                       "cost unknown (set on_demand_hourly and spot_hourly)"),
         (0, est(hours=5, spot=5), "[g] daily summary, 24 h to 2026-11-29 09:30 KST (history covers only 5h 00m): "
-                                  "no interruptions; standby never ran; est. cost $1.50, saving $3.50 against On-Demand all day"),
+                                  "no interruptions; standby never ran; est. cost $1.50, saving $3.50 "
+                                  "against On-Demand all day"),
     ],
 )
 def test_text_by_table(interruptions, estimate, expected):

@@ -1,4 +1,5 @@
-"""`spotguard check`: is this deployment ready for a spot interruption? One line per check: ✓, ✗ with a fix, ! a warning.
+"""`spotguard check`: is this deployment ready for a spot interruption?
+One line per check: ✓, ✗ with a fix, ! a warning.
 
 `gather` makes the AWS calls into a `Seen`; the `*_lines` functions turn what was
 seen into `Line`s and are pure. What is checked, and the exit codes, are in
@@ -164,7 +165,8 @@ def delay_line(name: str, arn: str, attributes: Mapping[str, str] | Refused) -> 
 
 def spot_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
     if guard.spot_request_ids:
-        return [request_line(rid, seen.requests.get(rid, Refused("NotDescribed")), seen) for rid in guard.spot_request_ids]
+        return [request_line(rid, seen.requests.get(rid, Refused("NotDescribed")), seen)
+                for rid in guard.spot_request_ids]
     return tagged_lines(guard, seen)
 
 

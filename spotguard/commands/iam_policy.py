@@ -16,7 +16,8 @@ from spotguard.commands.common import EXIT_CONFIG, EXIT_OK, add_config_argument,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
     parser.add_argument(
-        "--agent", action="store_true", help="the agent's policy instead (sqs:SendMessage on the [sources.sqs] queue only)"
+        "--agent", action="store_true",
+        help="the agent's policy instead (sqs:SendMessage on the [sources.sqs] queue only)",
     )
 
 

@@ -61,7 +61,8 @@ class Fleet:
 
     # ------------------------------------------------------------------ what the lab knows
 
-    def watch(self, instance_id: str, role: str, *, warm_up: float, on_demand: bool = False, warm: bool = False) -> None:
+    def watch(self, instance_id: str, role: str, *, warm_up: float, on_demand: bool = False,
+              warm: bool = False) -> None:
         self._known[instance_id] = _Known(role, warm_up, on_demand, warm)
         self.timeline.name(instance_id, role)
 

@@ -99,7 +99,8 @@ class LoadGenerator:
             async with session.get(self.url, timeout=timeout) as reply:
                 await reply.read()
                 ok = reply.status == 200
-                sample = Sample(sent_at, ok, reply.status, None if ok else str(reply.status), reply.headers.get(SERVED_BY))
+                sample = Sample(sent_at, ok, reply.status, None if ok else str(reply.status),
+                                reply.headers.get(SERVED_BY))
         except asyncio.TimeoutError:
             sample = Sample(sent_at, False, None, "timeout", None)
         except (aiohttp.ClientError, OSError) as exc:

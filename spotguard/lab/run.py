@@ -112,7 +112,8 @@ class _Run:
                     await asyncio.wait_for(self._script(), self.clock.wall(self.s.expected_end() * 1.5) + 30)
                     completed = True
                 except asyncio.TimeoutError:
-                    problem = f"the cycle did not finish by {clock_text(self.s.expected_end() * 1.5)} (phase {self.phase})"
+                    problem = (f"the cycle did not finish by {clock_text(self.s.expected_end() * 1.5)} "
+                               f"(phase {self.phase})")
                 except _Aborted as exc:
                     problem = str(exc)
             finally:

@@ -675,7 +675,8 @@ class _Driver:
         elif isinstance(action, StrayNotice):
             iid = action.instance_id
             if iid == LATE:
-                gone = [m.detail for m in self.marks if m.kind == "interrupt" and m.detail and m.detail != w.request.instance_id]
+                gone = [m.detail for m in self.marks
+                        if m.kind == "interrupt" and m.detail and m.detail != w.request.instance_id]
                 iid = gone[-1] if gone else ""
             if iid:
                 self.marks.append(Mark(t, "stray", iid))
