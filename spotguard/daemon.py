@@ -202,14 +202,8 @@ class Daemon:
         if settle:
             await self.settle()  # as before a poll that waits for nothing: notices acted on first
         polled = time.monotonic()
-        seen = await self._observe()
+        seen = await self._observe(lambda name, result: self._deliver(name, result, polled))
         self.held = self._route(self.held, seen, final=True)
-        for name, observed in seen.items():
-            guard = self.guards.get(name)
-            # An observation taken while one of the guard's commands was in flight may
-            # predate it; stepping it would repeat the command. The next poll is fresh.
-            if isinstance(observed, Observed) and guard is not None and not guard.acting and guard.acted < polled:
-                self._enqueue(guard, observed)
         if settle:
             await self.settle()
         self.rounds += 1
@@ -217,10 +211,19 @@ class Daemon:
             await self.ha.step_aside("every guard is blind: EC2/ELBv2 cannot be described from here",
                                      hold=self.settings.daemon.blind_after)
 
-    async def _observe(self) -> dict[str, Any]:
+    def _deliver(self, name: str, result: Any, polled: float) -> None:
+        """A guard's observation, handed to its worker as soon as the poll has it (a slow call
+        for another guard's target group does not hold it back)."""
+        guard = self.guards.get(name)
+        # An observation taken while one of the guard's commands was in flight may
+        # predate it; stepping it would repeat the command. The next poll is fresh.
+        if isinstance(result, Observed) and guard is not None and not guard.acting and guard.acted < polled:
+            self._enqueue(guard, result)
+
+    async def _observe(self, deliver: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         """Each guard's observation, or why it has none this round (a PollError)."""
         try:
-            seen = await self.poller.observe(steady=self._steady(), now=self.clock())
+            seen = await self.poller.observe(steady=self._steady(), now=self.clock(), deliver=deliver)
         except Exception as exc:  # noqa: BLE001 - a bug in the poll blinds the guards (said loudly), never kills the daemon
             log.exception("guard.poll.failed", error=type(exc).__name__, detail=str(exc))
             seen = {name: PollError("poll", type(exc).__name__) for name in self.guards}

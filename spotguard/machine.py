@@ -244,8 +244,8 @@ def _rebase(state: GuardState, now: float) -> GuardState:
     back must not mean an hour more of On-Demand). A step forward needs nothing:
     timers fire early, and every rule is safe whenever it fires.
     """
-    marks = (state.since, state.started_at, state.start_sent, state.unhealthy_since, state.prewarm_at, state.outage_since,
-             state.watched)
+    marks = (state.since, state.started_at, state.start_sent, state.unhealthy_since, state.prewarm_at,
+             state.outage_since, state.watched)
     latest = max(t for t in marks if t is not None)
     if now >= latest:
         return state
@@ -754,15 +754,14 @@ FAILOVER_PHASES = frozenset({Phase.STANDBY_STARTING, Phase.BOTH_SERVING})
 REHEARSAL_PHASE = Phase.SPOT_HEALTHY
 
 
-# Between two observations, up to this many steady poll intervals (and at least
-# WATCH_GAP_MIN seconds, for a slow or retried poll) count as watched time.
+# Between two observations, up to this many steady poll intervals count as watched
+# time (15 s at the default 5 s poll: a round slowed by a retried call still counts).
 WATCH_GAP_POLLS = 3
-WATCH_GAP_MIN = 30.0
 
 
 def watch_gap(rules: Rules) -> float:
     """The longest gap between observations that still counts as watching the guard."""
-    return max(WATCH_GAP_MIN, WATCH_GAP_POLLS * rules.poll_interval)
+    return WATCH_GAP_POLLS * max(rules.poll_interval, FAST_POLL)
 
 
 def poll_interval(states: Iterable[GuardState], steady: float) -> float:

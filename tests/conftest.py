@@ -123,3 +123,15 @@ async def aws(moto_world: MotoWorld, aio_session: AioSession) -> AsyncIterator[C
     """spotguard's own aiobotocore clients (ec2, elbv2, sqs) pointed at the world."""
     async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session) as made:
         yield made
+
+
+HA_TABLE = "spotguard-ha"
+
+
+@pytest.fixture
+def table(moto_world: MotoWorld) -> str:
+    """The [ha] DynamoDB table, made as `spotguard setup` makes it."""
+    from spotguard import ha
+
+    moto_world.boto("dynamodb").create_table(**ha.table_spec(HA_TABLE))
+    return HA_TABLE

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from configs import daemon_settings
+from conftest import HA_TABLE
 from structlog.testing import capture_logs
 from test_daemon import health, phase, replace_spot, state
 from waiting import until
@@ -34,7 +35,7 @@ from spotguard.daemon import build, serve
 from spotguard.machine import GuardState, Phase, Rules
 from spotguard.notify import Notifier
 
-TABLE = "spotguard-ha"
+TABLE = HA_TABLE  # the `table` fixture (conftest) makes it
 LEASE = 3.0
 # How long to wait on two `spotguard run` processes, which share the CPUs with moto and the test.
 PROC_DEADLINE = 20.0
@@ -55,12 +56,6 @@ class Clock:
     def advance(self, seconds: float) -> None:
         self.wall += seconds
         self.mono += seconds
-
-
-@pytest.fixture
-def table(moto_world) -> str:
-    moto_world.boto("dynamodb").create_table(**ha.table_spec(TABLE))
-    return TABLE
 
 
 @pytest.fixture

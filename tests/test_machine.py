@@ -489,7 +489,7 @@ def test_initial_phase_is_where_a_new_guard_starts():
 # The daemon frozen (SIGSTOP, a paused VM), down, or blind to AWS: the next
 # observation comes long after the last. Timers count only watched time, so
 # nothing is given up on for the time nobody looked. Each row: a guard last
-# watched at t=0, observed again at t=150 (a 60 s ready timeout, a 30 s watch gap).
+# watched at t=0, observed again at t=150 (a 60 s ready timeout, a 15 s watch gap).
 
 QUICK = replace(RULES, standby_ready_timeout=60)
 FROZEN = 150

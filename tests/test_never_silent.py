@@ -23,7 +23,6 @@ from configs import daemon_settings, write_config
 from httpcapture import CaptureServer
 from structlog.testing import capture_logs
 from test_daemon import health, phase, replace_spot, running, state
-from test_ha import table  # noqa: F401 - the [ha] table fixture
 from waiting import until
 
 from spotguard import store
@@ -110,7 +109,7 @@ async def test_a_full_disk_never_blocks_a_failover(tmp_path, small_fs, moto_worl
             assert metrics.registry.get_sample_value("spotguard_state_unsaved", {"guard": d.name}) == 1
             filler.unlink()
             await until(lambda: events(logs, "guard.state.saved"), what="the state saved once there is room")
-        assert any("state saved again" in p for p in posted(discord))
+        await until(lambda: any("state saved again" in p for p in posted(discord)), what="Discord told it is saved")
         on_disk = store.peek(small_fs / "state", d.name, daemon.guards[d.name].state.rules)
         assert on_disk is not None and on_disk.phase is phase(daemon)
         assert metrics.registry.get_sample_value("spotguard_state_save_errors_total", {"guard": d.name}) >= 1
@@ -193,7 +192,8 @@ async def test_blindness_is_loud_and_so_is_sight_coming_back(tmp_path, moto_worl
         seen = metrics.registry.get_sample_value("spotguard_last_observation_timestamp_seconds", {"guard": d.name})
         assert seen is not None
         with capture_logs() as logs:
-            cut = moto_world.api_fault(ApiFault("DescribeSpotInstanceRequests", code="UnauthorizedOperation"))  # a removed permission
+            # A removed permission: every round fails at once, without botocore's retries.
+            cut = moto_world.api_fault(ApiFault("DescribeSpotInstanceRequests", code="UnauthorizedOperation"))
             await until(lambda: events(logs, "guard.blind"), what="blind said")
             (blind,) = events(logs, "guard.blind")
             assert blind["log_level"] == "error" and "UnauthorizedOperation" in blind["text"]
@@ -265,7 +265,8 @@ async def test_a_leader_blind_to_ec2_steps_aside_for_the_follower(tmp_path, moto
                             daemon={"blind_after": "2s"}) as (leader, follower, lp, _):
         for action in ("DescribeSpotInstanceRequests", "DescribeInstances", "DescribeTargetHealth"):
             lp.hold(action, count=None)  # EC2 and ELBv2 never answer; DynamoDB still does
-        await until(lambda: leader.events("ha.stepped_aside"), timeout=PROC_DEADLINE, what="the blind leader steps aside")
+        await until(lambda: leader.events("ha.stepped_aside"), timeout=PROC_DEADLINE,
+                    what="the blind leader steps aside")
         await until(follower.leads, timeout=PROC_DEADLINE, what="the follower leads")
         moto_world.notice(d.spot_request_id)
         await until(lambda: follower.events("guard.transition", to="both-serving"),

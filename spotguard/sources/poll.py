@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import structlog
 
@@ -95,56 +95,73 @@ class Poller:
 
     # ------------------------------------------------------------------ round
 
-    async def observe(self, steady: Collection[str] = (), now: float = 0.0) -> dict[str, Observed | PollError]:
+    async def observe(self, steady: Collection[str] = (), now: float = 0.0,
+                      deliver: Callable[[str, Observed | PollError], None] | None = None
+                      ) -> dict[str, Observed | PollError]:
         """One snapshot per guard, or the PollError that kept it from being observed.
 
         A failure blinds only the guards it concerns: a target group that cannot be
         described fails its guards alone, a failed tag lookup the guards that use
         tags; only the shared DescribeSpotInstanceRequests/DescribeInstances blind
-        everyone. `steady` names the guards whose target health may be reused
-        (machine.health_reusable), judged at `now`.
+        everyone. And a slow call delays only its own guards: `deliver(name, result)`
+        is called for each guard as soon as its own calls are done. `steady` names
+        the guards whose target health may be reused (machine.health_reusable),
+        judged at `now`.
         """
         reusable = {g.target_group_arn for g in self.guards if g.name in steady and self._reusable(g, now)}
-        arns = _unique(g.target_group_arn for g in self.guards)
-        # Independent calls run at once; gather waits for all, so none is left running.
-        spot_view, tagged, health = await asyncio.gather(
-            self._spot_view(),
-            self._tagged_instances(),
-            self._target_health([a for a in arns if a not in reusable], now),
-            return_exceptions=True,
-        )
+        groups = {arn: asyncio.ensure_future(self._group(arn, now))
+                  for arn in _unique(g.target_group_arn for g in self.guards) if arn not in reusable}
+        try:
+            return await self._settle(groups, reusable, now, deliver or (lambda name, result: None))
+        finally:
+            for task in groups.values():  # none outlives the round, even when it ends early
+                task.cancel()
+            await asyncio.gather(*groups.values(), return_exceptions=True)
+
+    async def _settle(self, groups: dict[str, asyncio.Future], reusable: set[str], now: float,
+                      deliver: Callable[[str, Observed | PollError], None]) -> dict[str, Observed | PollError]:
+        """Each guard's outcome, delivered as soon as its target group (or the shared EC2 calls) settle."""
+        out: dict[str, Observed | PollError] = {}
+
+        def settle(arn: str, targets: Any) -> None:
+            for g in self.guards:
+                if g.target_group_arn == arn:
+                    out[g.name] = self._outcome(g, requests, views[g.name], targets, claims[g.name])
+                    deliver(g.name, out[g.name])
+
+        spot_view, tagged = await asyncio.gather(self._spot_view(), self._tagged_instances(), return_exceptions=True)
         if isinstance(spot_view, BaseException):
-            _reraise_bug(spot_view)
-            return {g.name: spot_view for g in self.guards}
+            for g in self.guards:
+                out[g.name] = _reraise_bug(spot_view)
+                deliver(g.name, out[g.name])
+            return out
         requests, instances = spot_view
         views = {g.name: self._view(g, requests, instances, tagged) for g in self.guards}
-        health = _reraise_bug(health)
-        # A guard whose instances changed since last round gets its group described now.
-        moved = [g.target_group_arn for g in self.guards
-                 if g.target_group_arn in reusable and views[g.name] != self.views.get(g.name)]
-        if moved:
-            health.update(await self._target_health(moved, now))
-        self.views.update({name: v for name, v in views.items() if not isinstance(v, PollError)})
-        for arn in reusable.difference(moved):
-            health[arn] = self.described[arn].targets
-        self._log_gone(requests, health)
-        return self._assemble_all(requests, views, health)
-
-    def _assemble_all(
-        self, requests: dict[str, dict], views: dict[str, "View | PollError"], health: dict[str, Any]
-    ) -> dict[str, Observed | PollError]:
         claims = _claims(self.guards, views)
         self._log_disputes(claims)
-        out: dict[str, Observed | PollError] = {}
+        # A steady guard whose instances changed since last round gets its group described now.
         for g in self.guards:
-            view, targets = views[g.name], health.get(g.target_group_arn)
-            if isinstance(view, PollError):
-                out[g.name] = view
-            elif isinstance(targets, PollError):
-                out[g.name] = targets
-            else:
-                out[g.name] = self._assemble(g, requests, view, targets, claims[g.name])
+            if g.target_group_arn in reusable and views[g.name] != self.views.get(g.name):
+                groups.setdefault(g.target_group_arn, asyncio.ensure_future(self._group(g.target_group_arn, now)))
+        self.views.update({name: v for name, v in views.items() if not isinstance(v, PollError)})
+        health: dict[str, Any] = {arn: self.described[arn].targets for arn in reusable if arn not in groups}
+        for arn, targets in list(health.items()):
+            settle(arn, targets)
+        for next_done in asyncio.as_completed(list(groups.values())):
+            arn, targets = await next_done
+            if targets is not None:
+                health[arn] = targets
+            settle(arn, targets)
+        self._log_gone(requests, health)
         return out
+
+    def _outcome(self, guard: Any, requests: dict[str, dict], view: "View | PollError",
+                 targets: "tuple[Target, ...] | PollError | None", claims: "_Claims") -> Observed | PollError:
+        if isinstance(view, PollError):
+            return view
+        if isinstance(targets, PollError):
+            return targets
+        return self._assemble(guard, requests, view, targets, claims)
 
     def _reusable(self, guard: Any, now: float) -> bool:
         """Whether a steady guard's last described targets still do (machine.health_reusable)."""
@@ -264,20 +281,18 @@ class Poller:
 
     # ------------------------------------------------------------------ ELBv2
 
-    async def _target_health(self, arns: Sequence[str], now: float) -> dict[str, tuple[Target, ...] | PollError]:
-        """Targets of the given target groups, or the PollError of a group that could not be
-        described; a group that is gone is absent from the result."""
-        replies = await asyncio.gather(*(self._one_group(arn) for arn in arns), return_exceptions=True)
-        health: dict[str, tuple[Target, ...] | PollError] = {}
-        for arn, reply in zip(arns, replies):
-            if isinstance(reply, BaseException):
-                health[arn] = _reraise_bug(reply)
-            elif reply is None:
-                self.described.pop(arn, None)
-            else:
-                health[arn] = reply
-                self.described[arn] = _Described(reply, now)
-        return health
+    async def _group(self, arn: str, now: float) -> tuple[str, tuple[Target, ...] | PollError | None]:
+        """(arn, its targets), or the PollError of a group that could not be described, or None
+        for a group that is gone."""
+        try:
+            targets = await self._one_group(arn)
+        except PollError as failed:
+            return arn, failed
+        if targets is None:
+            self.described.pop(arn, None)
+        else:
+            self.described[arn] = _Described(targets, now)
+        return arn, targets
 
     async def _one_group(self, arn: str) -> tuple[Target, ...] | None:
         try:
@@ -342,7 +357,8 @@ class _Claims:
     """Of the instances this round shows, which a guard must leave alone."""
 
     foreign: frozenset[str]  # owned by another guard: its spots and its standbys
-    disputed: frozenset[str]  # claimed by this guard but owned elsewhere (a spot of an earlier guard, a standby that is a spot)
+    # claimed by this guard but owned elsewhere (a spot of an earlier guard, a standby that is a spot)
+    disputed: frozenset[str]
 
 
 def _claims(guards: Sequence[Any], views: dict[str, "View | PollError"]) -> dict[str, _Claims]:
