@@ -43,6 +43,8 @@ THROTTLING_CODES = frozenset({
 # Standard mode retries throttling and transient errors with backoff; five tries
 # bound the worst case so a failover is never stuck behind an endless retry loop.
 RETRIES = {"mode": "standard", "max_attempts": 5}
+# A person at a prompt (check, setup) wants an answer in seconds: one retry, not four.
+INTERACTIVE_RETRIES = 1
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 # SQS long polls for 20 s; its read timeout must outlast that or every empty

@@ -138,7 +138,8 @@ class Daemon:
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                await self.round(settle=self.rounds == 0)  # READY=1 once the first step is done
+                if not await self._round_unless_stopped(stop):
+                    break
                 if self.rounds == 1:
                     ready()
                 self._reraise()
@@ -147,6 +148,23 @@ class Daemon:
             await self.settle()
         finally:
             self._cancel_workers()
+
+    async def _round_unless_stopped(self, stop: asyncio.Event) -> bool:
+        """One round (READY=1 follows the first step); a round still polling when `stop`
+        comes is abandoned, as a poll only reads: shutdown waits for commands in flight,
+        never for a Describe stuck in its retries. False when abandoned."""
+        this = asyncio.ensure_future(self.round(settle=self.rounds == 0))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({this, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not this.done():
+            this.cancel()
+            await asyncio.gather(this, return_exceptions=True)
+            return False
+        this.result()  # a bug in the round is the daemon's to stop on
+        return True
 
     def push(self, notice: Notice) -> None:
         """Hand in a notice from a fast source (SQS, agent): stepped at once by its guard's

@@ -247,3 +247,18 @@ async def test_the_poll_pages_through_describe_instances(tmp_path, moto_world, d
     seen = (await poller.observe())[deployment.name]
     assert {i.state for i in seen.standbys} == {"stopped"}  # none `missing`
     assert len(seen.standbys) == 107 and poller.calls["DescribeInstances"] >= 2
+
+
+def test_a_wall_clock_step_does_not_move_the_daemons_clock(monkeypatch):
+    """Timers run on the monotonic clock: an NTP step of an hour (either way) is not an hour
+    of ready timeout or grace. The daemon's `now` is the start's wall time plus monotonic time."""
+    from spotguard import daemon as daemon_module
+
+    clock = daemon_module.SteadyClock()
+    before = clock()
+    real = time.time
+    for step in (3600.0, -3600.0):
+        monkeypatch.setattr(daemon_module.time, "time", lambda step=step: real() + step)
+        assert abs(clock() - before) < 5.0
+    monkeypatch.undo()
+    assert abs(daemon_module.SteadyClock()() - time.time()) < 1.0  # and it reads as wall time

@@ -267,3 +267,15 @@ def test_a_spot_described_as_missing_is_not_taken_for_gone(tmp_path, book, tell)
     view = ledger.read(tmp_path, "inference")
     assert view.runs("spot") == [Run("spot", SPOT, t("2026-11-28 09:00"), None)]
     assert view.interruptions(0, t("2027-01-01 00:00")) == []
+
+
+@pytest.mark.fault(fault="the ledger file a symlink", phase="any",
+                   outcome="never appended through: write refused and logged; the target untouched")
+def test_a_ledger_symlink_is_never_followed(tmp_path, book, tell):
+    target = tmp_path / "elsewhere"
+    target.write_text("someone else's file\n")
+    ledger.ledger_path(tmp_path, "inference").symlink_to(target)  # as root, an append would land there
+    with capture_logs() as logs:
+        tell.event("inference", observed(sb="running"), t("2026-11-28 09:00"))
+    assert target.read_text() == "someone else's file\n"
+    assert [e["event"] for e in logs if e["log_level"] == "error"][:1] == ["ledger.write.failed"]

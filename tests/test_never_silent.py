@@ -273,3 +273,63 @@ async def test_a_leader_blind_to_ec2_steps_aside_for_the_follower(tmp_path, moto
                     timeout=PROC_DEADLINE, what="failover by the follower")
         assert not leader.events("executor.action")
     assert [e["instance_id"] for e in follower.starts()] == [standby]
+
+
+# ---------------------------------------------------------------------- no traceback from a botocore failure
+
+def cli(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **(env or {})}
+    for name, value in list(environ.items()):
+        if value is None:
+            del environ[name]
+    return subprocess.run([sys.executable, "-m", "spotguard", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, env=environ)
+
+
+NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SECURITY_TOKEN": None,
+                  "AWS_SESSION_TOKEN": None}
+
+
+@pytest.mark.parametrize("verb", [["check"], ["setup", "--dry-run"], ["rehearse", "--guard", "lab"]])
+def test_no_such_profile_is_one_line_for_every_verb(tmp_path, moto_world, deployment, verb):
+    config = write_config(tmp_path, moto_world, [deployment], sqs=f"{moto_world.endpoint_url}/123456789012/q")
+    done = cli(config, *verb, env={"AWS_PROFILE": "nosuch"})
+    assert (done.returncode, done.stdout) == (1, ""), done
+    assert done.stderr == f"spotguard {verb[0]}: ProfileNotFound: The config profile (nosuch) could not be found\n"
+
+
+@pytest.mark.parametrize("trouble, code", [
+    ("no credentials", "NoCredentialsError"),
+    ("an access key without its secret", "PartialCredentialsError"),
+    ("a 200 with an empty body", "ResponseParserError"),
+    ("nothing listening", "EndpointConnectionError"),
+])
+def test_every_botocore_failure_is_a_line_not_a_traceback(tmp_path, moto_world, deployment, trouble, code):
+    env: dict = {}
+    endpoint = moto_world.endpoint_url
+    with CaptureServer() as broken, socket_refusing() as refused:
+        if trouble == "no credentials":
+            env = NO_CREDENTIALS
+        elif trouble == "an access key without its secret":
+            env = {**NO_CREDENTIALS, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}
+        elif trouble == "a 200 with an empty body":
+            broken.respond(200, b"")
+            endpoint = broken.url
+        else:
+            endpoint = refused
+        config = write_config(tmp_path, moto_world, [deployment], aws={"endpoint_url": endpoint},
+                              sqs=f"{moto_world.endpoint_url}/123456789012/q")
+        for verb in (["setup", "--dry-run"],):  # rehearse keeps its full retries: the per-verb test above covers it
+            done = cli(config, *verb, env=env)
+            assert "Traceback" not in done.stderr, done.stderr
+            said = done.stdout + done.stderr  # SQS's JSON parser reads an empty 200 as {}: a reply without its fields
+            assert done.returncode == 1 and (code in said or "AWS answered without" in said), done
+        check = cli(config, "check", env=env)
+    assert "Traceback" not in check.stderr and check.returncode == 1
+    assert code in check.stdout + check.stderr  # said once, on the credentials line or as the one line
+
+
+def socket_refusing():
+    from httpcapture import refused_url
+
+    return refused_url()

@@ -20,7 +20,7 @@ from typing import Any, Mapping, TextIO
 from botocore.exceptions import ClientError
 
 from spotguard import ha, rehearsal
-from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import GuardSettings, Settings, format_duration
 from spotguard.rehearsal import Rehearsal
@@ -574,11 +574,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings, config: str) -> int:
-    region, endpoint = settings.aws.region, settings.aws.endpoint_url
     async with AsyncExitStack() as stack:
-        sts, ec2, elbv2, sqs = [await stack.enter_async_context(client(name, region, endpoint))
-                                for name in ("sts", "ec2", "elbv2", "sqs")]
-        dynamodb = None
-        if settings.ha is not None:  # no DynamoDB client (or call) without [ha]
-            dynamodb = await stack.enter_async_context(client("dynamodb", region, endpoint))
+
+        async def made(service: str) -> Any:
+            return await stack.enter_async_context(
+                client(service, settings.aws.region, settings.aws.endpoint_url, max_attempts=INTERACTIVE_RETRIES))
+
+        sts, ec2, elbv2, sqs = [await made(name) for name in ("sts", "ec2", "elbv2", "sqs")]
+        dynamodb = await made("dynamodb") if settings.ha is not None else None  # no DynamoDB client without [ha]
         return await check(settings, config=config, sts=sts, ec2=ec2, elbv2=elbv2, sqs=sqs, dynamodb=dynamodb)

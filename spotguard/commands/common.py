@@ -60,3 +60,7 @@ def run_aws(verb: str, work: Coroutine[Any, Any, int]) -> int:
     except AWS_ERRORS as exc:
         print(f"spotguard {verb}: {describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except (KeyError, IndexError) as exc:  # a reply that parsed but lacks what every real one has
+        print(f"spotguard {verb}: AWS answered without {exc} (is a proxy or a wrong endpoint_url in the way?)",
+              file=sys.stderr)
+        return EXIT_FAILED

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
-from spotguard.aws import AWS_ERRORS, client, error_code
+from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import Settings, SqsSettings
 from spotguard.ha import table_spec
@@ -337,9 +337,10 @@ def run(args: argparse.Namespace) -> int:
 async def _run(settings: Settings, *, dry_run: bool) -> int:
     region, endpoint = settings.aws.region, settings.aws.endpoint_url
     async with AsyncExitStack() as stack:
-        sqs = await stack.enter_async_context(client("sqs", region, endpoint))
-        events = await stack.enter_async_context(client("events", region, endpoint))
-        dynamodb = None
-        if settings.ha is not None:  # no DynamoDB client (or call) without [ha]
-            dynamodb = await stack.enter_async_context(client("dynamodb", region, endpoint))
+
+        async def made(service: str) -> Any:
+            return await stack.enter_async_context(client(service, region, endpoint, max_attempts=INTERACTIVE_RETRIES))
+
+        sqs, events = await made("sqs"), await made("events")
+        dynamodb = await made("dynamodb") if settings.ha is not None else None  # no DynamoDB client without [ha]
         return await setup(settings, sqs, events, dry_run=dry_run, dynamodb=dynamodb)
