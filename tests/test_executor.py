@@ -8,11 +8,13 @@ from aiobotocore.session import get_session
 from conftest import guard_for
 from httpcapture import CaptureServer
 from structlog.testing import capture_logs
-from waiting import until
 
 from spotguard.aws import client, client_config, clients
 from spotguard.executor import Executor
 from spotguard.machine import Alert, Deregister, Failed, Register, Start, Stop
+
+# Long enough for a request to leave over loopback however loaded the machine is.
+LOOPBACK_DEADLINE = 3.0
 
 
 @pytest.fixture
@@ -188,15 +190,28 @@ async def test_transient_errors_are_retried_by_botocore_then_failed(
 
 
 async def test_a_slow_answer_past_the_deadline_is_failed_timeout(guard, deployment, aio_session, moto_world):
-    from spotguard.lab.world import ApiFault
+    """AWS carried the start out but its answer came too late: Failed(Timeout), and the start stands.
+
+    A real proxy forwards the call and withholds AWS's reply, so the deadline runs out only
+    after the request surely reached AWS. (With a short deadline and a slow server instead,
+    a loaded machine could use up the deadline before the request left: nothing started,
+    and the test failed in 2 of 3 full runs.) The deadline is what a loopback request needs
+    to leave on any machine: the test lasts that long.
+    """
+    from awsproxy import AwsProxy
 
     standby = deployment.standby_ids[0]
-    moto_world.api_fault(ApiFault("StartInstances", delay=1.0, times=1))
-    async with clients(moto_world.region, moto_world.endpoint_url, session=aio_session) as (ec2, elbv2, _):
-        executor = Executor(ec2, elbv2, [guard], deadline=0.3)
-        assert await executor.run(guard.name, Start(standby)) == Failed(Start(standby), "Timeout")
+    with AwsProxy(moto_world.endpoint_url) as proxy:
+        held = proxy.hold("StartInstances", after=True)
+        try:
+            async with clients(moto_world.region, proxy.url, session=aio_session) as (ec2, elbv2, _):
+                executor = Executor(ec2, elbv2, [guard], deadline=LOOPBACK_DEADLINE)
+                assert await executor.run(guard.name, Start(standby)) == Failed(Start(standby), "Timeout")
+            assert held.arrived.is_set() and proxy.actions.count("StartInstances") == 1
+        finally:
+            held.drop()
     # The request went on without us, as on AWS: a timed-out start may still start.
-    await until(lambda: moto_world.instance_state(standby) == "running", timeout=5.0)
+    assert moto_world.instance_state(standby) == "running"
 
 
 # ---------------------------------------------------------------------- every botocore failure is a Failed
