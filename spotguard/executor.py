@@ -27,6 +27,15 @@ log = structlog.get_logger("spotguard.executor")
 # (or no longer exists): either way the target is not in the group, which is
 # what Deregister wants.
 ABSENT_TARGET = "InvalidTarget"
+# The AWS call behind each command: the one name logs, metrics and CloudTrail all use.
+ACTIONS: dict[type, str] = {
+    Start: "StartInstances",
+    Stop: "StopInstances",
+    Register: "RegisterTargets",
+    Deregister: "DeregisterTargets",
+}
+OK, FAILED = "ok", "failed"
+
 # One action may not take longer than this, retries included; past it the
 # machine hears Failed("Timeout") and decides again from the next observation.
 ACTION_DEADLINE = 60.0
@@ -48,29 +57,29 @@ class Executor:
         guard = self.guards[guard_name]  # an unknown guard is a bug, not an AWS error
         began = time.monotonic()
         code: str | None = None
+        changed = False
         try:
             async with asyncio.timeout(self.deadline):
-                outcome = await self._perform(guard, command)
+                changed = await self._perform(guard, command)
         except AWS_ERRORS as exc:
             code = error_code(exc)
             if isinstance(command, Deregister) and code == ABSENT_TARGET:
-                outcome, code = "absent", None
-            else:
-                outcome = "failed"
+                code = None  # not in the group: what Deregister wants
         log_event = log.warning if code else log.info
         log_event(
             "executor.action",
             guard=guard_name,
-            action=type(command).__name__.lower(),
+            action=ACTIONS[type(command)],
             instance_id=command.instance_id,
-            outcome=outcome,
+            outcome=FAILED if code else OK,
+            changed=changed,  # False: it already was so (a running instance started, an absent target removed)
             code=code,
             duration_ms=round((time.monotonic() - began) * 1000),
         )
         return Failed(command, code) if code else None
 
-    async def _perform(self, guard: Any, command: Command) -> str:
-        """Make the call; return the outcome word for the log."""
+    async def _perform(self, guard: Any, command: Command) -> bool:
+        """Make the call; whether it changed anything (a registration always counts as one)."""
         if isinstance(command, Start):
             reply = await self.ec2.start_instances(InstanceIds=[command.instance_id])
             return _transition(reply, "StartingInstances", already={"pending", "running"})
@@ -81,12 +90,12 @@ class Executor:
             await self.elbv2.register_targets(
                 TargetGroupArn=guard.target_group_arn, Targets=[_target(guard, command.instance_id)]
             )
-            return "done"
+            return True
         if isinstance(command, Deregister):
             await self.elbv2.deregister_targets(
                 TargetGroupArn=guard.target_group_arn, Targets=[_target(guard, command.instance_id)]
             )
-            return "done"
+            return True
         raise TypeError(f"executor cannot run {command!r}")
 
 
@@ -97,8 +106,8 @@ def _target(guard: Any, instance_id: str) -> dict[str, Any]:
     return target
 
 
-def _transition(reply: dict, key: str, *, already: set[str]) -> str:
-    """'already' when the instance was in the wanted state before the call, else 'done'."""
+def _transition(reply: dict, key: str, *, already: set[str]) -> bool:
+    """False when the instance was in the wanted state before the call."""
     changes = reply.get(key) or [{}]
     previous = changes[0].get("PreviousState", {}).get("Name")
-    return "already" if previous in already else "done"
+    return previous not in already

@@ -24,20 +24,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from . import __version__, machine
-from .machine import Deregister, Event, GuardState, Observed, Phase, Register, Start, Stop
+from .executor import ACTIONS, FAILED, OK
+from .machine import Event, GuardState, Observed, Phase, Start
 
 log = structlog.get_logger("spotguard.metrics")
 
 LOOPBACK = "127.0.0.1"
 SHUTDOWN_POLL = 0.05  # seconds; how soon close() is noticed by the serving thread
 
-# The AWS API call behind each command: what an operator sees in CloudTrail.
-ACTIONS: dict[type, str] = {
-    Start: "StartInstances",
-    Stop: "StopInstances",
-    Register: "RegisterTargets",
-    Deregister: "DeregisterTargets",
-}
 
 # Notice to StartInstances done: ~1 s on the SQS/agent path, up to a poll
 # interval more on the poll path; the whole budget is the 120 s notice.
@@ -204,7 +198,7 @@ class Metrics:
         name = ACTIONS.get(type(command))
         if name is None:
             return  # an Alert is no AWS call (the daemon does not report them anyway)
-        self.actions.labels(guard, name, "failed" if failed else "ok").inc()
+        self.actions.labels(guard, name, FAILED if failed else OK).inc()
         self.action_seconds.labels(name).observe(max(0.0, seconds))
         if failed is not None:
             self.errors.labels(guard, name, failed.code).inc()

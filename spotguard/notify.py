@@ -64,8 +64,7 @@ class Notifier:
     def notify(self, text: str) -> None:
         """Queue `text` for Discord and return at once; dropped (and logged) if the queue is full."""
         if not self.enabled:
-            log.info("notify.disabled", text=text)
-            return
+            return  # said once at start; the text is in the log as its own event already
         if self._closed:
             log.warning("notify.dropped", reason="closed", text=text)
             return
@@ -75,8 +74,10 @@ class Notifier:
             log.warning("notify.dropped", reason="queue full", queue_size=self._queue.maxsize, text=text)
 
     async def start(self) -> None:
-        """Start the sending task (in the running loop); a no-op without a URL or when started."""
-        if self.enabled and self._task is None and not self._closed:
+        """Start the sending task (in the running loop); without a URL, say so once (debug)."""
+        if not self.enabled:
+            log.debug("notify.disabled")
+        elif self._task is None and not self._closed:
             self._task = asyncio.create_task(self._run(), name="spotguard-notify")
 
     async def close(self, deadline: float = 2.0) -> None:

@@ -39,7 +39,8 @@ async def test_start_and_stop_a_standby(executor, guard, deployment, moto_world)
         assert await executor.run(guard.name, Stop(standby)) is None
         assert moto_world.states(standby) == {standby: "stopped"}
     logged = actions(logs)
-    assert [(e["action"], e["outcome"], e["code"]) for e in logged] == [("start", "done", None), ("stop", "done", None)]
+    assert [(e["action"], e["outcome"], e["changed"], e["code"]) for e in logged] == [
+        ("StartInstances", "ok", True, None), ("StopInstances", "ok", True, None)]  # the names metrics use too
     assert all(e["guard"] == guard.name and e["instance_id"] == standby for e in logged)
     assert all(isinstance(e["duration_ms"], int) and e["duration_ms"] >= 0 for e in logged)
 
@@ -47,20 +48,20 @@ async def test_start_and_stop_a_standby(executor, guard, deployment, moto_world)
 async def test_start_running_is_success(executor, guard, deployment):
     with capture_logs() as logs:
         assert await executor.run(guard.name, Start(deployment.spot_instance_id)) is None
-    assert actions(logs)[0]["outcome"] == "already"
+    assert (actions(logs)[0]["outcome"], actions(logs)[0]["changed"]) == ("ok", False)
 
 
 async def test_stop_stopped_is_success(executor, guard, deployment):
     with capture_logs() as logs:
         assert await executor.run(guard.name, Stop(deployment.standby_ids[0])) is None
-    assert actions(logs)[0]["outcome"] == "already"
+    assert (actions(logs)[0]["outcome"], actions(logs)[0]["changed"]) == ("ok", False)
 
 
 async def test_deregister_absent_is_success(executor, guard, deployment, moto_world):
     standby = deployment.standby_ids[0]
     with capture_logs() as logs:
         assert await executor.run(guard.name, Deregister(standby)) is None
-    assert actions(logs)[0]["outcome"] == "absent"
+    assert (actions(logs)[0]["outcome"], actions(logs)[0]["changed"]) == ("ok", False)
     assert moto_world.health(deployment.target_group_arn) == {deployment.spot_instance_id: "healthy"}
 
 

@@ -133,9 +133,12 @@ async def test_a_guard_whose_ledger_cannot_be_read_does_not_stop_the_others(tmp_
     two = Settings(aws=s.aws, daemon=s.daemon, discord=s.discord,
                    guards=(GuardSettings(name="broken", target_group_arn="arn:y"),) + s.guards)
     (tmp_path / "broken.ledger.jsonl").mkdir()  # a directory where the file should be: IsADirectoryError
-    with capture_logs() as logs:  # a Notifier without a URL logs each text instead of posting it
-        await DailySummary(two, Notifier(None), clock=lambda: t("2026-11-29 00:30")).send()
-    sent = [e["text"] for e in logs if e["event"] == "notify.disabled"]
+    with CaptureServer() as discord, capture_logs() as logs:
+        notifier = Notifier(discord.url + "/api/webhooks/1/token", timeout=2.0)
+        await notifier.start()
+        await DailySummary(two, notifier, clock=lambda: t("2026-11-29 00:30")).send()
+        await notifier.close(deadline=5.0)
+        sent = [r.json["content"] for r in discord.requests]
     assert len(sent) == 1 and sent[0].startswith("[inference]")
     assert [e["guard"] for e in logs if e["event"] == "summary.failed"] == ["broken"]
 
