@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, ContextManager, Protocol, Seque
 
 import structlog
 
-from . import machine, sdnotify, store
+from . import machine, rehearsal, sdnotify, store
 from .machine import Alert, Event, GuardState, Notice, Observed
 from .sources.poll import PollError
 
@@ -56,6 +56,7 @@ class Guard:
     unsaved: str | None = None  # why the state could not be written; None once it is
     seen_at: float = field(default_factory=time.monotonic)  # the last good observation (monotonic)
     blind: bool = False  # said to be blind: no observation for blind_after
+    rehearsing: str | None = None  # the standby `spotguard rehearse` runs now
     why_blind: str | None = None  # the last poll error
 
     @property
@@ -236,7 +237,22 @@ class Daemon:
         # An observation taken while one of the guard's commands was in flight may
         # predate it; stepping it would repeat the command. The next poll is fresh.
         if isinstance(result, Observed) and guard is not None and not guard.acting and guard.acted < polled:
-            self._enqueue(guard, result)
+            self._enqueue(guard, replace(result, rehearsing=self._rehearsing(guard)))
+
+    def _rehearsing(self, guard: Guard) -> frozenset[str]:
+        """The standby `spotguard rehearse` is running for this guard now (its marker in
+        state_dir), said once when it begins and once when it ends."""
+        now = rehearsal.rehearsing(self.settings.daemon.state_dir, guard.name)
+        standby = now[0] if now else None
+        if standby != guard.rehearsing:
+            if standby is not None:
+                log.info("guard.rehearsal.started", guard=guard.name, standby=standby, pid=now[1])
+                self.notifier.notify(f"[{guard.name}] rehearsal of standby {standby} begun (spotguard rehearse, "
+                                     f"pid {now[1]}): left to it, no failover")
+            else:
+                log.info("guard.rehearsal.ended", guard=guard.name, standby=guard.rehearsing)
+            guard.rehearsing = standby
+        return frozenset({standby}) if standby else frozenset()
 
     async def _observe(self, deliver: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         """Each guard's observation, or why it has none this round (a PollError)."""

@@ -83,6 +83,9 @@ class Observed:
     # an earlier guard's tags too): said once, then left alone.
     foreign: frozenset[str] = frozenset()
     disputed: frozenset[str] = frozenset()
+    # Standbys `spotguard rehearse` is running now: not strays (no phase change, no alert),
+    # but still a warm standby a real failover may take over.
+    rehearsing: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ class GuardState:
     retries: int = 0
     outage_since: float | None = None  # no healthy target in the group since then
     watched: float | None = None  # when the last observation was stepped
+    stray: bool = False  # the standby runs outside a failover (a person, a crash): drained after the grace
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -533,7 +537,7 @@ def _enter(state: GuardState, phase: Phase, now: float, reason: str, **changes) 
 def _failover(state: GuardState, now: float, reason: str, prewarm: bool = False) -> Result:
     """Serve on a standby: go straight to both-serving if it is already healthy."""
     prewarm_at = (state.prewarm_at or now) if prewarm else None
-    state = _choose(replace(state, prewarm_at=prewarm_at, started_at=None), now)
+    state = _choose(replace(state, prewarm_at=prewarm_at, started_at=None, stray=False), now)
     if state.standby and _up(state, state.standby):
         return _serve(state, now, reason)
     state = _enter(state, Phase.STANDBY_STARTING, now, reason)
@@ -561,12 +565,19 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
         state = replace(state, unhealthy_since=since)
         return state, _register_new_spots(state)
     state = replace(state, unhealthy_since=None)
-    stray = next((s for s in _own_standbys(state) if _instance(state, s).state in LIVE_STATES), None)
+    stray = next((s for s in _own_standbys(state)
+                  if _instance(state, s).state in LIVE_STATES and s not in state.seen.rehearsing), None)
     if stray:
         # A standby running outside a failover (a crash, or a person) gets the usual
-        # grace and is then drained and stopped: no forgotten On-Demand bill.
-        state = _enter(state, Phase.SPOT_RESTORED, now, f"standby {stray} running outside a failover", standby=stray)
-        return _decide_restored(state, now)
+        # grace and is then drained and stopped: no forgotten On-Demand bill. Said,
+        # so that nobody is surprised when spotguard stops what they started.
+        alert = Alert(f"standby {stray} is running outside a failover: spotguard drains and stops it after "
+                      f"failback_grace ({state.rules.failback_grace:.0f}s) unless it is taken out of "
+                      "standby_instance_ids")
+        state = _enter(state, Phase.SPOT_RESTORED, now, f"standby {stray} running outside a failover",
+                       standby=stray, stray=True)
+        state, cmds = _decide_restored(state, now)
+        return state, (alert,) + cmds
     return state, _register_new_spots(state) + _drop_doomed(state) + _drop_stopped_standbys(state)
 
 
@@ -708,7 +719,8 @@ def _decide_draining(state: GuardState, now: float) -> Result:
 
 # What a failover remembers, forgotten when the guard is back on spot alone.
 _FAILOVER_RESET = dict(
-    standby=None, started_at=None, start_sent=None, failed=frozenset(), prewarm_at=None, retry_at=None, retries=0
+    standby=None, started_at=None, start_sent=None, failed=frozenset(), prewarm_at=None, retry_at=None, retries=0,
+    stray=False,
 )
 
 _DECIDE = {

@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 # Version 2 names its guard inside (a file copied from another guard is set aside)
 # and adds `watched`; a version-1 file is still read.
 VERSION = 2
-ADDED_IN_2 = frozenset({"watched"})
+ADDED_IN_2 = frozenset({"watched", "stray"})
 # GuardState fields that are deliberately not written; every other field is.
 NOT_PERSISTED = frozenset({"rules", "seen"})
 _TMP_SUFFIX = ".tmp"
@@ -80,6 +80,12 @@ def _int(v: Any) -> int:
     return v
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
 def _str_set(v: Any) -> frozenset[str]:
     if not isinstance(v, list):
         raise ValueError(f"expected a list, got {v!r}")
@@ -101,6 +107,7 @@ _BY_TYPE: dict[Any, Callable[[Any], Any]] = {
     str: _str,
     str | None: _opt_str,
     int: _int,
+    bool: _bool,
     frozenset[str]: _str_set,
 }
 

@@ -228,11 +228,22 @@ async def test_second_interruption_while_the_standby_drains(moto_world):
     assert phases[draining + 1][1] in ("standby-starting", "both-serving")
     notices = [e for e in outcome.entries if e.data.get("kind") == "notice"]
     assert len(notices) == 2
-    stops = [e for e in outcome.entries if e.data.get("kind") == "action" and e.data.get("action") == "stop"]
+    stops = [e for e in outcome.entries if e.data.get("kind") == "action" and e.data.get("action") == "StopInstances"]
     assert all(e.at > notices[1].at for e in stops), "the standby was stopped before the second interruption"
     assert phases[-1] == ("standby-draining", "spot-healthy")
     assert len(stops) >= 1
 
 
 def outcome_standbys(outcome) -> list[str]:
-    return sorted({e.data["instance"] for e in outcome.entries if e.data.get("action") == "start"})
+    return sorted({e.data["instance"] for e in outcome.entries if e.data.get("action") == "StartInstances"})
+
+
+def test_demo_without_the_lab_extra_says_how_to_get_it():
+    import subprocess
+    import sys
+
+    # moto made unimportable, as on an install without the extra.
+    code = "import sys; sys.modules['moto'] = None; from spotguard.cli import main; sys.exit(main(['demo']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "pip install -e '.[lab]'" in done.stderr and "spotguard[lab]" in done.stderr

@@ -30,7 +30,8 @@ from spotguard.machine import Phase
 
 SECRET = "SECRET-webhook-token-never-printed"
 PRICES = {"on_demand_hourly": 1.006, "spot_hourly": 0.35}
-GUARD_FIELDS = {"name", "phase", "since", "reason", "standby", "observed", "transitions", "month", "problems"}
+GUARD_FIELDS = {"name", "phase", "since", "reason", "standby", "stray", "rehearsing", "observed", "transitions",
+                "month", "problems"}
 MONTH_FIELDS = {"start", "end", "counted_from", "hours", "spot_hours", "standby_hours", "interruptions",
                 "on_demand_hourly", "spot_hourly", "cost", "on_demand_cost", "saving"}
 
@@ -175,6 +176,19 @@ def test_a_corrupt_state_file_is_reported_and_left_alone(tmp_path, capsys):
     assert g["problems"] and g["problems"][0].startswith("state file: unusable")
     assert path.read_text() == "{ truncated"  # evidence for a person; only the daemon sets it aside
     assert g["phase"] is None and "unknown" in status.render({"guards": [g], "generated_at": status.iso(0)})
+
+
+def test_a_corrupt_state_file_beside_an_observation_shows_no_phase_and_the_problem_first(tmp_path):
+    """The issue's case: the seen file says the world was observed, the state file is corrupt.
+    The phase is unknown (not the initial spot-healthy), and the problem comes first."""
+    (tmp_path / "lab.json").write_text("{ truncated")
+    ledger.seen_path(tmp_path, "lab").write_text(json.dumps(
+        {"version": 1, "spots": [], "standbys": [], "targets": [], "since": 1e9, "observed_at": 1e9}))
+    g = status.guard_report(tmp_path, GuardSettings(name="lab", target_group_arn="arn:x"), 1e9 + 10)
+    assert g["phase"] is None
+    lines = status.render({"guards": [g], "generated_at": status.iso(1e9 + 10)}).splitlines()
+    assert lines[0] == "guard lab: phase unknown (its state file cannot be used)"
+    assert lines[1].startswith("  problem: state file: unusable")
 
 
 def test_a_world_not_seen_for_blind_after_is_said(tmp_path):

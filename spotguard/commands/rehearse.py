@@ -78,14 +78,17 @@ class Rehearser:
             if refusal:
                 self.say(f"refused: {refusal}")
                 return EXIT_FAILED
+            with rehearsal.announced(self.settings.daemon.state_dir, self.guard.name, self.standby):
+                return await self._rehearse()
+        except asyncio.CancelledError:  # before the rehearsal began
+            return await self._interrupted()
+
+    async def _rehearse(self) -> int:
+        """Start, measure, put back; the daemon knows the standby is being rehearsed meanwhile."""
+        try:
             outcome = await self._measure()
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            self.say(f"interrupted ({signal.Signals(self.signal or signal.SIGINT).name}): putting {self.standby} back")
-            await self._put_back()
-            return 128 + (self.signal or signal.SIGINT)
+            return await self._interrupted()
         except Exception:
             await self._put_back()  # a bug here must not leave an On-Demand standby running either
             raise
@@ -93,6 +96,14 @@ class Rehearser:
         if self.signal is not None:
             return 128 + self.signal
         return EXIT_OK if ok and outcome else EXIT_FAILED
+
+    async def _interrupted(self) -> int:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        self.say(f"interrupted ({signal.Signals(self.signal or signal.SIGINT).name}): putting {self.standby} back")
+        await self._put_back()
+        return 128 + (self.signal or signal.SIGINT)
 
     # ------------------------------------------------------------------ before anything
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spotguard import defaults, ledger, store
+from spotguard import defaults, ledger, rehearsal, store
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report
 from spotguard.config import GuardSettings, Settings
 from spotguard.machine import INITIAL_PHASE, GuardState
@@ -73,11 +73,14 @@ def _leader(lease: dict[str, Any] | None) -> dict[str, Any] | None:
 def guard_report(state_dir: Path, guard: GuardSettings, now: float) -> dict[str, Any]:
     problems: list[str] = []
     state = _attempt(problems, "state file", lambda: store.peek(state_dir, guard.name, guard.rules()))
+    readable = not problems
     seen = _attempt(problems, "seen file", lambda: ledger.read_seen(state_dir, guard.name))
+    rehearsed = rehearsal.rehearsing(state_dir, guard.name)
     view = _attempt(problems, "ledger", lambda: ledger.read(state_dir, guard.name)) or ledger.LedgerView(())
     return {
         "name": guard.name,
-        **_phase(state, seen),
+        **_phase(state, seen, readable=readable),
+        "rehearsing": rehearsed[0] if rehearsed else None,
         "observed": _observed(seen),
         "transitions": [
             {"at": iso(t.at), "from": t.old, "to": t.new, "reason": t.reason}
@@ -98,13 +101,16 @@ def _attempt(problems: list[str], what: str, read: Any) -> Any:
     return None
 
 
-def _phase(state: GuardState | None, seen: dict[str, Any] | None) -> dict[str, Any]:
+def _phase(state: GuardState | None, seen: dict[str, Any] | None, *, readable: bool) -> dict[str, Any]:
+    """Phase, since, reason, and the standby serving a failover (or running outside one)."""
     if state is not None:
+        serving = state.standby if not state.stray else None
         return {"phase": state.phase.value, "since": iso(state.since), "reason": state.reason,
-                "standby": state.standby}
-    # The daemon saves a state only once it changes: observed but never saved is the machine's initial phase.
-    phase = INITIAL_PHASE.value if seen is not None else None
-    return {"phase": phase, "since": None, "reason": None, "standby": None}
+                "standby": serving, "stray": state.standby if state.stray else None}
+    # The daemon saves a state only once it changes: observed but never saved is the machine's
+    # initial phase; a state file that cannot be read says nothing, so the phase is unknown.
+    phase = INITIAL_PHASE.value if seen is not None and readable else None
+    return {"phase": phase, "since": None, "reason": None, "standby": None, "stray": None}
 
 
 def _observed(seen: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -184,6 +190,7 @@ def _ha_line(h: dict[str, Any], now: str) -> str:
 
 def _render_guard(g: dict[str, Any], now: str, blind_after: float) -> str:
     lines = [_headline(g, now)]
+    lines += [f"  problem: {p}" for p in g["problems"]]  # first: what follows may be incomplete because of it
     if g["reason"]:
         lines.append(f"  why: {g['reason']}")
     obs = g["observed"]
@@ -192,7 +199,7 @@ def _render_guard(g: dict[str, Any], now: str, blind_after: float) -> str:
     else:
         for role, items in (("spot", obs["spots"]), ("standby", obs["standbys"])):
             for i in items:
-                lines.append(_instance_line(role, i, g["standby"]))
+                lines.append(_instance_line(role, i, g))
         if not obs["spots"]:
             lines.append("  spot     none (the spot request has no instance)")
         lines += _observed_lines(obs, now, blind_after)
@@ -200,7 +207,6 @@ def _render_guard(g: dict[str, Any], now: str, blind_after: float) -> str:
         lines.append("  last transitions:")
         lines += [f"    {_when(t['at'])}  {t['from']} → {t['to']}  {t['reason']}" for t in g["transitions"]]
     lines += _month_lines(g["month"])
-    lines += [f"  problem: {p}" for p in g["problems"]]
     return "\n".join(lines)
 
 
@@ -218,6 +224,8 @@ def _observed_lines(obs: dict[str, Any], now: str, blind_after: float) -> list[s
 
 
 def _headline(g: dict[str, Any], now: str) -> str:
+    if g["phase"] is None and any(p.startswith("state file") for p in g["problems"]):
+        return f"guard {g['name']}: phase unknown (its state file cannot be used)"
     if g["phase"] is None:
         return f"guard {g['name']}: unknown (no state or observation in the state directory yet)"
     if g["since"] is None:
@@ -226,10 +234,13 @@ def _headline(g: dict[str, Any], now: str) -> str:
     return f"guard {g['name']}: {g['phase']} since {_when(g['since'])} ({_duration(ago)} ago)"
 
 
-def _instance_line(role: str, i: dict[str, Any], in_use: str | None) -> str:
+def _instance_line(role: str, i: dict[str, Any], g: dict[str, Any]) -> str:
     state = i["state"] + (" (interruption notice)" if i.get("notice") else "")
     target = f"target {i['target']}" if i["target"] else "not registered"
-    mark = "  ← serving this failover" if role == "standby" and i["id"] == in_use else ""
+    marks = {g.get("standby"): "serving this failover",
+             g.get("stray"): "running outside a failover: drained and stopped after failback_grace",
+             g.get("rehearsing"): "being rehearsed (spotguard rehearse)"}
+    mark = f"  ← {marks[i['id']]}" if role == "standby" and i["id"] in marks else ""
     return f"  {role:<8} {i['id']:<20} {state:<32} {target}{mark}"
 
 
