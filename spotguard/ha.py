@@ -294,27 +294,33 @@ class Leadership:
 
     async def states(self, rules: dict[str, Rules], *, consistent: bool) -> dict[str, GuardState] | None:
         """The shared state of each named guard that has one; None if the table could not be read."""
-        if not rules:
-            return {}
-        keys = [{KEY: {"S": GUARD_PREFIX + name}} for name in rules]
-        found: dict[str, GuardState] = {}
-        request = {self.table: {"Keys": keys, "ConsistentRead": consistent}}
         try:
-            for _ in range(5):  # unprocessed keys come back under throttling; a few rounds settle them
-                reply = await self.ddb.batch_get_item(RequestItems=request)
-                for item in reply.get("Responses", {}).get(self.table, []):
-                    name = item[KEY]["S"][len(GUARD_PREFIX):]
-                    state = _decode(name, item, rules.get(name))
-                    if state is not None:
-                        found[name] = state
-                request = reply.get("UnprocessedKeys") or {}
-                if not request:
-                    return found
+            return await shared_states(self.ddb, self.table, rules, consistent=consistent)
         except AWS_ERRORS as exc:
             log.warning("ha.state.load_failed", holder=self.holder, error=error_code(exc))
             return None
-        log.warning("ha.state.load_failed", holder=self.holder, error="UnprocessedKeys")
-        return None
+
+
+async def shared_states(ddb: Any, table: str, rules: dict[str, Rules], *, consistent: bool) -> dict[str, GuardState]:
+    """The shared state of each named guard that has one (the leader's, as it last saved it).
+    AWS errors are the caller's; keys DynamoDB keeps leaving unprocessed are one too."""
+    if not rules:
+        return {}
+    keys = [{KEY: {"S": GUARD_PREFIX + name}} for name in rules]
+    found: dict[str, GuardState] = {}
+    request = {table: {"Keys": keys, "ConsistentRead": consistent}}
+    for _ in range(5):  # unprocessed keys come back under throttling; a few rounds settle them
+        reply = await ddb.batch_get_item(RequestItems=request)
+        for item in reply.get("Responses", {}).get(table, []):
+            name = item[KEY]["S"][len(GUARD_PREFIX):]
+            state = _decode(name, item, rules.get(name))
+            if state is not None:
+                found[name] = state
+        request = reply.get("UnprocessedKeys") or {}
+        if not request:
+            return found
+    raise ClientError({"Error": {"Code": "UnprocessedKeys", "Message": "DynamoDB kept keys unprocessed"}},
+                      "BatchGetItem")
 
 
 def _condition_failed(exc: BaseException) -> bool:

@@ -367,7 +367,7 @@ class Proc:
 
     def starts(self) -> list[dict]:
         """The StartInstances this process carried out that changed a stopped instance."""
-        return self.events("executor.action", action="start", outcome="done")
+        return self.events("executor.action", action="StartInstances", changed=True)
 
 
 @asynccontextmanager
@@ -486,7 +486,7 @@ async def test_a_leader_frozen_past_its_lease_does_not_act_when_it_wakes(tmp_pat
     moto_world.set_health(d.target_group_arn, standby, "initial")
     async with proxied_pair(tmp_path, moto_world, [d], poll="0.5s", grace="1s") as (leader, follower, lp, _):
         moto_world.notice(d.spot_request_id)
-        await until(lambda: leader.events("executor.action", action="register"),
+        await until(lambda: leader.events("executor.action", action="RegisterTargets"),
                     timeout=PROC_DEADLINE, what="standby registered")
         leader.signal(signal.SIGSTOP)
         try:

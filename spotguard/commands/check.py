@@ -1,11 +1,12 @@
 """`spotguard check`: is this deployment ready for a spot interruption?
 One line per check: ✓, ✗ with a fix, ! a warning.
 
-`gather` makes the AWS calls into a `Seen`; the `*_lines` functions turn what was
-seen into `Line`s and are pure. What is checked, and the exit codes, are in
-docs/operations.md. This module must not change anything in AWS (every call is a
-Describe, GetCallerIdentity, GetQueueAttributes, an EC2 DryRun or, with [ha],
-DescribeTable and one GetItem of the lease) nor read the daemon's state file.
+`gather` makes the AWS calls and reads the daemon's saved state into a `Seen`; the
+`*_lines` functions turn what was seen into `Line`s and are pure. Judged against the
+daemon's phase, no line ever advises touching what a failover is using. What is
+checked, and the exit codes, are in docs/operations.md. This module must not change
+anything in AWS (every call is a Describe, GetCallerIdentity, GetQueueAttributes, an
+EC2 DryRun or, with [ha], DescribeTable and GetItems) nor write a file.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import argparse
 import sys
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, TextIO
 
 from botocore.exceptions import ClientError
 
-from spotguard import ha, rehearsal
+from spotguard import ha, machine, rehearsal, store
 from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import GuardSettings, Settings, format_duration
+from spotguard.machine import GuardState, Phase
 from spotguard.rehearsal import Rehearsal
 from spotguard.sources.poll import is_notice
-from spotguard.timing import DRAIN_LIMIT, DRAIN_WARN, HEALTH_WARN, NOTICE, START_ESTIMATE, Budget, detection_seconds
+from spotguard.timing import START_ESTIMATE, Budget, advised_delay, detection_seconds, health_check_seconds
 
 OK, FAIL, WARN = "ok", "fail", "warn"
 SYMBOLS = {OK: "✓", FAIL: "✗", WARN: "!"}
@@ -58,6 +60,9 @@ class Line:
     def render(self) -> str:
         return f"{SYMBOLS[self.status]} {self.text}" + (f" — {self.fix}" if self.fix else "")
 
+    def with_text(self, text: str) -> "Line":
+        return Line(self.status, text, self.fix)
+
 
 @dataclass(frozen=True)
 class GuardSeen:
@@ -71,6 +76,19 @@ class GuardSeen:
     tagged: tuple[Mapping[str, Any], ...] | Refused = ()  # instances carrying all the spot tags
     dry_runs: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (action, standby) -> code
     rehearsal: Rehearsal | str | None = None  # the last rehearsal, a reason it is unreadable, or None
+    # The daemon's own view: its saved state (with [ha] the leader's), why it cannot be read, or None
+    # when none is saved; and the standby `spotguard rehearse` is running now, if any.
+    daemon: GuardState | str | None = None
+    rehearsing: str | None = None
+
+    @property
+    def state(self) -> GuardState | None:
+        return self.daemon if isinstance(self.daemon, GuardState) else None
+
+    @property
+    def failover(self) -> bool:
+        """Whether the daemon is in a failover or failback now (any phase but spot-healthy)."""
+        return self.state is not None and self.state.phase is not Phase.SPOT_HEALTHY and not self.state.stray
 
 
 @dataclass(frozen=True)
@@ -100,7 +118,7 @@ def identity_line(identity: Mapping[str, Any] | Refused) -> Line:
     return Line(OK, f"credentials: {identity.get('Arn')} (account {identity.get('Account')})")
 
 
-def group_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+def group_lines(guard: GuardSettings, seen: GuardSeen, budget: Budget | None = None) -> list[Line]:
     """The target group: exists, takes instance targets, health check, deregistration delay."""
     arn = guard.target_group_arn
     group = seen.group
@@ -117,25 +135,21 @@ def group_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
         lines.append(Line(OK, f"target group {name}: {group.get('Protocol')}:{group.get('Port')}, "
                               f"instance targets, in {group.get('VpcId')}"))
     lines.append(health_check_line(group))
-    lines.append(delay_line(name, arn, seen.attributes))
+    lines.append(delay_line(name, arn, seen.attributes, budget))
     return lines
 
 
-def health_check_seconds(group: Mapping[str, Any]) -> float:
-    """How long a new target may take to pass its health checks: interval × healthy threshold."""
-    return float(group.get("HealthCheckIntervalSeconds", 30)) * int(group.get("HealthyThresholdCount", 5))
+def group_health_seconds(group: Mapping[str, Any]) -> float:
+    """timing.health_check_seconds at the group's settings (AWS's defaults where not reported)."""
+    return health_check_seconds(float(group.get("HealthCheckIntervalSeconds", 30)),
+                                int(group.get("HealthyThresholdCount", 5)))
 
 
 def health_check_line(group: Mapping[str, Any]) -> Line:
     interval, threshold = group.get("HealthCheckIntervalSeconds", 30), group.get("HealthyThresholdCount", 5)
-    seconds = health_check_seconds(group)
-    text = (f"health check: {group.get('HealthCheckPath') or group.get('HealthCheckProtocol', '')} every "
-            f"{interval}s, healthy after {threshold} passing: a new target needs up to "
-            f"{threshold} × {interval}s = {format_duration(seconds)}")
-    if seconds > HEALTH_WARN:
-        return Line(WARN, text, f"more than {format_duration(HEALTH_WARN)} of the {format_duration(NOTICE)} notice: "
-                                "set HealthCheckIntervalSeconds to 5-10 and HealthyThresholdCount to 2-3")
-    return Line(OK, text)
+    return Line(OK, f"health check: {group.get('HealthCheckPath') or group.get('HealthCheckProtocol', '')} every "
+                    f"{interval}s, healthy after {threshold} passing: a target that answers late needs up to "
+                    f"{threshold} × {interval}s = {format_duration(group_health_seconds(group))} (timing, below)")
 
 
 def deregistration_delay(attributes: Mapping[str, str] | Refused) -> float | None:
@@ -144,7 +158,14 @@ def deregistration_delay(attributes: Mapping[str, str] | Refused) -> float | Non
     return float(attributes[DELAY_KEY])
 
 
-def delay_line(name: str, arn: str, attributes: Mapping[str, str] | Refused) -> Line:
+def delay_fix(arn: str, delay: float) -> str:
+    """The command that sets the deregistration delay."""
+    return (f"aws elbv2 modify-target-group-attributes --target-group-arn {arn} "
+            f"--attributes Key={DELAY_KEY},Value={delay:.0f}")
+
+
+def delay_line(name: str, arn: str, attributes: Mapping[str, str] | Refused, budget: Budget | None) -> Line:
+    """The deregistration delay, against what the timing budget leaves for the drain."""
     if isinstance(attributes, Refused):
         return _refused(f"target group {name} attributes", "elasticloadbalancing:DescribeTargetGroupAttributes",
                         attributes)
@@ -152,14 +173,9 @@ def delay_line(name: str, arn: str, attributes: Mapping[str, str] | Refused) -> 
     if delay is None:
         return Line(WARN, f"deregistration delay of {name}: not reported", "check it in the console")
     text = f"deregistration delay {format_duration(delay)}"
-    fix = ("set it to 90s or less: aws elbv2 modify-target-group-attributes --target-group-arn "
-           f"{arn} --attributes Key={DELAY_KEY},Value=90")
-    if delay >= DRAIN_LIMIT:
-        return Line(FAIL, f"{text}: the doomed spot's requests cannot drain within the "
-                          f"{format_duration(NOTICE)} notice", fix)
-    if delay > DRAIN_WARN:
-        return Line(WARN, f"{text}: leaves under {format_duration(NOTICE - delay)} of the "
-                          f"{format_duration(NOTICE)} notice for detection and the standby's start", fix)
+    most = advised_delay(budget.detect, budget.ready) if budget is not None else None
+    if most is not None and delay > most:
+        return Line(WARN, f"{text}: more than the {format_duration(most)} the timing budget leaves (timing, below)")
     return Line(OK, text)
 
 
@@ -182,21 +198,28 @@ def request_line(rid: str, request: Mapping[str, Any] | Refused, seen: GuardSeen
                     "it launches no more instances: create a persistent spot request and put its id in the config")
     iid = request.get("InstanceId")
     if not iid:
+        if seen.failover:
+            return Line(WARN, f"spot request {rid} has no instance yet ({code}): {_serving(seen.state)}")
         return Line(FAIL, f"spot request {rid} has no instance ({code})",
                     "wait until it is fulfilled (a guard without a running spot fails over at once)")
     text = f"spot request {rid}: {kind}, {state}; instance {iid}"
     instance = seen.instances.get(iid)
     running = _state(instance)
     if running != "running":
+        if seen.failover:
+            return Line(WARN, f"{text} is {running}: {_serving(seen.state)}")
         return Line(FAIL, f"{text} is {running}", "wait until the spot instance runs")
     if is_notice(code):  # the poll's own rule, so check and daemon agree
-        return Line(WARN, f"{text} running with an interruption notice ({code})", "a failover is due")
+        if seen.failover:
+            return Line(OK, f"{text} running with an interruption notice ({code}): {_serving(seen.state)}")
+        return Line(WARN, f"{text} running with an interruption notice ({code})",
+                    "a failover is due, and the daemon's state does not show one: is `spotguard run` running?")
     health = _health_text(iid, seen.health)
     if kind != "persistent":
         return Line(WARN, f"{text} running, {health}",
                     "a one-time request is not re-fulfilled after an interruption, so the standby would keep "
                     "running until you act: use a persistent request")
-    return _spot_health_line(f"{text} running", iid, seen.health)
+    return _spot_health_line(f"{text} running", iid, seen)
 
 
 def tagged_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
@@ -208,18 +231,23 @@ def tagged_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
                   "spotguard ignores it; untag it if it is not meant as a spot")
              for i in seen.tagged if i.get("InstanceLifecycle") != "spot"]
     running = [i for i in spots if _state(i) == "running"]
-    if not running:
+    if not running and seen.failover:
+        lines.append(Line(WARN, f"no running spot instance tagged {tags}: {_serving(seen.state)}"))
+    elif not running:
         found = ", ".join(f"{i['InstanceId']} {_state(i)}" for i in spots) or "none found"
         lines.append(Line(FAIL, f"no running spot instance tagged {tags} ({found})",
                           "launch one, or fix spot_instance_tags"))
     for i in running:
         lines.append(_spot_health_line(f"spot instance {i['InstanceId']} (tagged {tags}) running",
-                                       i["InstanceId"], seen.health))
+                                       i["InstanceId"], seen))
     return lines
 
 
-def _spot_health_line(text: str, iid: str, health: Mapping[str, str] | Refused) -> Line:
+def _spot_health_line(text: str, iid: str, seen: GuardSeen) -> Line:
+    health = seen.health
     state = None if isinstance(health, Refused) else health.get(iid)
+    if seen.state is not None and iid in seen.state.doomed and state in (None, "draining"):
+        return Line(OK, f"{text}, {state or 'out of the target group'}: taken out for the failover")
     if state in ("healthy", "initial") or isinstance(health, Refused):
         return Line(OK, f"{text}, {_health_text(iid, health)}")
     if state is None:
@@ -240,12 +268,15 @@ def standby_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
     spot_ids = {r.get("InstanceId") for r in seen.requests.values() if not isinstance(r, Refused)}
     if not isinstance(seen.tagged, Refused):
         spot_ids |= {i["InstanceId"] for i in seen.tagged if i.get("InstanceLifecycle") == "spot"}
-    return [standby_line(sid, seen.instances.get(sid, Refused("NotDescribed")), vpc, sid in spot_ids, seen.health)
+    return [standby_line(sid, seen.instances.get(sid, Refused("NotDescribed")), vpc, sid in spot_ids, seen)
             for sid in guard.standby_instance_ids]
 
 
 def standby_line(sid: str, described: Mapping[str, Any] | Refused, group_vpc: str | None, is_spot_of_guard: bool,
-                 health: Mapping[str, str] | Refused) -> Line:
+                 seen: GuardSeen) -> Line:
+    """A standby exists, is On-Demand, in the group's VPC, and stopped; or, when the daemon
+    is using it (a failover, a stray, a rehearsal), says so and never advises touching it."""
+    health = seen.health
     if isinstance(described, Refused):
         if described.code in INSTANCE_NOT_FOUND:
             return Line(FAIL, f"standby {sid} not found", "fix standby_instance_ids (or aws.region)")
@@ -256,12 +287,42 @@ def standby_line(sid: str, described: Mapping[str, Any] | Refused, group_vpc: st
     state, instance_vpc = _state(described), described.get("VpcId")
     if state != "stopped":
         registered = "" if isinstance(health, Refused) or sid not in health else f", {health[sid]} in the target group"
+        in_use = _in_use(sid, seen)
+        if in_use is not None:
+            return in_use.with_text(f"standby {sid} is {state}{registered}: {in_use.text}")
         return Line(FAIL, f"standby {sid} is {state}, not stopped{registered}",
                     f"stop it (aws ec2 stop-instances --instance-ids {sid}); spotguard starts it for a failover")
     if group_vpc and instance_vpc != group_vpc:
         return Line(FAIL, f"standby {sid} is in {instance_vpc}, the target group in {group_vpc}",
                     f"the target group cannot take it: use a standby in {group_vpc}")
     return Line(OK, f"standby {sid}: stopped, On-Demand {described.get('InstanceType')}, in {instance_vpc}")
+
+
+def _in_use(sid: str, seen: GuardSeen) -> Line | None:
+    """What the daemon does with a standby that is not stopped, when it is its business."""
+    daemon = seen.state
+    if seen.rehearsing == sid:
+        return Line(WARN, "being rehearsed (spotguard rehearse); it puts it back when done")
+    if daemon is None:
+        return None
+    if daemon.standby == sid and daemon.stray:
+        return Line(WARN, f"running outside a failover since {_clock(daemon.since)}: the daemon drains and stops it "
+                          f"after failback_grace (by {_clock(daemon.since + daemon.rules.failback_grace)})")
+    if daemon.standby == sid:
+        return Line(OK, _serving(daemon))
+    if seen.failover:
+        return Line(WARN, f"the daemon drains and stops it: one standby serves a failover ({daemon.phase.value})")
+    return None
+
+
+def _serving(daemon: GuardState | None) -> str:
+    assert daemon is not None
+    return (f"the failover is under way ({daemon.phase.value} since {_clock(daemon.since)}, standby "
+            f"{daemon.standby}: {daemon.reason})")
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(at))
 
 
 def permission_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
@@ -286,33 +347,68 @@ def permission_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
     return lines
 
 
-def timing_line(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> Line:
-    """The failover against the notice: detection + standby ready + drain."""
-    drain = deregistration_delay(seen.attributes)
+def budget_of(settings: Settings, seen: GuardSeen) -> tuple[Budget, str | None] | None:
+    """The guard's timing budget (timing.py) and how its ready part was found: the last
+    rehearsal's StartInstances → healthy, or an estimate that leaves out the service's boot."""
+    drain = deregistration_delay(seen.attributes) or 0.0
     detect = detection_seconds(settings)
+    last = seen.rehearsal
+    if isinstance(last, Rehearsal) and last.healthy is not None:
+        return Budget(detect, last.healthy, drain), None
+    if last is None and not isinstance(seen.group, Refused):
+        checks = group_health_seconds(seen.group)
+        return (Budget(detect, START_ESTIMATE + checks, drain),
+                f"start ~{format_duration(START_ESTIMATE)} + health checks {format_duration(checks)}")
+    return None
+
+
+def timing_line(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> Line:
+    """The failover against the notice (timing.py): ✗ when it cannot fit, with the one change that fits."""
     last = seen.rehearsal
     rehearse_cmd = f"spotguard rehearse --config PATH --guard {guard.name}"
     if isinstance(last, str):
         return Line(WARN, f"timing: cannot read the last rehearsal: {last}", f"run `{rehearse_cmd}` again")
-    if last is None:
-        checks = 0.0 if isinstance(seen.group, Refused) else health_check_seconds(seen.group)
-        estimate = Budget(detect, START_ESTIMATE + checks, drain or 0.0)
-        ready = f"start ~{format_duration(START_ESTIMATE)} + health checks {format_duration(checks)}"
-        return Line(WARN, f"timing: not rehearsed; leaving out your service's boot: {estimate.text(ready)}",
-                    f"measure StartInstances → healthy with `{rehearse_cmd}`")
-    when = f"rehearsed {last.at} on {last.standby}"
-    if last.healthy is None:
-        return Line(WARN, f"timing: {when}: {last.outcome}", "fix the standby's service, then rehearse again")
-    budget = Budget(detect, last.healthy, drain or 0.0)
-    text = f"timing ({when}): {budget.text()}"
-    if budget.fits:
-        return Line(OK, text)
-    return Line(WARN, text, "speed up the standby's boot or health checks, or shorten the deregistration delay")
+    if isinstance(last, Rehearsal) and last.healthy is None:
+        return Line(WARN, f"timing: rehearsed {last.at} on {last.standby}: {last.outcome}",
+                    "fix the standby's service, then rehearse again")
+    found = budget_of(settings, seen)
+    if found is None:
+        return Line(WARN, "timing: unknown (the target group could not be described)")
+    budget, estimate = found
+    if estimate is not None:
+        text = f"timing: not rehearsed; leaving out your service's boot: {budget.text(estimate)}"
+        if budget.fits:
+            return Line(WARN, text, f"measure StartInstances → healthy with `{rehearse_cmd}`")
+        return Line(FAIL, text, _change(guard, budget))
+    assert isinstance(last, Rehearsal)
+    text = f"timing (rehearsed {last.at} on {last.standby}): {budget.text()}"
+    return Line(OK, text) if budget.fits else Line(FAIL, text, _change(guard, budget))
+
+
+def _change(guard: GuardSettings, budget: Budget) -> str:
+    delay = advised_delay(budget.detect, budget.ready)
+    change = budget.change()
+    return change if delay is None else f"{change}: {delay_fix(guard.target_group_arn, delay)}"
+
+
+def phase_line(seen: GuardSeen) -> Line | None:
+    """What the daemon's saved state says the guard is doing, when it says anything."""
+    if isinstance(seen.daemon, str):
+        return Line(WARN, f"daemon: its state cannot be read ({seen.daemon})", "see `spotguard status`")
+    state = seen.state
+    if state is None or state.phase is machine.INITIAL_PHASE and not state.doomed:
+        return None
+    if state.stray:
+        return Line(WARN, f"daemon: {state.phase.value} since {_clock(state.since)}: {state.reason}")
+    return Line(OK, f"daemon: {state.phase.value} since {_clock(state.since)}: {state.reason}")
 
 
 def guard_lines(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    found = budget_of(settings, seen)
+    phase = phase_line(seen)
     return [
-        *group_lines(guard, seen),
+        *([phase] if phase is not None else []),
+        *group_lines(guard, seen, found[0] if found else None),
         *spot_lines(guard, seen),
         *standby_lines(guard, seen),
         *permission_lines(guard, seen),
@@ -470,12 +566,34 @@ async def gather(settings: Settings, *, sts: Any, ec2: Any, elbv2: Any, sqs: Any
     if isinstance(identity, Refused):
         return Seen(identity)
     guards = {g.name: await _gather_guard(settings, g, ec2, elbv2) for g in settings.guards}
+    states = await _daemon_states(settings, dynamodb)
+    guards = {name: replace(seen, daemon=states.get(name)) for name, seen in guards.items()}
     queue = None
     if settings.sqs is not None:
         reply = await _ask(sqs.get_queue_attributes, QueueUrl=settings.sqs.queue_url, AttributeNames=["QueueArn"])
         queue = reply if isinstance(reply, Refused) else reply.get("Attributes", {})
     lease_seen = await _lease(settings, dynamodb) if settings.ha is not None else None
     return Seen(identity, guards, queue, lease_seen)
+
+
+async def _daemon_states(settings: Settings, dynamodb: Any) -> dict[str, GuardState | str]:
+    """Each guard's state as the daemon saved it: with [ha] the leader's shared state (what
+    both controllers act on), else the state file; a reason where it cannot be read."""
+    rules = {g.name: g.rules(settings.daemon.poll_interval) for g in settings.guards}
+    if settings.ha is not None and dynamodb is not None:
+        try:
+            return dict(await ha.shared_states(dynamodb, settings.ha.table, rules, consistent=True))
+        except AWS_ERRORS as exc:
+            return {name: f"the [ha] table: {error_code(exc)}" for name in rules}
+    found: dict[str, GuardState | str] = {}
+    for name, guard_rules in rules.items():
+        try:
+            state = store.peek(settings.daemon.state_dir, name, guard_rules)
+        except (OSError, ValueError) as exc:
+            state = f"{type(exc).__name__}: {exc}"
+        if state is not None:
+            found[name] = state
+    return found
 
 
 async def _lease(settings: Settings, dynamodb: Any) -> HaSeen:
@@ -518,8 +636,9 @@ async def _gather_guard(settings: Settings, guard: GuardSettings, ec2: Any, elbv
             reply = await _ask(call, InstanceIds=[sid], DryRun=True)
             # A DryRun never succeeds: it answers DryRunOperation (allowed) or an error.
             dry_runs[(action, sid)] = reply.code if isinstance(reply, Refused) else "NoDryRunAnswer"
+    running = rehearsal.rehearsing(settings.daemon.state_dir, guard.name)
     return GuardSeen(group, attributes, health, requests, instances, tagged, dry_runs,
-                     rehearsal.read(settings.daemon.state_dir, guard.name))
+                     rehearsal.read(settings.daemon.state_dir, guard.name), rehearsing=running[0] if running else None)
 
 
 async def _request(ec2: Any, rid: str) -> dict | Refused:
