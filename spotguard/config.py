@@ -521,7 +521,7 @@ def _settings(r: _Reader, top: dict) -> Settings:
         aws=aws,
         daemon=_daemon(r, top),
         discord=_discord(r, top),
-        sqs=_sqs(r, top),
+        sqs=_sqs(r, top, aws.region),
         guards=_guards(r, top, aws.region),
         ha=_ha(r, top),
     )
@@ -585,14 +585,27 @@ def _url_from_env(r: _Reader, *, required: bool) -> str | None:
     return _secret_url(r, text, DISCORD_ENV)
 
 
-def _sqs(r: _Reader, top: dict) -> SqsSettings | None:
+def _sqs(r: _Reader, top: dict, region: str | None) -> SqsSettings | None:
     sources = r.section(top, "sources", "", ("sqs",))
     if sources is None or "sqs" not in sources:
         return None
     table = r.section(sources, "sqs", "sources", ("queue_url",))
     if table is None:
         return None
-    return SqsSettings(queue_url=r.get(table, "queue_url", "sources.sqs", _url))
+    settings = SqsSettings(queue_url=r.get(table, "queue_url", "sources.sqs", _url))
+    if settings.queue_url is not None:
+        _check_queue(r, settings, region)
+    return settings
+
+
+def _check_queue(r: _Reader, sqs: SqsSettings, region: str | None) -> None:
+    """The URL names a queue, in aws.region: spotguard talks to one region (and builds its ARN there)."""
+    if sqs.queue_name is None or not ids.QUEUE_NAME.fullmatch(sqs.queue_name):
+        r.problem("sources.sqs.queue_url", f"{_show(sqs.queue_url)} does not end in a queue name")
+        return
+    named = ids.queue_region(urlsplit(sqs.queue_url).hostname or "")
+    if named is not None and region is not None and named != region:
+        r.problem("sources.sqs.queue_url", f"the queue is in {_show(named)}, not aws.region {_show(region)}")
 
 
 def _ha(r: _Reader, top: dict) -> HaSettings | None:

@@ -1,14 +1,14 @@
 """Least-privilege IAM policies for the daemon and the agent, derived from the settings.
 
 `daemon_policy` is what the controller's role needs to run the daemon (and `check`
-and `status`), `agent_policy` what a spot host's role needs; operators read what
-each grants in docs/operations.md. This module must not talk to AWS: it only
+and `status`), `agent_policy` what a spot host's role needs, and `setup_policy`
+what the person (or pipeline) running `spotguard setup` needs, once; operators
+read what each grants in docs/operations.md. This module must not talk to AWS: it only
 reads the settings it is given.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from spotguard import ids
@@ -45,7 +45,13 @@ TABLE_ACTIONS = (
     "dynamodb:DescribeTable",  # check
 )
 
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
+# What `spotguard setup` calls, once, to create the AWS side (not the daemon's business):
+# the queue and its policy, the EventBridge rules (all named spotguard-…) and their
+# targets, and with [ha] the table.
+SETUP_QUEUE_ACTIONS = ("sqs:GetQueueUrl", "sqs:CreateQueue", "sqs:GetQueueAttributes", "sqs:SetQueueAttributes")
+SETUP_RULE_ACTIONS = ("events:DescribeRule", "events:PutRule", "events:ListTargetsByRule", "events:PutTargets")
+SETUP_TABLE_ACTIONS = ("dynamodb:DescribeTable", "dynamodb:CreateTable")
+RULE_PREFIX = "spotguard-"
 
 
 class IamError(Exception):
@@ -73,12 +79,32 @@ def agent_policy(settings: Settings) -> dict[str, Any]:
     return {"Version": VERSION, "Statement": [_statement("SendToQueue", QUEUE_SEND_ACTIONS, queue_arn(settings))]}
 
 
+def setup_policy(settings: Settings) -> dict[str, Any]:
+    """What `spotguard setup` needs for `settings`; IamError when it would create nothing."""
+    if settings.sqs is None and settings.ha is None:
+        raise IamError("setup creates the [sources.sqs] queue and the [ha] table, and this config has neither")
+    statements = []
+    if settings.sqs is not None:
+        statements.append(_statement("CreateQueue", SETUP_QUEUE_ACTIONS, queue_arn(settings)))
+        statements.append(_statement("CreateRules", SETUP_RULE_ACTIONS, rule_arns(settings)))
+    if settings.ha is not None:
+        statements.append(_statement("CreateTable", SETUP_TABLE_ACTIONS, table_arn(settings)))
+    return {"Version": VERSION, "Statement": statements}
+
+
+def rule_arns(settings: Settings) -> str:
+    """`arn:<partition>:events:<aws.region>:<account>:rule/spotguard-*`: the default bus's spotguard rules."""
+    account = _one_account(settings, "the EventBridge rules have no account of their own")
+    partition = _arn_part(settings.guards[0], "partition")
+    return f"arn:{partition}:events:{settings.aws.region}:{account}:rule/{RULE_PREFIX}*"
+
+
 def queue_arn(settings: Settings) -> str:
     """`arn:<partition>:sqs:<aws.region>:<account>:<name>` for the configured queue URL."""
     if settings.sqs is None:
         raise IamError("no [sources.sqs] queue in this config")
     url, name, account = settings.sqs.queue_url, settings.sqs.queue_name, settings.sqs.account
-    if name is None or not _QUEUE_NAME.fullmatch(name):
+    if name is None or not ids.QUEUE_NAME.fullmatch(name):
         raise IamError(f"sources.sqs.queue_url: {url!r} does not end in a queue name")
     if account is None:
         account = _one_account(settings, f"sources.sqs.queue_url: {url!r} names no account")

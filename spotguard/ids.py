@@ -21,3 +21,13 @@ TARGET_GROUP_ARN = re.compile(
 # A guard's name is part of its file names in state_dir, so it can never be a path.
 GUARD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DYNAMODB_TABLE = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+# An SQS queue's name (a FIFO queue's ends in .fifo), and the region an SQS queue URL names
+# (sqs.<region>.amazonaws.com[.cn], or the legacy <region>.queue.amazonaws.com).
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
+QUEUE_URL_HOST = re.compile(r"(?:sqs\.(?P<a>[a-z0-9-]+)|(?P<b>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?")
+
+
+def queue_region(url_host: str) -> str | None:
+    """The region an SQS queue URL's host names, or None for a host that names none (an endpoint_url)."""
+    match = QUEUE_URL_HOST.fullmatch(url_host)
+    return (match["a"] or match["b"]) if match else None

@@ -292,6 +292,11 @@ CASES = [
     ("notify.discord.webhook_url", 5, "notify.discord.webhook_url: expected a string, got an integer"),
     ("sources.sqs", {}, "sources.sqs.queue_url: required"),
     ("sources.sqs.queue_url", "sqs://q", 'sources.sqs.queue_url: "sqs://q" is not an http(s) URL'),
+    # Another region than aws.region: iam-policy built the wrong ARN from it (issue 20).
+    ("sources.sqs.queue_url", "https://sqs.us-east-1.amazonaws.com/123456789012/spotguard",
+     'sources.sqs.queue_url: the queue is in "us-east-1", not aws.region "ap-northeast-2"'),
+    ("sources.sqs.queue_url", "https://sqs.ap-northeast-2.amazonaws.com/",
+     'sources.sqs.queue_url: "https://sqs.ap-northeast-2.amazonaws.com/" does not end in a queue name'),
     # guard: name and target group
     ("guard[0].name", "DROP", "guard[0].name: required"),
     ("guard[0].name", "Inference",

@@ -32,7 +32,7 @@ from spotguard import config
 from spotguard.agent import Agent
 from spotguard.aws import client
 from spotguard.commands import iam_policy
-from spotguard.iam import IamError, agent_policy, daemon_policy
+from spotguard.iam import IamError, agent_policy, daemon_policy, setup_policy
 from spotguard.lab.imds import InstanceMetadata
 from spotguard.machine import Phase
 
@@ -118,7 +118,12 @@ def resources(action: str, params: dict, world: Any, queue_arns: dict[str, str])
     if action.startswith("elasticloadbalancing:") and action.endswith("Targets"):
         return [params["TargetGroupArn"]]
     if action.startswith("sqs:"):
+        if "QueueName" in params:  # GetQueueUrl and CreateQueue name the queue, not its URL
+            return [f"arn:aws:sqs:{world.region}:{world.account_id}:{params['QueueName']}"]
         return [queue_arns[params["QueueUrl"]]]
+    if action.startswith("events:"):
+        rule = params.get("Name", params.get("Rule"))
+        return [f"arn:aws:events:{world.region}:{world.account_id}:rule/{rule}"]
     if action.startswith("dynamodb:"):
         tables = [params["TableName"]] if "TableName" in params else list(params["RequestItems"])
         return [f"arn:aws:dynamodb:{world.region}:{world.account_id}:table/{t}" for t in tables]
@@ -147,8 +152,8 @@ async def check_with(recorder: Recorder, settings: config.Settings, world: Any, 
     return out.getvalue().splitlines()
 
 
-def cli(path: Path, *, agent: bool = False) -> int:
-    return iam_policy.run(argparse.Namespace(config=str(path), agent=agent))
+def cli(path: Path, *, agent: bool = False, setup: bool = False) -> int:
+    return iam_policy.run(argparse.Namespace(config=str(path), agent=agent, setup=setup))
 
 
 # ---------------------------------------------------------------------- pure
@@ -358,10 +363,11 @@ def test_the_cli_prints_the_same_policies():
     from spotguard import config as _config
     from spotguard.iam import agent_policy as _agent
     from spotguard.iam import daemon_policy as _daemon
+    from spotguard.iam import setup_policy as _setup
 
     example = Path(__file__).resolve().parent.parent / "config.example.toml"
     settings = _config.load(example)
-    for extra, expected in (([], _daemon(settings)), (["--agent"], _agent(settings))):
+    for extra, expected in (([], _daemon(settings)), (["--agent"], _agent(settings)), (["--setup"], _setup(settings))):
         done = subprocess.run(
             [sys.executable, "-m", "spotguard", "iam-policy", "--config", str(example), *extra],
             capture_output=True, text=True, timeout=60,
@@ -430,3 +436,35 @@ async def test_every_call_of_an_ha_daemon_cycle_is_allowed_and_every_grant_is_us
     assert refused(recorder, policy, moto_world, {}) == []
     assert recorder.actions() - NO_PERMISSION == granted_actions(policy)
     assert "dynamodb:DescribeTable" not in daemon_calls and "dynamodb:DescribeTable" in recorder.actions()
+
+
+# ---------------------------------------------------------------------- setup
+
+
+async def test_every_call_of_setup_is_allowed_and_every_grant_is_used(tmp_path, moto_world, deployment, aio_session):
+    from spotguard.commands.setup import setup
+
+    url = f"{moto_world.endpoint_url}/{moto_world.account_id}/spotguard"
+    settings = daemon_settings(tmp_path, moto_world, [deployment], sqs=url, ha={"table": "spotguard-ha"})
+    recorder = Recorder()
+    async with client("sqs", moto_world.region, moto_world.endpoint_url, session=aio_session) as sqs, client(
+        "events", moto_world.region, moto_world.endpoint_url, session=aio_session
+    ) as events, client("dynamodb", moto_world.region, moto_world.endpoint_url, session=aio_session) as ddb:
+        recorder.attach(sqs, events, ddb)
+        for _ in range(2):  # a fresh account, then one where everything exists
+            assert await setup(settings, sqs, events, dry_run=False, out=io.StringIO(), err=io.StringIO(),
+                               dynamodb=ddb) == 0
+    policy = setup_policy(settings)
+    assert refused(recorder, policy, moto_world, {url: f"arn:aws:sqs:{moto_world.region}:"
+                                                   f"{moto_world.account_id}:spotguard"}) == []
+    assert recorder.actions() == granted_actions(policy)
+    # The daemon's own role could not have run it.
+    assert not recorder.actions() & {"sqs:CreateQueue", "events:PutRule", "dynamodb:CreateTable"} & granted_actions(
+        daemon_policy(settings))
+
+
+def test_setup_policy_needs_something_to_set_up(tmp_path):
+    settings = load(tmp_path, "ap-northeast-2", [guard("inference", TG, ["i-0a1b2c3d4e5f60718"], "sir-8x4kq2bn")])
+    with pytest.raises(IamError, match="neither"):
+        setup_policy(settings)
+    assert cli(tmp_path / "config.toml", setup=True) == 2

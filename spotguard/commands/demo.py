@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
         from spotguard.lab.demo import demo as play  # lazily: moto is the optional `lab` extra
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("moto", "werkzeug", "flask"):
-            print(f"spotguard demo needs the lab extra ({exc.name} is missing): pip install 'spotguard[lab]'",
-                  file=sys.stderr)
+            print(f"spotguard demo needs the lab extra ({exc.name} is missing): pip install 'spotguard[lab]', "
+                  "or in a checkout pip install -e '.[lab]' (or make demo)", file=sys.stderr)
             return EXIT_CONFIG
         raise
     return play(speed=args.speed, compare=args.compare, rate=args.rate)

@@ -15,9 +15,14 @@ from spotguard.commands.common import EXIT_CONFIG, EXIT_OK, add_config_argument,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--agent", action="store_true",
         help="the agent's policy instead (sqs:SendMessage on the [sources.sqs] queue only)",
+    )
+    which.add_argument(
+        "--setup", action="store_true",
+        help="what `spotguard setup` needs instead (create the queue, its policy, the rules, the [ha] table)",
     )
 
 
@@ -27,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     try:
-        policy = iam.agent_policy(settings) if args.agent else iam.daemon_policy(settings)
+        if args.agent:
+            policy = iam.agent_policy(settings)
+        elif getattr(args, "setup", False):
+            policy = iam.setup_policy(settings)
+        else:
+            policy = iam.daemon_policy(settings)
     except iam.IamError as exc:
         print(f"spotguard iam-policy: {exc}", file=sys.stderr)
         return EXIT_CONFIG

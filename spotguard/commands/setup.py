@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
+from spotguard import ids
 from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import Settings, SqsSettings
@@ -40,11 +40,7 @@ RULES: dict[str, str] = {
 NEW_QUEUE_ATTRIBUTES = {"MessageRetentionPeriod": "3600", "VisibilityTimeout": "30"}
 POLICY_SID = "spotguard-eventbridge"
 EVENTS_PRINCIPAL = "events.amazonaws.com"
-QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
 TARGET_ID_MAX = 64
-# Hosts of SQS queue URLs that name a region: sqs.<region>.amazonaws.com[.cn]
-# and the legacy <region>.queue.amazonaws.com.
-URL_REGION = re.compile(r"(?:sqs\.(?P<a>[a-z0-9-]+)|(?P<b>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?")
 MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 
 
@@ -68,13 +64,11 @@ def queue_ref(sqs: SqsSettings, region: str) -> QueueRef:
         raise SetupError(f"sources.sqs.queue_url: {queue_url!r} has no queue name in its path")
     if name.endswith(".fifo"):
         raise SetupError(f"sources.sqs.queue_url: {name!r} is a FIFO queue; setup makes a standard queue only")
-    if not QUEUE_NAME.fullmatch(name):
+    if not ids.QUEUE_NAME.fullmatch(name):
         raise SetupError(f"sources.sqs.queue_url: {name!r} is not a valid queue name ([A-Za-z0-9_-], 1-80)")
-    host = URL_REGION.fullmatch(urlsplit(queue_url).hostname or "")
-    if host and (host["a"] or host["b"]) != region:
-        raise SetupError(
-            f"sources.sqs.queue_url: the queue is in {host['a'] or host['b']}, but aws.region is {region}"
-        )
+    named = ids.queue_region(urlsplit(queue_url).hostname or "")
+    if named is not None and named != region:
+        raise SetupError(f"sources.sqs.queue_url: the queue is in {named}, but aws.region is {region}")
     return QueueRef(queue_url, name, sqs.account)
 
 
