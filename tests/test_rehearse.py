@@ -89,7 +89,8 @@ async def test_a_rehearsal_times_the_standby_records_it_and_puts_everything_back
     lines = out.getvalue().splitlines()
     assert lines[1] == f"StartInstances {sid}"
     assert re.fullmatch(r"running after \d+\.\ds; RegisterTargets", lines[2])
-    assert any(line.startswith("budget: detect 5s + ready ") and "+ drain 30s + margin 10s = " in line for line in lines)
+    assert any(line.startswith("budget: detect 5s + ready ") and "+ drain 30s + margin 10s = " in line
+               for line in lines)
     assert lines[-1].startswith("stopped after ")
     record_file = rehearsal.path(tmp_state(path), "lab")
     assert stat.S_IMODE(record_file.stat().st_mode) == 0o600
