@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, ContextManager, Protocol, Seque
 import structlog
 
 from . import machine, rehearsal, sdnotify, store
-from .machine import Alert, Event, GuardState, Notice, Observed
+from .machine import Alert, Event, GuardState, Heard, Observed
 from .sources.poll import PollError
 
 log = structlog.get_logger("spotguard")
@@ -111,7 +111,7 @@ class Daemon:
         self.ha = ha  # ha.Leadership with [ha]; None: this daemon runs alone and always acts
         self.loaded_epoch: int | None = None  # the lease epoch whose shared states we loaded
         self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
-        self.held: list[Notice] = []  # notices for instances no guard is known to own, until the next poll
+        self.held: list[Heard] = []  # notices for instances no guard is known to own, until the next poll
         self.woken = asyncio.Event()  # set by push()/wake(): start a round now
         self.cadence = asyncio.Event()  # set when a phase changes: the poll interval may have too
         self.fatal: BaseException | None = None  # a bug in a worker: the daemon stops with it
@@ -167,8 +167,8 @@ class Daemon:
         this.result()  # a bug in the round is the daemon's to stop on
         return True
 
-    def push(self, notice: Notice) -> None:
-        """Hand in a notice from a fast source (SQS, agent): stepped at once by its guard's
+    def push(self, notice: Heard) -> None:
+        """Hand in a notice (or a scheduled change) from a fast source (SQS, agent): stepped at once by its guard's
         worker, whatever the poll is doing; one for an instance no guard is known to own
         yet (a spot fulfilled since the last poll) waits for the next poll, which starts now."""
         if self.ha is not None and not self.ha.leading():
@@ -374,7 +374,7 @@ class Daemon:
                 self._write(guard, state)  # the local mirror `status` reads
             guard.state = replace(state, seen=guard.state.seen)
 
-    def _route(self, notices: list[Notice], seen: dict[str, Any], final: bool) -> list[Notice]:
+    def _route(self, notices: list[Heard], seen: dict[str, Any], final: bool) -> list[Heard]:
         """Hand each notice to its guard's worker; return those no guard owns (yet)."""
         unowned = []
         for notice in notices:

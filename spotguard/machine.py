@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 from spotguard import defaults
 
@@ -93,7 +93,26 @@ class Notice:
     """An interruption or rebalance notice for one instance (SQS, agent or poll)."""
 
     instance_id: str
-    kind: str = "interruption"  # interruption | rebalance
+    # interruption | rebalance | terminating (Auto Scaling is about to terminate it: an early notice)
+    kind: str = "interruption"
+
+
+# Notices that doom a spot: it goes soon, and its replacement must be healthy first.
+DOOMING = frozenset({"interruption", "terminating"})
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """An AWS Health scheduled change (retirement, maintenance, reboot, stop) for one instance."""
+
+    instance_id: str
+    code: str  # AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED, ...
+    window: str  # when, as the event said it
+    status: str = "upcoming"  # upcoming | open | closed
+    kind: ClassVar[str] = "scheduled"  # as a Notice's, for the logs that name what was heard
+
+
+Heard = Notice | Scheduled  # what the fast sources hand in, for one instance
 
 
 @dataclass(frozen=True)
@@ -104,7 +123,7 @@ class Failed:
     code: str
 
 
-Event = Observed | Notice | Failed
+Event = Observed | Notice | Scheduled | Failed
 
 
 # --------------------------------------------------------------------------- commands
@@ -331,6 +350,8 @@ def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bo
         return _observe(state, event), True, ()
     if isinstance(event, Notice):
         return _notice(state, event, now)
+    if isinstance(event, Scheduled):
+        return state, False, _scheduled(state, event)
     return _failed(state, event, now)
 
 
@@ -368,7 +389,7 @@ def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, 
     iid = notice.instance_id
     if iid in state.rules.standbys:
         return state, False, ()  # On-Demand standbys are never interrupted
-    if notice.kind == "interruption":
+    if notice.kind in DOOMING:
         if iid in state.doomed or _seen_leaving(state, iid):
             return state, False, ()  # known, or late: the spot is already going or gone
         return _doom(state, {iid}), True, ()
@@ -382,6 +403,29 @@ def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, 
         return state, False, ()  # a standby is already up or coming up, or not our spot
     # Armed here, once per recommendation: spot-healthy reads it and clears it on the way back.
     return replace(state, prewarm_at=now), True, ()
+
+
+# What a scheduled change (AWS Health, DescribeInstanceStatus) means for a guard's instance;
+# `check` says the same. Nothing is done about it: a spot's own notice or loss starts the failover.
+SCHEDULED_ADVICE = {
+    "standby": "it may not start for a failover then: see its scheduled events in the EC2 console, and "
+               "replace it in standby_instance_ids if it cannot serve",
+    "spot": "EC2 will act on it then; spotguard fails over when its notice comes or the spot goes",
+}
+
+
+def _scheduled(state: GuardState, event: Scheduled) -> tuple[Command, ...]:
+    """Say what a scheduled change means for an instance of this guard, unless it is over."""
+    iid = event.instance_id
+    if event.status == "closed":
+        return ()
+    if iid in _own_standbys(state):
+        role = "standby"
+    elif state.seen is not None and any(i.id == iid for i in state.seen.spots) and iid not in state.seen.foreign:
+        role = "spot"
+    else:
+        return ()
+    return (Alert(f"{role} {iid} has a scheduled {event.code} ({event.window}): {SCHEDULED_ADVICE[role]}"),)
 
 
 def _seen_leaving(state: GuardState, iid: str) -> bool:

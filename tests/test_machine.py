@@ -16,6 +16,7 @@ from spotguard.machine import (
     Phase,
     Register,
     Rules,
+    Scheduled,
     Start,
     Stop,
     Target,
@@ -126,6 +127,35 @@ ROWS = [
         (),
     ),
     ("notice for a standby ignored", at(S, HEALTHY_SPOT), Notice("i-s1"), 10, S, ()),
+    ("auto scaling terminating the spot: an early notice", at(S, HEALTHY_SPOT), Notice("i-a", "terminating"), 10, P,
+     (Start("i-s1"),)),
+    ("auto scaling terminating a standby: ignored", at(S, HEALTHY_SPOT), Notice("i-s2", "terminating"), 10, S, ()),
+    (
+        "scheduled change for a standby: said, nothing done",
+        at(S, HEALTHY_SPOT),
+        Scheduled("i-s2", "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", "W"),
+        10,
+        S,
+        (Alert("standby i-s2 has a scheduled AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED (W): it may not start for a "
+               "failover then: see its scheduled events in the EC2 console, and replace it in standby_instance_ids "
+               "if it cannot serve"),),
+    ),
+    (
+        "scheduled change for the spot: said, the failover waits for its notice",
+        at(S, HEALTHY_SPOT),
+        Scheduled("i-a", "AWS_EC2_SYSTEM_MAINTENANCE_EVENT", "W", "open"),
+        10,
+        S,
+        (Alert("spot i-a has a scheduled AWS_EC2_SYSTEM_MAINTENANCE_EVENT (W): EC2 will act on it then; spotguard "
+               "fails over when its notice comes or the spot goes"),),
+    ),
+    ("scheduled change that is over: quiet", at(S, HEALTHY_SPOT),
+     Scheduled("i-s1", "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", "W", "closed"), 10, S, ()),
+    ("scheduled change for someone else's instance: quiet", at(S, HEALTHY_SPOT),
+     Scheduled("i-zz", "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", "W"), 10, S, ()),
+    ("scheduled change for a standby another guard owns: quiet",
+     at(S, replace(HEALTHY_SPOT, foreign=frozenset({"i-s2"}))),
+     Scheduled("i-s2", "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", "W"), 10, S, ()),
     (
         "stopped standby left registered: deregistered",
         at(S, HEALTHY_SPOT),

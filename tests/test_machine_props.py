@@ -30,6 +30,7 @@ from spotguard.machine import (
     Phase,
     Register,
     Rules,
+    Scheduled,
     Start,
     Stop,
     Target,
@@ -108,7 +109,8 @@ def disturbances(n_standbys: int, horizon: int):
     ids = st.sampled_from(["i-unknown", "i-sb0", LATE])
     return st.one_of(
         st.builds(Rebalance, at=at, deliver=deliveries),
-        st.builds(StrayNotice, at=at, instance_id=ids, kind=st.sampled_from(["interruption", "rebalance"])),
+        st.builds(StrayNotice, at=at, instance_id=ids,
+                  kind=st.sampled_from(["interruption", "rebalance", "terminating"])),
         st.builds(Flap, at=at, who=who, duration=st.integers(5, 120)),
         st.builds(PollGap, at=at, duration=st.integers(5, 120)),
         st.builds(Pause, at=at, duration=st.integers(5, 90)),
@@ -381,6 +383,24 @@ def test_a_clock_step_back_leaves_no_remembered_time_in_the_future(case, back):
         dereg = {c.instance_id for c in commands if isinstance(c, Deregister)}
         healthy = {x.id for x in after.seen.targets if x.health == "healthy"} if after.seen else set()
         assert not dereg or healthy - dereg, f"inv1: t={s.t} stepped back: {commands}"
+
+
+@props(40)
+@given(scenarios(quiet_tail=False), st.sampled_from(["upcoming", "open", "closed"]))
+def test_a_scheduled_change_only_ever_alerts(case, status):
+    """An AWS Health scheduled change, whenever it comes and for whichever instance, changes
+    no state and sends no command but an alert, and alerts only for this guard's own
+    standbys and spots while the change is not over."""
+    trace = play(*case)
+    for s in trace.steps[:: max(1, len(trace.steps) // 25)]:
+        state = s.after
+        spots = {i.id for i in state.seen.spots} if state.seen else set()
+        for iid in {*state.rules.standbys, *spots, "i-unknown"}:
+            after, commands = step(state, Scheduled(iid, "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", "w", status), s.t)
+            assert after == state
+            assert all(isinstance(c, Alert) for c in commands), commands
+            ours = iid in state.rules.standbys or iid in spots
+            assert len(commands) == (1 if ours and status != "closed" else 0), (iid, commands)
 
 
 @st.composite
@@ -834,7 +854,10 @@ def b_observations(draw) -> Observed:
 b_events = st.one_of(
     b_observations(),
     st.builds(Notice, st.sampled_from([A_SPOT, A_STANDBY, B_SPOT, B_STANDBY]),
-              st.sampled_from(["interruption", "rebalance"])),
+              st.sampled_from(["interruption", "rebalance", "terminating"])),
+    st.builds(Scheduled, st.sampled_from([A_SPOT, A_STANDBY, B_SPOT, B_STANDBY]),
+              st.just("AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED"), st.just("w"),
+              st.sampled_from(["upcoming", "open", "closed"])),
     st.builds(Failed, st.builds(Start, st.sampled_from([A_SPOT, B_STANDBY])),
               st.sampled_from(["InsufficientInstanceCapacity", "RequestLimitExceeded"])),
 )

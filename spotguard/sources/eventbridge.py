@@ -1,14 +1,21 @@
-"""The EventBridge event format of EC2's spot events, both ways: the one home of its rules.
+"""The events spotguard reads from its queue, and the one it sends: the one home of their format.
 
-`parse(body)` reads one SQS message body for the SQS source and never raises;
-`build(...)` makes the event the agent sends, with an id derived from what the
-notice says, and never makes one `parse` would refuse.
+`parse(body)` reads one SQS message body for the SQS source and never raises:
+an EventBridge event (EC2's spot events, the agent's copies, Auto Scaling
+lifecycle actions, AWS Health scheduled changes), raw or in an SNS envelope,
+or an Auto Scaling lifecycle hook's own message. It is strict about what
+spotguard reads (source, detail-type, instance id, instance-action) and
+lenient about the envelope fields it does not (version, time, account, region,
+resources). `build(...)` makes the event the agent sends, with an id derived
+from what the notice says, and never makes one `parse` would refuse;
+`PATTERNS` are the EventBridge rules that deliver what `parse` understands.
 
 This module must not do I/O, read a clock, or decide anything about guards.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import uuid
@@ -20,22 +27,49 @@ from spotguard import ids
 
 EC2 = "aws.ec2"
 AGENT = "spotguard.agent"
-SOURCES = frozenset({EC2, AGENT})
+AUTOSCALING = "aws.autoscaling"
+HEALTH = "aws.health"
 INTERRUPTION = "EC2 Spot Instance Interruption Warning"
 REBALANCE = "EC2 Instance Rebalance Recommendation"
 FULFILLMENT = "EC2 Spot Instance Request Fulfillment"
 STATE_CHANGE = "EC2 Instance State-change Notification"
-# detail-type -> the Notice kind it carries; None: no notice, only a reason to poll sooner.
-KINDS: dict[str, str | None] = {
-    INTERRUPTION: "interruption",
-    REBALANCE: "rebalance",
-    FULFILLMENT: None,
-    STATE_CHANGE: None,
+ASG_TERMINATE = "EC2 Instance-terminate Lifecycle Action"
+ASG_LAUNCH = "EC2 Instance-launch Lifecycle Action"
+HEALTH_EVENT = "AWS Health Event"
+# (source, detail-type) -> the Notice kind it carries; None: no notice, only a reason to poll sooner.
+KINDS: dict[tuple[str, str], str | None] = {
+    (EC2, INTERRUPTION): "interruption",
+    (EC2, REBALANCE): "rebalance",
+    (EC2, FULFILLMENT): None,
+    (EC2, STATE_CHANGE): None,
+    (AGENT, INTERRUPTION): "interruption",
+    (AGENT, REBALANCE): "rebalance",
+    # Auto Scaling is about to terminate the instance (scale-in, capacity rebalancing):
+    # an early notice. The hook's owner completes the action, never spotguard.
+    (AUTOSCALING, ASG_TERMINATE): "terminating",
+    (AUTOSCALING, ASG_LAUNCH): None,
 }
 ACTIONS = frozenset({"terminate", "stop", "hibernate"})
-# Envelope fields we do not use but type-check when present. `id`, `detail-type`,
-# `source` and `detail` are required: without them a message cannot be acted on.
-OPTIONAL_STR = ("version", "account", "time", "region")
+# An Auto Scaling lifecycle hook that targets SQS itself (not through EventBridge) sends its own shape.
+HOOK_SERVICE = "AWS Auto Scaling"
+TEST_NOTIFICATION = "autoscaling:TEST_NOTIFICATION"
+HOOK_TRANSITIONS = {"autoscaling:EC2_INSTANCE_TERMINATING": "terminating", "autoscaling:EC2_INSTANCE_LAUNCHING": None}
+# AWS Health: the EC2 events that announce something done to an instance at a time.
+HEALTH_SERVICE = "EC2"
+HEALTH_CATEGORY = "scheduledChange"
+SNS_NESTING = 2  # an SNS topic may feed another topic; deeper than that is not a delivery path
+
+# The EventBridge rules (on the default bus) that deliver everything `parse` acts on.
+PATTERNS: dict[str, dict[str, Any]] = {
+    "spot-interruption": {"source": [EC2], "detail-type": [INTERRUPTION]},
+    "rebalance-recommendation": {"source": [EC2], "detail-type": [REBALANCE]},
+    "spot-fulfillment": {"source": [EC2], "detail-type": [FULFILLMENT]},
+    "instance-state-change": {"source": [EC2], "detail-type": [STATE_CHANGE]},
+    "health-scheduled-change": {"source": [HEALTH], "detail-type": [HEALTH_EVENT],
+                                "detail": {"service": [HEALTH_SERVICE], "eventTypeCategory": [HEALTH_CATEGORY]}},
+}
+# Only for spots in an Auto Scaling group (selected by tags): elsewhere it would only add traffic.
+AUTOSCALING_PATTERN = ("autoscaling-lifecycle", {"source": [AUTOSCALING], "detail-type": [ASG_TERMINATE, ASG_LAUNCH]})
 
 LOG_CAP = 200  # characters of a bad value (a reason, an answer, an error) that may reach the log
 
@@ -45,7 +79,7 @@ LOG_CAP = 200  # characters of a bad value (a reason, an answer, an error) that 
 
 @dataclass(frozen=True)
 class Parsed:
-    """A well-formed event. `kind` is the Notice kind, or None for wake-only events."""
+    """An event about one instance. `kind` is the Notice kind, or None for wake-only events."""
 
     event_id: str
     source: str
@@ -55,20 +89,42 @@ class Parsed:
 
 
 @dataclass(frozen=True)
+class Health:
+    """An AWS Health scheduled change for EC2 instances: what (`code`), when, and its status."""
+
+    event_id: str
+    instance_ids: tuple[str, ...]
+    code: str  # e.g. AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED
+    status: str  # upcoming | open | closed
+    window: str  # "2026-12-10 08:00 UTC to 2026-12-10 10:00 UTC" (`unknown` for a time not given)
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """A well-formed message that is not for spotguard (another source or kind); deleted."""
+
+    source: str
+    detail_type: str
+
+
+@dataclass(frozen=True)
 class Malformed:
-    """A body that is not an event we understand, and why (short, capped)."""
+    """A body that is not a message we understand, and why (short, capped)."""
 
     reason: str
 
 
-def parse(body: str) -> Parsed | Malformed:
-    """Parse one message body as an EventBridge EC2 event. Never raises."""
+Result = Parsed | Health | Foreign | Malformed
+
+
+def parse(body: str) -> Result:
+    """Parse one message body. Never raises."""
     try:
-        event = json.loads(body)
+        message = json.loads(body)
     except (ValueError, TypeError, RecursionError):
         return Malformed("not json")
     try:
-        return _envelope(event)
+        return _message(message, SNS_NESTING)
     except _Bad as bad:
         return Malformed(cap(str(bad)))
 
@@ -77,31 +133,137 @@ class _Bad(Exception):
     pass
 
 
-def _envelope(event: Any) -> Parsed:
-    if not isinstance(event, dict):
-        raise _Bad(f"not an object: {type(event).__name__}")
-    event_id = _str(event, "id")
-    detail_type = _str(event, "detail-type")
+def _message(message: Any, nesting: int) -> Result:
+    if not isinstance(message, dict):
+        raise _Bad(f"not an object: {type(message).__name__}")
+    if isinstance(message.get("TopicArn"), str) and isinstance(message.get("Type"), str):
+        return _sns(message, nesting)
+    if _is_hook(message):
+        return _hook(message)
+    if "detail-type" in message or "source" in message:
+        return _event(message)
+    raise _Bad("neither an EventBridge event, an SNS notification nor an Auto Scaling message")
+
+
+def _is_hook(message: dict) -> bool:
+    """An Auto Scaling message of its own shape: from a lifecycle hook that targets the queue,
+    or a notification (both say Service "AWS Auto Scaling"; some senders leave it out)."""
+    event = message.get("Event")
+    return (message.get("Service") == HOOK_SERVICE or "LifecycleTransition" in message
+            or isinstance(event, str) and event.startswith("autoscaling:"))
+
+
+def _sns(envelope: dict, nesting: int) -> Result:
+    """An SNS envelope (raw message delivery off): the event is the `Message` string."""
+    kind = envelope["Type"]
+    if kind != "Notification":  # SubscriptionConfirmation and the like: nothing to act on
+        return Foreign("sns", kind)
+    if nesting <= 0:
+        raise _Bad("SNS envelopes nested too deep")
+    inner = envelope.get("Message")
+    if not isinstance(inner, str):
+        raise _Bad("SNS Message missing or not a string")
+    try:
+        message = json.loads(inner)
+    except (ValueError, RecursionError):
+        return Foreign("sns", "Notification of text")  # a topic shared with people's messages
+    return _message(message, nesting - 1)
+
+
+def _event(event: dict) -> Result:
     source = _str(event, "source")
-    for key in OPTIONAL_STR:
-        if key in event and not isinstance(event[key], str):
-            raise _Bad(f"{key} is not a string")
-    resources = event.get("resources", [])
-    if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
-        raise _Bad("resources is not a list of strings")
-    if source not in SOURCES:
-        raise _Bad(f"unknown source {source!r}")
-    if detail_type not in KINDS:
-        raise _Bad(f"unknown detail-type {detail_type!r}")
+    detail_type = _str(event, "detail-type")
+    if source == HEALTH and detail_type == HEALTH_EVENT:
+        return _health(event)
+    if (source, detail_type) not in KINDS:
+        return Foreign(cap(source), cap(detail_type))
+    event_id = _str(event, "id")
+    detail = _detail(event)
+    if source == AUTOSCALING and detail.get("LifecycleTransition") == TEST_NOTIFICATION:
+        return Foreign(AUTOSCALING, TEST_NOTIFICATION)  # what a new hook sends first
+    key = "EC2InstanceId" if source == AUTOSCALING else "instance-id"
+    instance_id = _instance(detail, key)
+    if detail_type == INTERRUPTION and not is_action(detail.get("instance-action")):
+        raise _Bad(f"bad instance-action {cap(repr(detail.get('instance-action')))}")
+    return Parsed(event_id, source, detail_type, instance_id, KINDS[source, detail_type])
+
+
+def _hook(message: dict) -> Result:
+    """A lifecycle hook's own message to its SQS queue; or an Auto Scaling notification."""
+    transition = message.get("LifecycleTransition")
+    # autoscaling:TEST_NOTIFICATION, and the launch/terminate notifications sent after the fact
+    if not isinstance(transition, str) or transition not in HOOK_TRANSITIONS:
+        what = message.get("Event", transition)
+        return Foreign(AUTOSCALING, cap(what if isinstance(what, str) else "unknown"))
+    instance_id = _instance(message, "EC2InstanceId")
+    event_id = message.get("LifecycleActionToken") or message.get("RequestId")
+    if not isinstance(event_id, str):
+        raise _Bad("LifecycleActionToken missing or not a string")
+    return Parsed(event_id, AUTOSCALING, transition, instance_id, HOOK_TRANSITIONS[transition])
+
+
+def _health(event: dict) -> Result:
+    detail = _detail(event)
+    if detail.get("service") != HEALTH_SERVICE or detail.get("eventTypeCategory") != HEALTH_CATEGORY:
+        return Foreign(HEALTH, cap(f"{detail.get('service')} {detail.get('eventTypeCategory')}"))
+    instances = _affected(event, detail)
+    if not instances:
+        return Foreign(HEALTH, cap(f"{detail.get('eventTypeCode') or 'a scheduled change'} of no instance"))
+    code = _str(detail, "eventTypeCode")
+    status = detail.get("statusCode")
+    when = window(_at(detail.get("startTime")), _at(detail.get("endTime")))
+    return Health(_str(event, "id"), instances, cap(code), status if isinstance(status, str) else "unknown", when)
+
+
+def _affected(event: dict, detail: dict) -> tuple[str, ...]:
+    """The instance ids a Health event names: its affected entities, else its resources."""
+    entities = detail.get("affectedEntities")
+    named = [e.get("entityValue") for e in entities if isinstance(e, dict)] if isinstance(entities, list) else []
+    resources = event.get("resources")
+    if not named and isinstance(resources, list):
+        named = [r.rsplit("/", 1)[-1] if isinstance(r, str) else r for r in resources]
+    return tuple(dict.fromkeys(i for i in named if isinstance(i, str) and ids.INSTANCE_ID.fullmatch(i)))
+
+
+def window(start: datetime | None, end: datetime | None) -> str:
+    """`2026-12-10 08:00 UTC to 2026-12-10 10:00 UTC` (`unknown` for a missing end)."""
+    def at(when: datetime | None) -> str:
+        if when is None:
+            return "unknown"
+        try:
+            return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).strftime(
+                "%Y-%m-%d %H:%M UTC")
+        except (OverflowError, ValueError):  # a year at the edge of datetime's range, shifted out of it
+            return "unknown"
+    return f"{at(start)} to {at(end)}"
+
+
+def _at(value: Any) -> datetime | None:
+    """A Health time: RFC 1123 ("Wed, 10 Dec 2026 08:00:00 GMT", what Health sends) or ISO 8601."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, OverflowError, IndexError):
+        pass
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _detail(event: dict) -> dict:
     detail = event.get("detail")
     if not isinstance(detail, dict):
         raise _Bad("detail missing or not an object")
-    instance_id = _str(detail, "instance-id")
+    return detail
+
+
+def _instance(table: dict, key: str) -> str:
+    instance_id = _str(table, key)
     if not ids.INSTANCE_ID.fullmatch(instance_id):
-        raise _Bad(f"bad instance-id {instance_id!r}")
-    if detail_type == INTERRUPTION and not is_action(detail.get("instance-action")):
-        raise _Bad(f"bad instance-action {detail.get('instance-action')!r}")
-    return Parsed(event_id, source, detail_type, instance_id, KINDS[detail_type])
+        raise _Bad(f"bad {key} {cap(repr(instance_id))}")
+    return instance_id
 
 
 def _str(table: dict, key: str) -> str:
@@ -141,10 +303,9 @@ def build(detail_type: str, detail: Mapping[str, str], *, payload: str, region: 
         "resources": [],
         "detail": dict(detail),
     }
-    try:
-        _envelope(event)
-    except _Bad as bad:
-        raise ValueError(str(bad)) from None
+    parsed = parse(json.dumps(event))
+    if not isinstance(parsed, Parsed):
+        raise ValueError(parsed.reason if isinstance(parsed, Malformed) else f"{detail_type!r} is not the agent's")
     return event
 
 

@@ -1,9 +1,12 @@
-"""The SQS source: EventBridge EC2 events (and the agent's copies) from a queue, as notices.
+"""The SQS source: the events of a queue (EventBridge, SNS, Auto Scaling hooks) as notices.
 
 `SqsSource.run(stop)` long-polls the queue; `eventbridge.parse` reads each
-body. Every interruption or rebalance becomes one `machine.Notice` for `push`,
-whatever the instance (the daemon decides which guard, if any, owns it); a spot
-fulfilment, or a state change of an instance `owns` knows, only calls `wake`.
+body. Every interruption, rebalance or Auto Scaling termination becomes one
+`machine.Notice` for `push`, every AWS Health scheduled change one
+`machine.Scheduled` per instance, whatever the instance (the daemon decides
+which guard, if any, owns it); a spot fulfilment, an Auto Scaling launch, or a
+state change of an instance `owns` knows, only calls `wake`. Events for others
+(a shared queue) are counted and said once per kind at INFO.
 Copies of one event are dropped by event id, in bounded memory; a repeated
 notice under a new id (EC2's event and the agent's) is harmless, as the state
 machine ignores a notice for an interruption it already knows. Every message is
@@ -25,15 +28,16 @@ from typing import Any, Awaitable, Callable, Hashable
 import structlog
 
 from spotguard.aws import SQS_LONG_POLL, error_code
-from spotguard.machine import Notice
-from spotguard.sources.eventbridge import STATE_CHANGE, Malformed, Parsed, cap, parse
+from spotguard.machine import Heard, Notice, Scheduled
+from spotguard.sources.eventbridge import STATE_CHANGE, Foreign, Health, Malformed, Parsed, cap, parse
 
 log = structlog.get_logger("spotguard.sqs")
 
 MAX_MESSAGES = 10  # ReceiveMessage and DeleteMessageBatch both cap at 10
 # What becomes of messages, as counted (and logged with source.sqs.stopped).
-OUTCOMES = ("received", "notices", "wakes", "duplicates", "malformed", "deleted", "errors")
+OUTCOMES = ("received", "notices", "scheduled", "wakes", "duplicates", "foreign", "malformed", "deleted", "errors")
 DEDUPE_KEYS = 4096  # event ids remembered; a copy older than that is pushed again, which is harmless
+FOREIGN_KINDS = 256  # (source, detail-type) pairs said at INFO once; later ones of a kind at DEBUG
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
 
@@ -84,7 +88,7 @@ class SqsSource:
         queue_url: str,
         *,
         owns: Callable[[str], bool],
-        push: Callable[[Notice], None],
+        push: Callable[[Heard], None],
         wake: Callable[[], None] | None = None,
         wait_seconds: int = SQS_LONG_POLL,
         backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_CAP),
@@ -103,6 +107,7 @@ class SqsSource:
         self.counts: Counter[str] = Counter({outcome: 0 for outcome in OUTCOMES})
         self.received_at: float | None = None  # wall time of the last ReceiveMessage that answered
         self._event_ids = _Seen(dedupe_keys)
+        self._foreign = _Seen(FOREIGN_KINDS)
         self._in_hand = False  # a received batch is being handled and deleted
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -183,17 +188,38 @@ class SqsSource:
             self.counts["malformed"] += 1
             log.warning("source.sqs.malformed", message_id=message_id, reason=parsed.reason)
             return
+        if isinstance(parsed, Foreign):
+            self._foreign_one(parsed, message_id)
+            return
         if self._event_ids.check_and_add(parsed.event_id):
             self.counts["duplicates"] += 1
             log.debug("source.sqs.duplicate", message_id=message_id, event_id=parsed.event_id)
+            return
+        if isinstance(parsed, Health):
+            self._scheduled(parsed, message_id)
             return
         if parsed.kind is None:
             self._wake(parsed, message_id)
             return
         self.counts["notices"] += 1
         log.info("source.sqs.notice", message_id=message_id, event_id=parsed.event_id, source=parsed.source,
-                 instance_id=parsed.instance_id, kind=parsed.kind)
+                 detail_type=parsed.detail_type, instance_id=parsed.instance_id, kind=parsed.kind)
         self.push(Notice(parsed.instance_id, parsed.kind))
+
+    def _foreign_one(self, parsed: Foreign, message_id: str) -> None:
+        """Another kind of event (a queue shared with lifecycle hooks, Health's other news):
+        deleted, counted, and said at INFO the first time its kind is seen."""
+        self.counts["foreign"] += 1
+        known = self._foreign.check_and_add((parsed.source, parsed.detail_type))
+        (log.debug if known else log.info)("source.sqs.foreign", message_id=message_id, source=parsed.source,
+                                          detail_type=parsed.detail_type)
+
+    def _scheduled(self, parsed: Health, message_id: str) -> None:
+        self.counts["scheduled"] += 1
+        log.info("source.sqs.scheduled", message_id=message_id, event_id=parsed.event_id, code=parsed.code,
+                 status=parsed.status, window=parsed.window, instance_ids=list(parsed.instance_ids))
+        for iid in parsed.instance_ids:
+            self.push(Scheduled(iid, parsed.code, parsed.window, parsed.status))
 
     def _wake(self, parsed: Parsed, message_id: str) -> None:
         # A fulfilment names a new instance no guard can own yet; a state change
