@@ -24,6 +24,8 @@ DYNAMODB_TABLE = re.compile(r"[A-Za-z0-9_.-]{3,255}")
 # An SQS queue's name (a FIFO queue's ends in .fifo), and the region an SQS queue URL names
 # (sqs.<region>.amazonaws.com[.cn], or the legacy <region>.queue.amazonaws.com).
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(?:\.fifo)?")
+# The EventBridge rules `spotguard setup` makes are all named so; its IAM policy is scoped to them.
+RULE_PREFIX = "spotguard-"
 QUEUE_URL_HOST = re.compile(r"(?:sqs\.(?P<a>[a-z0-9-]+)|(?P<b>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?")
 
 

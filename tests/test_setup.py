@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from configs import write_config
 from spotguard.aws import client
 from spotguard.commands.setup import POLICY_SID, RULES, run, setup
 from spotguard.config import AwsSettings, Settings, SqsSettings
-from spotguard.sources.eventbridge import INTERRUPTION, Parsed, parse
+from spotguard.sources.eventbridge import INTERRUPTION, Health, Parsed, parse
 
 QUEUE = "spotguard"
 INSTANCE = "i-0123456789abcdef0"
@@ -87,18 +88,18 @@ async def test_fresh_account_gets_everything_created(moto_world, aio_session):
     assert (code, err) == (0, "")
     assert lines == [
         f"queue {QUEUE}: created",
-        *(f"rule {name}: created" for name in RULES.values()),
+        *(f"rule {name}: created" for name in RULES),
         f"queue policy statement {POLICY_SID}: created",
-        *(f"target {name} -> {QUEUE}: created" for name in RULES.values()),
+        *(f"target {name} -> {QUEUE}: created" for name in RULES),
     ]
     sqs, events = moto_world.boto("sqs"), moto_world.boto("events")
     url = sqs.get_queue_url(QueueName=QUEUE)["QueueUrl"]
     attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
     assert (attributes["MessageRetentionPeriod"], attributes["VisibilityTimeout"]) == ("3600", "30")
     rule_arns = []
-    for detail_type, name in RULES.items():
+    for name, pattern in RULES.items():
         rule = events.describe_rule(Name=name)
-        assert json.loads(rule["EventPattern"]) == {"source": ["aws.ec2"], "detail-type": [detail_type]}
+        assert json.loads(rule["EventPattern"]) == pattern
         assert (rule["State"], rule.get("EventBusName", "default")) == ("ENABLED", "default")
         targets = events.list_targets_by_rule(Rule=name)["Targets"]
         assert targets == [{"Id": QUEUE, "Arn": attributes["QueueArn"]}]
@@ -183,7 +184,7 @@ async def test_drifted_rule_target_and_statement_are_updated_and_others_kept(mot
     settings = settings_for(moto_world)
     await run_setup(moto_world, aio_session, settings)
     events, sqs = moto_world.boto("events"), moto_world.boto("sqs")
-    drifted_rule, drifted_target = list(RULES.values())[0], list(RULES.values())[1]
+    drifted_rule, drifted_target = list(RULES)[0], list(RULES)[1]
     events.put_rule(Name=drifted_rule, EventPattern=json.dumps({"source": ["aws.ec2"]}), State="DISABLED")
     events.put_targets(Rule=drifted_target, Targets=[{"Id": QUEUE, "Arn": "arn:aws:sqs:us-east-1:123456789012:other"}])
     someone_else = {"Id": "someone-else", "Arn": "arn:aws:sqs:us-east-1:123456789012:x"}
@@ -206,32 +207,80 @@ async def test_drifted_rule_target_and_statement_are_updated_and_others_kept(mot
     assert statuses(again) == {"exists"}
 
 
-async def test_put_events_reaches_the_queue_and_the_sqs_source_parses_it(moto_world, aio_session):
-    # moto accepts a custom PutEvents with source aws.ec2 (real AWS refuses "aws."
-    # sources from PutEvents) and delivers it through the rule's SQS target; it does
-    # not evaluate the queue policy, so this proves the rule -> target -> queue wiring.
-    await run_setup(moto_world, aio_session, settings_for(moto_world))
-    events, sqs = moto_world.boto("events"), moto_world.boto("sqs")
-    detail = {"instance-id": INSTANCE, "instance-action": "terminate"}
-    put = events.put_events(
-        Entries=[{"Source": "aws.ec2", "DetailType": INTERRUPTION, "Detail": json.dumps(detail),
-                  "Resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{INSTANCE}"]}]
-    )
+def delivered(world: Any, *entries: dict[str, Any]) -> list[str]:
+    """PutEvents `entries` on the default bus; the bodies that reach the queue through setup's rules."""
+    events, sqs = world.boto("events"), world.boto("sqs")
+    put = events.put_events(Entries=[{**e, "Detail": json.dumps(e["Detail"])} for e in entries])
     assert put["FailedEntryCount"] == 0
-    # A near-miss must not match: another source, same detail-type.
-    events.put_events(Entries=[{"Source": "custom.app", "DetailType": INTERRUPTION, "Detail": json.dumps(detail)}])
-
     url = sqs.get_queue_url(QueueName=QUEUE)["QueueUrl"]
     bodies: list[str] = []
     deadline = time.monotonic() + 5
     while not bodies and time.monotonic() < deadline:
         received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
         bodies = [m["Body"] for m in received.get("Messages", [])]
+    # moto delivers a PutEvents batch at once: anything else is in the queue by now.
     more = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+    return bodies + [m["Body"] for m in more]
 
-    assert len(bodies) == 1 and more == []
-    parsed = parse(bodies[0])
-    assert parsed == Parsed(put["Entries"][0]["EventId"], "aws.ec2", INTERRUPTION, INSTANCE, "interruption")
+
+async def test_put_events_reaches_the_queue_and_the_sqs_source_parses_it(moto_world, aio_session):
+    # moto accepts a custom PutEvents with source aws.ec2 (real AWS refuses "aws."
+    # sources from PutEvents) and delivers it through the rule's SQS target; it does
+    # not evaluate the queue policy, so this proves the rule -> target -> queue wiring.
+    await run_setup(moto_world, aio_session, settings_for(moto_world))
+    detail = {"instance-id": INSTANCE, "instance-action": "terminate"}
+    bodies = delivered(
+        moto_world,
+        {"Source": "aws.ec2", "DetailType": INTERRUPTION, "Detail": detail,
+         "Resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{INSTANCE}"]},
+        # A near-miss must not match: another source, same detail-type.
+        {"Source": "custom.app", "DetailType": INTERRUPTION, "Detail": detail},
+    )
+    (body,) = bodies
+    parsed = parse(body)
+    assert isinstance(parsed, Parsed) and (parsed.source, parsed.instance_id, parsed.kind) == (
+        "aws.ec2", INSTANCE, "interruption")
+
+
+async def test_the_health_rule_delivers_ec2_scheduled_changes_only(moto_world, aio_session):
+    await run_setup(moto_world, aio_session, settings_for(moto_world))
+    detail = {"eventArn": "arn:aws:health:us-east-1::event/EC2/AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED/x",
+              "service": "EC2", "eventTypeCode": "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED",
+              "eventTypeCategory": "scheduledChange", "statusCode": "upcoming",
+              "startTime": "Thu, 10 Dec 2026 08:00:00 GMT", "endTime": "Thu, 10 Dec 2026 10:00:00 GMT",
+              "affectedEntities": [{"entityValue": INSTANCE}]}
+    bodies = delivered(
+        moto_world,
+        {"Source": "aws.health", "DetailType": "AWS Health Event", "Detail": detail, "Resources": [INSTANCE]},
+        # Health's other news does not reach the queue: an open issue, another service.
+        {"Source": "aws.health", "DetailType": "AWS Health Event", "Detail": {**detail, "eventTypeCategory": "issue"}},
+        {"Source": "aws.health", "DetailType": "AWS Health Event", "Detail": {**detail, "service": "RDS"}},
+    )
+    (body,) = bodies
+    parsed = parse(body)
+    assert isinstance(parsed, Health)
+    assert (parsed.instance_ids, parsed.code, parsed.window) == (
+        (INSTANCE,), "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", "2026-12-10 08:00 UTC to 2026-12-10 10:00 UTC")
+
+
+async def test_spots_found_by_tags_get_the_auto_scaling_rule_too(moto_world, aio_session):
+    from spotguard.config import GuardSettings
+
+    tagged = GuardSettings(name="web", target_group_arn=GUARD["target_group_arn"],
+                           spot_instance_tags=(("fleet", "web"),), standby_instance_ids=("i-0123456789abcdef1",))
+    settings = replace(settings_for(moto_world), guards=(tagged,))
+    code, lines, _ = await run_setup(moto_world, aio_session, settings)
+    assert code == 0 and "rule spotguard-autoscaling-lifecycle: created" in lines
+    assert "rule spotguard-autoscaling-lifecycle: created" not in (
+        await run_setup(moto_world, aio_session, settings_for(moto_world, "other")))[1]
+    detail = {"LifecycleActionToken": "87654321-4321-4321-4321-210987654321", "AutoScalingGroupName": "web",
+              "LifecycleHookName": "drain", "EC2InstanceId": INSTANCE,
+              "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING", "Origin": "AutoScalingGroup",
+              "Destination": "EC2"}
+    (body,) = delivered(moto_world, {"Source": "aws.autoscaling", "Detail": detail,
+                                     "DetailType": "EC2 Instance-terminate Lifecycle Action"})
+    parsed = parse(body)
+    assert isinstance(parsed, Parsed) and (parsed.instance_id, parsed.kind) == (INSTANCE, "terminating")
 
 
 async def test_without_sources_sqs_it_says_so_and_exits_2(moto_world, aio_session):

@@ -1,7 +1,9 @@
 """`spotguard setup`: create, idempotently, the AWS side of the SQS detection path and of [ha].
 
 With [ha] the DynamoDB table; with [sources.sqs] the queue, one EventBridge rule
-per detail-type, the queue policy statement and the rules' targets, each printed
+per kind of event the SQS source reads (eventbridge.PATTERNS, and the Auto
+Scaling one when a guard finds its spots by tags), the queue policy statement
+and the rules' targets, each printed
 as created, exists or updated (docs/operations.md § 4). This module must not
 touch the daemon's state, guards or any AWS API beyond SQS, EventBridge and
 DynamoDB's table calls, and never deletes anything.
@@ -24,17 +26,11 @@ from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import Settings, SqsSettings
 from spotguard.ha import table_spec
-from spotguard.sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
+from spotguard.sources.eventbridge import AUTOSCALING_PATTERN, PATTERNS
 
-EVENT_SOURCE = "aws.ec2"
-# detail-type -> rule name. Short fixed slugs read better in the console than
+# rule name -> event pattern. Short fixed slugs read better in the console than
 # slugified detail-types, and stay well under EventBridge's 64-character limit.
-RULES: dict[str, str] = {
-    INTERRUPTION: "spotguard-spot-interruption",
-    REBALANCE: "spotguard-rebalance-recommendation",
-    FULFILLMENT: "spotguard-spot-fulfillment",
-    STATE_CHANGE: "spotguard-instance-state-change",
-}
+RULES: dict[str, dict[str, Any]] = {ids.RULE_PREFIX + slug: pattern for slug, pattern in PATTERNS.items()}
 # Messages are acted on within a second or deleted; an hour covers a daemon
 # restart without keeping stale notices (a notice is worthless after 2 min).
 NEW_QUEUE_ATTRIBUTES = {"MessageRetentionPeriod": "3600", "VisibilityTimeout": "30"}
@@ -80,8 +76,13 @@ def partition(region: str) -> str:
     return "aws"
 
 
-def event_pattern(detail_type: str) -> dict[str, list[str]]:
-    return {"source": [EVENT_SOURCE], "detail-type": [detail_type]}
+def rules(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The rules this config needs: RULES, and Auto Scaling's lifecycle actions when a guard
+    finds its spots by tags (only an Auto Scaling group's spots have no request ids to name)."""
+    if not any(g.spot_instance_tags for g in settings.guards):
+        return RULES
+    slug, pattern = AUTOSCALING_PATTERN
+    return {**RULES, ids.RULE_PREFIX + slug: pattern}
 
 
 def target_id(queue_name: str) -> str:
@@ -180,9 +181,10 @@ async def setup(
         if ref is None:
             return EXIT_OK
         queue_url, queue_arn, policy = await _queue(sqs, ref, region, report)
-        rule_arns = [await _rule(events, name, kind, ref, region, report) for kind, name in RULES.items()]
+        wanted = rules(settings)
+        rule_arns = [await _rule(events, name, pattern, ref, region, report) for name, pattern in wanted.items()]
         await _policy(sqs, queue_url, queue_arn, policy, rule_arns, report)
-        for name in RULES.values():
+        for name in wanted:
             await _target(events, name, ref.name, queue_arn, report)
     except AWS_ERRORS as exc:
         message = exc.response["Error"].get("Message", "") if isinstance(exc, ClientError) else str(exc)
@@ -242,10 +244,10 @@ async def _queue(sqs: Any, ref: QueueRef, region: str, report: _Report) -> tuple
     return url, attributes["QueueArn"], None
 
 
-async def _rule(events: Any, name: str, detail_type: str, ref: QueueRef, region: str, report: _Report) -> str:
+async def _rule(events: Any, name: str, pattern: dict[str, Any], ref: QueueRef, region: str,
+                report: _Report) -> str:
     """The rule's ARN, after putting it if it is missing or drifted."""
     thing = f"rule {name}"
-    pattern = event_pattern(detail_type)
     try:
         current = await events.describe_rule(Name=name)
     except ClientError as exc:
@@ -268,7 +270,7 @@ async def _rule(events: Any, name: str, detail_type: str, ref: QueueRef, region:
         Name=name,
         EventPattern=json.dumps(pattern),
         State="ENABLED",
-        Description=f"spotguard: {detail_type} events from {EVENT_SOURCE} to SQS",
+        Description=f"spotguard: {', '.join(pattern['detail-type'])} events from {pattern['source'][0]} to SQS",
     )
     return put["RuleArn"]
 
