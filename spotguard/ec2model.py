@@ -29,6 +29,7 @@ DATA = Path(__file__).resolve().parent / "data"
 OPERATIONS = (
     "DescribeInstances",  # sources/poll.py, check.py, rehearse.py
     "DescribeSpotInstanceRequests",  # sources/poll.py, check.py
+    "DescribeInstanceStatus",  # check.py: scheduled events
     "StartInstances",  # executor.py, rehearse.py, check.py (DryRun)
     "StopInstances",  # executor.py, rehearse.py, check.py (DryRun)
 )

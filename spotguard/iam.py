@@ -17,10 +17,11 @@ from spotguard.config import GuardSettings, Settings
 VERSION = "2012-10-17"
 
 # AWS cannot scope these to a resource (service authorization reference), so they
-# go on "*"; the two target group reads are `check`'s, read-only.
+# go on "*"; the ones marked check are `check`'s, read-only.
 DESCRIBE_ACTIONS = (
     "ec2:DescribeInstances",
     "ec2:DescribeSpotInstanceRequests",
+    "ec2:DescribeInstanceStatus",  # check: scheduled events
     "elasticloadbalancing:DescribeTargetHealth",
     "elasticloadbalancing:DescribeTargetGroups",  # check
     "elasticloadbalancing:DescribeTargetGroupAttributes",  # check
@@ -51,7 +52,6 @@ TABLE_ACTIONS = (
 SETUP_QUEUE_ACTIONS = ("sqs:GetQueueUrl", "sqs:CreateQueue", "sqs:GetQueueAttributes", "sqs:SetQueueAttributes")
 SETUP_RULE_ACTIONS = ("events:DescribeRule", "events:PutRule", "events:ListTargetsByRule", "events:PutTargets")
 SETUP_TABLE_ACTIONS = ("dynamodb:DescribeTable", "dynamodb:CreateTable")
-RULE_PREFIX = "spotguard-"
 
 
 class IamError(Exception):
@@ -96,7 +96,7 @@ def rule_arns(settings: Settings) -> str:
     """`arn:<partition>:events:<aws.region>:<account>:rule/spotguard-*`: the default bus's spotguard rules."""
     account = _one_account(settings, "the EventBridge rules have no account of their own")
     partition = _arn_part(settings.guards[0], "partition")
-    return f"arn:{partition}:events:{settings.aws.region}:{account}:rule/{RULE_PREFIX}*"
+    return f"arn:{partition}:events:{settings.aws.region}:{account}:rule/{ids.RULE_PREFIX}*"
 
 
 def queue_arn(settings: Settings) -> str:

@@ -27,7 +27,7 @@ import pytest
 from configs import write_config
 from waiting import until
 
-from spotguard import cli, config, ha, rehearsal
+from spotguard import cli, config, ha, machine, rehearsal
 from spotguard.aws import client
 from spotguard.commands.check import GuardSeen, HaSeen, Refused, check, leader_line, permission_lines
 from spotguard.iam import daemon_policy
@@ -470,3 +470,25 @@ async def test_check_in_every_phase_of_a_real_failover_never_fails_nor_advises_t
     assert f"✓ standby {standby} is running, healthy in the target group: the failover is under way" in serving
     assert "✓ daemon: both-serving since" in serving
 
+
+
+async def test_scheduled_events_of_every_guarded_instance_are_warnings(moto_world, aio_session, sound, tmp_path):
+    from datetime import datetime, timezone
+
+    standby = sound.standby_ids[1]
+    retire = datetime(2026, 12, 10, 8, 0, tzinfo=timezone.utc)
+    moto_world.schedule_event(standby, "instance-retirement", "The instance is running on degraded hardware", retire)
+    moto_world.schedule_event(sound.spot_instance_id, "system-maintenance", "Scheduled system maintenance", retire,
+                              datetime(2026, 12, 10, 10, 0, tzinfo=timezone.utc))
+    moto_world.schedule_event(sound.standby_ids[0], "instance-stop", "[Completed] The instance was stopped", retire)
+
+    code, lines = await run_check(moto_world, aio_session, write_config(tmp_path, moto_world, [sound]))
+
+    assert code == 0, "\n".join(lines)  # said, not failed: nothing is wrong yet
+    scheduled = [line for line in marked(lines, "!") if "scheduled" in line]
+    assert scheduled == [
+        f"! spot {sound.spot_instance_id}: scheduled system-maintenance (2026-12-10 08:00 UTC to 2026-12-10 10:00 UTC):"
+        f" Scheduled system maintenance — {machine.SCHEDULED_ADVICE['spot']}",
+        f"! standby {standby}: scheduled instance-retirement (2026-12-10 08:00 UTC to unknown): The instance is "
+        f"running on degraded hardware — {machine.SCHEDULED_ADVICE['standby']}",
+    ]

@@ -167,7 +167,7 @@ def test_the_example_config_gets_exactly_these_statements():
             {
                 "Sid": "Describe",
                 "Effect": "Allow",
-                "Action": ["ec2:DescribeInstances", "ec2:DescribeSpotInstanceRequests",
+                "Action": ["ec2:DescribeInstances", "ec2:DescribeSpotInstanceRequests", "ec2:DescribeInstanceStatus",
                            "elasticloadbalancing:DescribeTargetHealth", "elasticloadbalancing:DescribeTargetGroups",
                            "elasticloadbalancing:DescribeTargetGroupAttributes"],
                 "Resource": "*",
@@ -307,7 +307,7 @@ async def test_every_call_of_a_daemon_cycle_and_check_is_allowed_and_every_grant
     # check's read-only extras are granted for check alone; the daemon itself never calls them.
     assert recorder.actions() - daemon_calls - NO_PERMISSION == {
         "elasticloadbalancing:DescribeTargetGroups", "elasticloadbalancing:DescribeTargetGroupAttributes",
-        "sqs:GetQueueAttributes"}
+        "sqs:GetQueueAttributes", "ec2:DescribeInstanceStatus"}
 
 
 async def test_the_check_catches_a_missing_grant(tmp_path, moto_world, deployment, aws, queue):

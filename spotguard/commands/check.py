@@ -26,6 +26,7 @@ from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_con
 from spotguard.config import GuardSettings, Settings, format_duration
 from spotguard.machine import GuardState, Phase
 from spotguard.rehearsal import Rehearsal
+from spotguard.sources.eventbridge import window
 from spotguard.sources.poll import is_notice
 from spotguard.timing import START_ESTIMATE, Budget, advised_delay, detection_seconds, health_check_seconds
 
@@ -80,6 +81,8 @@ class GuardSeen:
     # when none is saved; and the standby `spotguard rehearse` is running now, if any.
     daemon: GuardState | str | None = None
     rehearsing: str | None = None
+    # DescribeInstanceStatus' scheduled events of the guard's instances, by instance id.
+    scheduled: Mapping[str, tuple[Mapping[str, Any], ...]] | Refused = field(default_factory=dict)
 
     @property
     def state(self) -> GuardState | None:
@@ -325,6 +328,25 @@ def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S UTC", time.gmtime(at))
 
 
+def scheduled_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    """A warning per scheduled event (retirement, maintenance, reboot, stop) on a spot or
+    standby of the guard that is neither completed nor cancelled."""
+    if isinstance(seen.scheduled, Refused):
+        return [Line(WARN, f"scheduled events: ec2:DescribeInstanceStatus said {seen.scheduled.code}",
+                     "allow it to see retirements and maintenance of the guard's instances")]
+    lines = []
+    for iid, events in seen.scheduled.items():
+        role = "standby" if iid in guard.standby_instance_ids else "spot"
+        for event in events:
+            description = str(event.get("Description", ""))
+            if description.startswith(("[Completed]", "[Canceled]")):
+                continue
+            when = window(event.get("NotBefore"), event.get("NotAfter"))
+            lines.append(Line(WARN, f"{role} {iid}: scheduled {event.get('Code')} ({when}): {description}",
+                              machine.SCHEDULED_ADVICE[role]))
+    return lines
+
+
 def permission_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
     """StartInstances/StopInstances on each standby, from the DryRun answers (standbys not found are skipped)."""
     lines, allowed = [], []
@@ -411,6 +433,7 @@ def guard_lines(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> li
         *group_lines(guard, seen, found[0] if found else None),
         *spot_lines(guard, seen),
         *standby_lines(guard, seen),
+        *scheduled_lines(guard, seen),
         *permission_lines(guard, seen),
         timing_line(settings, guard, seen),
     ]
@@ -637,8 +660,12 @@ async def _gather_guard(settings: Settings, guard: GuardSettings, ec2: Any, elbv
             # A DryRun never succeeds: it answers DryRunOperation (allowed) or an error.
             dry_runs[(action, sid)] = reply.code if isinstance(reply, Refused) else "NoDryRunAnswer"
     running = rehearsal.rehearsing(settings.daemon.state_dir, guard.name)
+    known = [iid for iid, i in instances.items() if not isinstance(i, Refused)]
+    if not isinstance(tagged, Refused):
+        known += [i["InstanceId"] for i in tagged if i.get("InstanceLifecycle") == "spot"]
     return GuardSeen(group, attributes, health, requests, instances, tagged, dry_runs,
-                     rehearsal.read(settings.daemon.state_dir, guard.name), rehearsing=running[0] if running else None)
+                     rehearsal.read(settings.daemon.state_dir, guard.name), rehearsing=running[0] if running else None,
+                     scheduled=await _scheduled(ec2, known))
 
 
 async def _request(ec2: Any, rid: str) -> dict | Refused:
@@ -655,6 +682,17 @@ async def _instance(ec2: Any, iid: str) -> dict | Refused:
         return reply
     found = [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
     return found[0] if found else Refused("InvalidInstanceID.NotFound")
+
+
+async def _scheduled(ec2: Any, instance_ids: list[str]) -> dict[str, tuple[dict, ...]] | Refused:
+    """Scheduled events by instance, for instances that exist (one unknown id fails the call)."""
+    if not instance_ids:
+        return {}
+    reply = await _ask(ec2.describe_instance_status, InstanceIds=list(dict.fromkeys(instance_ids)),
+                       IncludeAllInstances=True)
+    if isinstance(reply, Refused):
+        return reply
+    return {s["InstanceId"]: tuple(s.get("Events", ())) for s in reply.get("InstanceStatuses", []) if s.get("Events")}
 
 
 async def _tagged(ec2: Any, guard: GuardSettings) -> tuple[dict, ...] | Refused:

@@ -662,6 +662,20 @@ class MotoWorld:
             # A new object, not a mutation: a Describe on the server thread reads name and code together.
             instance._state = InstanceState(state, STATE_CODES[state])
 
+    def schedule_event(self, instance_id: str, code: str, description: str, not_before: Any,
+                       not_after: Any = None) -> None:
+        """Give an instance a scheduled event (instance-retirement, system-maintenance, ...) as EC2
+        does ahead of one; DescribeInstanceStatus then lists it (moto has no events of its own)."""
+        instance = self.ec2_backend.get_instance_by_id(instance_id)
+        if instance is None:
+            raise KeyError(f"no instance {instance_id} in the world")
+        event = {"InstanceEventId": f"instance-event-{len(getattr(instance, 'events', ())):017x}", "Code": code,
+                 "Description": description, "NotBefore": not_before}
+        if not_after is not None:
+            event["NotAfter"] = not_after
+        # moto serializes an attribute named as the reply member (Events -> events); a new list, not a mutation.
+        instance.events = [*getattr(instance, "events", ()), event]
+
     def set_health_source(self, source: HealthSource | None) -> None:
         """Answer DescribeTargetHealth from `source` (see HealthSource); None gives it back to moto.
 
