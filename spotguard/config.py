@@ -33,6 +33,7 @@ from spotguard.machine import Rules
 DISCORD_ENV = "SPOTGUARD_DISCORD_WEBHOOK_URL"
 LOG_FORMATS = ("auto", "json", "console")
 REBALANCE_POLICIES = ("ignore", "prewarm")
+REGISTER_WHEN = ("ready", "running")
 
 # A config or webhook file beyond these sizes is a wrong path, not a config:
 # the limits keep a mistake like `/dev/zero` from eating the nano's memory.
@@ -119,6 +120,7 @@ class GuardSettings:
     unhealthy_grace: float = defaults.UNHEALTHY_GRACE
     on_rebalance: str = defaults.ON_REBALANCE  # ignore | prewarm
     rebalance_hold: float = defaults.REBALANCE_HOLD
+    register_when: str = defaults.REGISTER_WHEN  # ready | running
     on_demand_hourly: float | None = None  # USD per standby hour, for status and summaries
     spot_hourly: float | None = None  # USD per spot hour
 
@@ -132,6 +134,7 @@ class GuardSettings:
             on_rebalance=self.on_rebalance,
             rebalance_hold=self.rebalance_hold,
             poll_interval=poll_interval,
+            register_when=self.register_when,
         )
 
 
@@ -509,6 +512,7 @@ _GUARD_KEYS = (
     "unhealthy_grace",
     "on_rebalance",
     "rebalance_hold",
+    "register_when",
     "on_demand_hourly",
     "spot_hourly",
 )
@@ -671,6 +675,7 @@ def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSetti
         unhealthy_grace=get("unhealthy_grace", _duration, defaults.UNHEALTHY_GRACE),
         on_rebalance=get("on_rebalance", _choice(REBALANCE_POLICIES), defaults.ON_REBALANCE),
         rebalance_hold=get("rebalance_hold", _duration, defaults.REBALANCE_HOLD),
+        register_when=get("register_when", _choice(REGISTER_WHEN), defaults.REGISTER_WHEN),
         on_demand_hourly=get("on_demand_hourly", _price, None),
         spot_hourly=get("spot_hourly", _price, None),
     )

@@ -27,3 +27,4 @@ STANDBY_READY_TIMEOUT = 300.0
 UNHEALTHY_GRACE = 30.0
 ON_REBALANCE = "ignore"
 REBALANCE_HOLD = 1800.0
+REGISTER_WHEN = "ready"  # register an instance once it answers its health check | "running": as soon as it runs

@@ -16,7 +16,7 @@ or anything else with side effects.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Iterable
 
 from spotguard import defaults
@@ -41,6 +41,14 @@ HEALTHY = "healthy"
 DRAINING = "draining"
 UNUSED = "unused"
 
+# The readiness probe's verdicts on an instance's health check (sources/probe.py).
+READY = "ready"  # it passed: registered now, the target is healthy after one check
+WAITING = "waiting"  # it answered, not yet with success (refused, another status code, too slow)
+SILENT = "silent"  # no answer at all yet: still booting, or no route from here
+# A running instance still silent this long after launch is registered anyway: the
+# probe cannot reach it (security group, routing), and the balancer may.
+SILENT_FALLBACK = 60.0
+
 # Re-issue StartInstances if the standby still shows `stopped` this long after the last try.
 START_RETRY = 15.0
 # When every standby failed, wait this long (doubling, capped) before trying the first again.
@@ -58,6 +66,10 @@ class Instance:
     id: str
     state: str
     notice: bool = False  # spot request status says interruption (marked-for-*, instance-terminated-*)
+    # Facts about the instance, not its state: two looks that differ only in these are the same.
+    address: str | None = field(default=None, compare=False)  # private IPv4: where the readiness probe knocks
+    launched: float | None = field(default=None, compare=False)  # EC2 LaunchTime (the last start), caller's clock
+    probe: str | None = SILENT  # the readiness probe's verdict (READY, WAITING, SILENT) or None: cannot probe
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Notice:
 
     instance_id: str
     # interruption | rebalance | terminating (Auto Scaling is about to terminate it: an early notice)
+    # | ready (the agent on the instance says it passes its own health check)
     kind: str = "interruption"
 
 
@@ -173,6 +186,7 @@ class Rules:
     on_rebalance: str = defaults.ON_REBALANCE  # ignore | prewarm
     rebalance_hold: float = defaults.REBALANCE_HOLD
     poll_interval: float = defaults.POLL_INTERVAL  # how often the guard is observed when steady
+    register_when: str = defaults.REGISTER_WHEN  # ready (its health check passes) | running
 
 
 @dataclass(frozen=True)
@@ -195,6 +209,8 @@ class GuardState:
     outage_since: float | None = None  # no healthy target in the group since then
     watched: float | None = None  # when the last observation was stepped
     stray: bool = False  # the standby runs outside a failover (a person, a crash): drained after the grace
+    ready: frozenset[str] = frozenset()  # live instances whose agent said they pass their health check
+    unprobed: frozenset[str] = frozenset()  # live instances registered before they were seen ready (said once)
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -369,12 +385,16 @@ def _observe(state: GuardState, seen: Observed) -> GuardState:
     cleared = {i.id for i in seen.spots if i.id in state.flagged and i.state in LIVE_STATES and not i.notice}
     state = _doom(state, flagged)
     over = left | cleared
+    # Readiness belongs to one boot: forgotten once the instance is seen not live.
+    live = {i.id for i in seen.spots + seen.standbys if i.state in LIVE_STATES}
     return replace(
         state,
         seen=seen,
         doomed=frozenset(state.doomed & known - over),
         flagged=frozenset((state.flagged | flagged) & known - over),
         rebalanced=frozenset(state.rebalanced & known),
+        ready=frozenset(state.ready & live),
+        unprobed=frozenset(state.unprobed & live),
     )
 
 
@@ -387,6 +407,10 @@ def _doom(state: GuardState, ids: set[str] | frozenset[str]) -> GuardState:
 
 def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
     iid = notice.instance_id
+    if notice.kind == READY:
+        if iid in state.ready:
+            return state, False, ()
+        return replace(state, ready=state.ready | {iid}), True, ()
     if iid in state.rules.standbys:
         return state, False, ()  # On-Demand standbys are never interrupted
     if notice.kind in DOOMING:
@@ -538,10 +562,55 @@ def _stop(state: GuardState, iid: str) -> tuple[Command, ...]:
     return (Stop(iid),)
 
 
-def _register_new_spots(state: GuardState) -> tuple[Command, ...]:
-    return tuple(
-        Register(i.id) for i in _live_spots(state) if i.state == "running" and not _registered(state, i.id)
-    )
+def _register_new_spots(state: GuardState, now: float) -> Result:
+    return _register(state, [i.id for i in _live_spots(state)], now)
+
+
+def _register(state: GuardState, ids: Iterable[str], now: float) -> Result:
+    """Register those of `ids` that run, are not registered, and are ready for their first health check.
+
+    A target that passes its first check is healthy at once; one that fails it
+    needs HealthyThresholdCount passes (5 × 30 s with AWS's defaults). So an
+    instance is registered once it answers its health check (the probe, or its
+    agent), unless that cannot be known: then as it runs, said once per boot.
+    """
+    out: tuple[Command, ...] = ()
+    for iid in ids:
+        inst = _instance(state, iid)
+        if inst.state != "running" or _registered(state, iid):
+            continue
+        why = _unready_because(state, inst, now)
+        if why == _NOT_YET:
+            continue
+        if why and iid not in state.unprobed:
+            state = replace(state, unprobed=state.unprobed | {iid})
+            out += (Alert(f"{iid} registered without knowing it is ready: {why}; if its first health check "
+                          "fails it needs HealthyThresholdCount passes (run spotguard check)"),)
+        out += (Register(iid),)
+    return state, out
+
+
+_NOT_YET = "not yet"
+
+
+def _unready_because(state: GuardState, inst: Instance, now: float) -> str:
+    """'' when `inst` may be registered as ready, _NOT_YET to wait, else why it is registered unproven."""
+    if state.rules.register_when == "running" or inst.id in state.ready or inst.probe == READY:
+        return ""
+    if inst.probe is None:
+        return "its health check cannot be probed from here"
+    if inst.probe == SILENT and inst.launched is not None and now - inst.launched >= SILENT_FALLBACK:
+        return f"no answer to the health-check probe {now - inst.launched:.0f}s after launch"
+    return _NOT_YET
+
+
+def to_probe(state: GuardState, seen: Observed) -> tuple[Instance, ...]:
+    """The instances of `seen` whose readiness the shell should probe: running, not registered."""
+    if state.rules.register_when == "running":
+        return ()
+    registered = {t.id for t in seen.targets if t.health not in (UNUSED, DRAINING)}
+    return tuple(i for i in seen.spots + seen.standbys
+                 if i.state == "running" and i.id not in registered and i.id not in seen.foreign)
 
 
 def _drop_doomed(state: GuardState) -> tuple[Command, ...]:
@@ -606,8 +675,7 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
         since = state.unhealthy_since if state.unhealthy_since is not None else now
         if now - since >= state.rules.unhealthy_grace:
             return _failover(state, now, f"spot target not healthy for {now - since:.0f}s")
-        state = replace(state, unhealthy_since=since)
-        return state, _register_new_spots(state)
+        return _register_new_spots(replace(state, unhealthy_since=since), now)
     state = replace(state, unhealthy_since=None)
     stray = next((s for s in _own_standbys(state)
                   if _instance(state, s).state in LIVE_STATES and s not in state.seen.rehearsing), None)
@@ -622,7 +690,8 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
                        standby=stray, stray=True)
         state, cmds = _decide_restored(state, now)
         return state, (alert,) + cmds
-    return state, _register_new_spots(state) + _drop_doomed(state) + _drop_stopped_standbys(state)
+    state, cmds = _register_new_spots(state, now)
+    return state, cmds + _drop_doomed(state) + _drop_stopped_standbys(state)
 
 
 def _why_spot_lost(state: GuardState) -> str:
@@ -664,15 +733,16 @@ def _abort(state: GuardState, now: float, reason: str) -> Result:
 
 
 def _bring_up(state: GuardState, inst: Instance, now: float) -> Result:
-    cmds = _tidy_other_standbys(state) + _register_new_spots(state)
+    state, cmds = _register_new_spots(state, now)
+    cmds = _tidy_other_standbys(state) + cmds
     if inst.state == "stopped":
         if state.start_sent is None or now - state.start_sent >= START_RETRY:
             started = state.started_at if state.started_at is not None else now
             state = replace(state, start_sent=now, started_at=started)
             cmds += (Start(inst.id),)
-    elif inst.state == "running" and not _registered(state, inst.id):
-        cmds += (Register(inst.id),)
-    return state, cmds
+        return state, cmds
+    state, more = _register(state, [inst.id], now)
+    return state, cmds + more
 
 
 def _ready_timeout(state: GuardState, now: float) -> Result:
@@ -700,9 +770,10 @@ def _all_failed(state: GuardState, now: float) -> Result:
         wait = min(RETRY_CAP, RETRY_BASE * 2**state.retries)
         state = replace(state, retry_at=now + wait)
         alert = Alert(f"no standby could start; retrying in {wait:.0f}s")
-        return state, (alert,) + _register_new_spots(state)
+        state, cmds = _register_new_spots(state, now)
+        return state, (alert,) + cmds
     if now < state.retry_at:
-        return state, _register_new_spots(state)
+        return _register_new_spots(state, now)
     state = replace(state, failed=frozenset(), retry_at=None, retries=state.retries + 1)
     return _decide_starting(_choose(state, now, keep=False), now)
 
@@ -712,9 +783,9 @@ def _decide_serving(state: GuardState, now: float) -> Result:
     inst = _instance(state, sid)
     if inst.state not in LIVE_STATES:
         return _failover(state, now, f"standby {sid} is {inst.state}")
-    cmds = _drop_doomed(state) + _register_new_spots(state) + _tidy_other_standbys(state)
-    if inst.state == "running" and not _registered(state, sid):
-        cmds += (Register(sid),)
+    state, spots = _register_new_spots(state, now)
+    state, own = _register(state, [sid], now)
+    cmds = _drop_doomed(state) + spots + _tidy_other_standbys(state) + own
     spot = _healthy_spot(state)
     if spot and _up(state, sid):
         state = _enter(state, Phase.SPOT_RESTORED, now, f"spot {spot.id} healthy")
@@ -729,7 +800,8 @@ def _decide_restored(state: GuardState, now: float) -> Result:
         return _failover(state, now, _why_spot_lost(state))
     if _instance(state, sid).state not in LIVE_STATES:
         return _drain(state, now, f"standby {sid} stopped outside spotguard")
-    cmds = _drop_doomed(state) + _register_new_spots(state) + _tidy_other_standbys(state)
+    state, registers = _register_new_spots(state, now)
+    cmds = _drop_doomed(state) + registers + _tidy_other_standbys(state)
     if state.prewarm_at is not None:
         due, why = state.prewarm_at + state.rules.rebalance_hold, "no interruption within rebalance_hold"
     else:

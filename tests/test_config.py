@@ -359,6 +359,7 @@ CASES = [
     ("guard[0].rebalance_hold", [1],
      'guard[0].rebalance_hold: expected a number of seconds or a string like "90s", "10m", "1h30m", got an array'),
     ("guard[0].on_rebalance", "start", 'guard[0].on_rebalance: "start" is not one of ignore | prewarm'),
+    ("guard[0].register_when", "healthy", 'guard[0].register_when: "healthy" is not one of ready | running'),
     # prices, metrics, daily summary, ha
     ("guard[0].on_demand_hourly", -1,
      "guard[0].on_demand_hourly: expected a price in USD per hour (a number, 0 or more), got an integer (-1)"),
@@ -603,8 +604,8 @@ def test_the_example_file_has_every_key():
                 "webhook_url_file", "webhook_url", "[sources.sqs]", "queue_url", "[[guard]]", "name",
                 "target_group_arn", "target_port", "spot_request_ids", "spot_instance_tags", "standby_instance_ids",
                 "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance", "rebalance_hold",
-                "metrics_port", "daily_summary", "timezone", "on_demand_hourly", "spot_hourly", "[ha]", "table",
-                "lease", "holder"]:
+                "register_when", "metrics_port", "daily_summary", "timezone", "on_demand_hourly", "spot_hourly",
+                "[ha]", "table", "lease", "holder"]:
         assert key in text, key
 
 
@@ -621,7 +622,7 @@ def test_cli_check_config_accepts_the_example():
         "config OK: 1 guard(s)",
         "guard inference: targetgroup/inference/6d0ecf831eec9f09 (port from target group); spot requests sir-8x4kq2bn; "
         "standbys i-0a1b2c3d4e5f60718, i-0f9e8d7c6b5a49382; failback_grace 10m, standby_ready_timeout 5m, "
-        "unhealthy_grace 30s, on_rebalance ignore",
+        "unhealthy_grace 30s, on_rebalance ignore, register_when ready",
     ]
     assert done.stderr == ""
 
@@ -683,7 +684,7 @@ def test_cli_summarises_tag_guards_and_prewarm(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines()[1] == (
         "guard inference: targetgroup/inference/6d0ecf831eec9f09 (port 8080); spot tags Role='gpu'; "
         f"standbys {SB1}, {SB2}; failback_grace 10m, standby_ready_timeout 5m, unhealthy_grace 30s, "
-        "on_rebalance prewarm (hold 30m)"
+        "on_rebalance prewarm (hold 30m), register_when ready"
     )
 
 

@@ -40,7 +40,10 @@ def world(spots="", standbys="s1:stopped s2:stopped", targets=""):
 
     def inst(word, notice=False):
         iid, state = word.split(":")
-        return Instance(f"i-{iid}", state.rstrip("!"), notice=state.endswith("!"))
+        state = state.rstrip("!")
+        # Every running instance here answers its health check (readiness has its own tests).
+        probe = machine.READY if state == "running" else machine.SILENT
+        return Instance(f"i-{iid}", state, notice=word.endswith("!"), probe=probe)
 
     return Observed(
         spots=tuple(inst(w) for w in spots.split()),

@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from spotguard.machine import (
+    READY,
     RETRY_CAP,
+    SILENT,
     Alert,
     Deregister,
     Failed,
@@ -537,16 +539,22 @@ def test_ice_on_the_first_standby_uses_the_second():
     assert trace.world.instance(A).state == "stopped" and trace.world.health(B) == "healthy"
 
 
-def test_ready_timeout_gives_way_to_the_next_standby_and_stops_the_first():
-    rules = Rules(standbys=(A, B), standby_ready_timeout=100)
+@pytest.mark.parametrize("register_when", ["ready", "running"])
+def test_ready_timeout_gives_way_to_the_next_standby_and_stops_the_first(register_when):
+    rules = Rules(standbys=(A, B), standby_ready_timeout=100, register_when=register_when)
     trace = run(rules, Script(faults=("broken", "ok"), actions=(Interrupt(60, refill=None),), end=900))
     served(trace)
     gave_up = first(trace, lambda s: Start(B) in s.commands)
     assert gave_up.t == pytest.approx(60 + rules.standby_ready_timeout, abs=trace.script.poll_every)
     assert any(isinstance(c, Alert) and A in c.text and "not healthy" in c.text for c in gave_up.commands)
-    assert Deregister(A) in gave_up.commands  # the doomed spot still serves: draining A is safe
     stopped = first(trace, lambda s: Stop(A) in s.commands)
-    assert stopped is not None and stopped.t > gave_up.t
+    if register_when == "running":
+        assert Deregister(A) in gave_up.commands  # the doomed spot still serves: draining A is safe
+        assert stopped is not None and stopped.t > gave_up.t
+    else:
+        # Its probe never passed, so it never joined the group: stopped at once, nothing to drain.
+        assert not any(Register(A) in s.commands or Deregister(A) in s.commands for s in trace.steps)
+        assert stopped is gave_up
     assert trace.final.phase is Phase.BOTH_SERVING and trace.final.standby == B
     assert trace.world.instance(A).state == "stopped" and trace.world.health(B) == "healthy"
 
@@ -623,11 +631,12 @@ S0, S1 = "i-s0", "i-s1"
 
 
 def spot(iid: str, state: str = "running", notice: bool = False) -> Instance:
-    return Instance(iid, state, notice)
+    return Instance(iid, state, notice, probe=READY if state == "running" else SILENT)
 
 
 def sb(iid: str, state: str) -> Instance:
-    return Instance(iid, state)
+    """A standby whose service answers its health check whenever it runs (readiness has its own tests)."""
+    return Instance(iid, state, probe=READY if state == "running" else SILENT)
 
 
 def tg(*pairs: str) -> tuple[Target, ...]:

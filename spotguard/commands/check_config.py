@@ -41,5 +41,5 @@ def describe_guard(guard: GuardSettings) -> str:
         f"standbys {', '.join(guard.standby_instance_ids)}; "
         f"failback_grace {format_duration(guard.failback_grace)}, "
         f"standby_ready_timeout {format_duration(guard.standby_ready_timeout)}, "
-        f"unhealthy_grace {format_duration(guard.unhealthy_grace)}, {rebalance}"
+        f"unhealthy_grace {format_duration(guard.unhealthy_grace)}, {rebalance}, register_when {guard.register_when}"
     )

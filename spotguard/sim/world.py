@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 
 from spotguard.machine import (
     LIVE_STATES,
+    READY,
+    WAITING,
     Alert,
     Command,
     Deregister,
@@ -276,6 +278,7 @@ class _Ec2:
     until: float | None = None  # when the current transitional state ends
     ready_at: float | None = None  # when the app starts passing checks
     fault: str = "ok"
+    launched: float = 0.0  # EC2 LaunchTime: the last start
     ice_left: int = 0
 
 
@@ -410,12 +413,12 @@ class World:
             if self.spot_stops:
                 # Interruption behaviour "stop": the same instance is started again.
                 inst = self.instances[req.instance_id]
-                inst.state, inst.until, inst.ready_at = "pending", s + t.boot, None
+                inst.state, inst.until, inst.ready_at, inst.launched = "pending", s + t.boot, None, s
                 req.noticed = False
                 return
             iid = self._new_spot_id(req.serial)
             req.serial += 1
-            self.instances[iid] = _Ec2(iid, "pending", until=s + t.boot)
+            self.instances[iid] = _Ec2(iid, "pending", until=s + t.boot, launched=s)
             req.instance_id, req.noticed = iid, False
 
     def _ready(self, iid: str, s: float) -> bool:
@@ -508,7 +511,7 @@ class World:
             inst.ice_left -= 1
             return Failed(cmd, "InsufficientInstanceCapacity")
         boot = self.timing.slow_boot if inst.fault == "slow" else self.timing.boot
-        inst.state, inst.until, inst.ready_at = "pending", self.now + boot, None
+        inst.state, inst.until, inst.ready_at, inst.launched = "pending", self.now + boot, None, self.now
         return None
 
     def _stop(self, cmd: Stop, inst: _Ec2) -> Failed | None:
@@ -541,10 +544,16 @@ class World:
         iid = self.request.instance_id
         if iid is not None:
             state = self.instances[iid].state
-            spots = (Instance(iid, state, notice=state in LIVE_STATES and self.request.noticed),)
-        standbys = tuple(Instance(s, self.instances[s].state) for s in self.standbys)
+            spots = (replace(self._instance(iid), notice=state in LIVE_STATES and self.request.noticed),)
+        standbys = tuple(self._instance(s) for s in self.standbys)
         targets = tuple(Target(tg.id, tg.health) for tg in sorted(self.targets.values(), key=lambda x: x.id))
         return Observed(spots=spots, standbys=standbys, targets=targets)
+
+    def _instance(self, iid: str) -> Instance:
+        """As the poll sees it, with the readiness probe's verdict (the probe always reaches it here)."""
+        inst = self.instances[iid]
+        probe = READY if self._ready(iid, self.now) else WAITING
+        return Instance(iid, inst.state, launched=inst.launched, probe=probe)
 
     def snapshot(self) -> Snapshot:
         # Cached per (second, change count): the driver asks before and after every step.
