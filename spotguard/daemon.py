@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, ContextManager, Protocol, Seque
 import structlog
 
 from . import machine, rehearsal, sdnotify, store
-from .machine import Alert, Event, GuardState, Heard, Observed
+from .machine import Alert, Event, GuardState, Heard, Instance, Observed
 from .sources.poll import PollError
 
 log = structlog.get_logger("spotguard")
@@ -100,6 +100,7 @@ class Daemon:
         clock: Callable[[], float] | None = None,
         observers: Sequence[Observer] = (),
         ha: Any = None,
+        prober: Any = None,
     ) -> None:
         self.settings = settings
         self.poller = poller
@@ -109,6 +110,11 @@ class Daemon:
         self.clock = clock or SteadyClock()
         self.observers = tuple(observers)
         self.ha = ha  # ha.Leadership with [ha]; None: this daemon runs alone and always acts
+        # sources.probe.Prober: whether instances answer their health check. None: nothing can be
+        # probed (an instance waiting to be registered is then registered as it runs, said once).
+        self.prober = prober
+        if prober is not None:
+            prober.on_ready = self.wake  # an instance that turns ready is registered now, not a poll later
         self.loaded_epoch: int | None = None  # the lease epoch whose shared states we loaded
         self.guards = {g.name: Guard(g, self._load(g)) for g in settings.guards}
         self.held: list[Heard] = []  # notices for instances no guard is known to own, until the next poll
@@ -149,6 +155,8 @@ class Daemon:
             await self.settle()
         finally:
             self._cancel_workers()
+            if self.prober is not None:
+                await self.prober.close()
 
     async def _round_unless_stopped(self, stop: asyncio.Event) -> bool:
         """One round (READY=1 follows the first step); a round still polling when `stop`
@@ -237,7 +245,23 @@ class Daemon:
         # An observation taken while one of the guard's commands was in flight may
         # predate it; stepping it would repeat the command. The next poll is fresh.
         if isinstance(result, Observed) and guard is not None and not guard.acting and guard.acted < polled:
-            self._enqueue(guard, replace(result, rehearsing=self._rehearsing(guard)))
+            self._enqueue(guard, replace(self._probed(guard, result), rehearsing=self._rehearsing(guard)))
+
+    def _probed(self, guard: Guard, seen: Observed) -> Observed:
+        """`seen` with the readiness probe's verdicts on the instances the machine wants probed."""
+        wanted = machine.to_probe(guard.state, seen)
+        if self.prober is not None:
+            self.prober.watch(guard.name, guard.settings.target_group_arn, guard.settings.target_port, wanted)
+        if not wanted:
+            return seen
+        ids = {i.id for i in wanted}
+
+        def judged(i: Instance) -> Instance:
+            if i.id not in ids:
+                return i
+            return replace(i, probe=self.prober.verdict(i.id) if self.prober is not None else None)
+
+        return replace(seen, spots=tuple(map(judged, seen.spots)), standbys=tuple(map(judged, seen.standbys)))
 
     def _rehearsing(self, guard: Guard) -> frozenset[str]:
         """The standby `spotguard rehearse` is running for this guard now (its marker in
@@ -535,6 +559,7 @@ def build(settings: Any, aws: Any, notifier: Any, observers: Sequence[Observer] 
     `ha` is the ha.Leadership gating it when `[ha]` is set."""
     from .executor import Executor
     from .sources.poll import Poller
+    from .sources.probe import PROBE_EVERY, Prober
     from .store import Store
 
     return Daemon(
@@ -545,6 +570,8 @@ def build(settings: Any, aws: Any, notifier: Any, observers: Sequence[Observer] 
         notifier=notifier,
         observers=observers,
         ha=ha,
+        # Never slower than the poll: a lab running 50 times faster than the wall polls every 0.1 s.
+        prober=Prober(aws.elbv2, every=min(PROBE_EVERY, settings.daemon.poll_interval)),
     )
 
 

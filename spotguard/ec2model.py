@@ -41,7 +41,8 @@ INSTANCE_MEMBERS = frozenset({
     "State",  # poll.py, check.py, rehearse.py: State.Name
     "Tags",  # poll.py: _has_tags matches a tag-based guard's spots
     "InstanceLifecycle",  # poll.py, check.py: "spot" or not (moto lacks the filter)
-    "LaunchTime",  # poll.py: orders a tag-based guard's spots
+    "LaunchTime",  # poll.py: orders a tag-based guard's spots; how long a silent instance has run
+    "PrivateIpAddress",  # poll.py: where the readiness probe knocks
     "VpcId",  # check.py: a standby must be in the target group's VPC
     "InstanceType",  # check.py: printed in the standby line
 })

@@ -23,7 +23,7 @@ DESCRIBE_ACTIONS = (
     "ec2:DescribeSpotInstanceRequests",
     "ec2:DescribeInstanceStatus",  # check: scheduled events
     "elasticloadbalancing:DescribeTargetHealth",
-    "elasticloadbalancing:DescribeTargetGroups",  # check
+    "elasticloadbalancing:DescribeTargetGroups",  # the readiness probe (its health check), check
     "elasticloadbalancing:DescribeTargetGroupAttributes",  # check
 )
 # On each guard's standbys only; check's EC2 DryRuns are authorized as these too.

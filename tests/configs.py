@@ -62,6 +62,9 @@ def write_config(
                 "target_group_arn": g.target_group_arn,
                 "spot_request_ids": [g.spot_request_id],
                 "standby_instance_ids": list(g.standby_ids),
+                # Registered as they run unless a test says otherwise: these worlds' instances are not
+                # all on loopback addresses, and a test never probes anything else.
+                "register_when": "running",
                 **timings,
                 **(guard or {}),
             }

@@ -86,7 +86,7 @@ async def test_register_uses_target_port(aws, deployment, moto_world):
     assert await executor.run(guard.name, Register(standby)) is None
     reply = await aws.elbv2.describe_target_health(TargetGroupArn=deployment.target_group_arn)
     ports = {d["Target"]["Id"]: d["Target"]["Port"] for d in reply["TargetHealthDescriptions"]}
-    assert ports == {deployment.spot_instance_id: 8080, standby: 9090}
+    assert ports == {deployment.spot_instance_id: deployment.target_port, standby: 9090}
     assert await executor.run(guard.name, Deregister(standby)) is None
     assert moto_world.health(deployment.target_group_arn) == {deployment.spot_instance_id: "healthy"}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Collection, Iterable, Sequence
 
 import structlog
@@ -399,13 +399,17 @@ def _spot_from_request(request: dict | None, instances: dict[str, dict]) -> Inst
         return None
     iid = request["InstanceId"]
     described = instances.get(iid)
-    state = described["State"]["Name"] if described else MISSING
-    notice = state in LIVE_STATES and is_notice(request.get("Status", {}).get("Code"))
-    return Instance(iid, state, notice=notice)
+    if described is None:
+        return Instance(iid, MISSING)
+    notice = described["State"]["Name"] in LIVE_STATES and is_notice(request.get("Status", {}).get("Code"))
+    return replace(_instance(described), notice=notice)
 
 
 def _instance(described: dict) -> Instance:
-    return Instance(described["InstanceId"], described["State"]["Name"])
+    launched = described.get("LaunchTime")
+    return Instance(described["InstanceId"], described["State"]["Name"],
+                    address=described.get("PrivateIpAddress"),
+                    launched=launched.timestamp() if launched is not None else None)
 
 
 def _has_tags(described: dict, wanted: Iterable[tuple[str, str]]) -> bool:
