@@ -72,7 +72,7 @@ async def test_describe_target_health_answers_from_the_balancer(moto_world):
     changes: list[tuple[str, str, str]] = []
     balancer = Balancer(
         clock, HealthCheck(interval=5.0, timeout=4.0), 20.0,
-        resolve=lambda tid: apps[tid].port if tid in apps else None,
+        resolve=lambda tid: apps[tid].address if tid in apps else None,
         live=lambda tid: moto_world.instance_state(tid) in ("pending", "running"),
         on_change=lambda *change: changes.append(change),
     )
@@ -86,11 +86,11 @@ async def test_describe_target_health_answers_from_the_balancer(moto_world):
 
     syncing = asyncio.create_task(keep_syncing())
     try:
-        await spot_app.start()
+        await spot_app.start(moto_world.private_address(d.spot_instance_id), d.target_port)
         await until(lambda: balancer.healthy() == [d.spot_instance_id], timeout=10.0, what="spot healthy")
         elbv2.register_targets(TargetGroupArn=tg, Targets=[{"Id": sid}])
         assert moto_world.health(tg)[sid] == "initial"  # asked before any check: registration in progress
-        await standby_app.start()
+        await standby_app.start(moto_world.private_address(sid), d.target_port)
         await until(lambda: moto_world.health(tg).get(sid) == "unhealthy", timeout=10.0,
                     what="standby failing its checks")
         await until(lambda: moto_world.health(tg).get(sid) == "healthy", timeout=10.0, what="standby warmed up")
@@ -116,7 +116,7 @@ async def test_describe_target_health_answers_from_the_balancer(moto_world):
 async def test_a_killed_app_fails_its_requests_in_flight():
     clock = ScenarioClock(1.0)
     app = InstanceApp("i-0123456789abcdef0", clock, warm_up=0.0, latency=5.0)
-    port = await app.start()
+    _, port = await app.start()
     async with aiohttp.ClientSession() as client:
         request = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/"))
         await asyncio.sleep(0.2)

@@ -1,4 +1,4 @@
-"""One instance's service: a tiny HTTP server on a loopback port that warms up, then serves.
+"""One instance's service: a tiny HTTP server on the instance's address that warms up, then serves.
 
 `InstanceApp` is what runs on an instance while EC2 says it is running. It
 listens at once (the OS is up) but answers 503 to everything, the health check
@@ -33,17 +33,18 @@ class InstanceApp:
         self.clock = clock
         self.warm_up = warm_up  # scenario seconds from start to serving
         self.latency = latency  # scenario seconds per request
-        self.port: int | None = None
+        self.address: tuple[str, int] | None = None  # where it listens: the instance's (loopback) address
         self.ready_at: float | None = None  # scenario time it starts serving
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.Transport] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0, limit=MAX_HEAD)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen on host:port (port 0: any free one); the address it listens on."""
+        self._server = await asyncio.start_server(self._connection, host, port, limit=MAX_HEAD)
+        self.address = self._server.sockets[0].getsockname()[:2]
         self.ready_at = self.clock.now() + self.warm_up
-        return self.port
+        return self.address
 
     @property
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ This module must not call AWS or decide registrations; it balances.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import threading
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ class Balancer:
         clock: ScenarioClock,
         check: HealthCheck,
         deregistration_delay: float,
-        resolve: Callable[[str], int | None],
+        resolve: Callable[[str], tuple[str, int] | None],
         live: Callable[[str], bool],
         *,
         on_change: OnChange = lambda tid, old, new: None,
@@ -79,7 +80,7 @@ class Balancer:
         self.clock = clock
         self.check = check
         self.deregistration_delay = deregistration_delay
-        self.resolve = resolve  # target id → loopback port of its app, None when nothing listens
+        self.resolve = resolve  # target id → (host, port) its app listens on, None when nothing listens
         self.live = live  # target id → whether its instance is pending or running (any thread)
         self.on_change = on_change
         self.request_timeout = request_timeout  # wall seconds
@@ -177,12 +178,12 @@ class Balancer:
             await self.clock.sleep_until(began + self.check.interval)
 
     async def _probe(self, tid: str) -> bool:
-        port = self.resolve(tid)
-        if port is None or self._session is None:
+        address = self.resolve(tid)
+        if address is None or self._session is None:
             return False  # nothing listens: connection refused
         try:
             timeout = aiohttp.ClientTimeout(total=self.clock.wall(self.check.timeout))
-            async with self._session.get(f"http://127.0.0.1:{port}{self.check.path}", timeout=timeout) as reply:
+            async with self._session.get(_url(address, self.check.path), timeout=timeout) as reply:
                 await reply.read()
                 return reply.status == 200
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
@@ -230,11 +231,11 @@ class Balancer:
         if tid is None:
             return web.Response(status=503, text="no healthy target\n")
         try:
-            port = self.resolve(tid)
-            if port is None or self._session is None:
+            address = self.resolve(tid)
+            if address is None or self._session is None:
                 return web.Response(status=502, text=f"{tid} refused the connection\n")
             timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-            async with self._session.get(f"http://127.0.0.1:{port}{request.rel_url}", timeout=timeout) as reply:
+            async with self._session.get(_url(address, str(request.rel_url)), timeout=timeout) as reply:
                 body = await reply.read()
                 headers = {SERVED_BY: reply.headers.get(SERVED_BY, tid)}
                 return web.Response(status=reply.status, body=body, headers=headers)
@@ -244,3 +245,10 @@ class Balancer:
             return web.Response(status=502, text=f"{tid} failed: {type(exc).__name__}\n")
         finally:
             self._done(tid)
+
+
+def _url(address: tuple[str, int], path: str) -> str:
+    host, port = address
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(f"the lab only sends to loopback addresses, not {host}")
+    return f"http://{host}:{port}{path}"

@@ -47,8 +47,10 @@ class Fleet:
         boot: float,
         stop_time: float,
         latency: float,
+        port: int,
     ) -> None:
         self.world = world
+        self.target_port = port  # the target group's: every instance's service listens on it
         self.clock = clock
         self.timeline = timeline
         self.boot = boot
@@ -81,11 +83,12 @@ class Fleet:
         known = self._known.get(instance_id)
         return known.role if known else None
 
-    def port(self, instance_id: str) -> int | None:
-        """The loopback port of the instance's app, None when nothing listens (any thread)."""
+    def address(self, instance_id: str) -> tuple[str, int] | None:
+        """Where the instance's app listens (its private address, the target port); None when
+        nothing listens (any thread)."""
         known = self._known.get(instance_id)
         app = known.app if known else None
-        return app.port if app is not None else None
+        return app.address if app is not None else None
 
     def metadata(self, instance_id: str) -> InstanceMetadata | None:
         """The instance's metadata service, None when it is not running."""
@@ -159,7 +162,7 @@ class Fleet:
         known.warm = False  # a restart loads the model again
         known.app = InstanceApp(instance_id, self.clock, warm_up=warm_up, latency=self.latency)
         known.announced_ready = False
-        await known.app.start()
+        await known.app.start(self.world.private_address(instance_id), self.target_port)
         # A fresh service per boot: what it answered belonged to the instance's last run.
         known.imds = InstanceMetadata(instance_id)
         await known.imds.start()

@@ -153,7 +153,8 @@ class _Run:
         self.queue_url = world.boto("sqs").create_queue(QueueName=QUEUE)["QueueUrl"]
         world.model_transitions(True)
 
-        self.fleet = Fleet(world, self.clock, self.timeline, boot=s.boot, stop_time=s.stop_time, latency=s.latency)
+        self.fleet = Fleet(world, self.clock, self.timeline, boot=s.boot, stop_time=s.stop_time, latency=s.latency,
+                           port=d.target_port)
         self.fleet.follow_spot_request(d.spot_request_id, warm_up=s.warm_up)
         for sid in d.standby_ids:
             self.fleet.watch(sid, "standby", warm_up=s.standby_warm, on_demand=True)
@@ -161,7 +162,7 @@ class _Run:
             self.clock,
             check,
             s.deregistration_delay,
-            self.fleet.port,
+            self.fleet.address,
             self.fleet.live,
             on_change=self._target_changed,
             request_timeout=5.0,

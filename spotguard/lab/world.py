@@ -17,7 +17,12 @@ the lab drives the world while the server thread answers.
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import logging
+import os
+import socket
+import tempfile
 import threading
 import time
 import urllib.request
@@ -30,13 +35,17 @@ import boto3
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.core.responses import BaseResponse
+from moto.core.utils import utcnow
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import InstanceBackend, InstanceState
 from moto.elbv2.models import ELBv2Backend, FakeHealthStatus
 from moto.server import ThreadedMotoServer
 
 DEFAULT_REGION = "us-east-1"
-TARGET_PORT = 8080
+# Each world's VPC is 127.N.0.0/16 (N unique among the worlds running on this host, held by a
+# lock file): moto gives instances loopback private addresses, so the lab's services bind them
+# and every probe, health check and request stays on loopback; never a private range.
+NETWORKS = range(1, 255)
 SPOT_TYPE = "g5.xlarge"
 HEALTH_STATES = frozenset({"initial", "healthy", "unhealthy", "unused", "draining", "unavailable"})
 # The reason codes ELBv2 gives with each state, so overridden answers look real.
@@ -166,6 +175,9 @@ def _start_instances(self: Any, instance_ids: list[str]) -> Any:
     with _PHYSICS.lock:
         _check_transition(self, "start", instance_ids)
         done = _ORIGINALS[(InstanceBackend, "start_instances")](self, instance_ids)
+        for instance, previous in done:
+            if previous.name == "stopped":
+                instance.launch_time = utcnow()  # EC2's LaunchTime is the last start; moto keeps the first
         # moto runs at once; EC2 boots first. A pending instance stays pending.
         _hold(done, "pending", from_states=("stopped", "pending"))
         return done
@@ -320,12 +332,17 @@ class MotoWorld:
         self.account_id = account_id
         self._server: ThreadedMotoServer | None = None
         self._boto: dict[str, Any] = {}
+        self._network: Any = None  # the lock file holding this world's 127.N.0.0/16
+        self.network = 0
+        self.target_port = 0
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "MotoWorld":
         # werkzeug logs every request at INFO on stderr; keep errors only.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self.network, self._network = _claim_network()
+        self.target_port = _free_port(f"127.{self.network}.0.1")
         _install()
         # port=0 works: werkzeug binds an ephemeral port and get_host_and_port reports it.
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -333,6 +350,7 @@ class MotoWorld:
             self._server.start()
         except BaseException:
             _uninstall()
+            self._network.close()
             raise
         return self
 
@@ -342,6 +360,7 @@ class MotoWorld:
             self._server = None
             self._boto.clear()
             _uninstall()
+            self._network.close()
 
     def __enter__(self) -> "MotoWorld":
         return self.start()
@@ -394,13 +413,12 @@ class MotoWorld:
         on every re-fulfilment), for guards that find their spot by tags.
         """
         ec2, elbv2 = self.boto("ec2"), self.boto("elbv2")
-        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        vpc = ec2.create_vpc(CidrBlock=f"127.{self.network}.0.0/16")["Vpc"]["VpcId"]
         # /20s: moto never gives back a terminated instance's address, and a long
         # soak fulfils thousands of spot instances (a /24 ran out at about 250).
         subnets = tuple(
-            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{16 * i}.0/20", AvailabilityZone=f"{self.region}{az}")[
-                "Subnet"
-            ]["SubnetId"]
+            ec2.create_subnet(VpcId=vpc, CidrBlock=f"127.{self.network}.{16 * i}.0/20",
+                              AvailabilityZone=f"{self.region}{az}")["Subnet"]["SubnetId"]
             for i, az in enumerate("ab")
         )
         sg = ec2.create_security_group(GroupName=f"{name}-sg", Description=name, VpcId=vpc)["GroupId"]
@@ -410,7 +428,7 @@ class MotoWorld:
         tg = elbv2.create_target_group(
             Name=f"{name}-tg",
             Protocol="HTTP",
-            Port=TARGET_PORT,
+            Port=self.target_port,
             VpcId=vpc,
             TargetType="instance",
             HealthCheckPath="/health",
@@ -437,7 +455,7 @@ class MotoWorld:
             image_id=image,
             load_balancer_arn=lb,
             target_group_arn=tg,
-            target_port=TARGET_PORT,
+            target_port=self.target_port,
             spot_request_id=request["SpotInstanceRequestId"],
             spot_instance_id=spot,
             standby_ids=standby_ids,
@@ -684,6 +702,13 @@ class MotoWorld:
         """
         _PHYSICS.health_source = source
 
+    def private_address(self, instance_id: str) -> str:
+        """An instance's private IPv4 address (loopback: the world's VPC is 127.N.0.0/16)."""
+        address = self.ec2_backend.get_instance_by_id(instance_id).private_ip
+        if not ipaddress.ip_address(address).is_loopback:
+            raise ValueError(f"{instance_id} has {address}, outside loopback: the lab never binds or sends there")
+        return address
+
     def instance_state(self, instance_id: str) -> str | None:
         """An instance's EC2 state read from the backend (no API call); None when unknown."""
         instance = self.ec2_backend.get_instance_by_id(instance_id)
@@ -715,6 +740,27 @@ _ERROR_MESSAGES = {
     "InternalError": "An internal error has occurred",
     "ServiceUnavailable": "The service is unavailable. Please try again shortly.",
 }
+
+
+def _claim_network() -> tuple[int, Any]:
+    """An N for 127.N.0.0/16 that no other world on this host uses, and the locked file that holds it."""
+    folder = os.path.join(tempfile.gettempdir(), f"spotguard-lab-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for n in NETWORKS:
+        held = open(os.path.join(folder, f"127.{n}.lock"), "a")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return n, held
+        except BlockingIOError:
+            held.close()
+    raise RuntimeError(f"every 127.N.0.0/16 of {folder} is held by another running world")
+
+
+def _free_port(address: str) -> int:
+    """A port free on `address` now: the world's target group port, which every instance's service binds."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
 
 
 def _mark_own(request: Any, **_: Any) -> None:
