@@ -5,7 +5,10 @@ instance's metadata. Every `interval` it reads `spot/instance-action` and
 `events/recommendations/rebalance` (IMDSv2: a token, replaced before it
 expires and on a 401) and sends each new notice once, as `eventbridge.build`
 makes it; a notice counts as sent only once SendMessage succeeded, so a failed
-send is retried next interval. Garbage from IMDS is logged, never sent.
+send is retried next interval. Garbage from IMDS is logged, never sent. With a
+`ready` check (the target group's health check, on localhost) it also says,
+once per boot, when the instance's service first passes it: the daemon then
+registers the instance without probing it over the network.
 
 This module must not decide anything about guards nor call any AWS API but SendMessage.
 """
@@ -24,7 +27,8 @@ import structlog
 
 from spotguard import ids
 from spotguard.aws import error_code
-from spotguard.sources.eventbridge import INTERRUPTION, REBALANCE, build, cap, is_action
+from spotguard.sources.eventbridge import INTERRUPTION, READY, REBALANCE, build, cap, is_action
+from spotguard.sources.probe import PASS, HealthCheck, check_once
 from spotguard.sources.sqs import stoppable_sleep
 
 log = structlog.get_logger("spotguard.agent")
@@ -43,6 +47,20 @@ MAX_TTL = 21600
 REFRESH_MARGIN = 300.0
 SENT_CAP = 256  # distinct notices remembered; a host sees a handful in its life
 MAX_BODY = 65536  # bytes of an IMDS answer read; real ones are under 100
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # one per boot: a standby started again is ready again
+
+
+@dataclass(frozen=True)
+class ReadyCheck:
+    """The service's health check as the agent sends it on the host: GET url, passing on `check`'s codes."""
+
+    host: str
+    port: int
+    check: HealthCheck
+
+    @classmethod
+    def of_url(cls, url: str, codes: str = "200") -> "ReadyCheck":
+        return cls(*HealthCheck.of_url(url, codes))
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,8 @@ class Agent:
         token_ttl: int = MAX_TTL,
         timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        ready: ReadyCheck | None = None,
+        boot_id: Callable[[], str] = lambda: _read_boot_id(),
     ) -> None:
         if not 1 <= token_ttl <= MAX_TTL:
             raise ValueError(f"token_ttl must be 1–{MAX_TTL} seconds, not {token_ttl}")
@@ -111,6 +131,9 @@ class Agent:
         self.token_ttl = token_ttl
         self.timeout = timeout
         self.clock = clock
+        self.ready = ready
+        self.boot_id = boot_id
+        self.said_ready = False
         self.instance_id: str | None = None
         self.sent: dict[tuple[str, str], str] = {}  # notice key → event id, oldest first
         self._token: str | None = None
@@ -150,12 +173,24 @@ class Agent:
         """One round: read both notices, send the new ones. Returns the detail-types sent."""
         if self.instance_id is None and not await self._learn_instance_id():
             return []
-        reads = await asyncio.gather(self._read(INSTANCE_ACTION_PATH), self._read(REBALANCE_PATH))
+        reads = await asyncio.gather(self._read(INSTANCE_ACTION_PATH), self._read(REBALANCE_PATH),
+                                     self._ready())
         sent = []
         for notice in reads:
             if notice is not None and notice.key not in self.sent and await self._send(notice):
                 sent.append(notice.detail_type)
+                self.said_ready |= notice.detail_type == READY
         return sent
+
+    async def _ready(self) -> Notice | None:
+        """The ready notice, once the service passes its health check (until it was sent)."""
+        if self.ready is None or self.said_ready:
+            return None
+        outcome, _ = await check_once(self.ready.host, self.ready.port, self.ready.check)
+        if outcome != PASS:
+            return None
+        payload = json.dumps({"boot": self.boot_id()}, separators=(",", ":"))
+        return Notice(READY, {"instance-id": self.instance_id}, payload)
 
     # ------------------------------------------------------------------ IMDS
 
@@ -259,6 +294,14 @@ class Agent:
         return True
 
 
+def _read_boot_id() -> str:
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 # ---------------------------------------------------------------------- process
 
 
@@ -267,20 +310,20 @@ def region_from_env(environ: dict[str, str]) -> str | None:
     return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
 
 
-def main(queue_url: str, imds_url: str, interval: float, region: str) -> int:
+def main(queue_url: str, imds_url: str, interval: float, region: str, ready: ReadyCheck | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT; the exit code for the process."""
     from spotguard import logs
 
     logs.configure("auto")
     try:
-        asyncio.run(_main(queue_url, imds_url, interval, region))
+        asyncio.run(_main(queue_url, imds_url, interval, region, ready))
     except Exception as exc:  # noqa: BLE001 - one line for journald, then systemd restarts us
         log.critical("agent.crashed", error=type(exc).__name__, detail=cap(str(exc)))
         return 1
     return 0
 
 
-async def _main(queue_url: str, imds_url: str, interval: float, region: str) -> None:
+async def _main(queue_url: str, imds_url: str, interval: float, region: str, ready: ReadyCheck | None) -> None:
     import signal
 
     from aiobotocore.config import AioConfig
@@ -295,4 +338,4 @@ async def _main(queue_url: str, imds_url: str, interval: float, region: str) -> 
     # retries: a failed send is retried next interval anyway.
     config = AioConfig(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2.0, read_timeout=5.0)
     async with get_session().create_client("sqs", region_name=region, config=config) as sqs:
-        await Agent(imds_url, sqs, queue_url, interval=interval).run(stop)
+        await Agent(imds_url, sqs, queue_url, interval=interval, ready=ready).run(stop)

@@ -398,3 +398,46 @@ async def test_cli_forwards_and_exits_0_on_sigterm(imds, queue_url, moto_world):
     names = [json.loads(line)["event"] for line in out.decode().splitlines()]
     assert names[0] == "agent.started" and "agent.sqs.sent" in names and names[-1] == "agent.stopped"
     assert "Traceback" not in err.decode()
+
+
+async def test_ready_is_said_once_per_boot_when_the_service_passes_its_health_check(imds, sqs, queue_url, moto_world):
+    """`--ready-url`: the lab's instance service (503 while it loads its model, then 200) on this host."""
+    from spotguard.agent import ReadyCheck
+    from spotguard.lab.app import InstanceApp
+    from spotguard.lab.clock import ScenarioClock
+    from spotguard.sources.eventbridge import READY
+
+    clock = ScenarioClock(1.0)
+    app = InstanceApp(ID, clock, warm_up=3600.0, latency=0.0)
+    host, port = await app.start()
+    ready = ReadyCheck.of_url(f"http://{host}:{port}/health")
+    try:
+        async with Agent(imds.url, sqs, queue_url, ready=ready, boot_id=lambda: "boot-1") as agent:
+            for _ in range(3):
+                assert await agent.poll_once() == []  # warming up: 503
+            app.ready_at = clock.now()
+            assert await agent.poll_once() == [READY]
+            assert await agent.poll_once() == []  # said once
+        async with Agent(imds.url, sqs, queue_url, ready=ready, boot_id=lambda: "boot-1") as again:
+            assert await again.poll_once() == [READY]  # a restarted agent says it again: same event id
+        async with Agent(imds.url, sqs, queue_url, ready=ready, boot_id=lambda: "boot-2") as next_boot:
+            assert await next_boot.poll_once() == [READY]
+    finally:
+        app.kill()
+    first, repeated, rebooted = drain(moto_world, queue_url)
+    assert (first.source, first.instance_id, first.kind) == ("spotguard.agent", ID, "ready")
+    assert repeated.event_id == first.event_id and rebooted.event_id != first.event_id
+
+
+def test_a_ready_url_is_checked_on_the_command_line():
+    done = subprocess_run(["agent", "--queue-url", "http://127.0.0.1:9/q", "--ready-url", "http://127.0.0.1:8080/h",
+                           "--ready-codes", "2xx"], env={"AWS_REGION": "us-east-1"})
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("spotguard agent: --ready-url/--ready-codes:")
+
+
+def subprocess_run(args: list[str], env: dict[str, str]) -> Any:
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "spotguard", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})

@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the instance metadata service (default http://169.254.169.254)")
     parser.add_argument("--interval", type=positive_number, default=1.0, metavar="SECONDS",
                         help="seconds between metadata reads (default 1)")
+    parser.add_argument("--ready-url", type=http_url, metavar="URL",
+                        help="the service's health check on this host, e.g. http://127.0.0.1:8080/health: once it "
+                             "passes, the daemon is told to register this instance (register_when = \"ready\")")
+    parser.add_argument("--ready-codes", default="200", metavar="CODES",
+                        help="the target group's success codes, e.g. 200 or 200-299 or 200,204 (default 200)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,4 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if region is None:
         print("spotguard agent: no region: set AWS_REGION (or AWS_DEFAULT_REGION)", file=sys.stderr)
         return EXIT_CONFIG
-    return forwarder.main(args.queue_url, args.imds_url, args.interval, region)
+    ready = None
+    if args.ready_url is not None:
+        try:
+            ready = forwarder.ReadyCheck.of_url(args.ready_url, args.ready_codes)
+        except ValueError as exc:
+            print(f"spotguard agent: --ready-url/--ready-codes: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    return forwarder.main(args.queue_url, args.imds_url, args.interval, region, ready)

@@ -36,6 +36,8 @@ STATE_CHANGE = "EC2 Instance State-change Notification"
 ASG_TERMINATE = "EC2 Instance-terminate Lifecycle Action"
 ASG_LAUNCH = "EC2 Instance-launch Lifecycle Action"
 HEALTH_EVENT = "AWS Health Event"
+# The agent's own: the instance answers its health check on localhost (`spotguard agent --ready-url`).
+READY = "spotguard Instance Ready"
 # (source, detail-type) -> the Notice kind it carries; None: no notice, only a reason to poll sooner.
 KINDS: dict[tuple[str, str], str | None] = {
     (EC2, INTERRUPTION): "interruption",
@@ -44,6 +46,7 @@ KINDS: dict[tuple[str, str], str | None] = {
     (EC2, STATE_CHANGE): None,
     (AGENT, INTERRUPTION): "interruption",
     (AGENT, REBALANCE): "rebalance",
+    (AGENT, READY): "ready",
     # Auto Scaling is about to terminate the instance (scale-in, capacity rebalancing):
     # an early notice. The hook's owner completes the action, never spotguard.
     (AUTOSCALING, ASG_TERMINATE): "terminating",
