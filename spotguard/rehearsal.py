@@ -30,6 +30,7 @@ class Rehearsal:
     at: str  # when it began, ISO 8601 UTC
     outcome: str  # "healthy", or what went wrong
     running: float | None = None
+    ready: float | None = None  # it answered its health check (register_when = "ready")
     registered: float | None = None
     healthy: float | None = None
 
@@ -60,7 +61,7 @@ def read(state_dir: Path, guard: str) -> Rehearsal | str | None:
         if data.pop("version") != VERSION:
             raise ValueError("unsupported version")
         rehearsal = Rehearsal(**data)
-        for name in ("running", "registered", "healthy"):
+        for name in ("running", "ready", "registered", "healthy"):
             value = getattr(rehearsal, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} is not a number")

@@ -36,10 +36,13 @@ def detection_seconds(settings: Settings) -> float:
     return min(SQS_DETECTION, poll) if settings.sqs is not None else poll
 
 
-def health_check_seconds(interval: float, healthy_threshold: int) -> float:
-    """How long a new target may take to pass its health checks once its service answers:
-    `healthy_threshold` checks `interval` apart (a target that failed checks while it warmed)."""
-    return interval * healthy_threshold
+def health_check_seconds(interval: float, healthy_threshold: int, register_when: str = "running") -> float:
+    """How long a new target may take to pass its health checks once its service answers.
+
+    Registered when ready, it passes its first check: one `interval`. Registered as
+    it runs, it fails checks while it warms and then needs `healthy_threshold` of them.
+    """
+    return interval if register_when == "ready" else interval * healthy_threshold
 
 
 def advised_delay(detect: float, ready: float) -> float | None:

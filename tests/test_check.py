@@ -13,6 +13,7 @@ config: operators run check on the controller with the daemon's role.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -92,8 +93,9 @@ async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_p
     assert marked(lines, "✗") == []
     ok = "\n".join(marked(lines, "✓"))
     assert "credentials: arn:aws:" in ok
-    assert "target group lab-tg: HTTP:8080, instance targets" in ok
-    assert "every 5s, healthy after 2 passing: a target that answers late needs up to 2 × 5s = 10s" in ok
+    assert f"target group lab-tg: HTTP:{sound.target_port}, instance targets" in ok
+    assert ("every 5s, healthy after 2 passing: registered as it runs, a target that answers late needs up to "
+            "2 × 5s = 10s") in ok
     assert "deregistration delay 30s" in ok
     assert (f"spot request {sound.spot_request_id}: persistent, active; "
             f"instance {sound.spot_instance_id} running, healthy") in ok
@@ -105,6 +107,40 @@ async def test_the_sound_deployment_passes(moto_world, aio_session, sound, tmp_p
     assert "not rehearsed" in timing and "spotguard rehearse --config PATH --guard lab" in timing
     assert not any("[ha]" in line or "leader" in line for line in lines)  # no [ha]: no table, no lease
     assert lines[-1] == "0 problems, 1 warning"
+
+
+@pytest.mark.parametrize("service", ["answers", "refuses", "silent"])
+async def test_readiness_is_probed_from_here_against_the_running_spot(moto_world, aio_session, sound, tmp_path,
+                                                                      service):
+    from test_probe import Service, Unanswering, closed_port
+
+    address = moto_world.private_address(sound.spot_instance_id)
+    moto_world.boto("elbv2").modify_target_group(TargetGroupArn=sound.target_group_arn, HealthCheckTimeoutSeconds=2)
+    async with contextlib.AsyncExitStack() as stack:
+        if service == "answers":
+            port = (await stack.enter_async_context(Service(200, address=address))).port
+        elif service == "silent":
+            port = stack.enter_context(Unanswering(address)).port
+        else:
+            port = closed_port(address)
+        path = write_config(tmp_path, moto_world, [sound], guard={"register_when": "ready", "target_port": port})
+        code, lines = await run_check(moto_world, aio_session, path)
+    assert code == 0, "\n".join(lines)
+    found = [line.strip() for line in lines if "readiness:" in line]
+    assert len(found) == 1, "\n".join(lines)
+    line = found[0]
+    where = f"spot {sound.spot_instance_id}'s health check (HTTP {address}:{port}/health)"
+    assert line == {
+        "answers": f"✓ readiness: {where} passes from here: standbys are registered once they answer it",
+        "refuses": f"! readiness: {where} is reachable from here but does not pass (refused, or another status) "
+                   "— the balancer checks the same thing: fix the service or the target group's health check "
+                   "(path, success codes)",
+        "silent": f"! readiness: {where}: no answer from here within 2s; standbys are then registered 60s after "
+                  f"they start, unproven — allow TCP {port} from this host in the instances' security group, or "
+                  "run `spotguard agent --ready-url http://127.0.0.1:PORT/PATH` on the instances (their image), or "
+                  "set register_when = \"running\"",
+    }[service]
+    assert "registered once it answers, a target is healthy after one check (5s)" in "\n".join(lines)
 
 
 def test_the_cli_runs_check_as_a_real_process(moto_world, sound, tmp_path):

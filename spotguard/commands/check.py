@@ -24,10 +24,12 @@ from spotguard import ha, machine, rehearsal, store
 from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import GuardSettings, Settings, format_duration
-from spotguard.machine import GuardState, Phase
+from spotguard.machine import SILENT_FALLBACK, GuardState, Phase
 from spotguard.rehearsal import Rehearsal
 from spotguard.sources.eventbridge import window
 from spotguard.sources.poll import is_notice
+from spotguard.sources.probe import FAIL as PROBE_FAIL
+from spotguard.sources.probe import PASS, HealthCheck, check_once
 from spotguard.timing import START_ESTIMATE, Budget, advised_delay, detection_seconds, health_check_seconds
 
 OK, FAIL, WARN = "ok", "fail", "warn"
@@ -83,6 +85,8 @@ class GuardSeen:
     rehearsing: str | None = None
     # DescribeInstanceStatus' scheduled events of the guard's instances, by instance id.
     scheduled: Mapping[str, tuple[Mapping[str, Any], ...]] | Refused = field(default_factory=dict)
+    # The readiness probe from this host against each running spot: id -> (address:port, outcome).
+    probes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def state(self) -> GuardState | None:
@@ -137,22 +141,25 @@ def group_lines(guard: GuardSettings, seen: GuardSeen, budget: Budget | None = N
     else:
         lines.append(Line(OK, f"target group {name}: {group.get('Protocol')}:{group.get('Port')}, "
                               f"instance targets, in {group.get('VpcId')}"))
-    lines.append(health_check_line(group))
+    lines.append(health_check_line(group, guard.register_when))
     lines.append(delay_line(name, arn, seen.attributes, budget))
     return lines
 
 
-def group_health_seconds(group: Mapping[str, Any]) -> float:
+def group_health_seconds(group: Mapping[str, Any], register_when: str = "running") -> float:
     """timing.health_check_seconds at the group's settings (AWS's defaults where not reported)."""
     return health_check_seconds(float(group.get("HealthCheckIntervalSeconds", 30)),
-                                int(group.get("HealthyThresholdCount", 5)))
+                                int(group.get("HealthyThresholdCount", 5)), register_when)
 
 
-def health_check_line(group: Mapping[str, Any]) -> Line:
+def health_check_line(group: Mapping[str, Any], register_when: str = "running") -> Line:
     interval, threshold = group.get("HealthCheckIntervalSeconds", 30), group.get("HealthyThresholdCount", 5)
-    return Line(OK, f"health check: {group.get('HealthCheckPath') or group.get('HealthCheckProtocol', '')} every "
-                    f"{interval}s, healthy after {threshold} passing: a target that answers late needs up to "
-                    f"{threshold} × {interval}s = {format_duration(group_health_seconds(group))} (timing, below)")
+    what = f"health check: {group.get('HealthCheckPath') or group.get('HealthCheckProtocol', '')} every {interval}s, " \
+           f"healthy after {threshold} passing"
+    if register_when == "ready":
+        return Line(OK, f"{what}: registered once it answers, a target is healthy after one check ({interval}s)")
+    return Line(OK, f"{what}: registered as it runs, a target that answers late needs up to {threshold} × "
+                    f"{interval}s = {format_duration(group_health_seconds(group))} (timing, below)")
 
 
 def deregistration_delay(attributes: Mapping[str, str] | Refused) -> float | None:
@@ -328,6 +335,37 @@ def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S UTC", time.gmtime(at))
 
 
+def readiness_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
+    """Whether the daemon can tell, from here, when an instance answers its health check."""
+    if guard.register_when == "running" or isinstance(seen.group, Refused):
+        return []
+    check = HealthCheck.of_target_group(dict(seen.group))
+    agent = ("run `spotguard agent --ready-url http://127.0.0.1:PORT/PATH` on the instances (their image), "
+             "or set register_when = \"running\"")
+    if isinstance(check, str):
+        return [Line(WARN, f"readiness: {check} cannot be probed from here: standbys are registered as they run "
+                           "and may need HealthyThresholdCount checks", agent)]
+    if not seen.probes:
+        return [Line(WARN, "readiness: no running spot to probe from here", "run `spotguard check` again once one "
+                     "runs: the standbys are probed the same way")]
+    lines = []
+    for iid, (where, outcome) in seen.probes.items():
+        path = check.path if check.protocol != "TCP" else ""
+        what = f"readiness: spot {iid}'s health check ({check.protocol} {where}{path})"
+        if outcome == PASS:
+            lines.append(Line(OK, f"{what} passes from here: standbys are registered once they answer it"))
+        elif outcome == PROBE_FAIL:
+            lines.append(Line(WARN, f"{what} is reachable from here but does not pass (refused, or another status)",
+                              "the balancer checks the same thing: fix the service or the target group's "
+                              "health check (path, success codes)"))
+        else:
+            port = where.rsplit(":", 1)[-1]
+            lines.append(Line(WARN, f"{what}: no answer from here within {check.timeout:.0f}s; standbys are then "
+                                    f"registered {SILENT_FALLBACK:.0f}s after they start, unproven",
+                              f"allow TCP {port} from this host in the instances' security group, or {agent}"))
+    return lines
+
+
 def scheduled_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
     """A warning per scheduled event (retirement, maintenance, reboot, stop) on a spot or
     standby of the guard that is neither completed nor cancelled."""
@@ -369,7 +407,7 @@ def permission_lines(guard: GuardSettings, seen: GuardSeen) -> list[Line]:
     return lines
 
 
-def budget_of(settings: Settings, seen: GuardSeen) -> tuple[Budget, str | None] | None:
+def budget_of(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> tuple[Budget, str | None] | None:
     """The guard's timing budget (timing.py) and how its ready part was found: the last
     rehearsal's StartInstances → healthy, or an estimate that leaves out the service's boot."""
     drain = deregistration_delay(seen.attributes) or 0.0
@@ -378,7 +416,7 @@ def budget_of(settings: Settings, seen: GuardSeen) -> tuple[Budget, str | None] 
     if isinstance(last, Rehearsal) and last.healthy is not None:
         return Budget(detect, last.healthy, drain), None
     if last is None and not isinstance(seen.group, Refused):
-        checks = group_health_seconds(seen.group)
+        checks = group_health_seconds(seen.group, guard.register_when)
         return (Budget(detect, START_ESTIMATE + checks, drain),
                 f"start ~{format_duration(START_ESTIMATE)} + health checks {format_duration(checks)}")
     return None
@@ -393,7 +431,7 @@ def timing_line(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> Li
     if isinstance(last, Rehearsal) and last.healthy is None:
         return Line(WARN, f"timing: rehearsed {last.at} on {last.standby}: {last.outcome}",
                     "fix the standby's service, then rehearse again")
-    found = budget_of(settings, seen)
+    found = budget_of(settings, guard, seen)
     if found is None:
         return Line(WARN, "timing: unknown (the target group could not be described)")
     budget, estimate = found
@@ -426,7 +464,7 @@ def phase_line(seen: GuardSeen) -> Line | None:
 
 
 def guard_lines(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> list[Line]:
-    found = budget_of(settings, seen)
+    found = budget_of(settings, guard, seen)
     phase = phase_line(seen)
     return [
         *([phase] if phase is not None else []),
@@ -434,6 +472,7 @@ def guard_lines(settings: Settings, guard: GuardSettings, seen: GuardSeen) -> li
         *spot_lines(guard, seen),
         *standby_lines(guard, seen),
         *scheduled_lines(guard, seen),
+        *readiness_lines(guard, seen),
         *permission_lines(guard, seen),
         timing_line(settings, guard, seen),
     ]
@@ -665,7 +704,29 @@ async def _gather_guard(settings: Settings, guard: GuardSettings, ec2: Any, elbv
         known += [i["InstanceId"] for i in tagged if i.get("InstanceLifecycle") == "spot"]
     return GuardSeen(group, attributes, health, requests, instances, tagged, dry_runs,
                      rehearsal.read(settings.daemon.state_dir, guard.name), rehearsing=running[0] if running else None,
-                     scheduled=await _scheduled(ec2, known))
+                     scheduled=await _scheduled(ec2, known), probes=await _probes(guard, group, instances, tagged))
+
+
+async def _probes(guard: GuardSettings, group: Mapping[str, Any] | Refused,
+                  instances: Mapping[str, Mapping[str, Any] | Refused],
+                  tagged: tuple[Mapping[str, Any], ...] | Refused) -> dict[str, tuple[str, str]]:
+    """The target group's health check sent from here to each running spot's private address."""
+    if guard.register_when == "running" or isinstance(group, Refused):
+        return {}
+    check = HealthCheck.of_target_group(dict(group))
+    if isinstance(check, str):
+        return {}
+    spots = [i for i in instances.values() if not isinstance(i, Refused) and i["InstanceId"] not in
+             guard.standby_instance_ids]
+    if not isinstance(tagged, Refused):
+        spots += [i for i in tagged if i.get("InstanceLifecycle") == "spot"]
+    port = check.port or guard.target_port or group.get("Port")
+    out = {}
+    for spot in spots:
+        if _state(spot) == "running" and spot.get("PrivateIpAddress") and port:
+            outcome, _ = await check_once(spot["PrivateIpAddress"], int(port), check)
+            out[spot["InstanceId"]] = (f"{spot['PrivateIpAddress']}:{port}", outcome)
+    return out
 
 
 async def _request(ec2: Any, rid: str) -> dict | Refused:

@@ -22,8 +22,9 @@ from spotguard import rehearsal, store
 from spotguard.aws import AWS_ERRORS, client, error_code
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
 from spotguard.config import GuardSettings, Settings, format_duration
-from spotguard.machine import FAILOVER_PHASES, REHEARSAL_PHASE, GuardState, Target, may_take_out
+from spotguard.machine import FAILOVER_PHASES, REHEARSAL_PHASE, SILENT_FALLBACK, GuardState, Target, may_take_out
 from spotguard.rehearsal import Rehearsal
+from spotguard.sources.probe import PASS, HealthCheck, check_once
 from spotguard.timing import Budget, detection_seconds
 
 POLL = 1.0  # seconds between describes while waiting
@@ -153,7 +154,12 @@ class Rehearser:
             await self.ec2.start_instances(InstanceIds=[self.standby])
             await self._until_running(deadline)
             marks["running"] = self.clock() - began
-            self.say(f"running after {marks['running']:.1f}s; RegisterTargets")
+            if self.guard.register_when == "ready":
+                self.say(f"running after {marks['running']:.1f}s; probing its health check")
+                await self._until_ready(deadline, marks, began)
+                self.say("RegisterTargets")
+            else:
+                self.say(f"running after {marks['running']:.1f}s; RegisterTargets")
             self.registered = True
             await self.elbv2.register_targets(TargetGroupArn=self.guard.target_group_arn, Targets=[self.target])
             marks["registered"] = self.clock() - began
@@ -168,7 +174,8 @@ class Rehearser:
             self.say(f"rehearsal failed: {error_code(exc)}")
             self._record(at, f"failed: {error_code(exc)}", marks)
             return False
-        self.say(f"healthy after {marks['healthy']:.1f}s")
+        after = f" ({marks['healthy'] - marks['ready']:.1f}s after it answered)" if "ready" in marks else ""
+        self.say(f"healthy after {marks['healthy']:.1f}s{after}")
         path = self._record(at, "healthy", marks)
         budget = Budget(detection_seconds(self.settings), marks["healthy"], self.drain or 0.0)
         drain = "" if self.drain is not None else " (deregistration delay unknown)"
@@ -189,6 +196,38 @@ class Rehearser:
             if state in TAKEN_STATES:  # not "stopped": just after StartInstances EC2 may still say so
                 raise _Stop(f"{self.standby} is {state}: changed by someone else (the daemon?)")
             await self._wait(deadline, f"not running within {format_duration(self.guard.standby_ready_timeout)}")
+
+    async def _until_ready(self, deadline: float, marks: dict[str, float], began: float) -> None:
+        """As the daemon does: probe the group's health check on the standby's address until it passes
+        (or, unprobeable or silent for SILENT_FALLBACK, go on and say so)."""
+        group = (await self.elbv2.describe_target_groups(TargetGroupArns=[self.guard.target_group_arn]))
+        check = HealthCheck.of_target_group(group["TargetGroups"][0])
+        if isinstance(check, str):
+            self.say(f"{check} cannot be probed from here: registering it as it runs")
+            return
+        address = await self._address()
+        port = check.port or self.guard.target_port or group["TargetGroups"][0].get("Port")
+        answered, last = False, None
+        while True:
+            outcome, heard = await check_once(address, int(port), check)
+            answered |= heard
+            if outcome == PASS:
+                marks["ready"] = self.clock() - began
+                self.say(f"answers its health check ({check.protocol} {address}:{port}) after {marks['ready']:.1f}s")
+                return
+            if outcome != last:
+                self.say(f"health check from here: {outcome} ({check.protocol} {address}:{port})")
+                last = outcome
+            if not answered and self.clock() - began - marks["running"] >= SILENT_FALLBACK:
+                self.say(f"no answer from {address}:{port} for {SILENT_FALLBACK:.0f}s: registering it unproven, "
+                         "as the daemon would (see `spotguard check`)")
+                return
+            await self._wait(deadline, f"not answering its health check within "
+                                       f"{format_duration(self.guard.standby_ready_timeout)} (last: {outcome})")
+
+    async def _address(self) -> str:
+        reply = await self.ec2.describe_instances(InstanceIds=[self.standby])
+        return reply["Reservations"][0]["Instances"][0]["PrivateIpAddress"]
 
     async def _until_healthy(self, deadline: float) -> None:
         last = None
