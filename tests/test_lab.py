@@ -151,6 +151,20 @@ def test_longest_outage_is_the_longest_run_of_failures():
     assert longest_outage([s(0, True)]) == 0.0
 
 
+def test_demo_takes_the_users_numbers(capsys):
+    from spotguard.commands.demo import run as demo_run
+    from spotguard.commands.demo import scenario_changes
+
+    args = build_parser("demo").parse_args(["demo", "--health-interval", "30", "--healthy-threshold", "5",
+                                             "--warm-up", "60", "--register-when", "running"])
+    assert scenario_changes(args) == {"health_interval": 30.0, "healthy_threshold": 5, "warm_up": 60.0,
+                                      "register_when": "running"}
+    bad = build_parser("demo").parse_args(["demo", "--health-interval", "5", "--health-timeout", "5"])
+    assert demo_run(bad) == 2  # refused before anything starts
+    assert capsys.readouterr().err == ("spotguard demo: health_timeout must be shorter than health_interval "
+                                       "(ELBv2 rule)\n")
+
+
 def test_demo_arguments():
     args = build_parser("demo").parse_args(["demo", "--compare", "--speed", "40"])
     assert (args.command, args.compare, args.speed, args.rate) == ("demo", True, 40.0, 50.0)

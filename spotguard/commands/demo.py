@@ -23,6 +23,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate", type=positive_number, default=50.0, metavar="N",
         help="requests per second sent through the load balancer",
     )
+    knobs = parser.add_argument_group("your numbers (scenario seconds; defaults: the demo's quick target group)")
+    for flag, kind, what in KNOBS:
+        knobs.add_argument(flag, type=kind, metavar="N", help=what)
+    knobs.add_argument("--register-when", choices=("ready", "running"),
+                       help="spotguard's register_when (default ready)")
+
+
+# (flag, type, help); each sets the Scenario field of the same name.
+KNOBS = (
+    ("--boot", positive_number, "StartInstances → running (default 20)"),
+    ("--warm-up", positive_number, "running → the service passes its health check: the model load (default 40)"),
+    ("--health-interval", positive_number, "the target group's HealthCheckIntervalSeconds (default 5; AWS: 30)"),
+    ("--health-timeout", positive_number, "HealthCheckTimeoutSeconds (default 4; AWS: 5)"),
+    ("--healthy-threshold", int, "HealthyThresholdCount (default 2; AWS: 5)"),
+    ("--unhealthy-threshold", int, "UnhealthyThresholdCount (default 2; AWS: 2)"),
+    ("--deregistration-delay", positive_number, "deregistration_delay.timeout_seconds (default 60; AWS: 300)"),
+)
+
+
+def scenario_changes(args: argparse.Namespace) -> dict:
+    """The Scenario fields the command line sets."""
+    names = [flag[2:].replace("-", "_") for flag, _, _ in KNOBS] + ["register_when"]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,4 +57,8 @@ def run(args: argparse.Namespace) -> int:
                   "or in a checkout pip install -e '.[lab]' (or make demo)", file=sys.stderr)
             return EXIT_CONFIG
         raise
-    return play(speed=args.speed, compare=args.compare, rate=args.rate)
+    try:
+        return play(speed=args.speed, compare=args.compare, rate=args.rate, **scenario_changes(args))
+    except ValueError as exc:  # a scenario ELBv2 would refuse (timeout not under the interval, ...)
+        print(f"spotguard demo: {exc}", file=sys.stderr)
+        return EXIT_CONFIG

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from .guard import DROPPED_ENV, SANDBOX_ENV
 from .report import summary
@@ -26,10 +26,13 @@ from .world import MotoWorld
 DEFAULT_SPEED = 25.0
 
 
-def demo(*, speed: float = DEFAULT_SPEED, compare: bool = False, rate: float = 50.0, out: TextIO | None = None) -> int:
+def demo(*, speed: float = DEFAULT_SPEED, compare: bool = False, rate: float = 50.0, out: TextIO | None = None,
+         **changes: Any) -> int:
+    """`changes` are Scenario fields (warm_up, health_interval, register_when, ...)."""
     out = sys.stdout if out is None else out
+    scenario = Scenario(rate=rate, **changes)
+    scenario.check()
     _sandbox()
-    scenario = Scenario(rate=rate)
     runs = [scenario, scenario.unguarded()] if compare else [scenario]
     print(_intro(scenario, speed, compare), file=out, flush=True)
     with MotoWorld() as world:
@@ -61,5 +64,7 @@ def _intro(s: Scenario, speed: float, compare: bool) -> str:
         f"Scenario time runs ×{speed:g}: the notice comes at +{s.notice_at:.0f}s, the spot dies "
         f"{s.notice_period:.0f}s later, capacity returns {s.refulfil_after or 0:.0f}s after that; "
         f"instances boot in {s.boot:.0f}s and load their model in {s.warm_up:.0f}s; "
-        f"failback grace {s.failback_grace / 60:.0f} minutes.\n"
+        f"failback grace {s.failback_grace / 60:.0f} minutes; health check every {s.health_interval:g}s, healthy "
+        f"after {s.healthy_threshold}, deregistration delay {s.deregistration_delay:g}s; "
+        f"register_when = {s.register_when}.\n"
     )

@@ -65,6 +65,7 @@ def write_config(
     failback_grace: float,
     standby_ready_timeout: float,
     unhealthy_grace: float,
+    register_when: str = "ready",
 ) -> Path:
     """The lab's config; durations are scenario seconds, written as wall seconds (÷ speed)."""
 
@@ -82,6 +83,7 @@ def write_config(
             "failback_grace": wall(failback_grace),
             "standby_ready_timeout": wall(standby_ready_timeout),
             "unhealthy_grace": wall(unhealthy_grace),
+            "register_when": register_when,
         }],
     }
     comment = f"Written by the spotguard lab: durations are the scenario's divided by the speed ({speed:g})."

@@ -267,6 +267,7 @@ class _Run:
             failback_grace=s.failback_grace,
             standby_ready_timeout=s.standby_ready_timeout,
             unhealthy_grace=s.unhealthy_grace,
+            register_when=s.register_when,
         )
         self.spotguard = SpotguardProcess(config, self._spotguard_said)
         self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g})")

@@ -44,6 +44,7 @@ class Scenario:
     failback_grace: float = 600.0
     standby_ready_timeout: float = 300.0
     unhealthy_grace: float = 30.0
+    register_when: str = "ready"  # ready | running
     # a second interruption, of the new spot, when spotguard enters this phase
     second_notice_in: str | None = None
     second_notice_delay: float = 10.0
