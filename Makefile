@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install bench bench-detect demo clean reliability
+.PHONY: test lint install bench bench-detect bench-readiness demo clean reliability
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ bench: $(STAMP)
 # Notice appears → StartInstances, 30 trials per path (SQS, agent, poll), into docs/benchmarks.md.
 bench-detect: $(STAMP)
 	$(PY) bench/detect.py
+
+# A failover at AWS's default health-check settings, register_when ready against running, into docs/benchmarks.md.
+bench-readiness: $(STAMP)
+	$(PY) bench/readiness.py
 
 # One spot interruption on an embedded AWS, with spotguard and without a standby.
 demo: $(STAMP)

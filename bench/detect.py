@@ -243,11 +243,11 @@ def _warning(instance_id: str) -> dict:
 # ---------------------------------------------------------------------- reporting
 
 
-def splice(document: str, block: str) -> str:
-    """`document` with its BEGIN…END block replaced by `block` (appended when it has none)."""
-    start, end = document.find(BEGIN), document.find(END)
+def splice(document: str, block: str, begin: str = BEGIN, end_marker: str = END) -> str:
+    """`document` with its begin…end block replaced by `block` (appended when it has none)."""
+    start, end = document.find(begin), document.find(end_marker)
     if start != -1 and end > start:
-        return document[:start] + block + document[end + len(END):]
+        return document[:start] + block + document[end + len(end_marker):]
     return (document.rstrip("\n") + "\n\n" if document.strip() else "") + block + "\n"
 
 
