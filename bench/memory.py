@@ -149,7 +149,7 @@ def _parse_status(text: str) -> dict[str, int]:
     out = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "VmHWM"):
+        if key in ("VmRSS", "RssAnon", "VmHWM", "Threads"):
             out[key] = int(rest.split()[0])
     return out
 
@@ -162,7 +162,7 @@ def _report(baseline: list[tuple[str, dict[str, int]]], samples: dict, warm: int
     stages = [[label, _mib(s["VmRSS"]), _mib(s["RssAnon"])] for label, s in baseline]
     last = warm + polls
     rows = [
-        [point, _mib(s["VmRSS"]), _mib(s["RssAnon"]), _mib(s["VmHWM"]),
+        [point, _mib(s["VmRSS"]), _mib(s["RssAnon"]), _mib(s["VmHWM"]), s["Threads"],
          f"{s['VmRSS'] - samples[warm]['VmRSS']:+,d}" if point >= warm else ""]
         for point, s in samples.items()
     ]
@@ -178,7 +178,8 @@ def _report(baseline: list[tuple[str, dict[str, int]]], samples: dict, warm: int
             "Where it goes, before any round (one short-lived process, stage by stage):",
             table(["stage", "VmRSS MiB", "RssAnon MiB"], stages, align="l"),
             "The daemon, as it runs:",
-            table(["after round", "VmRSS MiB", "RssAnon MiB", "VmHWM MiB", f"VmRSS KiB since round {warm:,}"], rows),
+            table(["after round", "VmRSS MiB", "RssAnon MiB", "VmHWM MiB", "threads",
+                   f"VmRSS KiB since round {warm:,}"], rows),
             f"Over the {polls:,} polls from round {warm:,} to {last:,}: VmRSS {grown:+,d} KiB, RssAnon {anon:+,d} KiB "
             f"(goal: under {GOAL_KIB:,} KiB: {verdict}). Per round meanwhile: {fmt(cpu_per_round * 1e3)} ms of CPU "
             f"(whole process, logging included), one round every {fmt(period * 1e3)} ms.",
