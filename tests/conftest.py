@@ -7,7 +7,9 @@ AWS account out of reach.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
@@ -27,6 +29,25 @@ os.environ.update(
     AWS_EC2_METADATA_DISABLED="true",
 )
 os.environ.pop("AWS_PROFILE", None)
+
+
+
+def _loopback_only(event: str, args: tuple) -> None:
+    """Every connection and datagram a test process makes goes to loopback, never to a private range
+    (an audit hook: it sees asyncio's, aiohttp's and botocore's sockets alike)."""
+    if event not in ("socket.connect", "socket.sendto"):
+        return
+    address = args[1] if event == "socket.connect" else args[-1]
+    host = address[0] if isinstance(address, tuple) and address else None
+    try:
+        ip = ipaddress.ip_address(host) if isinstance(host, str) else None
+    except ValueError:
+        return  # a name: its resolved address is checked when it is connected to
+    if ip is not None and ip.is_private and not ip.is_loopback:
+        raise PermissionError(f"a test sent to {host}: tests and the lab send only to 127.0.0.0/8")
+
+
+sys.addaudithook(_loopback_only)
 
 from hypothesis import settings  # noqa: E402
 

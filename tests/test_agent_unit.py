@@ -156,7 +156,8 @@ def service_value(key: str) -> str:
 def test_unit_runs_the_agent_with_the_queue_from_its_environment_file():
     assert service_value("Type") == "simple"
     assert service_value("EnvironmentFile") == "/etc/spotguard/agent.env"
-    assert service_value("ExecStart") == f"{INSTALLED_EXEC} agent --queue-url ${{SPOTGUARD_QUEUE_URL}}"
+    assert service_value("ExecStart") == (f"{INSTALLED_EXEC} agent --queue-url ${{SPOTGUARD_QUEUE_URL}} "
+                                          "$SPOTGUARD_AGENT_OPTIONS")
     assert service_value("Restart") == "on-failure"
     assert service_value("DynamicUser") == "yes"
     assert set(service_value("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}

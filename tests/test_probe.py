@@ -109,6 +109,29 @@ async def test_no_answer_at_all_is_silent():
         assert await check_once(ADDRESS, nothing.port, http(timeout=0.3, protocol="TCP")) == (NO_ANSWER, False)
 
 
+async def test_a_slow_body_is_judged_on_the_status_line():
+    """The status line decides; a body that trickles in for longer than the timeout does not turn it into a fail."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            await writer.drain()
+            for _ in range(100):
+                writer.write(b"x" * 10)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(answer, ADDRESS, 0)
+    try:
+        started = asyncio.get_running_loop().time()
+        port = server.sockets[0].getsockname()[1]
+        assert await check_once(ADDRESS, port, http(timeout=1.0)) == (PASS, True)
+        assert asyncio.get_running_loop().time() - started < 1.0  # the body would take 5 s
+    finally:
+        server.close()
+
+
 async def test_tcp_check_passes_on_connect():
     async with Service() as service:
         check = HealthCheck.of_target_group({"HealthCheckProtocol": "TCP", "HealthCheckPort": str(service.port)})
@@ -182,3 +205,11 @@ async def test_an_unprobeable_group_says_so(aws, deployment, moto_world):
         await until(lambda: prober.verdict("i-s1") is None, what="unprobeable")
     finally:
         await prober.close()
+
+
+def test_the_suite_never_sends_to_a_private_range():
+    """conftest's audit hook: a test that tried would fail, not send."""
+    with socket.socket() as s, pytest.raises(PermissionError, match="only to 127.0.0.0/8"):
+        s.connect(("10.0.1.4", 8080))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, pytest.raises(PermissionError):
+        s.sendto(b"x", ("192.168.1.1", 53))

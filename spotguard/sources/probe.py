@@ -152,6 +152,7 @@ class Prober:
         self.checks: dict[str, tuple[float, HealthCheck | str | None, int | None]] = {}  # arn: (read at, check, port)
         self.reading: dict[str, asyncio.Task] = {}
         self.said: set[str] = set()  # target groups whose unprobeable check was logged
+        self.unread: set[str] = set()  # target groups whose settings could not be read, logged once
 
     def watch(self, guard: str, arn: str, target_port: int | None, instances: Iterable[Instance]) -> None:
         """From now on probe `instances` for `guard` (target group `arn`), and none of its others."""
@@ -234,8 +235,11 @@ class Prober:
         try:
             answer = await self.elbv2.describe_target_groups(TargetGroupArns=[arn])
         except AWS_ERRORS as exc:
-            log.warning("probe.target_group.unread", target_group_arn=arn, error=error_code(exc))
+            if arn not in self.unread:  # said once; read again every probe round until it works
+                self.unread.add(arn)
+                log.warning("probe.target_group.unread", target_group_arn=arn, error=error_code(exc))
             return None, None
+        self.unread.discard(arn)
         group = answer["TargetGroups"][0]
         check = HealthCheck.of_target_group(group)
         if isinstance(check, str) and arn not in self.said:
