@@ -40,6 +40,8 @@ target_group_arn = {json.dumps(d["target_group_arn"])}
 spot_request_ids = {json.dumps([d["spot_request_id"]])}
 standby_instance_ids = {json.dumps(list(d["standby_ids"]))}
 failback_grace = {json.dumps(failback_grace)}
+# No service runs on the bench's instances: a readiness probe would wait forever.
+register_when = "running"
 """
         for d in deployments
     )
