@@ -604,15 +604,6 @@ def _unready_because(state: GuardState, inst: Instance, now: float) -> str:
     return _NOT_YET
 
 
-def to_probe(state: GuardState, seen: Observed) -> tuple[Instance, ...]:
-    """The instances of `seen` whose readiness the shell should probe: running, not registered."""
-    if state.rules.register_when == "running":
-        return ()
-    registered = {t.id for t in seen.targets if t.health not in (UNUSED, DRAINING)}
-    return tuple(i for i in seen.spots + seen.standbys
-                 if i.state == "running" and i.id not in registered and i.id not in seen.foreign)
-
-
 def _drop_doomed(state: GuardState) -> tuple[Command, ...]:
     return _deregister(state, sorted(state.doomed))
 
@@ -921,3 +912,12 @@ def health_reusable(unhealthy_grace: float, targets: Iterable[Target], spots: It
 def may_take_out(targets: Iterable[Target], iid: str) -> bool:
     """Invariant 1: a target may leave the group only if another healthy target stays."""
     return any(t.health == HEALTHY and t.id != iid for t in targets)
+
+
+def to_probe(state: GuardState, seen: Observed) -> tuple[Instance, ...]:
+    """The instances of `seen` whose readiness the shell should probe: running, not registered."""
+    if state.rules.register_when == "running":
+        return ()
+    registered = {t.id for t in seen.targets if t.health not in (UNUSED, DRAINING)}
+    return tuple(i for i in seen.spots + seen.standbys
+                 if i.state == "running" and i.id not in registered and i.id not in seen.foreign)

@@ -239,3 +239,31 @@ async def test_a_standby_never_healthy_is_recorded_put_back_and_reported_by_chec
     code, lines = await run_check(moto_world, aio_session, path)
     assert code == 0
     assert any(line.strip().startswith("! timing: rehearsed ") and "not healthy within 0.3s" in line for line in lines)
+
+
+async def test_with_register_when_ready_it_waits_for_the_health_check_and_reports_answered_to_healthy(
+        moto_world, aio_session, deployment, tmp_path):
+    """The standby's service on its own private address: 503 while it loads, then 200."""
+    from test_probe import Service
+
+    d = deployment
+    set_delay(moto_world, d, 30)
+    sid = d.standby_ids[0]
+    async with Service(503, address=moto_world.private_address(sid)) as service:
+        path = write_config(tmp_path, moto_world, [d], guard={"register_when": "ready", "target_port": service.port})
+        out = io.StringIO()
+        rehearser, task, stack = await start_rehearsal(moto_world, aio_session, path, out)
+        await until(lambda: len(service.heads) >= 2, timeout=10.0, what="the standby probed")
+        assert sid not in moto_world.registered_targets(d.target_group_arn)  # not registered while it fails
+        service.status = 200
+        code = await finish(task, stack)
+    assert code == 0, out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"running after \d+\.\ds; probing its health check", lines[2])
+    assert lines[3] == f"health check from here: fail (HTTP {service.address}:{service.port})"
+    assert re.fullmatch(rf"answers its health check \(HTTP {re.escape(service.address)}:{service.port}\) after "
+                        r"\d+\.\ds", lines[4])
+    assert lines[5] == "RegisterTargets"
+    assert any(re.fullmatch(r"healthy after \d+\.\ds \(\d+\.\ds after it answered\)", line) for line in lines)
+    recorded = rehearsal.read(Path(config.load(path).daemon.state_dir), d.name)
+    assert recorded.ready is not None and recorded.ready <= recorded.registered <= recorded.healthy
