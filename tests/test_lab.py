@@ -181,6 +181,11 @@ async def test_full_cycle_loses_no_request(moto_world):
     assert outcome.completed and outcome.problem is None, outcome.problem
     assert outcome.sent > 200
     assert (outcome.failed, outcome.failures) == (0, {})
+    # The recommended deployment: EventBridge and the spot's agent both send to the queue; one of them is first.
+    heard = [e.data["path"] for e in outcome.entries if e.data.get("kind") == "heard"]
+    assert len(heard) == 1 and heard[0] in ("SQS (EventBridge)", "SQS (the agent on the spot)"), heard
+    assert [e.data["instance"] for e in outcome.entries if e.data.get("kind") == "agent"] == [
+        next(e.data["instance"] for e in outcome.entries if e.data.get("kind") == "notice")]
     assert outcome.transitions() == [
         ("spot-healthy", "standby-starting"),
         ("standby-starting", "both-serving"),

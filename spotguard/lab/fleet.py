@@ -95,6 +95,10 @@ class Fleet:
         known = self._known.get(instance_id)
         return known.imds if known else None
 
+    def spot_metadata(self) -> dict[str, str]:
+        """The metadata service URL of every spot instance that runs now, by instance id."""
+        return {iid: k.imds.url for iid, k in self._known.items() if k.role.startswith("spot") and k.imds is not None}
+
     def live(self, instance_id: str) -> bool:
         """Whether EC2 shows the instance pending or running (reads moto's backend; any thread)."""
         return self.world.instance_state(instance_id) in LIVE

@@ -66,6 +66,7 @@ def write_config(
     standby_ready_timeout: float,
     unhealthy_grace: float,
     register_when: str = "ready",
+    queue_url: str | None = None,
 ) -> Path:
     """The lab's config; durations are scenario seconds, written as wall seconds (÷ speed)."""
 
@@ -85,6 +86,7 @@ def write_config(
             "unhealthy_grace": wall(unhealthy_grace),
             "register_when": register_when,
         }],
+        "sources": {"sqs": {"queue_url": queue_url}} if queue_url else None,
     }
     comment = f"Written by the spotguard lab: durations are the scenario's divided by the speed ({speed:g})."
     path.write_text(render_toml(doc, comment=comment))
@@ -147,8 +149,14 @@ def _value(value: Any) -> str:
 class SpotguardProcess:
     """`spotguard run` as a child process; every JSON log line goes to `on_event`."""
 
-    def __init__(self, config: Path, on_event: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, config: Path | None, on_event: Callable[[dict[str, Any]], None], *,
+                 argv: list[str] | None = None, ready_event: str = "daemon.ready",
+                 env: Mapping[str, str] | None = None) -> None:
+        """`argv` runs another verb (the agent: ready once it logs `ready_event`), with `env` added."""
         self.config = config
+        self.argv = argv if argv is not None else ["run", "--config", str(config)]
+        self.ready_event = ready_event
+        self.env = dict(env or {})
         self.on_event = on_event
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
@@ -160,10 +168,10 @@ class SpotguardProcess:
     async def start(self, timeout: float = 60.0) -> None:
         """Start the daemon and wait for its first observation round (`daemon.ready`)."""
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "spotguard", "run", "--config", str(self.config),
+            sys.executable, "-m", "spotguard", *self.argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=sandbox_environ(),
+            env={**sandbox_environ(), **self.env},
         )
         self._readers = [
             asyncio.create_task(self._read_stdout()),
@@ -215,7 +223,7 @@ class SpotguardProcess:
             if not isinstance(event, dict):
                 event = {"event": "lab.unparsed", "text": line, "level": "warning"}
             self.events.append(event)
-            if event.get("event") == "daemon.ready":
+            if event.get("event") == self.ready_event:
                 self.ready.set()
             try:
                 self.on_event(event)

@@ -38,6 +38,7 @@ LOAD_WINDOW = 30.0
 LOAD_QUIET = 180.0
 # spotguard log lines worth a timeline entry besides transitions, actions and alerts.
 LOUD_LEVELS = frozenset({"warning", "error", "critical"})
+AGENT_INTERVAL = 1.0  # scenario seconds between an agent's metadata reads (the real agent's default)
 _SECONDS = re.compile(r"\b(\d+(?:\.\d+)?)s\b")
 
 
@@ -75,6 +76,8 @@ class _Run:
         self.fulfilled_at: float | None = None
         self.gaps: list[list[float]] = []  # [start, end] spans with no healthy target
         self.registered_by_lab: set[str] = set()
+        self.heard: dict[str, str] = {}  # spot id -> the path spotguard heard its notice by first
+        self.agents: dict[str, SpotguardProcess] = {}  # `spotguard agent` on each running spot, by its id
         self.deployment: Any = None
         self.fleet: Fleet | None = None
         self.balancer: Balancer | None = None
@@ -98,6 +101,8 @@ class _Run:
                 await self._until(self._spot_serving, SETUP_TIMEOUT, "the first spot to be healthy")
                 if self.s.guarded:
                     await self._start_spotguard(Path(tmp))
+                    await self._sync_agents(wait=True)  # the spot's agent runs before the scenario begins
+                    tasks.append(asyncio.create_task(self._run_agents()))
                 self._begin()
                 self.load = LoadGenerator(
                     f"{self.balancer.url}/",
@@ -120,6 +125,7 @@ class _Run:
                 stop_load.set()
                 if load_task is not None:
                     await asyncio.wait([load_task], timeout=10)
+                await asyncio.gather(*(agent.stop() for agent in self.agents.values()))
                 if self.spotguard is not None:
                     exit_code = await self.spotguard.stop()
                     if exit_code != 0 and problem is None:
@@ -185,6 +191,9 @@ class _Run:
         )
         say(f"  load: {s.rate:g} requests/s (wall) through the load balancer")
         say("  instance metadata: an IMDSv2 on loopback for each running instance")
+        if s.guarded:
+            say("  notices reach spotguard three ways: EventBridge → SQS, `spotguard agent` on the spot (IMDS → SQS), "
+                "and its own poll")
         say()
 
     def _begin(self) -> None:
@@ -268,10 +277,46 @@ class _Run:
             standby_ready_timeout=s.standby_ready_timeout,
             unhealthy_grace=s.unhealthy_grace,
             register_when=s.register_when,
+            queue_url=self.queue_url,
         )
         self.spotguard = SpotguardProcess(config, self._spotguard_said)
         self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g})")
         await self.spotguard.start()
+
+    async def _run_agents(self) -> None:
+        while True:
+            await self._sync_agents(wait=False)
+            await asyncio.sleep(min(0.05, self.clock.wall(1.0)))
+
+    async def _sync_agents(self, *, wait: bool) -> None:
+        """`spotguard agent` on every running spot, reading its metadata service, sending to the queue;
+        with `wait`, until the new ones run."""
+        env = {"AWS_ENDPOINT_URL": self.world.endpoint_url, "AWS_REGION": self.world.region}
+        running = self.fleet.spot_metadata()
+        for iid in [i for i in self.agents if i not in running]:
+            asyncio.create_task(self.agents.pop(iid).stop())  # the host is gone, and its agent with it
+        started = []
+        for iid, url in running.items():
+            if iid not in self.agents:
+                argv = ["agent", "--queue-url", self.queue_url, "--imds-url", url,
+                        "--interval", f"{self.clock.wall(AGENT_INTERVAL):g}"]
+                self.agents[iid] = SpotguardProcess(None, lambda event, iid=iid: self._agent_said(iid, event),
+                                                    argv=argv, ready_event="agent.started", env=env)
+                started.append(self.agents[iid].start())
+        if wait:
+            await asyncio.gather(*started)
+        else:
+            for start in started:
+                asyncio.create_task(start)
+
+    def _agent_said(self, spot: str, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "agent.sqs.sent":
+            self.timeline.add("agent", f"on {spot}: {event.get('detail_type')} read from IMDS, sent to SQS",
+                              kind="agent", instance=spot)
+        elif event.get("level") in LOUD_LEVELS:
+            details = {k: v for k, v in event.items() if k not in ("event", "level", "timestamp")}
+            self.timeline.add("agent", f"on {spot}: {event.get('level')}: {name} {json.dumps(details)}", kind="log")
 
     def _spotguard_said(self, event: dict[str, Any]) -> None:
         name = event.get("event")
@@ -279,6 +324,8 @@ class _Run:
         add = lambda text, **data: self.timeline.add("spotguard", text, at=at, **data)  # noqa: E731
         if name == "guard.transition":
             self.phase, self.phase_since = event["to"], at
+            if event["to"] == "standby-starting" and self.notices and self.notices[-1][0] not in self.heard:
+                self._heard(self.notices[-1][0], "its poll (the spot request's status)", at)
             add(
                 f"{event['from']} → {event['to']}: {event.get('reason', '')}",
                 kind="transition", **{"from": event["from"], "to": event["to"], "reason": event.get("reason")},
@@ -290,11 +337,22 @@ class _Run:
         elif name == "guard.alert":
             text = self._in_scenario_time(self.timeline.humane(str(event.get("text"))))
             add(f"⚠ ALERT: {text}", kind="alert", alert=text)
+        elif name == "source.sqs.notice" and event.get("kind") in ("interruption", "rebalance"):
+            via = "the agent on the spot" if event.get("source") == "spotguard.agent" else "EventBridge"
+            self._heard(str(event.get("instance_id")), f"SQS ({via})", at)
         elif name == "daemon.ready":
             add("running: first observation done", kind="ready")
         elif event.get("level") in LOUD_LEVELS:
             details = {k: v for k, v in event.items() if k not in ("event", "level", "timestamp")}
             add(f"{event.get('level')}: {name} {json.dumps(details)}", kind="log")
+
+    def _heard(self, spot: str, path: str, at: float | None) -> None:
+        """Which path brought spotguard each notice first (the others are duplicates it drops)."""
+        if spot in self.heard:
+            return
+        self.heard[spot] = path
+        self.timeline.add("spotguard", f"heard the notice for {spot} first by {path}", at=at, kind="heard",
+                          instance=spot, path=path)
 
     def _in_scenario_time(self, text: str) -> str:
         """spotguard counts wall seconds: "after 2s" becomes "after 2s (≈1m40s in scenario time)"."""
