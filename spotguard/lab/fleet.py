@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .app import InstanceApp
 from .clock import ScenarioClock, span_text
@@ -48,9 +48,11 @@ class Fleet:
         stop_time: float,
         latency: float,
         port: int,
+        on_state: Callable[[str, str], None] = lambda instance_id, state: None,
     ) -> None:
         self.world = world
         self.target_port = port  # the target group's: every instance's service listens on it
+        self.on_state = on_state  # (instance id, new state): what EC2 announces on EventBridge
         self.clock = clock
         self.timeline = timeline
         self.boot = boot
@@ -160,6 +162,8 @@ class Fleet:
             known.running_since = now
         if old is not None:
             self.timeline.add("ec2", f"{known.role} {old} → {state}", instance=instance_id, old=old, new=state)
+            if state is not None:
+                self.on_state(instance_id, state)
 
     async def _start_app(self, instance_id: str, known: _Known) -> None:
         warm_up = 0.0 if known.warm else known.warm_up

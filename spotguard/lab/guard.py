@@ -191,6 +191,12 @@ class SpotguardProcess:
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
 
+    def kill(self) -> None:
+        """SIGKILL now, as a host that vanishes (stop() still reaps it)."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
     async def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then wait (SIGKILL past the timeout); the exit status."""
         proc = self._proc

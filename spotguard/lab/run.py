@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from ..sources.eventbridge import FULFILLMENT, INTERRUPTION, STATE_CHANGE
 from .balancer import Balancer, HealthCheck
 from .clock import ScenarioClock, clock_text, span_text
 from .fleet import Fleet
@@ -77,6 +78,8 @@ class _Run:
         self.gaps: list[list[float]] = []  # [start, end] spans with no healthy target
         self.registered_by_lab: set[str] = set()
         self.heard: dict[str, str] = {}  # spot id -> the path spotguard heard its notice by first
+        self.sent_events: list[str] = []  # detail-types the lab put on the queue as EventBridge
+        self.queue_url: str | None = None
         self.agents: dict[str, SpotguardProcess] = {}  # `spotguard agent` on each running spot, by its id
         self.deployment: Any = None
         self.fleet: Fleet | None = None
@@ -160,7 +163,7 @@ class _Run:
         world.model_transitions(True)
 
         self.fleet = Fleet(world, self.clock, self.timeline, boot=s.boot, stop_time=s.stop_time, latency=s.latency,
-                           port=d.target_port)
+                           port=d.target_port, on_state=self._state_changed)
         self.fleet.follow_spot_request(d.spot_request_id, warm_up=s.warm_up)
         for sid in d.standby_ids:
             self.fleet.watch(sid, "standby", warm_up=s.standby_warm, on_demand=True)
@@ -401,7 +404,8 @@ class _Run:
             f"terminated in {span_text(s.notice_period)}",
             kind="notice", instance=spot, **imds,
         )
-        await asyncio.to_thread(self._eventbridge, spot)
+        await asyncio.to_thread(self._eventbridge, INTERRUPTION, {"instance-id": spot, "instance-action": "terminate"},
+                                spot)
         await self.clock.sleep(s.notice_period)
         world.terminate_spot(rid)
         self.terminations.append((spot, self.timeline.now()))
@@ -411,9 +415,12 @@ class _Run:
             return
         await self.clock.sleep(s.refulfil_after)
         new = world.fulfil(rid, pending=True)
+        await asyncio.to_thread(self._eventbridge, FULFILLMENT, {"spot-instance-request-id": rid,
+                                                                 "instance-id": new}, new)
         await self.fleet.tick()
         self.fulfilled_at = self.timeline.now()
-        self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending)", kind="fulfilled",
+        self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending; its fulfilment "
+                                 "and state changes go to SQS as EventBridge sends them)", kind="fulfilled",
                           instance=new)
 
     def _imds_notice(self, spot: str) -> dict[str, Any]:
@@ -428,21 +435,38 @@ class _Run:
         at = datetime.now(timezone.utc) + timedelta(seconds=self.clock.wall(self.s.notice_period))
         return {"imds": metadata.url, "instance_action": metadata.set_interruption(at)}
 
-    def _eventbridge(self, spot: str) -> None:
-        """The notice as EventBridge delivers it to an SQS queue (for an SQS source to read)."""
+    def _eventbridge(self, detail_type: str, detail: dict[str, str], instance_id: str) -> None:
+        """An EC2 event as EventBridge delivers it to an SQS queue (for the SQS source to read)."""
         world = self.world
         event = {
             "version": "0",
             "id": str(uuid.uuid4()),
-            "detail-type": "EC2 Spot Instance Interruption Warning",
+            "detail-type": detail_type,
             "source": "aws.ec2",
             "account": world.account_id,
             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "region": world.region,
-            "resources": [f"arn:aws:ec2:{world.region}:{world.account_id}:instance/{spot}"],
-            "detail": {"instance-id": spot, "instance-action": "terminate"},
+            "resources": [f"arn:aws:ec2:{world.region}:{world.account_id}:instance/{instance_id}"],
+            "detail": detail,
         }
         world.boto("sqs").send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(event))
+        self.sent_events.append(detail_type)
+
+    def _state_changed(self, instance_id: str, state: str) -> None:
+        """EC2's state-change notification for every instance, as EventBridge sends it (off the loop).
+        An instance leaving `running` takes its agent with it, before its metadata service goes."""
+        agent = self.agents.pop(instance_id, None) if state != "running" else None
+        if agent is not None:
+            agent.kill()
+            asyncio.create_task(agent.stop())
+        if self.queue_url is not None:
+            sent = asyncio.get_running_loop().run_in_executor(
+                None, self._eventbridge, STATE_CHANGE, {"instance-id": instance_id, "state": state}, instance_id)
+            sent.add_done_callback(self._event_sent)
+
+    def _event_sent(self, sent: asyncio.Future) -> None:
+        if not sent.cancelled() and sent.exception() is not None:
+            self.timeline.add("lab", f"EventBridge → SQS failed: {sent.exception()!r}", kind="log")
 
     def _cycle_over(self) -> bool:
         if self.fulfilled_at is None:
