@@ -253,6 +253,33 @@ async def test_second_interruption_while_the_standby_drains(moto_world):
     assert len(stops) >= 1
 
 
+async def test_no_capacity_for_the_first_standby_the_second_serves(moto_world):
+    outcome = await run_scenario(replace(QUICK.named("no-capacity"), failback_grace=30.0), speed=SPEED,
+                                 world=moto_world)
+    assert outcome.completed and outcome.problem is None, outcome.problem
+    assert (outcome.failed, outcome.failures) == (0, {})
+    starts = [(e.data["instance"], e.data["outcome"]) for e in outcome.entries
+              if e.data.get("kind") == "action" and e.data.get("action") == "StartInstances"]
+    assert [how for _, how in starts] == ["failed", "ok"] and starts[0][0] != starts[1][0]
+    assert any("could not start (InsufficientInstanceCapacity); trying the next standby" in a
+               for a in outcome.alerts())
+
+
+def test_named_scenarios_and_the_list(capsys):
+    from spotguard.commands.demo import run as demo_run
+    from spotguard.lab.scenario import SCENARIOS
+
+    assert Scenario().named("interruption") == Scenario()
+    assert (Scenario().named("no-capacity").standbys, Scenario().named("no-capacity").no_capacity) == (2, 1)
+    with pytest.raises(ValueError, match="no_capacity must leave at least one standby"):
+        replace(Scenario(), no_capacity=1).check()
+    assert demo_run(build_parser("demo").parse_args(["demo", "--scenario", "list"])) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(SCENARIOS)
+    assert demo_run(build_parser("demo").parse_args(["demo", "--scenario", "storm"])) == 2
+    assert "no scenario 'storm'" in capsys.readouterr().err
+
+
 def outcome_standbys(outcome) -> list[str]:
     return sorted({e.data["instance"] for e in outcome.entries if e.data.get("action") == "StartInstances"})
 

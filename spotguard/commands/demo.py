@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate", type=positive_number, default=50.0, metavar="N",
         help="requests per second sent through the load balancer",
     )
+    parser.add_argument("--scenario", default="interruption", metavar="NAME",
+                        help="what to play: interruption (default), no-capacity, slow-standby, double; "
+                             "`--scenario list` says what each shows")
     knobs = parser.add_argument_group("your numbers (scenario seconds; defaults: the demo's quick target group)")
     for flag, kind, what in KNOBS:
         knobs.add_argument(flag, type=kind, metavar="N", help=what)
@@ -57,8 +60,19 @@ def run(args: argparse.Namespace) -> int:
                   "or in a checkout pip install -e '.[lab]' (or make demo)", file=sys.stderr)
             return EXIT_CONFIG
         raise
+    from spotguard.lab.scenario import SCENARIOS
+
+    if args.scenario == "list":
+        for name, named in SCENARIOS.items():
+            print(f"{name:<14} {named.what}")
+        return 0
+    if args.scenario not in SCENARIOS:
+        print(f"spotguard demo: no scenario {args.scenario!r} (one of {', '.join(SCENARIOS)}, or list)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        return play(speed=args.speed, compare=args.compare, rate=args.rate, **scenario_changes(args))
+        return play(speed=args.speed, compare=args.compare, rate=args.rate, scenario=args.scenario,
+                    **scenario_changes(args))
     except ValueError as exc:  # a scenario ELBv2 would refuse (timeout not under the interval, ...)
         print(f"spotguard demo: {exc}", file=sys.stderr)
         return EXIT_CONFIG

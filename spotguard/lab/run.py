@@ -144,7 +144,9 @@ class _Run:
     async def _build(self) -> None:
         s, world = self.s, self.world
         world.reset()
-        d = self.deployment = world.provision(GUARD, standbys=1 if s.guarded else 0)
+        d = self.deployment = world.provision(GUARD, standbys=s.standbys if s.guarded else 0)
+        for sid in d.standby_ids[:s.no_capacity]:
+            world.inject_error("start", sid, "InsufficientInstanceCapacity")
         elbv2 = world.boto("elbv2")
         elbv2.modify_target_group(
             TargetGroupArn=d.target_group_arn,
@@ -165,8 +167,9 @@ class _Run:
         self.fleet = Fleet(world, self.clock, self.timeline, boot=s.boot, stop_time=s.stop_time, latency=s.latency,
                            port=d.target_port, on_state=self._state_changed)
         self.fleet.follow_spot_request(d.spot_request_id, warm_up=s.warm_up)
-        for sid in d.standby_ids:
-            self.fleet.watch(sid, "standby", warm_up=s.standby_warm, on_demand=True)
+        for n, sid in enumerate(d.standby_ids, 1):
+            self.fleet.watch(sid, "standby" if len(d.standby_ids) == 1 else f"standby-{n}", warm_up=s.standby_warm,
+                             on_demand=True)
         self.balancer = Balancer(
             self.clock,
             check,

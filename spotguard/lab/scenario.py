@@ -14,7 +14,7 @@ This module must not run anything; spotguard.lab.run plays a Scenario.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Any, Mapping
 
 from .timeline import Entry
 
@@ -32,6 +32,8 @@ class Scenario:
     # the service on each instance
     warm_up: float = 40.0  # running → serving (the model loading)
     standby_warm_up: float | None = None  # default: warm_up
+    standbys: int = 1  # stopped On-Demand standbys, in spotguard's order
+    no_capacity: int = 0  # the first N standbys refuse StartInstances with InsufficientInstanceCapacity
     latency: float = 0.25  # per request
     # the load balancer (target group settings)
     health_interval: float = 5.0
@@ -53,6 +55,10 @@ class Scenario:
     end_after: float | None = None
     tail: float = 20.0
     rate: float = 50.0  # requests per wall second
+
+    def named(self, name: str) -> "Scenario":
+        """This scenario with a named one's changes (SCENARIOS) applied."""
+        return replace(self, **SCENARIOS[name].changes)
 
     def unguarded(self) -> "Scenario":
         return replace(self, name="without a standby", guarded=False)
@@ -79,6 +85,8 @@ class Scenario:
             raise ValueError("a second interruption needs a spot to interrupt: set refulfil_after")
         if not self.health_timeout < self.health_interval:
             raise ValueError("health_timeout must be shorter than health_interval (ELBv2 rule)")
+        if not 0 <= self.no_capacity < self.standbys:
+            raise ValueError("no_capacity must leave at least one standby that can start")
 
 
 @dataclass(frozen=True)
@@ -110,3 +118,23 @@ class Outcome:
 
     def alerts(self) -> list[str]:
         return [e.data["alert"] for e in self.entries if e.data.get("kind") == "alert"]
+
+
+@dataclass(frozen=True)
+class Named:
+    """A scenario `spotguard demo --scenario NAME` plays: what it shows, its changes to the default."""
+
+    what: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    lossless: bool = True  # spotguard is expected to lose no request (else the outage is the point)
+
+
+SCENARIOS: dict[str, Named] = {
+    "interruption": Named("one spot interruption, capacity back 3 minutes later (the default)"),
+    "no-capacity": Named("the first standby gets InsufficientInstanceCapacity; spotguard starts the second",
+                         {"standbys": 2, "no_capacity": 1}),
+    "slow-standby": Named("the standby loads its model for 2m30s, longer than the notice: the outage shown "
+                          "honestly", {"standby_warm_up": 150.0}, lossless=False),
+    "double": Named("the new spot is interrupted too, while the standby still serves",
+                    {"second_notice_in": "spot-restored"}),
+}
