@@ -720,7 +720,7 @@ async def _probes(guard: GuardSettings, group: Mapping[str, Any] | Refused,
              guard.standby_instance_ids]
     if not isinstance(tagged, Refused):
         spots += [i for i in tagged if i.get("InstanceLifecycle") == "spot"]
-    port = check.port or guard.target_port or group.get("Port")
+    port = check.port_for(guard.target_port, group.get("Port"))
     out = {}
     for spot in spots:
         if _state(spot) == "running" and spot.get("PrivateIpAddress") and port:

@@ -206,7 +206,7 @@ class Rehearser:
             self.say(f"{check} cannot be probed from here: registering it as it runs")
             return
         address = await self._address()
-        port = check.port or self.guard.target_port or group["TargetGroups"][0].get("Port")
+        port = check.port_for(self.guard.target_port, group["TargetGroups"][0].get("Port"))
         answered, last = False, None
         while True:
             outcome, heard = await check_once(address, int(port), check)

@@ -78,6 +78,10 @@ class HealthCheck:
         return parts.hostname, port, cls(protocol, port, path, tuple(_code_range(c) for c in codes.split(",")),
                                          timeout)
 
+    def port_for(self, target_port: int | None, group_port: int | None) -> int | None:
+        """The port the check goes to: its own, else the traffic port (the guard's target_port, else the group's)."""
+        return self.port or target_port or group_port
+
     def passes(self, status: int) -> bool:
         return any(low <= status <= high for low, high in self.codes)
 
@@ -208,7 +212,7 @@ class Prober:
                 p.verdict = None
                 return
             if check is not None:
-                port = check.port or p.port or group_port
+                port = check.port_for(p.port, group_port)
                 outcome, answered = await check_once(p.address, port, check)
                 p.answered |= answered
                 verdict = READY if outcome == PASS else WAITING if p.answered else SILENT
