@@ -181,9 +181,11 @@ async def test_full_cycle_loses_no_request(moto_world):
     assert outcome.completed and outcome.problem is None, outcome.problem
     assert outcome.sent > 200
     assert (outcome.failed, outcome.failures) == (0, {})
-    # The recommended deployment: EventBridge and the spot's agent both send to the queue; one of them is first.
+    # The recommended deployment: EventBridge and the spot's agent send to the queue, the poll reads the request;
+    # whichever is first (a race on a loaded machine), the notice is heard once.
     heard = [e.data["path"] for e in outcome.entries if e.data.get("kind") == "heard"]
-    assert len(heard) == 1 and heard[0] in ("SQS (EventBridge)", "SQS (the agent on the spot)"), heard
+    assert len(heard) == 1 and heard[0] in ("SQS (EventBridge)", "SQS (the agent on the spot)",
+                                            "its poll (the spot request's status)"), heard
     assert [e.data["instance"] for e in outcome.entries if e.data.get("kind") == "agent"] == [
         next(e.data["instance"] for e in outcome.entries if e.data.get("kind") == "notice")]
     assert outcome.transitions() == [
