@@ -462,10 +462,9 @@ class _Run:
         if agent is not None:
             agent.kill()
             asyncio.create_task(agent.stop())
-        if self.queue_url is not None:
-            sent = asyncio.get_running_loop().run_in_executor(
-                None, self._eventbridge, STATE_CHANGE, {"instance-id": instance_id, "state": state}, instance_id)
-            sent.add_done_callback(self._event_sent)
+        sent = asyncio.get_running_loop().run_in_executor(
+            None, self._eventbridge, STATE_CHANGE, {"instance-id": instance_id, "state": state}, instance_id)
+        sent.add_done_callback(self._event_sent)
 
     def _event_sent(self, sent: asyncio.Future) -> None:
         if not sent.cancelled() and sent.exception() is not None:
