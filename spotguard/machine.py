@@ -16,10 +16,24 @@ or anything else with side effects.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
-from typing import ClassVar, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, TypeVar
 
 from spotguard import defaults
+
+_D = TypeVar("_D")
+
+
+def replace(obj: _D, /, **changes: Any) -> _D:
+    """`obj` with `changes`: dataclasses.replace without re-running __init__, which was most of
+    a step's time (the classes here validate nothing in __init__). Unknown names are refused."""
+    unknown = changes.keys() - obj.__dataclass_fields__.keys()
+    if unknown:
+        raise TypeError(f"{type(obj).__name__} has no field {', '.join(sorted(unknown))}")
+    copy = object.__new__(type(obj))
+    copy.__dict__.update(obj.__dict__, **changes)
+    return copy
+
 
 # --------------------------------------------------------------------------- phases
 
@@ -892,6 +906,31 @@ def poll_interval(states: Iterable[GuardState], steady: float) -> float:
 def is_steady(state: GuardState) -> bool:
     """Spot-healthy with no interruption known: nothing for this guard to do but watch."""
     return state.phase is Phase.SPOT_HEALTHY and not state.doomed
+
+
+def next_due(state: GuardState, now: float) -> float:
+    """The first time after `now` at which time alone may change what the guard decides on an
+    unchanged observation (a grace, a timeout, a retry); inf when only a change in the world can.
+
+    Every rule compares `now` one way (a time passed stays passed), so a timer already due
+    that changed nothing changes nothing later either. A simulator may skip the polls before
+    this when the world stands still; the property tests hold it to that. Keep it in step
+    with every `now` comparison of the rules.
+    """
+    rules, due = state.rules, [float("inf")]
+    if state.phase is Phase.SPOT_HEALTHY and state.unhealthy_since is not None:
+        due.append(state.unhealthy_since + rules.unhealthy_grace)
+    if state.phase is Phase.STANDBY_STARTING:
+        due += [t + d for t, d in ((state.started_at, rules.standby_ready_timeout), (state.start_sent, START_RETRY))
+                if t is not None]
+        due += [state.retry_at] if state.retry_at is not None else []
+    if state.phase is Phase.SPOT_RESTORED:
+        due.append(state.prewarm_at + rules.rebalance_hold if state.prewarm_at is not None
+                   else state.since + rules.failback_grace)
+    if state.seen is not None and rules.register_when == "ready":
+        due += [i.launched + SILENT_FALLBACK for i in state.seen.spots + state.seen.standbys
+                if i.probe == SILENT and i.launched is not None]
+    return min(t for t in due if t > now)
 
 
 def health_reusable(unhealthy_grace: float, targets: Iterable[Target], spots: Iterable[Instance], age: float) -> bool:

@@ -14,6 +14,7 @@ must not edit or monkeypatch the machine; it only drives it.
 from __future__ import annotations
 
 from dataclasses import replace
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -54,6 +55,7 @@ from spotguard.sim import (
     TerminateStandby,
     Timing,
     Trace,
+    World,
     replay,
     run,
 )
@@ -885,3 +887,24 @@ def test_no_command_ever_names_another_guards_instance(events):
         alerted |= any(isinstance(c, Alert) and A_SPOT in c.text and "another guard" in c.text for c in commands)
     if any(isinstance(e, Observed) for _, e in events):
         assert alerted  # the disputed standby is said, once the guard has seen it
+
+
+def _decisions(trace: Trace) -> list:
+    """Every step that commanded something or changed the state, as (t, event, commands, state)."""
+    def plain(state):
+        return replace(state, watched=None)
+    return [(s.t, s.event, s.commands, plain(s.after)) for s in trace.steps
+            if s.commands or plain(s.after) != plain(s.before)]
+
+
+@props(60)
+@given(scenarios(quiet_tail=False))
+def test_leaping_plays_what_every_second_plays(case):
+    """The leaps `simulate` takes (the world's quiet seconds, the polls that change nothing
+    before machine.next_due) decide exactly what a second-by-second play decides."""
+    rules, script, seed = case
+    with patch.object(World, "next_change", lambda world: world.now + 1):
+        slow = run(rules, replace(script, leap=False), seed)
+    fast = play(rules, replace(script, leap=True), seed)
+    assert _decisions(fast) == _decisions(slow)
+    assert (fast.running, fast.dark, fast.log) == (slow.running, slow.dark, slow.log)

@@ -37,6 +37,11 @@ VERBS: dict[str, Verb] = {
         "demo",
         "watch spotguard keep a service up through a spot interruption on an embedded AWS (needs spotguard[lab])",
     ),
+    "simulate": Verb(
+        "simulate",
+        "replay real spot traces through spotguard's rules with your numbers: cost and outage against no standby "
+        "and On-Demand",
+    ),
     "setup": Verb(
         "setup",
         "create the SQS queue, its policy and the EventBridge rules feeding it (idempotent; --dry-run changes nothing)",

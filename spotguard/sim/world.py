@@ -1,10 +1,11 @@
 """A pure model of the world a guard lives in, and a driver that plays scripts on it.
 
 `World` models EC2 instances, one persistent spot request and an ALB target
-group on a clock of whole seconds; `run(rules, script, seed)` plays a `Script`
-(interruptions, faults, outages) against `spotguard.machine.step` and returns
-the `Trace` of every step. The property tests, bench/cycle.py and (later)
-`spotguard simulate` replaying real interruption traces all stand on it.
+group on a clock of whole seconds (leaping over the seconds in which nothing
+changes); `run(rules, script, seed)` plays a `Script` (interruptions, faults,
+outages) against `spotguard.machine.step` and returns the `Trace` of every
+step, with what EC2 would bill and how long no target was healthy. The property
+tests, bench/cycle.py and `spotguard simulate` (spotguard.sim.replay) stand on it.
 spotguard.lab.world is a different thing: it serves the real AWS HTTP API (moto)
 to a real daemon process, while this module calls `machine.step` directly, with
 no sockets, processes or asyncio.
@@ -17,8 +18,9 @@ randomness except the seeded `random.Random` that `run` builds from its seed.
 from __future__ import annotations
 
 import heapq
+import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 from spotguard.machine import (
     LIVE_STATES,
@@ -40,9 +42,15 @@ from spotguard.machine import (
     Stop,
     Target,
     initial,
+    next_due,
     poll_interval,
+    replace,
     step,
 )
+
+# GuardState fields that only the rules change, not the recording of an observation.
+_DECIDED = tuple(f.name for f in fields(GuardState)
+                 if f.name not in ("seen", "watched", "doomed", "flagged", "rebalanced", "ready", "unprobed"))
 
 FAULTS = ("ok", "ice", "ice-once", "broken", "slow")
 # Failed events fed back for one event: a runaway loop of refusals is a bug, not a hang.
@@ -175,6 +183,10 @@ class Script:
     forget_terminated: bool = False
     spot_stops: bool = False  # interruption behaviour "stop": the same instance id comes back
     spot_healthy_at_start: bool = True
+    # Skip the polls that cannot change anything (the world and the machine stand still until
+    # the next change, the next due timer or the next scripted event): days in a blink, for
+    # replaying long traces. Every step that decides something is still played.
+    leap: bool = False
 
 
 # --------------------------------------------------------------------------- trace
@@ -234,6 +246,9 @@ class Trace:
     marks: tuple[Mark, ...]
     end: float
     error: BaseException | None = None  # what step() raised, if it did
+    running: tuple[tuple[str, float], ...] = ()  # (instance, seconds running): what EC2 bills
+    dark: float = 0.0  # seconds without a healthy target
+    log: tuple[tuple[float, str, str], ...] = ()  # (t, "healthy" | "unhealthy" | "reclaimed", instance)
 
     @property
     def final(self) -> GuardState:
@@ -358,7 +373,12 @@ class World:
             self.targets[spot] = _Tg(spot, "healthy", next_check=timing.check_interval)
         self.alerts: list[str] = []
         self.changes = 0  # bumped by anything that may change the world outside the clock
+        self.running: dict[str, float] = {}  # seconds each instance has been running: the bill
+        self.dark = 0.0  # seconds without a healthy target: the outage
+        # (t, what, instance id): a target turned "healthy" or "unhealthy" (any other health), a spot "reclaimed"
+        self.log: list[tuple[float, str, str]] = []
         self._snap: tuple[tuple[float, int], Snapshot] | None = None
+        self._next: tuple[tuple[float, int], float] | None = None
 
     @staticmethod
     def _new_spot_id(serial: int) -> str:
@@ -367,11 +387,61 @@ class World:
     # ------------------------------------------------------------------ time
 
     def advance(self, to: float) -> None:
+        """Move the clock to `to`, second by second where anything changes, in one leap where nothing does."""
         while self.now < to:
-            self.now += 1
-            self._second(self.now)
+            quiet_until = min(self.next_change(), to + 1) - 1
+            if quiet_until > self.now:
+                self._leap(quiet_until)
+            else:
+                self.now += 1
+                self._second(self.now)
+
+    def next_change(self) -> float:
+        """The first second after now at which the world may change by itself (inf: never)."""
+        key = (self.now, self.changes)
+        if self._next is None or self._next[0] != key:
+            self._next = (key, self._next_change())
+        return self._next[1]
+
+    def _next_change(self) -> float:
+        now = self.now
+        times = [inst.until for inst in self.instances.values() if inst.until is not None]
+        times += [i.ready_at for i in self.instances.values() if i.ready_at is not None and i.ready_at > now]
+        times += [edge for spans in self.flaps.values() for span in spans for edge in span if edge > now]
+        times += [x for x in (self.request.term_at, self.request.refill_at) if x is not None]
+        for tg in self.targets.values():
+            if tg.drain_until is not None:
+                times.append(tg.drain_until)
+            elif not self._check_is_quiet(tg):
+                times.append(tg.next_check)
+        # The world is played in whole seconds: a change is seen at the first whole second at or after it.
+        return float(max(now + 1, math.ceil(min(times)))) if times else math.inf
+
+    def _check_is_quiet(self, tg: _Tg) -> bool:
+        """Whether the next health check (and every one after, while nothing else changes) keeps the health."""
+        inst = self.instances.get(tg.id)
+        if inst is None or inst.state != "running":
+            return tg.health == "unused" and tg.fails == 0 and tg.passes == 0
+        if self._ready(tg.id, self.now):
+            return tg.health == "healthy"
+        return tg.health == "unhealthy"
+
+    def _leap(self, to: float) -> None:
+        """Seconds in which nothing changes but the counts: health checks that confirm, and the bill."""
+        span, interval = to - self.now, self.timing.check_interval
+        for tg in self.targets.values():
+            if tg.drain_until is None and tg.next_check <= to:
+                checks = math.floor((to - tg.next_check) / interval) + 1
+                tg.next_check += checks * interval
+                if tg.health == "healthy":
+                    tg.fails, tg.passes = 0, tg.passes + checks
+                elif tg.health == "unhealthy":
+                    tg.passes, tg.fails = 0, tg.fails + checks
+        self._count(span)
+        self.now = to
 
     def _second(self, s: float) -> None:
+        self._count(1)  # the second that ends now, as it was: what changes at `s` counts from `s` on
         t = self.timing
         for inst in self.instances.values():
             if inst.until is not None and s >= inst.until:
@@ -393,11 +463,21 @@ class World:
                 tg.next_check = s + t.check_interval
                 self._check(tg, s)
 
+    def _count(self, seconds: float) -> None:
+        """Add `seconds` of the present state to the bill (running instances) and to the outage."""
+        for inst in self.instances.values():
+            if inst.state == "running":
+                self.running[inst.id] = self.running.get(inst.id, 0.0) + seconds
+        if not any(tg.health == "healthy" for tg in self.targets.values()):
+            self.dark += seconds
+
     def _spot_timers(self, s: float) -> None:
         req, t = self.request, self.timing
         if req.term_at is not None and s >= req.term_at:
             req.term_at = None
             inst = self.instances[req.instance_id]
+            if inst.state in LIVE_STATES:
+                self.log.append((s, "reclaimed", inst.id))
             if inst.state in LIVE_STATES and self.spot_stops:
                 inst.state, inst.until, inst.ready_at = "stopping", s + t.stop, None
             elif inst.state in LIVE_STATES:
@@ -405,7 +485,8 @@ class World:
                 tg = self.targets.get(inst.id)
                 if tg is not None and tg.drain_until is None:
                     # The ALB deregisters a terminating instance itself.
-                    tg.health, tg.drain_until = "draining", s + t.dereg_delay
+                    self._health(tg, "draining", s)
+                    tg.drain_until = s + t.dereg_delay
             if req.refill is not None:
                 req.refill_at = s + (t.stop if self.spot_stops else t.shutdown) + req.refill
         if req.refill_at is not None and s >= req.refill_at:
@@ -429,22 +510,29 @@ class World:
             return False
         return not any(a <= s < b for a, b in self.flaps.get(iid, ()))
 
+    def _health(self, tg: _Tg, health: str, s: float) -> None:
+        """Set a target's health, logging when it turns healthy and when it stops being healthy."""
+        if (tg.health == "healthy") != (health == "healthy"):
+            self.log.append((s, "healthy" if health == "healthy" else "unhealthy", tg.id))
+        tg.health = health
+
     def _check(self, tg: _Tg, s: float) -> None:
         t = self.timing
         inst = self.instances.get(tg.id)
         if inst is None or inst.state != "running":
-            tg.health, tg.fails, tg.passes = "unused", 0, 0
+            self._health(tg, "unused", s)
+            tg.fails, tg.passes = 0, 0
             return
         if self._ready(tg.id, s):
             tg.fails, tg.passes = 0, tg.passes + 1
             if tg.health in ("initial", "unused") or tg.passes >= t.healthy_threshold:
-                tg.health = "healthy"
+                self._health(tg, "healthy", s)
             return
         tg.passes, tg.fails = 0, tg.fails + 1
         if tg.health == "unused":
             tg.health = "initial"
         if tg.fails >= t.unhealthy_threshold:
-            tg.health = "unhealthy"
+            self._health(tg, "unhealthy", s)
 
     # ------------------------------------------------------------------ faults
 
@@ -473,7 +561,8 @@ class World:
         inst.state, inst.until, inst.ready_at = "shutting-down", self.now + self.timing.shutdown, None
         tg = self.targets.get(iid)
         if tg is not None and tg.drain_until is None:
-            tg.health, tg.drain_until = "draining", self.now + self.timing.dereg_delay
+            self._health(tg, "draining", self.now)
+            tg.drain_until = self.now + self.timing.dereg_delay
 
     def external_stop(self, iid: str) -> None:
         self.changes += 1
@@ -533,7 +622,8 @@ class World:
     def _deregister(self, cmd: Deregister) -> Failed | None:
         tg = self.targets.get(cmd.instance_id)
         if tg is not None and tg.drain_until is None:
-            tg.health, tg.drain_until = "draining", self.now + self.timing.dereg_delay
+            self._health(tg, "draining", self.now)
+            tg.drain_until = self.now + self.timing.dereg_delay
         return None
 
     # ------------------------------------------------------------------ views
@@ -617,7 +707,37 @@ class _Driver:
             for event in self._due(t):
                 self._feed(event, t)
             self._arm_triggers(t)
-            t += 1
+            t = self._leap(t) if self.script.leap else t + 1
+        self.world.advance(self.script.end)  # a leap may pass the end: the bill runs to it
+
+    def _leap(self, t: float) -> float:
+        """The next second worth playing: t + 1, or past the polls that would change nothing."""
+        if not self._still(t):
+            return t + 1
+        until = min(self.world.next_change(), next_due(self.state, t), self.script.end + 1,
+                    self.actions[0][0] if self.actions else math.inf, self.queue[0][0] if self.queue else math.inf)
+        interval = self._poll_interval()
+        skipped = math.ceil((until - self.last_poll) / interval) - 1  # polls strictly before `until`
+        if skipped <= 0:
+            return t + 1
+        self.last_poll += skipped * interval
+        self.state = replace(self.state, watched=self.last_poll)  # what the skipped polls would have left
+        return float(max(t + 1, math.ceil(until)))
+
+    def _still(self, t: float) -> bool:
+        """Whether the last step was this second's poll, and it changed nothing and commanded nothing."""
+        if not self.steps or self.triggers or self.restart_at is not None:
+            return False
+        last = self.steps[-1]
+        if last.t != t or self.last_poll != t or not isinstance(last.event, Observed) or last.commands:
+            return False
+        if t < self.blocked_until or t < self.no_poll_until:
+            return False
+        if self.world.snapshot().observed is not last.event:
+            return False  # the world changed after the poll looked (a notice's commands ran first)
+        # Only what recording the observation sets may differ: then the rules decided nothing
+        # on it, and the same observation again (recorded already) decides nothing either.
+        return all(getattr(last.after, f) == getattr(last.before, f) for f in _DECIDED)
 
     def _due(self, t: float) -> list[Event]:
         if t < self.blocked_until:
@@ -632,7 +752,7 @@ class _Driver:
             self.last_poll = t
             poll: Event = self.world.snapshot().observed
             # Notices race the poll: sometimes they land just before it, sometimes just after.
-            events.insert(self.rng.randrange(len(events) + 1), poll)
+            events.insert(self.rng.randrange(len(events) + 1) if events else 0, poll)
         return events
 
     def _poll_interval(self) -> float:
@@ -740,7 +860,9 @@ def run(rules: Rules, script: Script, seed: int = 0, *, catch: bool = False) -> 
         if not catch:
             raise
         error = exc
-    return Trace(rules, script, tuple(driver.steps), tuple(driver.marks), float(script.end), error)
+    w = driver.world
+    return Trace(rules, script, tuple(driver.steps), tuple(driver.marks), float(script.end), error,
+                 tuple(sorted(w.running.items())), w.dark, tuple(w.log))
 
 
 def replay(rules: Rules, events: list[tuple[float, Event]]) -> list[tuple[GuardState, tuple[Command, ...]]]:
