@@ -27,7 +27,7 @@ from spotguard.lab.load import Sample, longest_outage
 from spotguard.lab.report import summary
 from spotguard.lab.run import run_scenario
 from spotguard.lab.scenario import Scenario
-from spotguard.sim.replay import STANDBY, Cut, Numbers, script, timing
+from spotguard.sim.playback import STANDBY, Cut, Numbers, script, timing
 from spotguard.sim.world import run
 
 SPEED = 50.0
@@ -180,10 +180,11 @@ def test_demo_arguments():
 # One model, two players: the lab (real processes, moto, a balancer, a scaled clock) and
 # spotguard.sim (what `spotguard simulate` replays) must agree on a scenario's On-Demand
 # seconds and outage. The sim acts at the poll that sees a change; the real daemon a second
-# or few later at each of the cycle's four hand-overs (SQS and the agent, the probe every
-# 2 s, its own poll and target-health cadence), so the lab may run up to three polls and a
-# health-check interval longer (measured: 415 s against the sim's 405 s, and 106.5 s of
-# outage against 105 s).
+# or few later at each of the cycle's hand-overs (SQS and the agent, the probe every 2 s, its
+# own poll and target-health cadence), and at ×50 a tenth of a wall second lost to a busy
+# host is 5 scenario seconds. So the lab may run longer by two polls and a tenth of the
+# sim's figure (measured: 413–437 s of On-Demand against the sim's 405 s; 106.5 s of outage
+# against 105 s), and never shorter by more than a poll.
 
 
 def simulated(s: Scenario) -> tuple[float, float]:
@@ -201,7 +202,7 @@ def simulated(s: Scenario) -> tuple[float, float]:
 
 
 def agrees(lab: float, sim: float, s: Scenario) -> bool:
-    return -s.poll_interval <= lab - sim <= 3 * s.poll_interval + s.health_interval
+    return -s.poll_interval <= lab - sim <= 2 * s.poll_interval + 0.1 * sim
 
 
 async def test_full_cycle_loses_no_request(moto_world):

@@ -9,12 +9,16 @@ with one line and exit 2.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from spotguard.cli import main
-from spotguard.sim.replay import STANDBY, Numbers, cuts, ready_margins, replay, script
+from spotguard.sim.playback import STANDBY, Numbers, cuts, ready_margins, replay, script
 from spotguard.sim.world import run
 from spotguard.traces import parse, shipped
 
@@ -142,3 +146,35 @@ def test_a_user_trace_file_replays(tmp_path, capsys):
     assert main(["simulate", "--trace-file", str(path), "--json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)["traces"]
     assert (only["trace"], only["interruptions"]) == ("mine", 1)
+
+
+def test_plot_writes_an_svg_of_the_timeline_and_the_cost(tmp_path, capsys):
+    path = tmp_path / "one.svg"
+    assert main(["simulate", "--trace", "preemption/r5.16xlarge/us-east-1d", "--plot", str(path)]) == 0
+    root = ElementTree.parse(path).getroot()
+    text = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert "preemption/r5.16xlarge/us-east-1d: 152 h, 27 interruptions" in text
+    assert "outage, spotguard: 0 s" in text and "NSDI 2024" in text
+    bands = [r for r in root.iter("{http://www.w3.org/2000/svg}rect") if r.get("fill") == "#2f6fb0"]
+    assert len(bands) >= 20  # the standby served through (nearly) every one of the 27 gaps
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}polyline"))) == 3
+    assert main(["simulate", "--trace", "preemption/r5.16xlarge/us-east-1d", "--plot", str(tmp_path / "a.png")]) == 2
+    assert "--plot writes SVG" in capsys.readouterr().err
+
+
+def test_the_daemon_never_loads_the_simulator_or_its_plot():
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, spotguard.commands.run, spotguard.daemon; "
+                               "print(sorted(m for m in sys.modules if m.startswith('spotguard.sim')))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/simulate.md"])
+def test_the_documented_example_is_what_simulate_prints(document, capsys):
+    text = (Path(__file__).parent.parent / document).read_text()
+    command = ("$ spotguard simulate --trace preemption/p3.2xlarge/us-east-1c "
+               "--on-demand-hourly 3.06 --spot-hourly 0.918")
+    shown = text.split(command + "\n", 1)[1].split("```", 1)[0].rstrip("\n").splitlines()
+    assert main(command.split()[2:]) == 0
+    assert capsys.readouterr().out.splitlines()[:len(shown)] == shown

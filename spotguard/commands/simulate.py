@@ -2,7 +2,7 @@
 
 It prints a table (or JSON) of what spotguard, no standby, and On-Demand alone
 would have cost and how long the service would have been down; the work is in
-spotguard.sim.replay. It must not touch AWS or the network; `--plot` imports the
+spotguard.sim.playback. It must not touch AWS or the network; `--plot` imports the
 plotting module only when asked.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from spotguard import traces
 from spotguard.commands.common import EXIT_CONFIG, load_or_report, positive_number
 from spotguard.config import format_duration
-from spotguard.sim.replay import POLICIES, Numbers, Replay, margin_summary, replay
+from spotguard.sim.playback import POLICIES, Numbers, Replay, margin_summary, replay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         for name, trace in traces.shipped().items():
             print(f"{name:<40} {trace.hours:6.0f} h  {len(trace.interruptions()):4d} interruptions")
         return 0
+    if args.plot is not None and args.plot.suffix.lower() != ".svg":
+        print(f"spotguard simulate: --plot writes SVG; name the file .svg, not {args.plot.name}", file=sys.stderr)
+        return EXIT_CONFIG
     numbers = numbers_of(args)
     picked = chosen(args)
     if numbers is None or picked is None:
@@ -179,21 +182,22 @@ def table(results: list[Replay], numbers: Numbers) -> list[str]:
         f"{n.deregistration_delay}s; register_when {n.register_when}, failback_grace "
         f"{format_duration(n.failback_grace)}, poll {format_duration(n.poll_interval)}, notices by {n.detect}",
         "",
-        f"{'trace':<38} {'hours':>6} {'interr.':>7}   {'On-Demand':>9} {'outage':>7} {'margin':>11}   "
-        f"{'no standby':>10}   {'$/month: spotguard':>18} {'no standby':>10} {'On-Demand':>9}",
+        f"{'trace':<38} {'hours':>6} {'interr.':>7}  {'standby':>7} {'outage':>7} {'margin':>11}  "
+        f"{'outage alone':>12}  {'$/mo guard':>10} {'$/mo alone':>10} {'$/mo OD':>9}",
     ]
     for r in results:
         sg, ns, od = (r.policies[p] for p in POLICIES)
         m = margin_summary(sg.margins)
         margin = "-" if m["min"] is None else f"{m['min']:.0f}/{m['median']:.0f}s"
         lines.append(
-            f"{r.trace:<38} {r.hours:6.0f} {r.interruptions:7d}   {_share(sg.on_demand_seconds, r.seconds):>9} "
-            f"{_dur(sg.outage_seconds):>7} {margin:>11}   {_dur(ns.outage_seconds):>10}   "
-            f"{_usd(sg.cost_per_month):>18} {_usd(ns.cost_per_month):>10} {_usd(od.cost_per_month):>9}")
+            f"{r.trace:<38} {r.hours:6.0f} {r.interruptions:7d}  {_share(sg.on_demand_seconds, r.seconds):>7} "
+            f"{_dur(sg.outage_seconds):>7} {margin:>11}  {_dur(ns.outage_seconds):>12}  "
+            f"{_usd(sg.cost_per_month):>10} {_usd(ns.cost_per_month):>10} {_usd(od.cost_per_month):>9}")
     lines += [
         "",
-        "On-Demand: the standby's share of the hours; outage: time without a healthy target; margin: the standby "
-        "healthy before the spot was reclaimed, min/median (negative: late).",
+        "standby: its share of the hours (On-Demand); outage: time without a healthy target; margin: the standby "
+        "healthy before the spot was reclaimed, min/median (negative: late); alone: no standby, a new spot only "
+        "when capacity returns; $/mo: per 730-hour month, with spotguard, alone, and On-Demand (OD) only.",
     ]
     if n.on_demand_hourly is None or n.spot_hourly is None:
         lines.append("Costs need --on-demand-hourly and --spot-hourly (or prices in the guard of --config).")

@@ -26,6 +26,10 @@ from aiohttp import web
 from .app import SERVED_BY
 from .clock import ScenarioClock
 
+# The scaled clock shrinks a 4 s check timeout to 80 ms at ×50, which a busy host misses now
+# and then: a target flapped unhealthy that no real balancer would fail. A check's timeout is
+# never under this many wall seconds (it only matters for an app that hangs; none in the lab does).
+MIN_CHECK_TIMEOUT = 0.5
 INITIAL, HEALTHY, UNHEALTHY, DRAINING, UNUSED = "initial", "healthy", "unhealthy", "draining", "unused"
 
 
@@ -182,7 +186,7 @@ class Balancer:
         if address is None or self._session is None:
             return False  # nothing listens: connection refused
         try:
-            timeout = aiohttp.ClientTimeout(total=self.clock.wall(self.check.timeout))
+            timeout = aiohttp.ClientTimeout(total=max(self.clock.wall(self.check.timeout), MIN_CHECK_TIMEOUT))
             async with self._session.get(_url(address, self.check.path), timeout=timeout) as reply:
                 await reply.read()
                 return reply.status == 200

@@ -3,7 +3,7 @@
 `run(rules, script, seed)` plays a `Script` (interruptions, refills, faults,
 outages) on `World` and returns a `Trace` of every machine step; see
 spotguard/sim/world.py. It is for the property tests, the benchmarks' cycle and
-replaying real interruption traces (spotguard/sim/replay.py, `spotguard simulate`).
+replaying real interruption traces (spotguard/sim/playback.py, `spotguard simulate`).
 It must not read a wall clock, do I/O or use randomness other than the seeded
 `random.Random` of `run`.
 """

@@ -5,7 +5,7 @@ group on a clock of whole seconds (leaping over the seconds in which nothing
 changes); `run(rules, script, seed)` plays a `Script` (interruptions, faults,
 outages) against `spotguard.machine.step` and returns the `Trace` of every
 step, with what EC2 would bill and how long no target was healthy. The property
-tests, bench/cycle.py and `spotguard simulate` (spotguard.sim.replay) stand on it.
+tests, bench/cycle.py and `spotguard simulate` (spotguard.sim.playback) stand on it.
 spotguard.lab.world is a different thing: it serves the real AWS HTTP API (moto)
 to a real daemon process, while this module calls `machine.step` directly, with
 no sockets, processes or asyncio.
