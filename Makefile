@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install bench bench-detect bench-readiness demo clean reliability
+.PHONY: test lint install bench bench-detect bench-readiness bench-simulate demo clean reliability
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ bench-detect: $(STAMP)
 # A failover at AWS's default health-check settings, register_when ready against running, into docs/benchmarks.md.
 bench-readiness: $(STAMP)
 	$(PY) bench/readiness.py
+
+# `spotguard simulate --trace all` timed as users run it (goal: under 5 s), into docs/benchmarks.md.
+bench-simulate: $(STAMP)
+	$(PY) bench/simulate.py
 
 # One spot interruption on an embedded AWS, with spotguard and without a standby.
 demo: $(STAMP)
