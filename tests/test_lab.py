@@ -287,6 +287,24 @@ async def test_second_interruption_while_the_standby_drains(moto_world):
     assert len(stops) >= 1
 
 
+async def test_prewarm_on_a_rebalance_recommendation_hides_a_standby_slower_than_the_notice(moto_world):
+    """The rebalance-prewarm scenario's own run: the standby loads for 2m30s, longer than the
+    notice, and still serves before the spot dies because it started on the recommendation.
+    (Its `ignore` run is the slow-standby outage, played by the test above.)"""
+    scenario = replace(QUICK.named("rebalance-prewarm"), refulfil_after=30.0, failback_grace=30.0)
+    outcome = await run_scenario(scenario, speed=SPEED, world=moto_world)
+    assert outcome.completed and outcome.problem is None, outcome.problem
+    assert (outcome.failed, outcome.failures, outcome.no_healthy_target) == (0, {}, 0.0)
+    kinds = [e.data.get("kind") for e in outcome.entries]
+    assert kinds.index("rebalance") < kinds.index("notice")
+    heard = {e.data["notice"] for e in outcome.entries if e.data.get("kind") == "heard"}
+    assert "rebalance" in heard
+    first = next(e for e in outcome.entries if e.data.get("kind") == "transition")
+    assert first.data["to"] == "standby-starting" and "rebalance" in first.data["reason"]
+    assert first.at < next(e.at for e in outcome.entries if e.data.get("kind") == "notice")
+    assert outcome.standby_lead is not None and outcome.standby_lead > 60.0
+
+
 async def test_no_capacity_for_the_first_standby_the_second_serves(moto_world):
     outcome = await run_scenario(replace(QUICK.named("no-capacity"), failback_grace=30.0), speed=SPEED,
                                  world=moto_world)

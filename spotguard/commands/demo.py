@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests per second sent through the load balancer",
     )
     parser.add_argument("--scenario", default="interruption", metavar="NAME",
-                        help="what to play: interruption (default), no-capacity, slow-standby, double; "
-                             "`--scenario list` says what each shows")
+                        help="what to play: interruption (default), no-capacity, slow-standby, double, "
+                             "rebalance-prewarm; `--scenario list` says what each shows")
     knobs = parser.add_argument_group("your numbers (scenario seconds; defaults: the demo's quick target group)")
     for flag, kind, what in KNOBS:
         knobs.add_argument(flag, type=kind, metavar="N", help=what)

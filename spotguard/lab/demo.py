@@ -34,9 +34,10 @@ def demo(*, speed: float = DEFAULT_SPEED, compare: bool = False, rate: float = 5
     chosen = replace(Scenario(rate=rate).named(scenario), **changes)
     chosen.check()
     _sandbox()
-    runs = [chosen, chosen.unguarded()] if compare else [chosen]
+    versus = SCENARIOS[scenario].versus
+    runs = [chosen] + ([replace(chosen, **versus)] if versus else []) + ([chosen.unguarded()] if compare else [])
     print(f"scenario {scenario}: {SCENARIOS[scenario].what}", file=out)
-    print(_intro(chosen, speed, compare), file=out, flush=True)
+    print(_intro(chosen, speed, runs), file=out, flush=True)
     with MotoWorld() as world:
         outcomes = asyncio.run(_play(runs, speed, world, out))
     print(summary(outcomes), file=out, end="", flush=True)
@@ -59,11 +60,14 @@ def _sandbox() -> None:
     os.environ.update(SANDBOX_ENV)
 
 
-def _intro(s: Scenario, speed: float, compare: bool) -> str:
-    runs = "twice: with spotguard, then without a standby" if compare else "with spotguard"
+def _intro(s: Scenario, speed: float, runs: list[Scenario]) -> str:
+    played = "; then ".join(r.name for r in runs)
+    recommended = (f"a rebalance recommendation comes at +{s.notice_at - s.rebalance_before:.0f}s, "
+                   if s.rebalance_before is not None else "")
     return (
-        f"spotguard lab: one spot interruption on an embedded AWS (moto), played {runs}.\n"
-        f"Scenario time runs ×{speed:g}: the notice comes at +{s.notice_at:.0f}s, the spot dies "
+        f"spotguard lab: one spot interruption on an embedded AWS (moto), played {len(runs)} time"
+        f"{'s' * (len(runs) > 1)}: {played}.\n"
+        f"Scenario time runs ×{speed:g}: {recommended}the notice comes at +{s.notice_at:.0f}s, the spot dies "
         f"{s.notice_period:.0f}s later, capacity returns {s.refulfil_after or 0:.0f}s after that; "
         f"instances boot in {s.boot:.0f}s and load their model in {s.warm_up:.0f}s; "
         f"failback grace {s.failback_grace / 60:.0f} minutes; health check every {s.health_interval:g}s, healthy "

@@ -66,6 +66,7 @@ def write_config(
     standby_ready_timeout: float,
     unhealthy_grace: float,
     register_when: str = "ready",
+    on_rebalance: str = "ignore",
     queue_url: str | None = None,
 ) -> Path:
     """The lab's config; durations are scenario seconds, written as wall seconds (÷ speed)."""
@@ -85,6 +86,7 @@ def write_config(
             "standby_ready_timeout": wall(standby_ready_timeout),
             "unhealthy_grace": wall(unhealthy_grace),
             "register_when": register_when,
+            "on_rebalance": on_rebalance,
         }],
         "sources": {"sqs": {"queue_url": queue_url}} if queue_url else None,
     }

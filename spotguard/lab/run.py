@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from ..sources.eventbridge import FULFILLMENT, INTERRUPTION, STATE_CHANGE
+from ..sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
 from .balancer import Balancer, HealthCheck
 from .clock import ScenarioClock, clock_text, span_text
 from .fleet import Fleet
@@ -77,7 +77,7 @@ class _Run:
         self.fulfilled_at: float | None = None
         self.gaps: list[list[float]] = []  # [start, end] spans with no healthy target
         self.registered_by_lab: set[str] = set()
-        self.heard: dict[str, str] = {}  # spot id -> the path spotguard heard its notice by first
+        self.heard: dict[tuple[str, str], str] = {}  # (kind, spot id) -> the path it was heard by first
         self.sent_events: list[str] = []  # detail-types the lab put on the queue as EventBridge
         self.queue_url: str | None = None
         self.agents: dict[str, SpotguardProcess] = {}  # `spotguard agent` on each running spot, by its id
@@ -283,6 +283,7 @@ class _Run:
             standby_ready_timeout=s.standby_ready_timeout,
             unhealthy_grace=s.unhealthy_grace,
             register_when=s.register_when,
+            on_rebalance=s.on_rebalance,
             queue_url=self.queue_url,
         )
         self.spotguard = SpotguardProcess(config, self._spotguard_said)
@@ -330,8 +331,9 @@ class _Run:
         add = lambda text, **data: self.timeline.add("spotguard", text, at=at, **data)  # noqa: E731
         if name == "guard.transition":
             self.phase, self.phase_since = event["to"], at
-            if event["to"] == "standby-starting" and self.notices and self.notices[-1][0] not in self.heard:
-                self._heard(self.notices[-1][0], "its poll (the spot request's status)", at)
+            spot = self.notices[-1][0] if self.notices else None
+            if event["to"] == "standby-starting" and spot and ("interruption", spot) not in self.heard:
+                self._heard(spot, "its poll (the spot request's status)", at)
             add(
                 f"{event['from']} → {event['to']}: {event.get('reason', '')}",
                 kind="transition", **{"from": event["from"], "to": event["to"], "reason": event.get("reason")},
@@ -345,20 +347,21 @@ class _Run:
             add(f"⚠ ALERT: {text}", kind="alert", alert=text)
         elif name == "source.sqs.notice" and event.get("kind") in ("interruption", "rebalance"):
             via = "the agent on the spot" if event.get("source") == "spotguard.agent" else "EventBridge"
-            self._heard(str(event.get("instance_id")), f"SQS ({via})", at)
+            self._heard(str(event.get("instance_id")), f"SQS ({via})", at, str(event["kind"]))
         elif name == "daemon.ready":
             add("running: first observation done", kind="ready")
         elif event.get("level") in LOUD_LEVELS:
             details = {k: v for k, v in event.items() if k not in ("event", "level", "timestamp")}
             add(f"{event.get('level')}: {name} {json.dumps(details)}", kind="log")
 
-    def _heard(self, spot: str, path: str, at: float | None) -> None:
+    def _heard(self, spot: str, path: str, at: float | None, kind: str = "interruption") -> None:
         """Which path brought spotguard each notice first (the others are duplicates it drops)."""
-        if spot in self.heard:
+        if (kind, spot) in self.heard:
             return
-        self.heard[spot] = path
-        self.timeline.add("spotguard", f"heard the notice for {spot} first by {path}", at=at, kind="heard",
-                          instance=spot, path=path)
+        self.heard[(kind, spot)] = path
+        what = "the notice" if kind == "interruption" else "the rebalance recommendation"
+        self.timeline.add("spotguard", f"heard {what} for {spot} first by {path}", at=at, kind="heard",
+                          instance=spot, path=path, notice=kind)
 
     def _in_scenario_time(self, text: str) -> str:
         """spotguard counts wall seconds: "after 2s" becomes "after 2s (≈1m40s in scenario time)"."""
@@ -378,6 +381,9 @@ class _Run:
 
     async def _script(self) -> None:
         s = self.s
+        if s.rebalance_before is not None:
+            await self._at(s.notice_at - s.rebalance_before)
+            await self._recommend()
         await self._at(s.notice_at)
         await self._interrupt()
         if s.second_notice_in:
@@ -425,6 +431,16 @@ class _Run:
         self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending; its fulfilment "
                                  "and state changes go to SQS as EventBridge sends them)", kind="fulfilled",
                           instance=new)
+
+    async def _recommend(self) -> None:
+        """EC2's rebalance recommendation for the spot: on its IMDS and as EventBridge sends it."""
+        spot = self.world.spot_instance_id(self.deployment.spot_request_id)
+        metadata = self.fleet.metadata(spot)
+        answer = metadata.set_rebalance(datetime.now(timezone.utc)) if metadata is not None else None
+        said = f"IMDS events/recommendations/rebalance {json.dumps(answer)}" if answer else "no IMDS listening"
+        self.timeline.add("ec2", f"REBALANCE RECOMMENDATION for {spot} (an elevated risk of interruption; {said}; "
+                                 f"spotguard's on_rebalance = {self.s.on_rebalance})", kind="rebalance", instance=spot)
+        await asyncio.to_thread(self._eventbridge, REBALANCE, {"instance-id": spot}, spot)
 
     def _imds_notice(self, spot: str) -> dict[str, Any]:
         """The spot's IMDS answers the interruption: terminate when the scenario terminates it.

@@ -47,6 +47,9 @@ class Scenario:
     standby_ready_timeout: float = 300.0
     unhealthy_grace: float = 30.0
     register_when: str = "ready"  # ready | running
+    on_rebalance: str = "ignore"  # ignore | prewarm
+    # a rebalance recommendation for the spot this long before its notice (None: none)
+    rebalance_before: float | None = None
     # a second interruption, of the new spot, when spotguard enters this phase
     second_notice_in: str | None = None
     second_notice_delay: float = 10.0
@@ -87,6 +90,9 @@ class Scenario:
             raise ValueError("health_timeout must be shorter than health_interval (ELBv2 rule)")
         if not 0 <= self.no_capacity < self.standbys:
             raise ValueError("no_capacity must leave at least one standby that can start")
+        if self.rebalance_before is not None and not 0 < self.rebalance_before < self.notice_at:
+            raise ValueError("a rebalance recommendation must come after the start and before the notice: "
+                             "0 < rebalance_before < notice_at")
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class Named:
     what: str
     changes: Mapping[str, Any] = field(default_factory=dict)
     lossless: bool = True  # spotguard is expected to lose no request (else the outage is the point)
+    versus: Mapping[str, Any] | None = None  # a second run with spotguard and these changes, side by side
 
 
 SCENARIOS: dict[str, Named] = {
@@ -134,7 +141,14 @@ SCENARIOS: dict[str, Named] = {
     "no-capacity": Named("the first standby gets InsufficientInstanceCapacity; spotguard starts the second",
                          {"standbys": 2, "no_capacity": 1}),
     "slow-standby": Named("the standby loads its model for 2m30s, longer than the notice: the outage shown "
-                          "honestly", {"standby_warm_up": 150.0}, lossless=False),
+                          "honestly (rebalance-prewarm shows the way out)", {"standby_warm_up": 150.0},
+                          lossless=False),
     "double": Named("the new spot is interrupted too, while the standby still serves",
                     {"second_notice_in": "spot-restored"}),
+    "rebalance-prewarm": Named(
+        "a rebalance recommendation 3 minutes before the notice and a standby slower than the notice: "
+        "on_rebalance = prewarm (no outage) against ignore (the slow-standby outage), side by side",
+        {"name": "spotguard, prewarm", "on_rebalance": "prewarm", "rebalance_before": 180.0, "notice_at": 200.0,
+         "standby_warm_up": 150.0},
+        versus={"name": "spotguard, ignore", "on_rebalance": "ignore"}),
 }
