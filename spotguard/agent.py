@@ -27,7 +27,7 @@ import structlog
 
 from spotguard import ids
 from spotguard.aws import error_code
-from spotguard.sources.eventbridge import INTERRUPTION, READY, REBALANCE, build, cap, is_action
+from spotguard.sources.eventbridge import ACTION_TIME, INTERRUPTION, READY, REBALANCE, build, cap, is_action
 from spotguard.sources.probe import PASS, HealthCheck, check_once
 from spotguard.sources.sqs import stoppable_sleep
 
@@ -97,7 +97,7 @@ def interpret(path: str, text: str, instance_id: str) -> Notice:
         action, when = answer.get("action"), answer.get("time")
         if not (is_action(action) and isinstance(when, str) and when):
             raise _Malformed("instance-action needs action terminate|stop|hibernate and a time")
-        detail = {"instance-id": instance_id, "instance-action": answer["action"]}
+        detail = {"instance-id": instance_id, "instance-action": answer["action"], ACTION_TIME: when}
         return Notice(INTERRUPTION, detail, payload)
     if not isinstance(answer.get("noticeTime"), str) or not answer["noticeTime"]:
         raise _Malformed("rebalance needs a noticeTime")

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import structlog
 
 from spotguard import ids
-from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Observed, Start, Stop
+from spotguard.machine import LIVE_STATES, Command, Event, Failed, GuardState, Observed, Start, Stop, ready_margins
 from spotguard.store import read_bounded, write_atomic
 
 log = structlog.get_logger(__name__)
@@ -107,6 +107,15 @@ class Interruption:
 
 
 @dataclass(frozen=True)
+class Margin:
+    """A ready margin: the replacement healthy `seconds` before the spot's deadline (negative: after)."""
+
+    at: float
+    instance: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Estimate:
     """Hours and money over a window; money is None when a price is missing.
 
@@ -178,6 +187,10 @@ class LedgerView:
             if r["kind"] == "interruption" and start <= r["at"] < end
         ]
 
+    def margins(self, start: float, end: float) -> list[Margin]:
+        return [Margin(r["at"], r["instance"], float(r["seconds"])) for r in self.records
+                if r["kind"] == "margin" and start <= r["at"] < end and _number(r.get("seconds"))]
+
     def estimate(self, start: float, end: float, on_demand_hourly: float | None, spot_hourly: float | None) -> Estimate:
         """Hours and money from `start` to `end` (see Estimate for the formula)."""
         covered = self.covered_from
@@ -198,7 +211,12 @@ _REQUIRED = {
     "run-start": ("role", "instance"),
     "run-stop": ("role", "instance"),
     "interruption": ("instance", "how"),
+    "margin": ("instance",),
 }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
@@ -323,6 +341,8 @@ class Ledger:
             # The machine says which spots this event doomed (a notice, or the request's flag).
             for iid in sorted(new.doomed - old.doomed):
                 self._interrupted(guard, book, iid, "notice", at)
+            for iid, seconds in ready_margins(old, new, at):
+                self._append(guard, book, {"at": at, "kind": "margin", "instance": iid, "seconds": round(seconds, 1)})
             if isinstance(event, Observed):
                 self._observed(guard, book, event, at)
         except Exception as exc:  # noqa: BLE001 - the ledger must never stop a failover

@@ -122,10 +122,17 @@ class Notice:
     # interruption | rebalance | terminating (Auto Scaling is about to terminate it: an early notice)
     # | ready (the agent on the instance says it passes its own health check)
     kind: str = "interruption"
+    # When EC2 reclaims the instance (epoch seconds), when the source says (IMDS instance-action
+    # time, an EventBridge warning's time + NOTICE); None: NOTICE after it is heard.
+    deadline: float | None = None
 
 
 # Notices that doom a spot: it goes soon, and its replacement must be healthy first.
 DOOMING = frozenset({"interruption", "terminating"})
+# An interruption notice → the instance is reclaimed (EC2's two minutes, best effort).
+NOTICE = 120.0
+# Say so when the replacement is not healthy this long before a doomed spot's deadline.
+LATE_WARNING = 30.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,8 @@ class GuardState:
     start_sent: float | None = None  # when StartInstances was last sent for it
     failed: frozenset[str] = frozenset()  # standbys given up on in this failover
     doomed: frozenset[str] = frozenset()  # spot instances with an interruption notice
+    deadlines: tuple[tuple[str, float], ...] = ()  # (doomed spot, when EC2 reclaims it), in notice order
+    warned: frozenset[str] = frozenset()  # doomed spots whose late replacement was said (once each)
     flagged: frozenset[str] = frozenset()  # of those, the ones the poll saw the request flag
     rebalanced: frozenset[str] = frozenset()  # spot instances with a rebalance recommendation
     unhealthy_since: float | None = None  # spot target first seen not healthy
@@ -261,7 +270,8 @@ def step(state: GuardState, event: Event, now: float) -> Result:
     if not changed or state.seen is None or state.seen.target_group_gone:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
-    decided = _own(state, decided)
+    state, late = _warn_late(state, now)
+    decided = _own(state, decided) + late
     if not isinstance(event, Observed):
         # A notice or a failure is decided on the last observation, which may be
         # old (a poll outage) or already overtaken by our own commands. Starting and
@@ -270,6 +280,20 @@ def step(state: GuardState, event: Event, now: float) -> Result:
         return state, commands + tuple(c for c in decided if not isinstance(c, (Deregister, Stop)))
     state, outage = _watch_outage(state, now)
     return state, commands + decided + outage
+
+
+def _warn_late(state: GuardState, now: float) -> Result:
+    """Say once per notice when the replacement is not healthy LATE_WARNING before the spot dies."""
+    if state.phase is not Phase.STANDBY_STARTING:
+        return state, ()
+    due = [(iid, d) for iid, d in state.deadlines
+           if iid in state.doomed and iid not in state.warned and d - now <= LATE_WARNING]
+    if not due:
+        return state, ()
+    who = f"standby {state.standby}" if state.standby else "no standby"
+    alerts = tuple(Alert(f"{who} not healthy {max(0.0, d - now):.0f}s before spot {iid} dies: the service may "
+                         "go down with it") for iid, d in due)
+    return replace(state, warned=state.warned | {iid for iid, _ in due}), alerts
 
 
 def _own(state: GuardState, commands: tuple[Command, ...]) -> tuple[Command, ...]:
@@ -377,7 +401,7 @@ def _lost(seen: Observed) -> dict[str, str]:
 def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
     """Record what the event says about the world. Returns (state, changed, commands)."""
     if isinstance(event, Observed):
-        return _observe(state, event), True, ()
+        return _observe(state, event, now), True, ()
     if isinstance(event, Notice):
         return _notice(state, event, now)
     if isinstance(event, Scheduled):
@@ -385,7 +409,7 @@ def _absorb(state: GuardState, event: Event, now: float) -> tuple[GuardState, bo
     return _failed(state, event, now)
 
 
-def _observe(state: GuardState, seen: Observed) -> GuardState:
+def _observe(state: GuardState, seen: Observed, now: float) -> GuardState:
     # Notices are forgotten once the instance is neither a spot of ours nor a target:
     # nothing can be done about it any more, and the state stays small.
     known = {i.id for i in seen.spots} | {t.id for t in seen.targets}
@@ -397,14 +421,21 @@ def _observe(state: GuardState, seen: Observed) -> GuardState:
     # ... and so is one whose request the poll flagged and now shows live and unflagged
     # again (restarted under the same id while nobody looked).
     cleared = {i.id for i in seen.spots if i.id in state.flagged and i.state in LIVE_STATES and not i.notice}
-    state = _doom(state, flagged)
+    state = _doom(state, flagged, now + NOTICE)
     over = left | cleared
     # Readiness belongs to one boot: forgotten once the instance is seen not live.
     live = {i.id for i in seen.spots + seen.standbys if i.state in LIVE_STATES}
+    doomed = frozenset(state.doomed & known - over)
+    # A reclaimed spot's deadline stays while its replacement is still coming: the ready
+    # margin (negative) is told when the replacement is healthy; the next phase forgets it.
+    coming = state.phase is Phase.STANDBY_STARTING
+    deadlines = tuple(d for d in state.deadlines if d[0] in doomed or coming)
     return replace(
         state,
         seen=seen,
-        doomed=frozenset(state.doomed & known - over),
+        doomed=doomed,
+        deadlines=deadlines,
+        warned=state.warned & doomed,
         flagged=frozenset((state.flagged | flagged) & known - over),
         rebalanced=frozenset(state.rebalanced & known),
         ready=frozenset(state.ready & live),
@@ -412,11 +443,18 @@ def _observe(state: GuardState, seen: Observed) -> GuardState:
     )
 
 
-def _doom(state: GuardState, ids: set[str] | frozenset[str]) -> GuardState:
-    """Remember interruption notices; a real one turns a prewarm into a failover."""
-    if ids <= state.doomed:
+def _doom(state: GuardState, ids: set[str] | frozenset[str], deadline: float | None = None) -> GuardState:
+    """Remember interruption notices and their deadlines; a real one turns a prewarm into a failover.
+
+    A notice without a deadline of its own (the poll's flag, an early Auto Scaling notice)
+    counts NOTICE from when it is heard: `deadline` is then that, from the caller's `now`.
+    """
+    new = set(ids) - state.doomed
+    if not new:
         return state
-    return replace(state, doomed=state.doomed | ids, prewarm_at=None)
+    known = {iid for iid, _ in state.deadlines}
+    added = tuple((iid, deadline) for iid in sorted(new) if iid not in known and deadline is not None)
+    return replace(state, doomed=state.doomed | new, deadlines=state.deadlines + added, prewarm_at=None)
 
 
 def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, bool, tuple[Command, ...]]:
@@ -428,9 +466,11 @@ def _notice(state: GuardState, notice: Notice, now: float) -> tuple[GuardState, 
     if iid in state.rules.standbys:
         return state, False, ()  # On-Demand standbys are never interrupted
     if notice.kind in DOOMING:
+        if iid in state.doomed and notice.deadline is not None:
+            return _deadline(state, iid, notice.deadline), False, ()  # the source's own time beats NOTICE
         if iid in state.doomed or _seen_leaving(state, iid):
             return state, False, ()  # known, or late: the spot is already going or gone
-        return _doom(state, {iid}), True, ()
+        return _doom(state, {iid}, notice.deadline if notice.deadline is not None else now + NOTICE), True, ()
     if iid in state.rebalanced or iid in state.doomed:
         return state, False, ()
     state = replace(state, rebalanced=state.rebalanced | {iid})
@@ -450,6 +490,13 @@ SCHEDULED_ADVICE = {
                "replace it in standby_instance_ids if it cannot serve",
     "spot": "EC2 will act on it then; spotguard fails over when its notice comes or the spot goes",
 }
+
+
+def _deadline(state: GuardState, iid: str, deadline: float) -> GuardState:
+    deadlines = tuple((i, deadline if i == iid else d) for i, d in state.deadlines)
+    if iid not in {i for i, _ in deadlines}:
+        deadlines += ((iid, deadline),)
+    return replace(state, deadlines=deadlines)
 
 
 def _scheduled(state: GuardState, event: Scheduled) -> tuple[Command, ...]:
@@ -649,7 +696,9 @@ def _tidy_other_standbys(state: GuardState) -> tuple[Command, ...]:
 
 
 def _enter(state: GuardState, phase: Phase, now: float, reason: str, **changes) -> GuardState:
-    return replace(state, phase=phase, since=now, reason=reason, unhealthy_since=None, **changes)
+    deadlines = tuple(d for d in state.deadlines if d[0] in state.doomed)
+    return replace(state, phase=phase, since=now, reason=reason, unhealthy_since=None, deadlines=deadlines,
+                   **changes)
 
 
 def _failover(state: GuardState, now: float, reason: str, prewarm: bool = False) -> Result:
@@ -883,6 +932,8 @@ STEADY_HEALTH_SHARE = 3
 # Phases in which a standby serves a failover: a rehearsal hands its standby
 # over to the daemon rather than stopping it.
 FAILOVER_PHASES = frozenset({Phase.STANDBY_STARTING, Phase.BOTH_SERVING})
+# Phases in which the standby is healthy and serving (the spot's replacement is in place).
+SERVING_PHASES = frozenset({Phase.BOTH_SERVING, Phase.SPOT_RESTORED})
 # The only phase in which a rehearsal may start (nothing else is using a standby).
 REHEARSAL_PHASE = Phase.SPOT_HEALTHY
 
@@ -924,6 +975,7 @@ def next_due(state: GuardState, now: float) -> float:
         due += [t + d for t, d in ((state.started_at, rules.standby_ready_timeout), (state.start_sent, START_RETRY))
                 if t is not None]
         due += [state.retry_at] if state.retry_at is not None else []
+        due += [d - LATE_WARNING for iid, d in state.deadlines if iid in state.doomed and iid not in state.warned]
     if state.phase is Phase.SPOT_RESTORED:
         due.append(state.prewarm_at + rules.rebalance_hold if state.prewarm_at is not None
                    else state.since + rules.failback_grace)
@@ -931,6 +983,21 @@ def next_due(state: GuardState, now: float) -> float:
         due += [i.launched + SILENT_FALLBACK for i in state.seen.spots + state.seen.standbys
                 if i.probe == SILENT and i.launched is not None]
     return min(t for t in due if t > now)
+
+
+def ready_margins(old: GuardState, new: GuardState, now: float) -> tuple[tuple[str, float], ...]:
+    """The ready margins a step settled: for each doomed spot, seconds from its replacement
+    healthy to its deadline (negative: the replacement was late; ~NOTICE: it was healthy already).
+
+    Told once per notice: when the guard starts serving on its standby, for every deadline
+    known before or at that step; and for a notice heard while it already serves.
+    """
+    if new.phase not in SERVING_PHASES:
+        return ()
+    known = dict(old.deadlines)
+    if old.phase not in SERVING_PHASES:
+        return tuple((iid, d - now) for iid, d in {**known, **dict(new.deadlines)}.items())
+    return tuple((iid, d - now) for iid, d in new.deadlines if iid not in known)
 
 
 def health_reusable(unhealthy_grace: float, targets: Iterable[Target], spots: Iterable[Instance], age: float) -> bool:

@@ -37,6 +37,8 @@ SHUTDOWN_POLL = 0.05  # seconds; how soon close() is noticed by the serving thre
 # interval more on the poll path; the whole budget is the 120 s notice.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 ACTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Ready margins: late (negative) to well ahead; a margin under ~10 s is one health check from an outage.
+MARGIN_BUCKETS = (-60.0, -30.0, -10.0, 0.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0)
 
 
 @dataclass
@@ -72,6 +74,20 @@ class Metrics:
             "Seconds from the daemon learning of a spot interruption to StartInstances of a standby succeeding.",
             ["guard"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ready_margin = Histogram(
+            "spotguard_ready_margin_seconds",
+            "Per interruption: seconds from the replacement healthy to the spot's deadline (negative: late).",
+            ["guard"],
+            buckets=MARGIN_BUCKETS,
+            registry=r,
+        )
+        # The histogram has negative buckets, so the client exposes no _sum: the latest is its own gauge.
+        self.last_ready_margin = Gauge(
+            "spotguard_last_ready_margin_seconds",
+            "The latest ready margin: the replacement healthy this many seconds before the spot's deadline.",
+            ["guard"],
             registry=r,
         )
         self.last_latency = Gauge(
@@ -171,6 +187,9 @@ class Metrics:
         # The machine says which spots this event doomed; a repeat notice dooms none.
         if new.doomed - old.doomed and watch.noticed_at is None:
             watch.noticed_at = at
+        for _, seconds in machine.ready_margins(old, new, at):
+            self.ready_margin.labels(guard).observe(seconds)
+            self.last_ready_margin.labels(guard).set(seconds)
 
     def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None:
         watch = self._guard(guard)

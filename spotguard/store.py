@@ -92,6 +92,12 @@ def _str_set(v: Any) -> frozenset[str]:
     return frozenset(_str(item) for item in v)
 
 
+def _deadlines(v: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(v, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in v):
+        raise ValueError(f"expected a list of [instance, time] pairs, got {v!r}")
+    return tuple((_str(iid), _float(at)) for iid, at in v)
+
+
 def _phase(v: Any) -> Phase:
     try:
         return Phase(_str(v))
@@ -109,6 +115,7 @@ _BY_TYPE: dict[Any, Callable[[Any], Any]] = {
     int: _int,
     bool: _bool,
     frozenset[str]: _str_set,
+    tuple[tuple[str, float], ...]: _deadlines,
 }
 
 
@@ -136,6 +143,8 @@ def _encode_value(value: Any) -> Any:
         return value.value
     if isinstance(value, frozenset):
         return sorted(value)
+    if isinstance(value, tuple):
+        return [list(pair) for pair in value]
     return value
 
 

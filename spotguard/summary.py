@@ -12,6 +12,7 @@ or write files.
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 import time
 import zoneinfo
 from pathlib import Path
@@ -35,9 +36,12 @@ MISFIRE_GRACE = 3600
 # --------------------------------------------------------------------------- text
 
 
-def summary_text(guard: str, interruptions: int, est: Estimate, until: str) -> str:
+def summary_text(guard: str, interruptions: int, est: Estimate, until: str, margins: list[float] | None = None) -> str:
     """The message for one guard over the window ending `until` (already formatted)."""
     parts = [_interruptions(interruptions), _standby(est.standby_hours)]
+    if margins:
+        parts.append(f"ready margin min {min(margins):+.0f}s, median {statistics.median(margins):+.0f}s "
+                     "(standby healthy before the spot was reclaimed)")
     if est.cost is None:
         parts.append("cost unknown (set on_demand_hourly and spot_hourly)")
     else:
@@ -139,4 +143,5 @@ class DailySummary:
     def text(self, guard: Any, end: float, until: str) -> str:
         view = ledger.read(self.state_dir, guard.name)
         est = view.estimate(end - DAY, end, guard.on_demand_hourly, guard.spot_hourly)
-        return summary_text(guard.name, len(view.interruptions(end - DAY, end)), est, until)
+        margins = [m.seconds for m in view.margins(end - DAY, end)]
+        return summary_text(guard.name, len(view.interruptions(end - DAY, end)), est, until, margins)

@@ -107,7 +107,9 @@ async def test_the_message_carries_the_eventbridge_envelope(imds, sqs, queue_url
     [message] = moto_world.boto("sqs").receive_message(QueueUrl=queue_url)["Messages"]
     body = json.loads(message["Body"])
     assert body["source"] == "spotguard.agent"
-    assert body["detail"] == {"instance-id": ID, "instance-action": "hibernate"}
+    # EventBridge's own warning has no time; the agent adds IMDS's, when the instance is reclaimed.
+    assert body["detail"] == {"instance-id": ID, "instance-action": "hibernate",
+                              "instance-action-time": AT.strftime("%Y-%m-%dT%H:%M:%SZ")}
     assert body["region"] == moto_world.region
     now = datetime.now(timezone.utc)
     sent = datetime.strptime(body["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -171,13 +173,14 @@ async def test_the_sqs_source_pushes_a_restarted_agents_notice_once(imds, sqs, q
             await agent.poll_once()
     with capture_logs() as logs:
         await read_queue()
-    assert pushed == [Notice(ID, "interruption")]
+    assert pushed == [Notice(ID, "interruption", deadline=AT.timestamp())]
     assert len(events(logs, "source.sqs.duplicate")) == 1
     imds.set_interruption(AT + timedelta(hours=3), "stop")
     async with Agent(imds.url, sqs, queue_url) as agent:
         await agent.poll_once()
     await read_queue()
-    assert pushed == [Notice(ID, "interruption")] * 2
+    assert pushed == [Notice(ID, "interruption", deadline=AT.timestamp()),
+                      Notice(ID, "interruption", deadline=(AT + timedelta(hours=3)).timestamp())]
     assert drain(moto_world, queue_url) == []
 
 

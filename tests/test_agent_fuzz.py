@@ -18,6 +18,8 @@ not patch the agent or the parser; it only calls them.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -94,7 +96,8 @@ def test_interpret_returns_a_notice_or_raises_malformed_only(path, text):
     answer = json.loads(text)
     if path == INSTANCE_ACTION_PATH:
         assert notice.detail_type == INTERRUPTION
-        assert notice.detail == {"instance-id": ID, "instance-action": answer["action"]}
+        assert notice.detail == {"instance-id": ID, "instance-action": answer["action"],
+                                 "instance-action-time": answer["time"]}
     else:
         assert notice.detail_type == REBALANCE
         assert notice.detail == {"instance-id": ID}
@@ -134,7 +137,14 @@ def test_every_notice_becomes_an_event_the_daemon_parses(path, text, instance_id
     built = build(notice.detail_type, notice.detail, payload=notice.payload, region=region, at=at)
     expected = "interruption" if notice.detail_type == INTERRUPTION else "rebalance"
     parsed = parse(json.dumps(built))
-    assert parsed == Parsed(built["id"], "spotguard.agent", notice.detail_type, instance_id, expected)
+    assert parsed == replace(Parsed(built["id"], "spotguard.agent", notice.detail_type, instance_id, expected),
+                             deadline=parsed.deadline)
+    told = json.loads(text).get("time")
+    if notice.detail_type == INTERRUPTION and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", told):
+        # IMDS's own time, as IMDS writes it, is the deadline the daemon reads.
+        assert parsed.deadline == datetime.fromisoformat(told.replace("Z", "+00:00")).timestamp()
+    else:  # anything else: a time read somehow, or none (the machine counts its own two minutes)
+        assert parsed.deadline is None or isinstance(parsed.deadline, float)
 
 
 def _event(notice: Notice, region: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,26 @@ def test_a_sample_is_read_as_expected(name):
         assert INDEX[name]["instance_id"] in result.instance_ids
 
 
+def test_an_interruption_says_when_the_instance_is_reclaimed():
+    """EventBridge's warning carries no time of its own: its sending time + 120 s; the agent's
+    carries IMDS's instance-action time; an unreadable time leaves the machine's own estimate."""
+    event = json.loads(body("ec2_spot_interruption_nth.json"))
+    event["time"] = "2026-12-06T13:00:00Z"
+    assert parse(json.dumps(event)).deadline == datetime(2026, 12, 6, 13, 2, tzinfo=timezone.utc).timestamp()
+    event["detail"]["instance-action-time"] = "2026-12-06T13:01:55Z"
+    assert parse(json.dumps(event)).deadline == datetime(2026, 12, 6, 13, 1, 55, tzinfo=timezone.utc).timestamp()
+    event["detail"].pop("instance-action-time")
+    for bad in ("yesterday", 12, None, "9999-12-31T23:59:59Z"):
+        event["time"] = bad
+        parsed = parse(json.dumps(event))
+        assert isinstance(parsed, Parsed) and parsed.deadline is None, bad
+
+
 def test_parse_examples():
     event = json.loads(body("ec2_spot_interruption_nth.json"))
+    sent = datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
     assert parse(json.dumps(event)) == Parsed(event["id"], "aws.ec2", INTERRUPTION, event["detail"]["instance-id"],
-                                              "interruption")
+                                              "interruption", deadline=sent + 120)
     assert parse("null") == Malformed("not an object: NoneType")
     assert parse("[" * 100_000) == Malformed("not json")  # deep nesting: RecursionError caught
     assert isinstance(parse("\ud800"), Malformed)
@@ -162,7 +179,8 @@ async def test_a_sample_through_a_real_queue(name, moto_world, aws):
     expected, iid = EXPECTED[name], INDEX[name]["instance_id"]
     kind = expected[0]
     if kind == "notice":
-        assert pushed == [Notice(iid, expected[1])] and wakes == []
+        deadline = parse(body(name)).deadline  # the interruption's, read from the sample (the test above)
+        assert pushed == [Notice(iid, expected[1], deadline=deadline)] and wakes == []
     elif kind == "scheduled":
         assert pushed == [Scheduled(iid, expected[1], expected[2], "unknown")] and wakes == []
     elif kind == "wake":

@@ -279,3 +279,14 @@ def test_a_ledger_symlink_is_never_followed(tmp_path, book, tell):
         tell.event("inference", observed(sb="running"), t("2026-11-28 09:00"))
     assert target.read_text() == "someone else's file\n"
     assert [e["event"] for e in logs if e["log_level"] == "error"][:1] == ["ledger.write.failed"]
+
+
+def test_the_ready_margin_is_recorded_once_per_interruption(tmp_path, book, tell):
+    g = "inference"
+    tell.event(g, observed(), t("2026-11-28 10:00"))
+    tell.event(g, Notice(SPOT, deadline=t("2026-11-28 10:03")), t("2026-11-28 10:01"))
+    both = observed(notice=True, sb="running", health={SPOT: "healthy", SB: "healthy"})
+    assert tell.event(g, both, t("2026-11-28 10:02:30")).phase is Phase.BOTH_SERVING
+    tell.event(g, both, t("2026-11-28 10:02:35"))
+    (margin,) = ledger.read(tmp_path, g).margins(0, t("2026-12-01 00:00"))
+    assert (margin.instance, margin.seconds, margin.at) == (SPOT, 30.0, t("2026-11-28 10:02:30"))

@@ -429,9 +429,10 @@ def test_a_lost_target_group_is_said_once_and_holds_every_action():
     assert cmds == () and state.phase is S
     state, cmds = step(state, Notice("i-b"), 101)
     assert cmds == ()
-    # Back: the remembered notice is acted on.
+    # Back: the remembered notice (heard by the poll at 10: reclaimed at 130) is acted on, late.
     state, cmds = step(state, world("a:running!", targets="a:healthy"), 102)
-    assert state.phase is P and cmds == (Start("i-s1"),)
+    assert state.phase is P and cmds == (
+        Start("i-s1"), Alert("standby i-s1 not healthy 28s before spot i-a dies: the service may go down with it"))
 
 
 def test_a_lost_spot_request_and_a_terminated_standby_are_said_once():
@@ -589,3 +590,65 @@ def test_a_backoff_waits_out_its_time_after_a_freeze():
                failed=frozenset({"i-s1", "i-s2"}), retry_at=60.0, watched=0.0)
     state, cmds = step(state, world("a:running!", "s1:stopped s2:stopped", "a:healthy"), FROZEN)
     assert cmds == () and state.retry_at == 60.0 + FROZEN - machine.watch_gap(RULES)
+
+
+# --- deadlines: when EC2 reclaims a doomed spot, and saying so when the standby is late
+
+
+LATE = Alert("standby i-s1 not healthy 30s before spot i-a dies: the service may go down with it")
+
+
+def test_a_notice_keeps_its_deadline_the_poll_counts_two_minutes_from_when_it_saw_it():
+    state, _ = step(at(S, HEALTHY_SPOT), Notice("i-a", deadline=1100.0), 1000)
+    assert state.deadlines == (("i-a", 1100.0),)
+    state, _ = step(at(S, HEALTHY_SPOT), world("a:running!", targets="a:healthy"), 1000)
+    assert state.deadlines == (("i-a", 1000.0 + machine.NOTICE),)
+    # The source's own time, heard after the poll's flag, replaces the estimate; a repeat changes nothing.
+    state, cmds = step(state, Notice("i-a", deadline=1090.0), 1001)
+    assert state.deadlines == (("i-a", 1090.0),) and cmds == ()
+    assert step(state, Notice("i-a"), 1002)[0].deadlines == (("i-a", 1090.0),)
+
+
+def test_a_late_standby_is_said_once_thirty_seconds_before_the_spot_dies():
+    state, _ = step(at(S, HEALTHY_SPOT), Notice("i-a", deadline=1120.0), 1000)
+    starting = world("a:running!", "s1:pending s2:stopped", targets="a:healthy")
+    state, cmds = step(state, starting, 1089)
+    assert state.phase is P and cmds == ()
+    assert machine.next_due(state, 1089) == 1090.0  # a simulator must not leap past the warning
+    state, cmds = step(state, starting, 1090)
+    assert cmds == (LATE,) and state.warned == {"i-a"}
+    state, cmds = step(state, starting, 1095)
+    assert cmds == ()
+    # The spot gone: never warned again; its deadline stays until the standby serves (for the margin).
+    state, cmds = step(state, world("a:terminated", "s1:running s2:stopped", targets="a:draining"), 1125)
+    assert state.deadlines == (("i-a", 1120.0),) and state.warned == frozenset()
+    assert not any(isinstance(c, Alert) and "dies" in c.text for c in cmds)
+
+
+def test_a_standby_healthy_in_time_is_never_called_late():
+    state, _ = step(at(S, HEALTHY_SPOT), Notice("i-a", deadline=1120.0), 1000)
+    state, _ = step(state, world("a:running!", "s1:running s2:stopped", targets="a:healthy s1:initial"), 1050)
+    state, cmds = step(state, world("a:running!", "s1:running s2:stopped", targets="a:healthy s1:healthy"), 1060)
+    assert state.phase is H and not any(isinstance(c, Alert) for c in cmds)
+    state, cmds = step(state, world("a:running!", "s1:running s2:stopped", targets="a:draining s1:healthy"), 1110)
+    assert not any(isinstance(c, Alert) for c in cmds)
+
+
+def test_the_ready_margin_is_told_once_when_the_standby_serves_early_late_or_already():
+    noticed, _ = step(at(S, HEALTHY_SPOT), Notice("i-a", deadline=1120.0), 1000)
+    coming = world("a:running!", "s1:running s2:stopped", targets="a:healthy s1:initial")
+    starting, _ = step(noticed, coming, 1040)
+    serving, _ = step(starting, world("a:running!", "s1:running s2:stopped", targets="a:healthy s1:healthy"), 1086)
+    assert serving.phase is H and machine.ready_margins(starting, serving, 1086) == (("i-a", 34.0),)
+    later, _ = step(serving, world("a:running!", "s1:running s2:stopped", targets="a:draining s1:healthy"), 1090)
+    assert machine.ready_margins(serving, later, 1090) == ()
+    # Late: the spot is reclaimed while the standby still warms; told (negative) once it is healthy.
+    gone, _ = step(starting, world("a:terminated", "s1:running s2:stopped", targets="a:draining s1:initial"), 1125)
+    assert gone.phase is P and gone.deadlines == (("i-a", 1120.0),)
+    back, _ = step(gone, world("a:terminated", "s1:running s2:stopped", targets="s1:healthy"), 1130)
+    assert back.phase is H and machine.ready_margins(gone, back, 1130) == (("i-a", -10.0),)
+    assert back.deadlines == ()
+    # Already serving (a prewarm, a second notice): the replacement was healthy when the notice came.
+    prewarmed = at(H, world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), standby="i-s1")
+    noticed, _ = step(prewarmed, Notice("i-b", deadline=2120.0), 2000)
+    assert machine.ready_margins(prewarmed, noticed, 2000) == (("i-b", 120.0),)

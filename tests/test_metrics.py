@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from test_daemon import phase, replace_spot, running
 from waiting import until
 
-from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop
+from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop, Target
 from spotguard.metrics import Metrics, exposed, serve
 
 PHASES = [p.value for p in Phase]
@@ -315,3 +315,18 @@ def test_the_phase_gauge_follows_transitions_then_the_daemons_guards():
     guards["api"].state = state(Phase.SPOT_RESTORED)  # as an [ha] follower adopts the leader's state
     assert sample(m, "spotguard_phase", guard="api", phase="spot-restored") == 1
     assert sum(sample(m, "spotguard_phase", guard="api", phase=p) for p in PHASES) == 1
+
+
+def test_each_ready_margin_is_one_observation_of_the_histogram():
+    m = Metrics([Settings()])
+    tell = Told(m, RULES)
+    tell.event("web", observed(), 100.0)
+    tell.event("web", Notice("i-spot", deadline=220.0), 101.0)
+    serving = Observed(spots=(Instance("i-spot", "running", True),), standbys=(Instance("i-standby", "running"),),
+                       targets=(Target("i-spot", "healthy"), Target("i-standby", "healthy")))
+    assert tell.event("web", serving, 190.0).phase is Phase.BOTH_SERVING
+    tell.event("web", serving, 191.0)
+    assert sample(m, "spotguard_ready_margin_seconds_count", guard="web") == 1
+    assert sample(m, "spotguard_last_ready_margin_seconds", guard="web") == 30.0
+    assert sample(m, "spotguard_ready_margin_seconds_bucket", guard="web", le="30.0") == 1
+    assert sample(m, "spotguard_ready_margin_seconds_bucket", guard="web", le="20.0") == 0

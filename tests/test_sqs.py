@@ -23,6 +23,8 @@ from spotguard.sources.sqs import SqsSource, stoppable_sleep
 OWNED = "i-0123456789abcdef0"
 OTHER = "i-0fedcba9876543210"
 NEW_SPOT = "i-00000000aaaaaaaa1"
+# event()'s time, 2026-11-28T08:20:00Z, plus the two-minute notice: when EC2 reclaims the instance.
+RECLAIMED = 1795854000.0 + 120
 
 
 def event(
@@ -107,7 +109,7 @@ async def test_interruption_warning_pushes_an_interruption(harness, action):
     harness.send(event(INTERRUPTION, **{"instance-action": action}))
     with capture_logs() as logs:
         await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption")]
+    assert harness.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED)]
     assert [e["instance_id"] for e in events(logs, "source.sqs.notice")] == [OWNED]
     assert harness.source.counts["notices"] == 1 and harness.source.counts["deleted"] == 1
     harness.assert_empty()
@@ -123,7 +125,7 @@ async def test_rebalance_recommendation_pushes_a_rebalance(harness):
 async def test_the_agents_events_are_understood_too(harness):
     harness.send(event(INTERRUPTION, source="spotguard.agent", **{"instance-action": "stop"}))
     await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption")]
+    assert harness.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED)]
     harness.assert_empty()
 
 
@@ -212,7 +214,7 @@ async def test_sns_delivers_the_event_wrapped_or_raw_through_a_real_subscription
     assert envelope["Type"] == "Notification" and isinstance(envelope["Message"], str)
     for h in (wrapped, raw):
         await h.drain()
-        assert h.pushed == [Notice(OWNED, "interruption"), Notice(OTHER, "rebalance")]
+        assert h.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED), Notice(OTHER, "rebalance")]
         assert h.source.counts["malformed"] == 0
         h.assert_empty()
 
@@ -224,7 +226,7 @@ async def test_duplicate_event_id_is_pushed_once(harness):
     same = event(INTERRUPTION)
     harness.send(same, same, same)
     await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption")]
+    assert harness.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED)]
     assert harness.source.counts["duplicates"] == 2 and harness.source.counts["deleted"] == 3
     harness.assert_empty()
 
@@ -236,7 +238,7 @@ async def test_dedupe_is_by_event_id_only(harness):
     harness.send(ec2, ec2, event(INTERRUPTION, source="spotguard.agent", event_id="agent-1"))
     with capture_logs() as logs:
         await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption")] * 2
+    assert harness.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED)] * 2
     assert [e["event_id"] for e in events(logs, "source.sqs.duplicate")] == ["ec2-1"]
     assert harness.source.counts["duplicates"] == 1 and harness.source.counts["deleted"] == 3
     harness.assert_empty()
@@ -252,7 +254,7 @@ async def test_dedupe_memory_is_bounded(moto_world, aws):
     await h.drain()
     h.send(event(INTERRUPTION, "i-00000000000000004", event_id="e4"))
     await h.drain()
-    assert h.pushed[5:] == [Notice("i-00000000000000000", "interruption")]
+    assert h.pushed[5:] == [Notice("i-00000000000000000", "interruption", deadline=RECLAIMED)]
     assert h.source.counts["duplicates"] == 1
     h.assert_empty()
 
@@ -265,7 +267,7 @@ async def test_a_notice_for_an_instance_no_guard_owns_is_pushed(harness):
     harness.send(event(INTERRUPTION, OTHER), event(REBALANCE, OTHER))
     with capture_logs() as logs:
         await harness.drain()
-    assert harness.pushed == [Notice(OTHER, "interruption"), Notice(OTHER, "rebalance")]
+    assert harness.pushed == [Notice(OTHER, "interruption", deadline=RECLAIMED), Notice(OTHER, "rebalance")]
     assert [(e["instance_id"], e["kind"]) for e in events(logs, "source.sqs.notice")] == [
         (OTHER, "interruption"),
         (OTHER, "rebalance"),
@@ -316,7 +318,7 @@ async def test_malformed_is_logged_counted_deleted_never_pushed(harness, body):
 async def test_a_malformed_message_does_not_spoil_its_batch(harness):
     harness.send("{", event(INTERRUPTION), "[]", event(REBALANCE, OTHER))
     await harness.drain()
-    assert harness.pushed == [Notice(OWNED, "interruption"), Notice(OTHER, "rebalance")]
+    assert harness.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED), Notice(OTHER, "rebalance")]
     c = harness.source.counts
     assert (c["received"], c["malformed"], c["notices"], c["deleted"]) == (4, 2, 2, 4)
     harness.assert_empty()
@@ -394,7 +396,7 @@ async def test_run_delivers_and_stops_during_a_long_poll(moto_world, aws):
     deadline = loop.time() + 10
     while not (h.pushed and h.source.counts["deleted"]) and loop.time() < deadline:
         await asyncio.sleep(0.01)
-    assert h.pushed == [Notice(OWNED, "interruption")]
+    assert h.pushed == [Notice(OWNED, "interruption", deadline=RECLAIMED)]
     # The source is now inside a 20 s long poll on an empty queue: stop must not wait it out.
     started = loop.time()
     stop.set()

@@ -33,7 +33,7 @@ PRICES = {"on_demand_hourly": 1.006, "spot_hourly": 0.35}
 GUARD_FIELDS = {"name", "phase", "since", "reason", "standby", "stray", "rehearsing", "observed", "transitions",
                 "month", "problems"}
 MONTH_FIELDS = {"start", "end", "counted_from", "hours", "spot_hours", "standby_hours", "interruptions",
-                "on_demand_hourly", "spot_hourly", "cost", "on_demand_cost", "saving"}
+                "ready_margins", "on_demand_hourly", "spot_hourly", "cost", "on_demand_cost", "saving"}
 
 
 def configured(tmp_path, world, d):
@@ -384,3 +384,19 @@ def test_month_without_prices_says_unknown():
                             t("2026-11-02 00:00"))
     assert (m["cost"], m["on_demand_cost"], m["saving"], m["standby_hours"]) == (None, None, None, 2)
     assert "cost: unknown" in "\n".join(status._month_lines(m))
+
+
+def test_the_months_ready_margins_are_counted_and_the_last_one_shown():
+    view = runs(("spot", t("2026-11-01 00:00"), None))
+    margins = [{"v": 1, "at": t(at), "kind": "margin", "instance": SPOT, "seconds": s}
+               for at, s in (("2026-10-31 23:00", 5.0), ("2026-11-02 10:00", 31.0), ("2026-11-03 10:00", -4.0),
+                             ("2026-11-04 10:00", 12.0))]
+    view = LedgerView(tuple(sorted(view.records + tuple(margins), key=lambda r: r["at"])))
+    m = status.month_report(view, GUARD, t("2026-11-05 00:00"))
+    assert m["ready_margins"] == {"count": 3, "min": -4.0, "median": 12.0,
+                                  "last": {"at": "2026-11-04T10:00:00Z", "instance": SPOT, "seconds": 12.0}}
+    (line,) = [x for x in status._month_lines(m) if "ready margin" in x]
+    assert line.startswith("  ready margin (standby healthy → spot reclaimed): last +12s (")
+    assert line.endswith("this month min -4s, median +12s over 3")
+    quiet = status.month_report(runs(), GUARD, t("2026-11-05 00:00"))
+    assert quiet["ready_margins"]["count"] == 0 and not any("ready margin" in x for x in status._month_lines(quiet))

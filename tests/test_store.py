@@ -52,6 +52,7 @@ BY_TYPE = {
     int: st.integers(min_value=0, max_value=2**53),
     bool: st.booleans(),
     frozenset[str]: st.frozensets(ids),
+    tuple[tuple[str, float], ...]: st.lists(st.tuples(ids, finite), max_size=4).map(tuple),
 }
 HINTS = get_type_hints(GuardState)
 states = st.builds(

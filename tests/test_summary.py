@@ -148,3 +148,9 @@ async def test_a_follower_sends_nothing(tmp_path):
         await DailySummary(settings(tmp_path), Notifier(None), leading=lambda: False).send()
     assert [e["event"] for e in logs] == ["summary.skipped"]
 
+
+
+def test_the_days_ready_margins_are_in_the_summary():
+    text = summary_text("g", 2, est(standby=0.5), UNTIL, margins=[31.0, -4.0])
+    assert ("2 interruptions; standby ran 30m On-Demand; ready margin min -4s, median +14s (standby healthy "
+            "before the spot was reclaimed); est. cost") in text

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,11 +145,24 @@ def month_report(view: ledger.LedgerView, guard: GuardSettings, now: float) -> d
         "spot_hours": round(est.spot_hours, 4),
         "standby_hours": round(est.standby_hours, 4),
         "interruptions": len(view.interruptions(start, now)),
+        "ready_margins": margins_report(view.margins(start, now)),
         "on_demand_hourly": est.on_demand_hourly,
         "spot_hourly": est.spot_hourly,
         "cost": _money(est.cost),
         "on_demand_cost": _money(est.on_demand_cost),
         "saving": _money(est.saving),
+    }
+
+
+def margins_report(margins: list[ledger.Margin]) -> dict[str, Any]:
+    """This month's ready margins: how many, the least, the median, and the latest."""
+    seconds = [m.seconds for m in margins]
+    last = margins[-1] if margins else None
+    return {
+        "count": len(seconds),
+        "min": min(seconds) if seconds else None,
+        "median": statistics.median(seconds) if seconds else None,
+        "last": None if last is None else {"at": iso(last.at), "instance": last.instance, "seconds": last.seconds},
     }
 
 
@@ -251,6 +265,12 @@ def _month_lines(m: dict[str, Any]) -> list[str]:
         f"  this month ({m['start'][:10]} to now{counted}): {n} interruption{'s' * (n != 1)}; "
         f"standbys ran {_hours(m['standby_hours'])} On-Demand; spot ran {_hours(m['spot_hours'])}",
     ]
+    r = m["ready_margins"]
+    if r["count"]:
+        last = r["last"]
+        lines.append(f"  ready margin (standby healthy → spot reclaimed): last {_signed(last['seconds'])} "
+                     f"({last['instance']}, {_when(last['at'])}); this month min {_signed(r['min'])}, "
+                     f"median {_signed(r['median'])} over {r['count']}")
     if m["cost"] is None:
         lines.append("  cost: unknown (set on_demand_hourly and spot_hourly for this guard)")
     else:
@@ -260,6 +280,10 @@ def _month_lines(m: dict[str, Any]) -> list[str]:
             f"On-Demand all month {_usd(m['on_demand_cost'])}; saving {_usd(m['saving'])}"
         )
     return lines
+
+
+def _signed(seconds: float) -> str:
+    return f"{seconds:+.0f}s"
 
 
 def _hours(hours: float) -> str:

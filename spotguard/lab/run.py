@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from ..machine import NOTICE
 from ..sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CHANGE
 from .balancer import Balancer, HealthCheck
 from .clock import ScenarioClock, clock_text, span_text
@@ -455,15 +456,21 @@ class _Run:
         return {"imds": metadata.url, "instance_action": metadata.set_interruption(at)}
 
     def _eventbridge(self, detail_type: str, detail: dict[str, str], instance_id: str) -> None:
-        """An EC2 event as EventBridge delivers it to an SQS queue (for the SQS source to read)."""
-        world = self.world
+        """An EC2 event as EventBridge delivers it to an SQS queue (for the SQS source to read).
+
+        An interruption warning's time is set back so that it plus EC2's two minutes falls
+        when the lab terminates the spot: spotguard reads its deadline off it on the wall clock.
+        """
+        world, sent = self.world, datetime.now(timezone.utc)
+        if detail_type == INTERRUPTION:
+            sent += timedelta(seconds=self.clock.wall(self.s.notice_period) - NOTICE)
         event = {
             "version": "0",
             "id": str(uuid.uuid4()),
             "detail-type": detail_type,
             "source": "aws.ec2",
             "account": world.account_id,
-            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "time": sent.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "region": world.region,
             "resources": [f"arn:aws:ec2:{world.region}:{world.account_id}:instance/{instance_id}"],
             "detail": detail,

@@ -20,10 +20,11 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
 from spotguard import ids
+from spotguard.machine import NOTICE
 
 EC2 = "aws.ec2"
 AGENT = "spotguard.agent"
@@ -74,6 +75,9 @@ PATTERNS: dict[str, dict[str, Any]] = {
 # Only for spots in an Auto Scaling group (selected by tags): elsewhere it would only add traffic.
 AUTOSCALING_PATTERN = ("autoscaling-lifecycle", {"source": [AUTOSCALING], "detail-type": [ASG_TERMINATE, ASG_LAUNCH]})
 
+# The agent adds IMDS's instance-action time to its warning (EventBridge's own carries none).
+ACTION_TIME = "instance-action-time"
+
 LOG_CAP = 200  # characters of a bad value (a reason, an answer, an error) that may reach the log
 
 
@@ -89,6 +93,7 @@ class Parsed:
     detail_type: str
     instance_id: str
     kind: str | None
+    deadline: float | None = None  # an interruption's: when EC2 reclaims the instance (epoch seconds)
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,21 @@ def _event(event: dict) -> Result:
     instance_id = _instance(detail, key)
     if detail_type == INTERRUPTION and not is_action(detail.get("instance-action")):
         raise _Bad(f"bad instance-action {cap(repr(detail.get('instance-action')))}")
-    return Parsed(event_id, source, detail_type, instance_id, KINDS[source, detail_type])
+    deadline = _deadline(event, detail) if detail_type == INTERRUPTION else None
+    return Parsed(event_id, source, detail_type, instance_id, KINDS[source, detail_type], deadline)
+
+
+def _deadline(event: dict, detail: dict) -> float | None:
+    """When EC2 reclaims the instance: the agent's IMDS instance-action time, else the warning's
+    own time plus the two-minute notice; None when neither is a readable time."""
+    try:
+        told = _at(detail.get(ACTION_TIME))
+        if told is None:
+            sent = _at(event.get("time"))
+            told = None if sent is None else sent + timedelta(seconds=NOTICE)
+        return (told if told.tzinfo else told.replace(tzinfo=timezone.utc)).timestamp() if told else None
+    except (OverflowError, ValueError, OSError):  # a time at the edge of datetime's range
+        return None
 
 
 def _hook(message: dict) -> Result:

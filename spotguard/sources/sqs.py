@@ -204,7 +204,7 @@ class SqsSource:
         self.counts["notices"] += 1
         log.info("source.sqs.notice", message_id=message_id, event_id=parsed.event_id, source=parsed.source,
                  detail_type=parsed.detail_type, instance_id=parsed.instance_id, kind=parsed.kind)
-        self.push(Notice(parsed.instance_id, parsed.kind))
+        self.push(Notice(parsed.instance_id, parsed.kind, deadline=parsed.deadline))
 
     def _foreign_one(self, parsed: Foreign, message_id: str) -> None:
         """Another kind of event (a queue shared with lifecycle hooks, Health's other news):
