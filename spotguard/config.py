@@ -114,6 +114,9 @@ class GuardSettings:
     target_port: int | None = None  # None: the target group's port
     spot_request_ids: tuple[str, ...] = ()
     spot_instance_tags: tuple[tuple[str, str], ...] = ()  # (key, value) in file order
+    # Spot positions kept serving; None: the number of spot_request_ids, or with spot_instance_tags
+    # the live tagged spots the guard first sees (remembered in its state).
+    capacity: int | None = None
     standby_instance_ids: tuple[str, ...] = ()
     failback_grace: float = defaults.FAILBACK_GRACE
     standby_ready_timeout: float = defaults.STANDBY_READY_TIMEOUT
@@ -135,6 +138,7 @@ class GuardSettings:
             rebalance_hold=self.rebalance_hold,
             poll_interval=poll_interval,
             register_when=self.register_when,
+            capacity=self.capacity if self.capacity is not None else (len(self.spot_request_ids) or None),
         )
 
 
@@ -386,6 +390,23 @@ def _port(r: _Reader, value: Any, path: str) -> int | None:
     return value
 
 
+def _count(r: _Reader, value: Any, path: str) -> int | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        r.problem(path, f"expected a whole number of spot instances (1 or more), got {_describe(value)}")
+        return None
+    return value
+
+
+def _capacity(r: _Reader, table: dict, path: str, get: Callable[..., Any]) -> int | None:
+    """`capacity`: at most one per spot request (more could never be served by spot alone)."""
+    capacity = get("capacity", _count, None)
+    requests = table.get("spot_request_ids")
+    if capacity is not None and isinstance(requests, list) and capacity > len(requests):
+        r.problem(f"{path}.capacity", f"{capacity} is more than the {len(requests)} spot_request_ids: spot alone "
+                                      "could never serve it, and a standby would run for good")
+    return capacity
+
+
 def _price(r: _Reader, value: Any, path: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e6:
         r.problem(path, f"expected a price in USD per hour (a number, 0 or more), got {_describe(value)}")
@@ -506,6 +527,7 @@ _GUARD_KEYS = (
     "target_port",
     "spot_request_ids",
     "spot_instance_tags",
+    "capacity",
     "standby_instance_ids",
     "failback_grace",
     "standby_ready_timeout",
@@ -669,6 +691,7 @@ def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSetti
         target_port=get("target_port", _port, None),
         spot_request_ids=get("spot_request_ids", _array(_matching(ids.SPOT_REQUEST_ID, "a spot request id")), ()),
         spot_instance_tags=get("spot_instance_tags", _tags, ()),
+        capacity=_capacity(r, table, path, get),
         standby_instance_ids=get("standby_instance_ids", _array(_matching(ids.INSTANCE_ID, "an instance id"))),
         failback_grace=get("failback_grace", _duration, defaults.FAILBACK_GRACE),
         standby_ready_timeout=get("standby_ready_timeout", _duration, defaults.STANDBY_READY_TIMEOUT),

@@ -133,6 +133,9 @@ DOOMING = frozenset({"interruption", "terminating"})
 NOTICE = 120.0
 # Say so when the replacement is not healthy this long before a doomed spot's deadline.
 LATE_WARNING = 30.0
+# Take a doomed spot out of the target group this long before its deadline when the replacement
+# is late and another target is healthy (a fleet): requests then drain instead of failing.
+DEREGISTER_AHEAD = 5.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ class Rules:
     rebalance_hold: float = defaults.REBALANCE_HOLD
     poll_interval: float = defaults.POLL_INTERVAL  # how often the guard is observed when steady
     register_when: str = defaults.REGISTER_WHEN  # ready (its health check passes) | running
+    capacity: int | None = None  # spot positions kept serving; None: the live spots first seen (GuardState.learned)
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,7 @@ class GuardState:
     stray: bool = False  # the standby runs outside a failover (a person, a crash): drained after the grace
     ready: frozenset[str] = frozenset()  # live instances whose agent said they pass their health check
     unprobed: frozenset[str] = frozenset()  # live instances registered before they were seen ready (said once)
+    learned: int = 0  # without Rules.capacity: the live spots of the first observation that had any
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -426,6 +431,8 @@ def _observe(state: GuardState, seen: Observed, now: float) -> GuardState:
     # Readiness belongs to one boot: forgotten once the instance is seen not live.
     live = {i.id for i in seen.spots + seen.standbys if i.state in LIVE_STATES}
     doomed = frozenset(state.doomed & known - over)
+    if state.rules.capacity is None and not state.learned:
+        state = replace(state, learned=sum(1 for i in seen.spots if i.state in LIVE_STATES))
     # A reclaimed spot's deadline stays while its replacement is still coming: the ready
     # margin (negative) is told when the replacement is healthy; the next phase forgets it.
     coming = state.phase is Phase.STANDBY_STARTING
@@ -579,8 +586,24 @@ def _live_spots(state: GuardState) -> list[Instance]:
     return [i for i in state.seen.spots if i.state in LIVE_STATES and i.id not in state.doomed]
 
 
-def _healthy_spot(state: GuardState) -> Instance | None:
-    return next((i for i in _live_spots(state) if _healthy(state, i.id)), None)
+def _healthy_spots(state: GuardState) -> list[Instance]:
+    return [i for i in _live_spots(state) if _healthy(state, i.id)]
+
+
+def capacity(state: GuardState) -> int:
+    """The spot positions the guard keeps serving: its rules' capacity, else the spots it first saw."""
+    return state.rules.capacity if state.rules.capacity is not None else max(1, state.learned)
+
+
+def _short(state: GuardState) -> int:
+    """Positions no live spot holds (a doomed spot holds none: it is going)."""
+    return capacity(state) - len(_live_spots(state))
+
+
+def _covered(state: GuardState) -> Instance | None:
+    """The newest healthy spot when healthy spots fill the capacity: the spots alone serve it."""
+    healthy = _healthy_spots(state)
+    return healthy[-1] if healthy and len(healthy) >= capacity(state) else None
 
 
 def _own_standbys(state: GuardState) -> tuple[str, ...]:
@@ -720,12 +743,11 @@ def _serve(state: GuardState, now: float, reason: str) -> Result:
 
 
 def _decide_spot_healthy(state: GuardState, now: float) -> Result:
-    if not _live_spots(state):
+    if _short(state) > 0:
         return _failover(state, now, _why_spot_lost(state))
     if state.prewarm_at is not None:
         return _failover(state, now, "rebalance recommendation, on_rebalance=prewarm", prewarm=True)
-    spot = _healthy_spot(state)
-    if spot is None:
+    if _covered(state) is None:
         since = state.unhealthy_since if state.unhealthy_since is not None else now
         if now - since >= state.rules.unhealthy_grace:
             return _failover(state, now, f"spot target not healthy for {now - since:.0f}s")
@@ -754,6 +776,8 @@ def _why_spot_lost(state: GuardState) -> str:
         return f"interruption notice for spot {doomed.id}"
     if not _live_spots(state):
         return "no running spot instance"
+    if _short(state) > 0:
+        return f"{len(_live_spots(state))} of {capacity(state)} spot instances running"
     return "spot target no longer healthy"
 
 
@@ -762,7 +786,7 @@ def _decide_starting(state: GuardState, now: float) -> Result:
     up = next((s for s in _own_standbys(state) if _up(state, s)), None)
     if up:
         return _serve(replace(state, standby=up), now, f"standby {up} healthy")
-    spot = _healthy_spot(state)
+    spot = _covered(state)
     if spot and (state.prewarm_at is None or state.standby is None):
         return _abort(state, now, f"spot {spot.id} healthy again before any standby")
     if state.standby is None:
@@ -776,7 +800,16 @@ def _decide_starting(state: GuardState, now: float) -> Result:
         return state, (alert,) + cmds
     if state.started_at is not None and now - state.started_at >= state.rules.standby_ready_timeout:
         return _ready_timeout(state, now)
-    return _bring_up(state, inst, now)
+    state, cmds = _bring_up(state, inst, now)
+    return state, _drop_dying(state, now) + cmds
+
+
+def _drop_dying(state: GuardState, now: float) -> tuple[Command, ...]:
+    """A doomed spot still serving DEREGISTER_AHEAD before its deadline leaves the group while
+    another target is healthy: the balancer stops sending it requests before it dies rather
+    than after failed health checks. The last healthy target stays (invariant 1)."""
+    dying = [iid for iid, d in state.deadlines if iid in state.doomed and now >= d - DEREGISTER_AHEAD]
+    return _deregister(state, dying)
 
 
 def _abort(state: GuardState, now: float, reason: str) -> Result:
@@ -802,7 +835,7 @@ def _bring_up(state: GuardState, inst: Instance, now: float) -> Result:
 def _ready_timeout(state: GuardState, now: float) -> Result:
     sid = state.standby
     alert = Alert(f"standby {sid} not healthy after {state.rules.standby_ready_timeout:.0f}s")
-    spot = _healthy_spot(state)
+    spot = _covered(state)
     if spot:  # only a prewarm gets here with a healthy spot: it is not worth more standbys
         next_state, cmds = _abort(state, now, f"spot {spot.id} healthy; giving up the prewarm")
         return next_state, (alert,) + cmds
@@ -840,7 +873,7 @@ def _decide_serving(state: GuardState, now: float) -> Result:
     state, spots = _register_new_spots(state, now)
     state, own = _register(state, [sid], now)
     cmds = _drop_doomed(state) + spots + _tidy_other_standbys(state) + own
-    spot = _healthy_spot(state)
+    spot = _covered(state)
     if spot and _up(state, sid):
         state = _enter(state, Phase.SPOT_RESTORED, now, f"spot {spot.id} healthy")
         state, more = _decide_restored(state, now)
@@ -850,7 +883,7 @@ def _decide_serving(state: GuardState, now: float) -> Result:
 
 def _decide_restored(state: GuardState, now: float) -> Result:
     sid = state.standby
-    if _healthy_spot(state) is None:
+    if _covered(state) is None:
         return _failover(state, now, _why_spot_lost(state))
     if _instance(state, sid).state not in LIVE_STATES:
         return _drain(state, now, f"standby {sid} stopped outside spotguard")
@@ -873,7 +906,7 @@ def _drain(state: GuardState, now: float, reason: str) -> Result:
 
 def _decide_draining(state: GuardState, now: float) -> Result:
     sid = state.standby
-    if _healthy_spot(state) is None:
+    if _covered(state) is None:
         return _failover(state, now, _why_spot_lost(state) + " while draining")
     inst = _instance(state, sid)
     cmds = _tidy_other_standbys(state)
@@ -976,6 +1009,7 @@ def next_due(state: GuardState, now: float) -> float:
                 if t is not None]
         due += [state.retry_at] if state.retry_at is not None else []
         due += [d - LATE_WARNING for iid, d in state.deadlines if iid in state.doomed and iid not in state.warned]
+        due += [d - DEREGISTER_AHEAD for iid, d in state.deadlines if iid in state.doomed]
     if state.phase is Phase.SPOT_RESTORED:
         due.append(state.prewarm_at + rules.rebalance_hold if state.prewarm_at is not None
                    else state.since + rules.failback_grace)

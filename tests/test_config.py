@@ -178,7 +178,22 @@ def test_full_config_with_two_guards(tmp_path):
     assert second.spot_instance_tags == (("Role", "batch"), ("Env", "prod"))
     assert second.spot_request_ids == () and second.standby_instance_ids == (SB3,)
     assert first.rules() == Rules(standbys=(SB1, SB2), failback_grace=5400.0, standby_ready_timeout=90.0,
-                                  unhealthy_grace=0.0, on_rebalance="prewarm", rebalance_hold=5400.0)
+                                  unhealthy_grace=0.0, on_rebalance="prewarm", rebalance_hold=5400.0, capacity=1)
+    # Capacity: one per spot request unless said; with tags, what the guard first sees (None here).
+    assert second.capacity is None and second.rules().capacity is None
+
+
+def test_capacity_is_at_most_one_per_spot_request(tmp_path):
+    doc = {"aws": {"region": "ap-northeast-2"},
+           "guard": [{"name": "web", "target_group_arn": ARN, "spot_request_ids": ["sir-8x4kq2bn", "sir-3p9zt7cd"],
+                      "capacity": 2, "standby_instance_ids": [SB1, SB2]}]}
+    assert load(write(tmp_path, doc)).guards[0].rules().capacity == 2
+    for bad, says in ((3, "3 is more than the 2 spot_request_ids"), (0, "expected a whole number"),
+                      (True, "expected a whole number"), ("2", "expected a whole number")):
+        doc["guard"][0]["capacity"] = bad
+        with pytest.raises(ConfigError) as caught:
+            load(write(tmp_path, doc))
+        assert [p for p in caught.value.problems if "guard[0].capacity" in p and says in p], caught.value.problems
 
 
 def test_ids_in_the_shape_moto_issues_are_accepted(tmp_path):
@@ -602,9 +617,10 @@ def test_the_example_file_has_every_key():
     text = EXAMPLE.read_text()
     for key in ["region", "endpoint_url", "state_dir", "poll_interval", "log_format", "blind_after", "[notify.discord]",
                 "webhook_url_file", "webhook_url", "[sources.sqs]", "queue_url", "[[guard]]", "name",
-                "target_group_arn", "target_port", "spot_request_ids", "spot_instance_tags", "standby_instance_ids",
-                "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance", "rebalance_hold",
-                "register_when", "metrics_port", "daily_summary", "timezone", "on_demand_hourly", "spot_hourly",
+                "target_group_arn", "target_port", "spot_request_ids", "spot_instance_tags", "capacity",
+                "standby_instance_ids", "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance",
+                "rebalance_hold", "register_when", "metrics_port", "daily_summary", "timezone", "on_demand_hourly",
+                "spot_hourly",
                 "[ha]", "table", "lease", "holder"]:
         assert key in text, key
 
@@ -620,7 +636,8 @@ def test_cli_check_config_accepts_the_example():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "config OK: 1 guard(s)",
-        "guard inference: targetgroup/inference/6d0ecf831eec9f09 (port from target group); spot requests sir-8x4kq2bn; "
+        "guard inference: targetgroup/inference/6d0ecf831eec9f09 (port from target group); spot requests sir-8x4kq2bn "
+        "(capacity 1); "
         "standbys i-0a1b2c3d4e5f60718, i-0f9e8d7c6b5a49382; failback_grace 10m, standby_ready_timeout 5m, "
         "unhealthy_grace 30s, on_rebalance ignore, register_when ready",
     ]
@@ -682,7 +699,8 @@ def test_cli_summarises_tag_guards_and_prewarm(tmp_path, capsys, monkeypatch):
     path = write(tmp_path, {"aws": VALID["aws"], "guard": [guard]})
     assert cli.main(["check-config", "--config", str(path)]) == 0
     assert capsys.readouterr().out.splitlines()[1] == (
-        "guard inference: targetgroup/inference/6d0ecf831eec9f09 (port 8080); spot tags Role='gpu'; "
+        "guard inference: targetgroup/inference/6d0ecf831eec9f09 (port 8080); spot tags Role='gpu' "
+        "(capacity: the tagged spots first seen); "
         f"standbys {SB1}, {SB2}; failback_grace 10m, standby_ready_timeout 5m, unhealthy_grace 30s, "
         "on_rebalance prewarm (hold 30m), register_when ready"
     )

@@ -652,3 +652,54 @@ def test_the_ready_margin_is_told_once_when_the_standby_serves_early_late_or_alr
     prewarmed = at(H, world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), standby="i-s1")
     noticed, _ = step(prewarmed, Notice("i-b", deadline=2120.0), 2000)
     assert machine.ready_margins(prewarmed, noticed, 2000) == (("i-b", 120.0),)
+
+
+# --- capacity: a guard of several spots covers each one it loses (one standby at a time, so far)
+
+FLEET = replace(RULES, capacity=2)
+TWO = world("a:running b:running", targets="a:healthy b:healthy")
+
+
+def test_a_fleet_starts_a_standby_for_one_doomed_spot_and_keeps_it_serving_until_the_standby_is_healthy():
+    state, cmds = step(at(S, TWO, rules=FLEET), Notice("i-a", deadline=1120.0), 1000)
+    assert state.phase is P and cmds == (Start("i-s1"),)
+    doomed = world("a:running! b:running", "s1:running s2:stopped", "a:healthy b:healthy s1:initial")
+    state, cmds = step(state, doomed, 1050)
+    assert state.phase is P and not any(isinstance(c, Deregister) for c in cmds)  # full capacity meanwhile
+    state, cmds = step(state, world("a:running! b:running", "s1:running s2:stopped",
+                                    "a:healthy b:healthy s1:healthy"), 1060)
+    assert state.phase is H and Deregister("i-a") in cmds
+
+
+def test_a_fleets_late_standby_leaves_the_doomed_spot_out_just_before_its_deadline():
+    state, _ = step(at(S, TWO, rules=FLEET), Notice("i-a", deadline=1120.0), 1000)
+    late = world("a:running! b:running", "s1:pending s2:stopped", "a:healthy b:healthy")
+    state, cmds = step(state, late, 1114)
+    assert not any(isinstance(c, Deregister) for c in cmds)
+    assert machine.next_due(state, 1114) == 1115.0
+    state, cmds = step(state, late, 1115)
+    assert Deregister("i-a") in cmds  # b stays healthy: the balancer drains a before it dies
+    # A one-spot guard never takes its last healthy target out, deadline or not.
+    alone, _ = step(at(S, HEALTHY_SPOT), Notice("i-a", deadline=1120.0), 1000)
+    alone, cmds = step(alone, world("a:running!", "s1:pending s2:stopped", "a:healthy"), 1116)
+    assert not any(isinstance(c, Deregister) for c in cmds)
+
+
+def test_a_fleet_fails_back_once_its_spots_fill_the_capacity_again():
+    serving = at(H, world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), rules=FLEET,
+                 standby="i-s1")
+    state, cmds = step(serving, world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), 10)
+    assert state.phase is H  # one spot of two: the standby still covers the other
+    state, cmds = step(state, world("b:running c:running", "s1:running s2:stopped",
+                                    "b:healthy c:healthy s1:healthy"), 20)
+    assert state.phase is D and state.reason == "spot i-c healthy"
+    # Losing one again during the grace goes back to serving on the standby.
+    state, _ = step(state, world("b:running", "s1:running s2:stopped", "b:healthy s1:healthy"), 30)
+    assert state.phase is H
+
+
+def test_without_a_capacity_the_guard_keeps_the_spots_it_first_saw():
+    state, _ = step(initial(Rules(standbys=("i-s1",))), TWO, 0)
+    assert (state.learned, machine.capacity(state)) == (2, 2)
+    state, cmds = step(state, world("b:running", targets="a:draining b:healthy"), 10)
+    assert state.phase is P and Start("i-s1") in cmds and state.reason == "1 of 2 spot instances running"

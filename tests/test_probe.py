@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from waiting import until
 
 from spotguard.machine import READY, SILENT, WAITING, Instance
 from spotguard.sources.probe import FAIL, NO_ANSWER, PASS, USER_AGENT, HealthCheck, Prober, check_once
-from tests.waiting import until
 
 # An instance's private address, as moto gives it in a 127.0.0.0/8 VPC: loopback, never a private range.
 ADDRESS = "127.42.0.7"

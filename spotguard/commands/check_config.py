@@ -33,6 +33,8 @@ def describe_guard(guard: GuardSettings) -> str:
         spot = "spot requests " + ", ".join(guard.spot_request_ids)
     else:
         spot = "spot tags " + ", ".join(f"{k}={v!r}" for k, v in guard.spot_instance_tags)
+    capacity = guard.rules().capacity
+    spot += f" (capacity {capacity})" if capacity is not None else " (capacity: the tagged spots first seen)"
     rebalance = f"on_rebalance {guard.on_rebalance}"
     if guard.on_rebalance == "prewarm":
         rebalance += f" (hold {format_duration(guard.rebalance_hold)})"
