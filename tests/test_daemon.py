@@ -124,6 +124,34 @@ async def test_full_cycle_failover_then_failback_and_again(tmp_path, moto_world,
         assert state(moto_world, d.standby_ids[1]) == "stopped"
 
 
+async def test_a_fleet_keeps_its_capacity_while_one_spot_is_replaced(tmp_path, moto_world, deployment, aws):
+    """Two spot requests behind one target group (capacity 2): a notice for one starts the
+    standby, the doomed spot keeps serving until the standby is healthy, and the standby is
+    drained and stopped once both spots serve again."""
+    d, standby = deployment, deployment.standby_ids[0]
+    request2, spot2 = moto_world.add_spot(d)
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
+                               guard={"spot_request_ids": [d.spot_request_id, request2]})
+    assert settings.guards[0].rules().capacity == 2
+    moto_world.set_health(d.target_group_arn, standby, "initial")
+    async with running(settings, aws) as daemon:
+        moto_world.notice(d.spot_request_id)
+        await until(lambda: standby in health(moto_world, d), what="standby registered")
+        rounds = daemon.rounds
+        await until(lambda: daemon.rounds >= rounds + 2, what="two more rounds")
+        assert phase(daemon) is Phase.STANDBY_STARTING
+        # Full capacity meanwhile: the doomed spot serves beside the other one.
+        assert health(moto_world, d)[d.spot_instance_id] == "healthy" == health(moto_world, d)[spot2]
+        moto_world.set_health(d.target_group_arn, standby, None)  # passed its first check
+        await until(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot out")
+        assert phase(daemon) is Phase.BOTH_SERVING and health(moto_world, d)[spot2] == "healthy"
+        new = await replace_spot(moto_world, daemon, d)
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="failback")
+        await until(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
+        assert health(moto_world, d) == {spot2: "healthy", new: "healthy"}
+        assert state(moto_world, d.standby_ids[1]) == "stopped"
+
+
 class Recorder:
     """An observer keeping what it is told, as metrics and the ledger will."""
 

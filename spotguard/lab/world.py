@@ -478,6 +478,13 @@ class MotoWorld:
         # Any of moto's bundled AMIs; reading the backend avoids listing 1000+ images over HTTP.
         return next(iter(self.ec2_backend.amis))
 
+    def add_spot(self, d: Deployment) -> tuple[str, str]:
+        """Another persistent spot request for `d`'s service, its instance registered in the
+        target group (a fleet behind one target group); (request id, instance id)."""
+        request = self._request_spot(self.boto("ec2"), d.name, d.image_id, d.subnet_ids[0], d.security_group_id, {})
+        self.boto("elbv2").register_targets(TargetGroupArn=d.target_group_arn, Targets=[{"Id": request["InstanceId"]}])
+        return request["SpotInstanceRequestId"], request["InstanceId"]
+
     def _request_spot(
         self, ec2: Any, name: str, image: str, subnet: str, sg: str, tags: Mapping[str, str]
     ) -> dict[str, Any]:
