@@ -239,6 +239,7 @@ class GuardState:
     ready: frozenset[str] = frozenset()  # live instances whose agent said they pass their health check
     unprobed: frozenset[str] = frozenset()  # live instances registered before they were seen ready (said once)
     learned: int = 0  # without Rules.capacity: the live spots of the first observation that had any
+    short_said: int = 0  # lost spots no standby covers, as last said
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -276,7 +277,8 @@ def step(state: GuardState, event: Event, now: float) -> Result:
         return state, commands
     state, decided = _DECIDE[state.phase](state, now)
     state, late = _warn_late(state, now)
-    decided = _own(state, decided) + late
+    state, short = _warn_short(state)
+    decided = _own(state, decided) + late + short
     if not isinstance(event, Observed):
         # A notice or a failure is decided on the last observation, which may be
         # old (a poll outage) or already overtaken by our own commands. Starting and
@@ -299,6 +301,16 @@ def _warn_late(state: GuardState, now: float) -> Result:
     alerts = tuple(Alert(f"{who} not healthy {max(0.0, d - now):.0f}s before spot {iid} dies: the service may "
                          "go down with it") for iid, d in due)
     return replace(state, warned=state.warned | {iid for iid, _ in due}), alerts
+
+
+def _warn_short(state: GuardState) -> Result:
+    """Say once (and again if it grows) when more spots are lost than the standby covers."""
+    uncovered = max(0, _short(state) - (0 if state.phase is Phase.SPOT_HEALTHY else 1))
+    if uncovered <= state.short_said:
+        return (state if uncovered == state.short_said else replace(state, short_said=uncovered)), ()
+    alert = Alert(f"capacity short by {uncovered}: {len(_live_spots(state))} of {capacity(state)} spot instances "
+                  "running, and one standby serves at a time")
+    return replace(state, short_said=uncovered), (alert,)
 
 
 def _own(state: GuardState, commands: tuple[Command, ...]) -> tuple[Command, ...]:
