@@ -37,7 +37,7 @@ def write(
 [[guard]]
 name = {json.dumps(d["name"])}
 target_group_arn = {json.dumps(d["target_group_arn"])}
-spot_request_ids = {json.dumps([d["spot_request_id"]])}
+spot_request_ids = {json.dumps(d.get("spot_request_ids", [d["spot_request_id"]]))}
 standby_instance_ids = {json.dumps(list(d["standby_ids"]))}
 failback_grace = {json.dumps(failback_grace)}
 # No service runs on the bench's instances: a readiness probe would wait forever.

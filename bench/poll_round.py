@@ -1,4 +1,4 @@
-"""Benchmark: one poll round (`Poller.observe()`) for 1, 4 and 20 guards against moto.
+"""Benchmark: one poll round (`Poller.observe()`) for 1, 4 and 20 guards, and 20 guards × 4 spots, against moto.
 
 The world (moto in server mode, in its own process) holds 20 provisioned
 deployments; three Pollers on the same aiobotocore clients watch the first 1, 4
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from spotguard.aws import clients
 from spotguard.sources.poll import Poller
 
 SIZES = (1, 4, 20)
+FLEET = (20, 4)  # and 20 guards of 4 spot requests each (the fleet issue's benchmark)
 ROUNDS = 25
 WARMUP = 3
 TICK = os.sysconf("SC_CLK_TCK")
@@ -48,11 +48,17 @@ async def run(world: Any, workdir: Path, quick: bool = False) -> str:
         workdir / "poll.toml", world, deployments, state_dir=workdir / "poll-state", poll_interval=5
     )
     guards = config.load(path).guards
-    wall: dict[int, list[float]] = {n: [] for n in SIZES}
-    cpu: dict[int, list[float]] = {n: [] for n in SIZES}
-    moto_cpu: dict[int, float] = {n: 0.0 for n in SIZES}
+    fleets = [world.call("provision", name=f"f{i:02d}", standbys=1, spots=FLEET[1]) for i in range(FLEET[0])]
+    fleet_path = configs.write(
+        workdir / "fleet.toml", world, fleets, state_dir=workdir / "fleet-state", poll_interval=5
+    )
+    sizes = [*SIZES, FLEET]
+    wall: dict = {n: [] for n in sizes}
+    cpu: dict = {n: [] for n in sizes}
+    moto_cpu: dict = {n: 0.0 for n in sizes}
     async with clients(world.region, world.endpoint_url, session=get_session()) as aws:
-        pollers = {n: Poller(aws.ec2, aws.elbv2, guards[:n]) for n in SIZES}
+        pollers: dict = {n: Poller(aws.ec2, aws.elbv2, guards[:n]) for n in SIZES}
+        pollers[FLEET] = Poller(aws.ec2, aws.elbv2, config.load(fleet_path).guards)
         for n, poller in pollers.items():
             for _ in range(WARMUP):  # botocore loads its models and opens connections here
                 _check(await poller.observe(), n)
@@ -65,31 +71,31 @@ async def run(world: Any, workdir: Path, quick: bool = False) -> str:
                 wall[n].append(time.perf_counter() - began)
                 cpu[n].append(time.process_time() - cpu_before)
                 moto_cpu[n] += cpu_seconds(world.pid) - moto_before
-    calls = {n: pollers[n].calls for n in SIZES}
+    calls = {n: pollers[n].calls for n in sizes}
     return _report(wall, cpu, moto_cpu, calls, rounds)
 
 
-def _check(seen: dict, n: int) -> None:
-    if len(seen) != n or any(not o.spots or o.spots[0].state != "running" for o in seen.values()):
+def _check(seen: dict, n: int | tuple[int, int]) -> None:
+    guards, spots = n if isinstance(n, tuple) else (n, 1)
+    if len(seen) != guards or any(len(o.spots) != spots or any(i.state != "running" for i in o.spots)
+                                  for o in seen.values()):
         raise AssertionError(f"poll of {n} guards saw {seen}")
 
 
-def _report(
-    wall: dict[int, list[float]],
-    cpu: dict[int, list[float]],
-    moto_cpu: dict[int, float],
-    calls: dict[int, Counter],
-    rounds: int,
-) -> str:
+def _label(n: int | tuple[int, int]) -> str:
+    return f"{n[0]} × {n[1]} spots" if isinstance(n, tuple) else str(n)
+
+
+def _report(wall: dict, cpu: dict, moto_cpu: dict, calls: dict, rounds: int) -> str:
     rows, per_call = [], []
     base_wall = summarize(wall[SIZES[0]]).median
     base_cpu = summarize(cpu[SIZES[0]]).median
-    for n in SIZES:
+    for n in wall:
         w, c = summarize(wall[n]).scaled(1e3), summarize(cpu[n]).scaled(1e3)
         total_calls = sum(calls[n].values()) / rounds
         rows.append(
             [
-                n,
+                _label(n),
                 fmt(w.median), fmt(w.p90), spread(w),
                 fmt(c.median), fmt(c.p90),
                 fmt(moto_cpu[n] / rounds * 1e3, 2),
@@ -98,14 +104,16 @@ def _report(
             ]
         )
         breakdown = ", ".join(f"{api} {k / rounds:g}" for api, k in sorted(calls[n].items()))
-        per_call.append([n, breakdown, fmt(c.median / total_calls, 3)])
+        per_call.append([_label(n), breakdown, fmt(c.median / total_calls, 3)])
     big = SIZES[-1]
     moto_share = moto_cpu[big] / rounds / summarize(cpu[big]).median
     return "\n\n".join(
         [
             f"{rounds} interleaved rounds per size, after {WARMUP} warm-up rounds. "
             "Each guard: one persistent spot request (running, registered, healthy), one stopped standby, "
-            "its own target group; the moto account holds all 20 deployments throughout.",
+            f"its own target group; `{_label(FLEET)}`: {FLEET[0]} more guards of {FLEET[1]} spot requests each "
+            f"(capacity {FLEET[1]}) behind their target group. The moto account holds all "
+            f"{max(SIZES) + FLEET[0]} deployments throughout.",
             table(
                 [
                     "guards", "wall ms median", "wall p90", "wall min–max",

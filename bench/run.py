@@ -9,7 +9,7 @@ that measure them, each in its own module:
                 concurrently with steady);
   startup:      exec → READY=1;
   latency:      notice → StartInstances leaving the daemon (push, poll);
-  poll_round:   one `Poller.observe()` round for 1, 4 and 20 guards;
+  poll_round:   one `Poller.observe()` round for 1, 4 and 20 guards, and 20 guards of 4 spots;
   cpu_round:    where a 20-guard round's CPU goes, and what alternatives cost;
   machine_step: `machine.step` over a full failover/failback cycle.
 steady and memory run first, side by side (each is minutes of mostly waiting);

@@ -121,8 +121,11 @@ class Server:
         self.recorder.starts.clear()
         self.recorder.describes = 0
 
-    def provision(self, name: str, standbys: int = 1) -> dict[str, Any]:
-        return dataclasses.asdict(self.world.provision(name, standbys=standbys))
+    def provision(self, name: str, standbys: int = 1, spots: int = 1) -> dict[str, Any]:
+        """A deployment as a dict; with `spots` above 1, that many spot requests behind its target group."""
+        d = self.world.provision(name, standbys=standbys)
+        more = [self.world.add_spot(d) for _ in range(spots - 1)]
+        return {**dataclasses.asdict(d), "spot_request_ids": [d.spot_request_id] + [r for r, _ in more]}
 
     def notice(self, request_id: str) -> float:
         self.world.notice(request_id)
