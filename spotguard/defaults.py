@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The config file every verb reads unless --config says otherwise (or SPOTGUARD_CONFIG does).
+CONFIG = Path("/etc/spotguard/config.toml")
+CONFIG_ENV = "SPOTGUARD_CONFIG"
+
 # [daemon]
 STATE_DIR = Path("/var/lib/spotguard")
 POLL_INTERVAL = 5.0

@@ -62,7 +62,7 @@ def configure(log_format: str = "auto", stream: TextIO | None = None, *, level: 
     fmt = resolve_format(log_format, stream)
     levelno = _level(level)
     renderer: Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=colors(stream))
     )
     if is_journal(stream):
         renderer = _Prioritised(renderer)
@@ -100,6 +100,17 @@ def _route_stdlib(stream: TextIO, pre_chain: list[Processor], render: list[Proce
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
+
+
+def colors(stream: TextIO, environ: Any = None) -> bool:
+    """Whether console lines are coloured: NO_COLOR (no-color.org) wins, then FORCE_COLOR,
+    else only on a terminal. Either counts when set to anything but an empty string."""
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR"):
+        return False
+    if env.get("FORCE_COLOR"):
+        return True
+    return _isatty(stream)
 
 
 def is_journal(stream: TextIO, environ: Any = None) -> bool:

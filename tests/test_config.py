@@ -682,14 +682,18 @@ def test_cli_run_hands_the_settings_to_the_daemon(tmp_path, monkeypatch):
     assert received == [load(path, env={})]
 
 
-def test_cli_version_and_usage_errors(capsys):
+def test_cli_version_and_usage_errors(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as caught:
         cli.main(["--version"])
     assert caught.value.code == 0 and capsys.readouterr().out == "spotguard 0.1.0\n"
-    for argv in ([], ["frobnicate"], ["check-config"], ["check-config", "--config", "x", "--extra"]):
+    for argv in ([], ["frobnicate"], ["check-config", "--config", "x", "--extra"]):
         with pytest.raises(SystemExit) as caught:
             cli.main(argv)
         assert caught.value.code == 2
+    capsys.readouterr()
+    monkeypatch.setenv("SPOTGUARD_CONFIG", str(tmp_path / "none.toml"))  # no --config: where it looked
+    assert cli.main(["check-config"]) == 2
+    assert capsys.readouterr().err.startswith(f"{tmp_path / 'none.toml'}: no such file ($SPOTGUARD_CONFIG)")
 
 
 def test_cli_summarises_tag_guards_and_prewarm(tmp_path, capsys, monkeypatch):
@@ -803,3 +807,16 @@ def test_the_example_states_the_defaults_of_defaults_py():
     text = EXAMPLE.read_text()
     assert f'# lease = "{format_duration(defaults.LEASE)}"' in text
     assert f'# timezone = "{defaults.TIMEZONE}"' in text
+
+
+def test_every_verb_reads_spotguard_config_or_the_default_file():
+    assert spotguard("check-config", env={"SPOTGUARD_CONFIG": "config.example.toml"}).returncode == 0
+    if Path("/etc/spotguard/config.toml").exists():
+        pytest.skip("this machine has a real /etc/spotguard/config.toml")
+    done = spotguard("check-config", env={"SPOTGUARD_CONFIG": ""})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("/etc/spotguard/config.toml: no such file (the default config); pass --config PATH or "
+                           "set SPOTGUARD_CONFIG\n")
+    done = spotguard("status", env={"SPOTGUARD_CONFIG": "/nowhere/spotguard.toml"})
+    assert done.returncode == 2
+    assert done.stderr.startswith("/nowhere/spotguard.toml: no such file ($SPOTGUARD_CONFIG)")

@@ -241,3 +241,28 @@ def test_journalctl_priority_filter_sees_spotguards_warnings_through_a_real_jour
     seen = {(json.loads(e["MESSAGE"])["event"], e["PRIORITY"]) for e in entries}
     assert seen == {("daemon.crashed", "2"), ("poll.describe.failed", "3"), ("guard.alert", "4"),
                     ("library.warning", "4")}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("env", "tty", "expected"), [
+    ({}, True, True),
+    ({}, False, False),
+    ({"NO_COLOR": "1"}, True, False),
+    ({"NO_COLOR": ""}, True, True),  # set but empty does not count (no-color.org)
+    ({"FORCE_COLOR": "1"}, False, True),
+    ({"NO_COLOR": "1", "FORCE_COLOR": "1"}, True, False),
+])
+def test_colours_follow_no_color_and_force_color(env, tty, expected):
+    assert logs.colors(_Terminal() if tty else io.StringIO(), env) is expected
+
+
+def test_no_color_leaves_no_escape_codes_on_a_terminal(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = _Terminal()
+    logs.configure("console", out)
+    structlog.get_logger("t").warning("guard.alert", text="plain")
+    assert "guard.alert" in out.getvalue() and "\x1b[" not in out.getvalue()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any, Coroutine
 
+from spotguard import defaults
 from spotguard.config import ConfigError, Settings, load
 
 EXIT_OK = 0
@@ -18,11 +20,20 @@ EXIT_CONFIG = 2  # bad usage or a bad config: nothing was done (argparse exits 2
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="PATH", help="the TOML config file")
+    parser.add_argument("--config", default=default_config(), metavar="PATH",
+                        help=f"the TOML config file (default: ${defaults.CONFIG_ENV}, else {defaults.CONFIG})")
+
+
+def default_config() -> str:
+    return os.environ.get(defaults.CONFIG_ENV) or str(defaults.CONFIG)
 
 
 def load_or_report(path: str) -> Settings | None:
     """The settings, or None after printing each problem on its own line to stderr."""
+    if path == default_config() and not os.path.exists(path):
+        where = f"${defaults.CONFIG_ENV}" if os.environ.get(defaults.CONFIG_ENV) else "the default config"
+        print(f"{path}: no such file ({where}); pass --config PATH or set {defaults.CONFIG_ENV}", file=sys.stderr)
+        return None
     try:
         return load(path)
     except ConfigError as exc:
