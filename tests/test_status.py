@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -400,3 +404,41 @@ def test_the_months_ready_margins_are_counted_and_the_last_one_shown():
     assert line.endswith("this month min -4s, median +12s over 3")
     quiet = status.month_report(runs(), GUARD, t("2026-11-05 00:00"))
     assert quiet["ready_margins"]["count"] == 0 and not any("ready margin" in x for x in status._month_lines(quiet))
+
+
+MINIMAL = """[aws]
+region = "ap-northeast-2"
+[daemon]
+state_dir = {state}
+[[guard]]
+name = "inference"
+target_group_arn = "arn:aws:elasticloadbalancing:ap-northeast-2:123456789012:targetgroup/inference/6d0ecf831eec9f09"
+spot_request_ids = ["sir-8x4kq2bn"]
+standby_instance_ids = ["i-0a1b2c3d4e5f60718"]
+"""
+
+
+def test_status_without_permission_says_so_on_stderr_with_the_way_out():
+    """As a user who cannot read the owner-only state directory (root: run as nobody)."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: no unprivileged user to try it as")
+    shared = Path(tempfile.mkdtemp(prefix="spotguard-status-"))
+    try:
+        shared.chmod(0o755)
+        state = shared / "state"
+        state.mkdir(mode=0o700)
+        config = shared / "config.toml"
+        config.write_text(MINIMAL.format(state=json.dumps(str(state))))
+        config.chmod(0o644)
+        argv = [sys.executable, "-m", "spotguard", "status", "--config", str(config)]
+        if os.geteuid() == 0:
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert "join its group root" in done.stderr or os.geteuid() != 0
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"spotguard status: cannot read {state}: permission denied; run it as the daemon's "
+                               "user or root (sudo spotguard status)")
+    finally:
+        state.chmod(0o700)
+        shutil.rmtree(shared)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import grp
 import json
+import os
 import statistics
 import sys
 import time
@@ -334,6 +336,30 @@ async def _read_ha(settings: Settings, now: float) -> dict[str, Any] | None:
         return {"table": settings.ha.table, "leader": None, "error": error_code(exc)}
 
 
+def unreadable(state_dir: Path) -> str | None:
+    """Why this user cannot read the daemon's state directory, with the way out; None if it can
+    (or it does not exist yet: then there is simply no state)."""
+    try:
+        os.listdir(state_dir)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        group = _group_of(state_dir)
+        join = f", or join its group {group} (it must then be group-readable)" if group else ""
+        return (f"cannot read {state_dir}: permission denied; run it as the daemon's user or root "
+                f"(sudo spotguard status){join}")
+    except OSError:
+        return None  # reported per file below, as before
+    return None
+
+
+def _group_of(path: Path) -> str | None:
+    try:
+        return grp.getgrgid(path.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the stable JSON document (docs/status-json.md)")
@@ -344,6 +370,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
+    denied = unreadable(settings.daemon.state_dir)
+    if denied:
+        print(f"spotguard status: {denied}", file=sys.stderr)
+        return EXIT_FAILED
     now = time.time()
     lease = asyncio.run(_read_ha(settings, now)) if settings.ha is not None else None
     doc = report(settings, now, ha=lease)
