@@ -194,6 +194,16 @@ class Agent:
 
     # ------------------------------------------------------------------ IMDS
 
+    async def read_region(self) -> str | None:
+        """The instance's region from IMDS (placement/region); None without a usable answer."""
+        try:
+            status, text = await self._get("placement/region")
+        except _Failed as exc:
+            log.warning("agent.imds.region.failed", reason=str(exc))
+            return None
+        region = text.strip()
+        return region if status == 200 and ids.REGION.fullmatch(region) else None
+
     async def _learn_instance_id(self) -> bool:
         try:
             status, text = await self._get(INSTANCE_ID_PATH)
@@ -310,7 +320,7 @@ def region_from_env(environ: dict[str, str]) -> str | None:
     return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
 
 
-def main(queue_url: str, imds_url: str, interval: float, region: str, ready: ReadyCheck | None = None) -> int:
+def main(queue_url: str, imds_url: str, interval: float, region: str | None, ready: ReadyCheck | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT; the exit code for the process."""
     from spotguard import logs
 
@@ -323,7 +333,8 @@ def main(queue_url: str, imds_url: str, interval: float, region: str, ready: Rea
     return 0
 
 
-async def _main(queue_url: str, imds_url: str, interval: float, region: str, ready: ReadyCheck | None) -> None:
+async def _main(queue_url: str, imds_url: str, interval: float, region: str | None,
+                ready: ReadyCheck | None) -> None:
     import signal
 
     from aiobotocore.config import AioConfig
@@ -337,5 +348,11 @@ async def _main(queue_url: str, imds_url: str, interval: float, region: str, rea
     # instance role) come from botocore's own chain. Short timeouts and few
     # retries: a failed send is retried next interval anyway.
     config = AioConfig(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2.0, read_timeout=5.0)
+    if region is None:
+        async with Agent(imds_url, None, queue_url) as reader:
+            region = await reader.read_region()
+        if region is None:
+            raise RuntimeError("no region: set AWS_REGION, or let the agent read IMDS placement/region (no answer)")
+        log.info("agent.region", region=region, source="imds")
     async with get_session().create_client("sqs", region_name=region, config=config) as sqs:
         await Agent(imds_url, sqs, queue_url, interval=interval, ready=ready).run(stop)

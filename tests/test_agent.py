@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -379,8 +380,14 @@ async def test_run_forwards_a_notice_within_an_interval_and_stops(imds, sqs, que
     assert len(drain(moto_world, queue_url)) == 1
 
 
-async def test_cli_forwards_and_exits_0_on_sigterm(imds, queue_url, moto_world):
-    env = dict(os.environ, AWS_ENDPOINT_URL=moto_world.endpoint_url, AWS_REGION=moto_world.region)
+@pytest.mark.parametrize("region_from", ["environment", "imds"])
+async def test_cli_forwards_and_exits_0_on_sigterm(imds, queue_url, moto_world, region_from):
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    env["AWS_ENDPOINT_URL"] = moto_world.endpoint_url
+    if region_from == "environment":
+        env["AWS_REGION"], imds.region = moto_world.region, "xx-nowhere-1"  # the environment wins
+    else:
+        imds.region = moto_world.region  # none set: the agent asks its instance metadata
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "spotguard", "agent", "--queue-url", queue_url, "--imds-url", imds.url,
         "--interval", "0.1", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -401,9 +408,22 @@ async def test_cli_forwards_and_exits_0_on_sigterm(imds, queue_url, moto_world):
             await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert [(p.instance_id, p.kind) for p in got] == [(ID, "interruption")]
-    names = [json.loads(line)["event"] for line in out.decode().splitlines()]
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    names = [line["event"] for line in lines if line["event"] != "agent.imds.token"]
+    told = [line for line in lines if line["event"] == "agent.region"]
+    assert told == ([] if region_from == "environment" else [{**told[0], "region": moto_world.region}])
+    names = [n for n in names if n != "agent.region"]
     assert names[0] == "agent.started" and "agent.sqs.sent" in names and names[-1] == "agent.stopped"
     assert "Traceback" not in err.decode()
+
+
+async def test_no_region_anywhere_is_one_line_and_exit_1(queue_url, moto_world):
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    argv = [sys.executable, "-m", "spotguard", "agent", "--queue-url", queue_url, "--imds-url", "http://127.0.0.1:9"]
+    done = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    crashed = [json.loads(line) for line in done.stdout.splitlines() if "agent.crashed" in line]
+    assert crashed and "no region: set AWS_REGION" in crashed[0]["detail"]
 
 
 async def test_ready_is_said_once_per_boot_when_the_service_passes_its_health_check(imds, sqs, queue_url, moto_world):

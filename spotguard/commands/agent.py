@@ -29,10 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from spotguard import agent as forwarder  # lazily: only the spot host runs it
 
-    region = forwarder.region_from_env(dict(os.environ))
-    if region is None:
-        print("spotguard agent: no region: set AWS_REGION (or AWS_DEFAULT_REGION)", file=sys.stderr)
-        return EXIT_CONFIG
+    region = forwarder.region_from_env(dict(os.environ))  # None: read from the instance's metadata
     ready = None
     if args.ready_url is not None:
         try:

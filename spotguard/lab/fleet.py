@@ -172,7 +172,7 @@ class Fleet:
         known.announced_ready = False
         await known.app.start(self.world.private_address(instance_id), self.target_port)
         # A fresh service per boot: what it answered belonged to the instance's last run.
-        known.imds = InstanceMetadata(instance_id)
+        known.imds = InstanceMetadata(instance_id, region=self.world.region)
         await known.imds.start()
         if warm_up > 0:
             self.timeline.add(

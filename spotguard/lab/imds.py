@@ -35,8 +35,10 @@ def iso_z(moment: datetime) -> str:
 
 
 class InstanceMetadata:
-    def __init__(self, instance_id: str, *, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, instance_id: str, *, region: str = "us-east-1",
+                 now: Callable[[], float] = time.monotonic) -> None:
         self.instance_id = instance_id
+        self.region = region
         self.port: int | None = None
         self._now = now
         self._skew = 0.0  # seconds advance() added to the token clock
@@ -125,6 +127,7 @@ class InstanceMetadata:
     def _item(self, path: str) -> str | None:
         items: dict[str, Any] = {
             "instance-id": self.instance_id,
+            "placement/region": self.region,
             "spot/instance-action": self._instance_action,
             "events/recommendations/rebalance": self._rebalance,
         }
