@@ -132,7 +132,6 @@ def test_agent_refuses_a_ttl_imds_would_refuse():
         (["agent", "--queue-url", "not-a-url"], (), "not an http(s) URL"),
         (["agent", "--queue-url", "http://q", "--interval", "0"], (), "positive"),
         (["agent", "--queue-url", "http://q", "--interval", "soon"], (), "not a number"),
-        (["agent", "--queue-url", "http://q"], ("AWS_REGION", "AWS_DEFAULT_REGION"), "no region"),
     ],
 )
 def test_bad_arguments_exit_2(argv, env_drop, message):
