@@ -169,3 +169,15 @@ def test_the_command_line_imports_only_the_chosen_verb():
                            (["--help"], "0 [] []")):
         done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
         assert done.stderr.splitlines()[-1] == expected, done.stderr
+
+
+def test_the_version_has_one_source():
+    """pyproject takes it from spotguard.__version__; the installed metadata says the same."""
+    import importlib.metadata
+    import tomllib
+
+    import spotguard
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert importlib.metadata.version("spotguard") == spotguard.__version__
