@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 
 from spotguard.config import Settings, format_duration
+from spotguard.machine import NOTICE  # spot interruption notice → instance gone (best effort)
 
-NOTICE = 120.0  # spot interruption notice → instance gone (best effort)
 SQS_DETECTION = 1.0  # SQS/agent notice → daemon (docs/benchmarks.md: p99 28 ms by SQS, ~1 s by the agent)
 # The notice is best effort and the instance-action time is to the second: leave this much
 # unspent, so the drain ends before the spot is reclaimed rather than at the same moment.
