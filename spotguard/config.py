@@ -124,6 +124,7 @@ class GuardSettings:
     on_rebalance: str = defaults.ON_REBALANCE  # ignore | prewarm
     rebalance_hold: float = defaults.REBALANCE_HOLD
     register_when: str = defaults.REGISTER_WHEN  # ready | running
+    late_warning: float = defaults.LATE_WARNING
     on_demand_hourly: float | None = None  # USD per standby hour, for status and summaries
     spot_hourly: float | None = None  # USD per spot hour
 
@@ -139,6 +140,7 @@ class GuardSettings:
             poll_interval=poll_interval,
             register_when=self.register_when,
             capacity=self.capacity if self.capacity is not None else (len(self.spot_request_ids) or None),
+            late_warning=self.late_warning,
         )
 
 
@@ -535,6 +537,7 @@ _GUARD_KEYS = (
     "on_rebalance",
     "rebalance_hold",
     "register_when",
+    "late_warning",
     "on_demand_hourly",
     "spot_hourly",
 )
@@ -699,6 +702,7 @@ def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSetti
         on_rebalance=get("on_rebalance", _choice(REBALANCE_POLICIES), defaults.ON_REBALANCE),
         rebalance_hold=get("rebalance_hold", _duration, defaults.REBALANCE_HOLD),
         register_when=get("register_when", _choice(REGISTER_WHEN), defaults.REGISTER_WHEN),
+        late_warning=get("late_warning", _duration, defaults.LATE_WARNING),
         on_demand_hourly=get("on_demand_hourly", _price, None),
         spot_hourly=get("spot_hourly", _price, None),
     )

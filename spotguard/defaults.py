@@ -31,4 +31,5 @@ STANDBY_READY_TIMEOUT = 300.0
 UNHEALTHY_GRACE = 30.0
 ON_REBALANCE = "ignore"
 REBALANCE_HOLD = 1800.0
+LATE_WARNING = 30.0  # standby not healthy this long before a doomed spot's deadline: say so
 REGISTER_WHEN = "ready"  # register an instance once it answers its health check | "running": as soon as it runs

@@ -131,8 +131,6 @@ class Notice:
 DOOMING = frozenset({"interruption", "terminating"})
 # An interruption notice → the instance is reclaimed (EC2's two minutes, best effort).
 NOTICE = 120.0
-# Say so when the replacement is not healthy this long before a doomed spot's deadline.
-LATE_WARNING = 30.0
 # Take a doomed spot out of the target group this long before its deadline when the replacement
 # is late and another target is healthy (a fleet): requests then drain instead of failing.
 DEREGISTER_AHEAD = 5.0
@@ -212,6 +210,7 @@ class Rules:
     poll_interval: float = defaults.POLL_INTERVAL  # how often the guard is observed when steady
     register_when: str = defaults.REGISTER_WHEN  # ready (its health check passes) | running
     capacity: int | None = None  # spot positions kept serving; None: the live spots first seen (GuardState.learned)
+    late_warning: float = defaults.LATE_WARNING  # standby not healthy this long before a spot's deadline: said
 
 
 @dataclass(frozen=True)
@@ -290,11 +289,11 @@ def step(state: GuardState, event: Event, now: float) -> Result:
 
 
 def _warn_late(state: GuardState, now: float) -> Result:
-    """Say once per notice when the replacement is not healthy LATE_WARNING before the spot dies."""
+    """Say once per notice when the replacement is not healthy `late_warning` before the spot dies."""
     if state.phase is not Phase.STANDBY_STARTING:
         return state, ()
     due = [(iid, d) for iid, d in state.deadlines
-           if iid in state.doomed and iid not in state.warned and d - now <= LATE_WARNING]
+           if iid in state.doomed and iid not in state.warned and d - now <= state.rules.late_warning]
     if not due:
         return state, ()
     who = f"standby {state.standby}" if state.standby else "no standby"
@@ -1020,7 +1019,7 @@ def next_due(state: GuardState, now: float) -> float:
         due += [t + d for t, d in ((state.started_at, rules.standby_ready_timeout), (state.start_sent, START_RETRY))
                 if t is not None]
         due += [state.retry_at] if state.retry_at is not None else []
-        due += [d - LATE_WARNING for iid, d in state.deadlines if iid in state.doomed and iid not in state.warned]
+        due += [d - rules.late_warning for iid, d in state.deadlines if iid in state.doomed and iid not in state.warned]
         due += [d - DEREGISTER_AHEAD for iid, d in state.deadlines if iid in state.doomed]
     if state.phase is Phase.SPOT_RESTORED:
         due.append(state.prewarm_at + rules.rebalance_hold if state.prewarm_at is not None

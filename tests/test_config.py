@@ -820,3 +820,12 @@ def test_every_verb_reads_spotguard_config_or_the_default_file():
     done = spotguard("status", env={"SPOTGUARD_CONFIG": "/nowhere/spotguard.toml"})
     assert done.returncode == 2
     assert done.stderr.startswith("/nowhere/spotguard.toml: no such file ($SPOTGUARD_CONFIG)")
+
+
+def test_late_warning_is_a_duration_for_the_rules(tmp_path):
+    doc = edited(VALID, "guard[0].late_warning", "45s")
+    assert load(write(tmp_path, doc)).guards[0].rules().late_warning == 45.0
+    assert load(write(tmp_path, VALID)).guards[0].rules().late_warning == 30.0
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, edited(VALID, "guard[0].late_warning", "soon")))
+    assert any(p.startswith("guard[0].late_warning: ") for p in caught.value.problems)

@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from spotguard.defaults import LATE_WARNING
+
 # What the child sees of AWS: only moto, through the endpoint in its config.
 SANDBOX_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -87,6 +89,7 @@ def write_config(
             "unhealthy_grace": wall(unhealthy_grace),
             "register_when": register_when,
             "on_rebalance": on_rebalance,
+            "late_warning": wall(LATE_WARNING),
         }],
         "sources": {"sqs": {"queue_url": queue_url}} if queue_url else None,
     }
