@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from spotguard.defaults import LATE_WARNING
+from ..defaults import LATE_WARNING
 
 # What the child sees of AWS: only moto, through the endpoint in its config.
 SANDBOX_ENV = {

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 
 from spotguard.machine import (
     LIVE_STATES,
+    NOTICE,
     READY,
     WAITING,
     Alert,
@@ -68,7 +69,7 @@ class Timing:
     warmup: int = 30  # running → app passes health checks
     stop: int = 15  # StopInstances → stopped
     shutdown: int = 5  # spot shutting-down → terminated
-    notice_period: int = 120
+    notice_period: int = int(NOTICE)  # EC2's two minutes, as the machine assumes them
     check_interval: int = 10
     dereg_delay: int = 30
     unhealthy_threshold: int = 2
