@@ -2,7 +2,8 @@
 
 `daemon_policy` is what the controller's role needs to run the daemon (and `check`
 and `status`), `agent_policy` what a spot host's role needs, and `setup_policy`
-what the person (or pipeline) running `spotguard setup` needs, once; operators
+what the person (or pipeline) running `spotguard setup` needs, once, and
+`instance_trust_policy` who may assume the first two's roles; operators
 read what each grants in docs/operations.md. This module must not talk to AWS: it only
 reads the settings it is given.
 """
@@ -54,6 +55,10 @@ SETUP_RULE_ACTIONS = ("events:DescribeRule", "events:PutRule", "events:ListTarge
 SETUP_TABLE_ACTIONS = ("dynamodb:DescribeTable", "dynamodb:CreateTable")
 
 
+# Who may assume the daemon's and the agent's roles: EC2 instances, through an instance profile.
+INSTANCE_PRINCIPAL = "ec2.amazonaws.com"
+
+
 class IamError(Exception):
     """No policy can be written for these settings (exit 2)."""
 
@@ -90,6 +95,12 @@ def setup_policy(settings: Settings) -> dict[str, Any]:
     if settings.ha is not None:
         statements.append(_statement("CreateTable", SETUP_TABLE_ACTIONS, table_arn(settings)))
     return {"Version": VERSION, "Statement": statements}
+
+
+def instance_trust_policy() -> dict[str, Any]:
+    """The trust policy of a role an EC2 instance assumes (the controller's, a spot host's)."""
+    statement = {"Effect": "Allow", "Principal": {"Service": INSTANCE_PRINCIPAL}, "Action": "sts:AssumeRole"}
+    return {"Version": VERSION, "Statement": [statement]}
 
 
 def rule_arns(settings: Settings) -> str:

@@ -21,7 +21,8 @@ import pytest
 from configs import write_config
 
 from spotguard.aws import client
-from spotguard.commands.setup import POLICY_SID, RULES, run, setup
+from spotguard.cloudformation import POLICY_SID, RULES
+from spotguard.commands.setup import run, setup
 from spotguard.config import AwsSettings, Settings, SqsSettings
 from spotguard.sources.eventbridge import INTERRUPTION, Health, Parsed, parse
 

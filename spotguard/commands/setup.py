@@ -4,7 +4,9 @@ With [ha] the DynamoDB table; with [sources.sqs] the queue, one EventBridge rule
 per kind of event the SQS source reads (eventbridge.PATTERNS, and the Auto
 Scaling one when a guard finds its spots by tags), the queue policy statement
 and the rules' targets, each printed
-as created, exists or updated (docs/operations.md § 4). This module must not
+as created, exists or updated (docs/operations.md § 4); what each must be is
+spotguard/cloudformation.py's. `--cloudformation` prints the same, and the
+roles, as a template instead, and calls no AWS API. This module must not
 touch the daemon's state, guards or any AWS API beyond SQS, EventBridge and
 DynamoDB's table calls, and never deletes anything.
 """
@@ -15,57 +17,30 @@ import argparse
 import json
 import sys
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
-from spotguard import ids
 from spotguard.aws import AWS_ERRORS, INTERACTIVE_RETRIES, client, error_code
+from spotguard.cloudformation import (
+    NEW_QUEUE_ATTRIBUTES,
+    POLICY_ID,
+    POLICY_SID,
+    QueueRef,
+    SetupError,
+    policy_statement,
+    queue_ref,
+    rule_description,
+    rules,
+    target_id,
+    template,
+)
 from spotguard.commands.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, add_config_argument, load_or_report, run_aws
-from spotguard.config import Settings, SqsSettings
+from spotguard.config import Settings
 from spotguard.ha import table_spec
-from spotguard.sources.eventbridge import AUTOSCALING_PATTERN, PATTERNS
+from spotguard.iam import VERSION, IamError
 
-# rule name -> event pattern. Short fixed slugs read better in the console than
-# slugified detail-types, and stay well under EventBridge's 64-character limit.
-RULES: dict[str, dict[str, Any]] = {ids.RULE_PREFIX + slug: pattern for slug, pattern in PATTERNS.items()}
-# Messages are acted on within a second or deleted; an hour covers a daemon
-# restart without keeping stale notices (a notice is worthless after 2 min).
-NEW_QUEUE_ATTRIBUTES = {"MessageRetentionPeriod": "3600", "VisibilityTimeout": "30"}
-POLICY_SID = "spotguard-eventbridge"
-EVENTS_PRINCIPAL = "events.amazonaws.com"
-TARGET_ID_MAX = 64
 MISSING_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
-
-
-class SetupError(Exception):
-    """The config names a queue setup cannot make (exit 2)."""
-
-
-@dataclass(frozen=True)
-class QueueRef:
-    """What the config's queue URL tells us before any AWS call."""
-
-    url: str
-    name: str
-    account: str | None  # the URL's account segment, if it looks like one
-
-
-def queue_ref(sqs: SqsSettings, region: str) -> QueueRef:
-    """Check `[sources.sqs] queue_url`; SetupError if no usable queue name or a different region."""
-    queue_url, name = sqs.queue_url, sqs.queue_name
-    if name is None:
-        raise SetupError(f"sources.sqs.queue_url: {queue_url!r} has no queue name in its path")
-    if name.endswith(".fifo"):
-        raise SetupError(f"sources.sqs.queue_url: {name!r} is a FIFO queue; setup makes a standard queue only")
-    if not ids.QUEUE_NAME.fullmatch(name):
-        raise SetupError(f"sources.sqs.queue_url: {name!r} is not a valid queue name ([A-Za-z0-9_-], 1-80)")
-    named = ids.queue_region(urlsplit(queue_url).hostname or "")
-    if named is not None and named != region:
-        raise SetupError(f"sources.sqs.queue_url: the queue is in {named}, but aws.region is {region}")
-    return QueueRef(queue_url, name, sqs.account)
 
 
 def partition(region: str) -> str:
@@ -76,34 +51,9 @@ def partition(region: str) -> str:
     return "aws"
 
 
-def rules(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The rules this config needs: RULES, and Auto Scaling's lifecycle actions when a guard
-    finds its spots by tags (only an Auto Scaling group's spots have no request ids to name)."""
-    if not any(g.spot_instance_tags for g in settings.guards):
-        return RULES
-    slug, pattern = AUTOSCALING_PATTERN
-    return {**RULES, ids.RULE_PREFIX + slug: pattern}
-
-
-def target_id(queue_name: str) -> str:
-    """Our target's Id on each rule: from the queue, so two deployments in one account share the rules."""
-    return queue_name[:TARGET_ID_MAX]
-
-
-def policy_statement(queue_arn: str, rule_arns: list[str]) -> dict[str, Any]:
-    return {
-        "Sid": POLICY_SID,
-        "Effect": "Allow",
-        "Principal": {"Service": EVENTS_PRINCIPAL},
-        "Action": "sqs:SendMessage",
-        "Resource": queue_arn,
-        "Condition": {"ArnEquals": {"aws:SourceArn": sorted(rule_arns)}},
-    }
-
-
 def merge_policy(existing: str | None, statement: dict[str, Any], queue_arn: str) -> dict[str, Any]:
     """The policy with our statement added or replaced (by Sid); every other statement kept."""
-    policy = json.loads(existing) if existing else {"Version": "2012-10-17", "Id": f"{queue_arn}/SQSDefaultPolicy"}
+    policy = json.loads(existing) if existing else {"Version": VERSION, "Id": POLICY_ID.format(queue_arn=queue_arn)}
     statements = policy.get("Statement", [])
     if isinstance(statements, dict):  # IAM allows a lone statement object
         statements = [statements]
@@ -270,7 +220,7 @@ async def _rule(events: Any, name: str, pattern: dict[str, Any], ref: QueueRef, 
         Name=name,
         EventPattern=json.dumps(pattern),
         State="ENABLED",
-        Description=f"spotguard: {', '.join(pattern['detail-type'])} events from {pattern['source'][0]} to SQS",
+        Description=rule_description(pattern),
     )
     return put["RuleArn"]
 
@@ -279,7 +229,7 @@ async def _policy(
     sqs: Any, queue_url: str, queue_arn: str, policy: str | None, rule_arns: list[str], report: _Report
 ) -> None:
     thing = f"queue policy statement {POLICY_SID}"
-    wanted = policy_statement(queue_arn, rule_arns)
+    wanted = policy_statement(queue_arn, sorted(rule_arns))
     current = our_statement(policy)
     if current is not None and normal(current) == normal(wanted):
         report.line(thing, "exists")
@@ -319,15 +269,33 @@ async def _target(events: Any, rule: str, queue_name: str, queue_arn: str, repor
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
-    parser.add_argument("--dry-run", action="store_true", help="say what would be created or updated; change nothing")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--dry-run", action="store_true", help="say what would be created or updated; change nothing")
+    how.add_argument("--cloudformation", action="store_true",
+                     help="print a CloudFormation template (JSON) of the same, with the daemon's and the agent's "
+                          "roles; call no AWS API")
 
 
 def run(args: argparse.Namespace) -> int:
-    """`spotguard setup --config PATH [--dry-run]`: exit 0 done, 1 AWS said no, 2 bad config."""
+    """`spotguard setup --config PATH [--dry-run | --cloudformation]`: exit 0 done, 1 AWS said no, 2 bad config."""
     settings = load_or_report(args.config)
     if settings is None:
         return EXIT_CONFIG
+    if getattr(args, "cloudformation", False):
+        return print_template(settings)
     return run_aws("setup", _run(settings, dry_run=args.dry_run))
+
+
+def print_template(settings: Settings) -> int:
+    """The template as JSON on stdout: JSON because CloudFormation reads it as it reads YAML, it needs
+    no dependency, and json.dumps quotes every pattern string right. Exit 2 if none can be made."""
+    try:
+        made = template(settings)
+    except (SetupError, IamError) as exc:
+        print(f"spotguard setup: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(made, indent=2))
+    return EXIT_OK
 
 
 async def _run(settings: Settings, *, dry_run: bool) -> int:
