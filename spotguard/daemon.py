@@ -76,7 +76,8 @@ class Observer(Protocol):
 
     def event(self, guard: str, event: Event, old: GuardState, new: GuardState, at: float) -> None: ...
 
-    def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None: ...
+    def transition(self, guard: str, old: GuardState, new: GuardState, at: float, slot: int | None) -> None:
+        """A phase change: the guard's, or in a fleet one slot's (numbered from 1)."""
 
     def action(self, guard: str, command: machine.Command, failed: machine.Failed | None, seconds: float,
                at: float) -> None: ...
@@ -430,9 +431,11 @@ class Daemon:
         self._tell("event", guard.name, event, old, new, now)
         if store.differs(old, new) and not await self._save(guard, old, new):
             return
-        if new.phase is not old.phase:
-            self._transition(guard, old, new)
-            self._tell("transition", guard.name, old, new, now)
+        changes = machine.transitions(old, new)
+        for slot, was, became in changes:
+            self._transition(guard, slot, was, became)
+            self._tell("transition", guard.name, was, became, now, slot)
+        if changes:
             self.cadence.set()
         for command in commands:
             if not self._may_act(guard, type(command).__name__.lower()):
@@ -483,17 +486,21 @@ class Daemon:
         (log.error if error else log.warning)(event, guard=guard.name, text=text)
         self.notifier.notify(f"[{guard.name}] ⚠ {text}")
 
-    def _transition(self, guard: Guard, old: GuardState, new: GuardState) -> None:
-        spots = [i.id for i in new.seen.spots] if new.seen else []
+    def _transition(self, guard: Guard, slot: int | None, old: GuardState, new: GuardState) -> None:
+        """One line and one message per phase change; a fleet's name their slot (its spots and standby)."""
+        spots = [i.id for i in new.seen.spots] if new.seen else list(new.holds or ())
+        where = {} if slot is None else {"slot": slot}
         log.info(
             "guard.transition",
             guard=guard.name,
+            **where,
             **{"from": old.phase.value, "to": new.phase.value},
             reason=new.reason,
             standby=new.standby,
             spots=spots,
         )
-        self.notifier.notify(f"[{guard.name}] {old.phase.value} → {new.phase.value}: {new.reason}")
+        name = guard.name if slot is None else f"{guard.name} slot {slot}"
+        self.notifier.notify(f"[{name}] {old.phase.value} → {new.phase.value}: {new.reason}")
 
     async def _carry_out(self, guard: Guard, command: machine.Command) -> machine.Failed | None:
         if isinstance(command, Alert):

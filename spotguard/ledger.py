@@ -82,6 +82,7 @@ class Transition:
     old: str
     new: str
     reason: str
+    slot: int | None = None  # a fleet's slot (from 1); None: the guard's own phase
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class LedgerView:
 
     def transitions(self, since: float | None = None) -> list[Transition]:
         return [
-            Transition(r["at"], r["from"], r["to"], r["reason"])
+            Transition(r["at"], r["from"], r["to"], r["reason"], r["slot"] if isinstance(r.get("slot"), int) else None)
             for r in self.records
             if r["kind"] == "transition" and (since is None or r["at"] >= since)
         ]
@@ -348,13 +349,14 @@ class Ledger:
         except Exception as exc:  # noqa: BLE001 - the ledger must never stop a failover
             _failed(guard, "event", exc)
 
-    def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None:
+    def transition(self, guard: str, old: GuardState, new: GuardState, at: float, slot: int | None = None) -> None:
         book = self._books.get(guard)
         if book is None:
             return
         try:
+            where = {} if slot is None else {"slot": slot}
             self._append(guard, book, {"at": at, "kind": "transition", "from": old.phase.value,
-                                       "to": new.phase.value, "reason": new.reason})
+                                       "to": new.phase.value, "reason": new.reason, **where})
         except Exception as exc:  # noqa: BLE001
             _failed(guard, "transition", exc)
 

@@ -239,6 +239,10 @@ class GuardState:
     unprobed: frozenset[str] = frozenset()  # live instances registered before they were seen ready (said once)
     learned: int = 0  # without Rules.capacity: the live spots of the first observation that had any
     short_said: int = 0  # lost spots no standby covers, as last said
+    # A fleet (capacity above one) runs one slot per spot position: each a GuardState of its own,
+    # stepped by the same rules; the guard's phase, standby... then summarise them (see Fleets).
+    slots: tuple["GuardState", ...] = ()
+    holds: tuple[str, ...] | None = None  # in a slot: the spot instances it holds; None: not a slot
     seen: Observed | None = None  # latest observation; never persisted
 
 
@@ -265,27 +269,53 @@ Result = tuple[GuardState, tuple[Command, ...]]
 
 def step(state: GuardState, event: Event, now: float) -> Result:
     """Apply one event at time `now`; return the new state and the commands to run."""
+    state = _learn(state, event)
+    if state.slots or capacity(state) > 1:
+        return _step_fleet(state, event, now)
+    before = state.seen
+    state, absorbed, decided = _step_one(state, event, now)
+    if isinstance(event, Observed):
+        absorbed += _losses(before, event)
+    if decided is None:
+        return state, absorbed
+    return _watch_guard(state, event, now, absorbed + decided)
+
+
+def _step_one(state: GuardState, event: Event, now: float) -> tuple[GuardState, tuple[Command, ...], tuple | None]:
+    """One guard's or one slot's rules: (state, what absorbing the event said, what was decided or
+    None when the event changed nothing worth deciding on)."""
     state = _rebase(state, now)
     if isinstance(event, Observed):
         state = _watch(state, now)
-    before = state.seen
-    state, changed, commands = _absorb(state, event, now)
-    if isinstance(event, Observed):
-        commands += _losses(before, event)
+    state, changed, absorbed = _absorb(state, event, now)
     if not changed or state.seen is None or state.seen.target_group_gone:
-        return state, commands
+        return state, absorbed, None
     state, decided = _DECIDE[state.phase](state, now)
     state, late = _warn_late(state, now)
-    state, short = _warn_short(state)
-    decided = _own(state, decided) + late + short
+    decided = _own(state, decided) + late
     if not isinstance(event, Observed):
         # A notice or a failure is decided on the last observation, which may be
         # old (a poll outage) or already overtaken by our own commands. Starting and
         # registering on it is safe; deregistering and stopping waits for the next
         # observation, which re-derives them (every command is level-triggered).
-        return state, commands + tuple(c for c in decided if not isinstance(c, (Deregister, Stop)))
+        decided = tuple(c for c in decided if not isinstance(c, (Deregister, Stop)))
+    return state, absorbed, decided
+
+
+def _watch_guard(state: GuardState, event: Event, now: float, commands: tuple[Command, ...]) -> Result:
+    """What only the whole guard can say: capacity short, and (on an observation) an outage."""
+    state, short = _warn_short(state)
+    if not isinstance(event, Observed):
+        return state, commands + short
     state, outage = _watch_outage(state, now)
-    return state, commands + decided + outage
+    return state, commands + short + outage
+
+
+def _learn(state: GuardState, event: Event) -> GuardState:
+    """Without a configured capacity, the guard keeps the live spots of its first observation that had any."""
+    if state.rules.capacity is not None or state.learned or not isinstance(event, Observed):
+        return state
+    return replace(state, learned=sum(1 for i in event.spots if i.state in LIVE_STATES))
 
 
 def _warn_late(state: GuardState, now: float) -> Result:
@@ -303,13 +333,21 @@ def _warn_late(state: GuardState, now: float) -> Result:
 
 
 def _warn_short(state: GuardState) -> Result:
-    """Say once (and again if it grows) when more spots are lost than the standby covers."""
-    uncovered = max(0, _short(state) - (0 if state.phase is Phase.SPOT_HEALTHY else 1))
+    """Say once (and again if it grows) when more spots are lost than free standbys cover."""
+    uncovered = _uncovered(state)
     if uncovered <= state.short_said:
         return (state if uncovered == state.short_said else replace(state, short_said=uncovered)), ()
-    alert = Alert(f"capacity short by {uncovered}: {len(_live_spots(state))} of {capacity(state)} spot instances "
-                  "running, and one standby serves at a time")
+    live = sum(1 for i in state.seen.spots if i.state in LIVE_STATES and i.id not in state.doomed)
+    alert = Alert(f"capacity short by {uncovered}: {live} of {capacity(state)} spot instances running and no "
+                  f"free standby to cover {'it' if uncovered == 1 else 'them'}")
     return replace(state, short_said=uncovered), (alert,)
+
+
+def _uncovered(state: GuardState) -> int:
+    """Spot positions lost that no standby is covering."""
+    if not state.slots:
+        return max(0, _short(state) - (0 if state.phase is Phase.SPOT_HEALTHY else 1))
+    return sum(1 for s in state.slots if s.phase is Phase.SPOT_HEALTHY and s.seen is not None and _short(s) > 0)
 
 
 def _own(state: GuardState, commands: tuple[Command, ...]) -> tuple[Command, ...]:
@@ -442,8 +480,6 @@ def _observe(state: GuardState, seen: Observed, now: float) -> GuardState:
     # Readiness belongs to one boot: forgotten once the instance is seen not live.
     live = {i.id for i in seen.spots + seen.standbys if i.state in LIVE_STATES}
     doomed = frozenset(state.doomed & known - over)
-    if state.rules.capacity is None and not state.learned:
-        state = replace(state, learned=sum(1 for i in seen.spots if i.state in LIVE_STATES))
     # A reclaimed spot's deadline stays while its replacement is still coming: the ready
     # margin (negative) is told when the replacement is healthy; the next phase forgets it.
     coming = state.phase is Phase.STANDBY_STARTING
@@ -755,6 +791,11 @@ def _serve(state: GuardState, now: float, reason: str) -> Result:
 
 def _decide_spot_healthy(state: GuardState, now: float) -> Result:
     if _short(state) > 0:
+        if state.holds is not None and not _own_standbys(state):
+            # A fleet's slot while every standby covers another spot: it waits for one to be
+            # free (the guard says capacity short); its doomed spot serves until its deadline.
+            state, cmds = _register_new_spots(state, now)
+            return state, cmds + _drop_dying(state, now) + _drop_stopped_standbys(state)
         return _failover(state, now, _why_spot_lost(state))
     if state.prewarm_at is not None:
         return _failover(state, now, "rebalance recommendation, on_rebalance=prewarm", prewarm=True)
@@ -850,7 +891,7 @@ def _ready_timeout(state: GuardState, now: float) -> Result:
     if spot:  # only a prewarm gets here with a healthy spot: it is not worth more standbys
         next_state, cmds = _abort(state, now, f"spot {spot.id} healthy; giving up the prewarm")
         return next_state, (alert,) + cmds
-    if len(state.rules.standbys) == 1:
+    if len(_own_standbys(state)) == 1:
         # No other standby to try: keep this one (it may still come up) and remind later.
         state = replace(state, started_at=now)
         next_state, cmds = _bring_up(state, _instance(state, sid), now)
@@ -953,12 +994,158 @@ def resumed(state: GuardState) -> GuardState:
     start may be sent again at once rather than START_RETRY later: starting a
     pending or running standby is a no-op, and only a stopped one is started.
     """
-    return replace(state, start_sent=None)
+    return replace(state, start_sent=None, slots=tuple(resumed(s) for s in state.slots))
 
 
 def initial(rules: Rules, now: float = 0.0) -> GuardState:
     """A guard that has not yet seen the world: it starts in spot-healthy and observes."""
     return GuardState(rules=rules, phase=INITIAL_PHASE, since=now)
+
+
+# --------------------------------------------------------------------------- fleets
+# A guard that keeps more than one spot position serving runs one slot per position. A slot is
+# a one-spot GuardState stepped by the rules above, unchanged: it sees the spots it holds, its
+# own standby, the free standbys and the whole target group; what other slots hold is foreign
+# to it, as another guard's instances are. The guard assigns spots to slots, steps the slots in
+# turn (so two never take the same standby), keeps invariant 1 across their commands, and says
+# what only the whole guard knows (losses, capacity short, outage).
+
+# Which slot lacking a live spot takes a new one (lowest first): a position no standby covers,
+# then one whose standby is not yet healthy (it serves nothing), then a serving one.
+_CLAIM = {Phase.SPOT_HEALTHY: 0, Phase.STANDBY_STARTING: 1, Phase.BOTH_SERVING: 2}
+# The guard's own phase is its most urgent slot's.
+_URGENCY = (Phase.STANDBY_STARTING, Phase.BOTH_SERVING, Phase.STANDBY_DRAINING, Phase.SPOT_RESTORED,
+            Phase.SPOT_HEALTHY)
+
+
+def _step_fleet(state: GuardState, event: Event, now: float) -> Result:
+    if isinstance(event, Scheduled):
+        return state, _scheduled(state, event)
+    before, state = state.seen, _rebase(state, now)
+    slots = _sized(state, now)
+    if not state.slots and state.seen is not None:  # a one-spot state becoming a fleet: its spots to slots
+        slots = _assign(slots, state.seen)
+    if isinstance(event, Observed):
+        state = replace(state, seen=event, watched=now)
+        slots = _assign(slots, event)
+    elif isinstance(event, Notice) and _unheld(event.instance_id, state, slots):
+        slots = _assign(slots, Observed(spots=(Instance(event.instance_id, "running"),)), keep=True)
+    said: list[Command] = []
+    for k in sorted(range(len(slots)), key=lambda k: (_live_held(slots[k]) > 0, k)):
+        others = frozenset().union(*(_holding(s) for j, s in enumerate(slots) if j != k))
+        slot = slots[k] if state.seen is None else replace(slots[k], seen=_view(state.seen, slots[k], others))
+        slot_event = _routed(slot, event)
+        if slot_event is None:
+            slots[k] = slot
+            continue
+        slots[k], absorbed, decided = _step_one(slot, slot_event, now)
+        said += [(k, c) for c in absorbed + (decided or ())]
+    state = _summary(state, slots)
+    commands = _merged(state, said, isinstance(event, Observed))
+    if isinstance(event, Observed):
+        commands = _losses(before, event) + commands
+    if state.seen is None or state.seen.target_group_gone:
+        return state, commands
+    return _watch_guard(state, event, now, commands)
+
+
+def _unheld(iid: str, state: GuardState, slots: list[GuardState]) -> bool:
+    """A spot no slot holds yet (a notice before the first observation): it goes to a slot."""
+    return iid not in state.rules.standbys and not any(iid in s.holds for s in slots)
+
+
+def _sized(state: GuardState, now: float) -> list[GuardState]:
+    """The slots, one per position: a one-spot guard's failover goes on as the first; an idle
+    slot beyond the capacity goes (its spots are assigned again), a busy one once it is idle."""
+    rules = replace(state.rules, capacity=1)
+    slots = list(state.slots) or [replace(state, rules=rules, holds=tuple(sorted(state.doomed)), learned=0,
+                                          short_said=0, outage_since=None, seen=None)]
+    slots += [GuardState(rules=rules, since=now, holds=()) for _ in range(capacity(state) - len(slots))]
+    idle = [k for k, s in enumerate(slots) if s.phase is Phase.SPOT_HEALTHY and s.standby is None]
+    for k in list(reversed(idle))[: max(0, len(slots) - capacity(state))]:
+        del slots[k]
+    return slots
+
+
+def _assign(slots: list[GuardState], seen: Observed, keep: bool = False) -> list[GuardState]:
+    """Each spot to one slot: held ones stay while seen (all of them with `keep`), a new live one
+    goes to the slot that needs it most (_CLAIM), a serving standby last in the pool first."""
+    if not keep:
+        present = {i.id for i in seen.spots}
+        slots = [replace(s, holds=tuple(i for i in s.holds if i in present)) for s in slots]
+    held = {i for s in slots for i in s.holds}
+    for inst in seen.spots:
+        if inst.id in held or inst.state not in LIVE_STATES:
+            continue
+        k = min(range(len(slots)), key=lambda k: _claim(slots[k], seen, k))
+        slots[k] = replace(slots[k], holds=slots[k].holds + (inst.id,))
+    return slots
+
+
+def _claim(slot: GuardState, seen: Observed, k: int) -> tuple:
+    live = sum(1 for i in seen.spots if i.id in slot.holds and i.state in LIVE_STATES and i.id not in slot.doomed)
+    order = slot.rules.standbys.index(slot.standby) if slot.standby in slot.rules.standbys else 0
+    return live, _CLAIM.get(slot.phase, 3), -order, k
+
+
+def _live_held(slot: GuardState) -> int:
+    if slot.seen is None:
+        return len(slot.holds)
+    return sum(1 for i in slot.seen.spots if i.id in slot.holds and i.state in LIVE_STATES and i.id not in slot.doomed)
+
+
+def _holding(slot: GuardState) -> frozenset[str]:
+    """What a slot keeps from the others: its spots, its standby, and those it gave up on (it tidies them)."""
+    return frozenset(slot.holds) | slot.failed | ({slot.standby} if slot.standby else set())
+
+
+def _view(seen: Observed, slot: GuardState, others: frozenset[str]) -> Observed:
+    """The guard's observation as one slot sees it."""
+    return replace(seen, spots=tuple(i for i in seen.spots if i.id in slot.holds), foreign=seen.foreign | others,
+                   disputed=frozenset(), requests_gone=())
+
+
+def _routed(slot: GuardState, event: Event) -> Event | None:
+    """The event as one slot gets it: its view of an observation, a notice about its spot, a
+    failure of its start; an agent's `ready` to every slot (only the one that knows it keeps it)."""
+    if isinstance(event, Observed):
+        return slot.seen
+    if isinstance(event, Notice):
+        return event if event.kind == READY or event.instance_id in slot.holds else None
+    if isinstance(event, Failed):
+        return event if getattr(event.command, "instance_id", None) in _holding(slot) else None
+    return None  # a scheduled change: the guard answers it below
+
+
+def _merged(state: GuardState, said: list[tuple[int, Command]], observed: bool) -> tuple[Command, ...]:
+    """The slots' commands as one list: none about what another slot now holds, no repeats,
+    and across them all never the last healthy target out of the group (invariant 1)."""
+    holders = {iid: k for k, s in enumerate(state.slots) for iid in _holding(s)}
+    remaining = state.seen.targets if state.seen is not None else ()
+    out: list[Command] = []
+    for k, c in said:
+        if c in out or (not isinstance(c, Alert) and holders.get(c.instance_id, k) != k):
+            continue
+        if observed and isinstance(c, (Deregister, Stop)) and any(t.id == c.instance_id for t in remaining):
+            healthy = any(t.id == c.instance_id and t.health == HEALTHY for t in remaining)
+            if healthy and not may_take_out(remaining, c.instance_id):
+                continue
+            remaining = tuple(t for t in remaining if t.id != c.instance_id)
+        out.append(c)
+    return tuple(out)
+
+
+def _summary(state: GuardState, slots: list[GuardState]) -> GuardState:
+    """The guard as one phase for readers of one (the poll cadence, status's headline): its
+    most urgent slot's; and the union of what the slots know of notices."""
+    lead = min(slots, key=lambda s: _URGENCY.index(s.phase))
+    return replace(
+        state, slots=tuple(slots), phase=lead.phase, since=lead.since, reason=lead.reason, standby=lead.standby,
+        stray=lead.stray, started_at=lead.started_at,
+        doomed=frozenset().union(*(s.doomed for s in slots)),
+        deadlines=tuple(d for s in slots for d in s.deadlines),
+        warned=frozenset().union(*(s.warned for s in slots)),
+    )
 
 
 # --------------------------------------------------------------------------- questions the shell asks
@@ -1015,12 +1202,14 @@ def next_due(state: GuardState, now: float) -> float:
     rules, due = state.rules, [float("inf")]
     if state.phase is Phase.SPOT_HEALTHY and state.unhealthy_since is not None:
         due.append(state.unhealthy_since + rules.unhealthy_grace)
+    if state.slots:
+        return min(next_due(s, now) for s in state.slots)
     if state.phase is Phase.STANDBY_STARTING:
         due += [t + d for t, d in ((state.started_at, rules.standby_ready_timeout), (state.start_sent, START_RETRY))
                 if t is not None]
         due += [state.retry_at] if state.retry_at is not None else []
         due += [d - rules.late_warning for iid, d in state.deadlines if iid in state.doomed and iid not in state.warned]
-        due += [d - DEREGISTER_AHEAD for iid, d in state.deadlines if iid in state.doomed]
+    due += [d - DEREGISTER_AHEAD for iid, d in state.deadlines if iid in state.doomed]
     if state.phase is Phase.SPOT_RESTORED:
         due.append(state.prewarm_at + rules.rebalance_hold if state.prewarm_at is not None
                    else state.since + rules.failback_grace)
@@ -1030,6 +1219,22 @@ def next_due(state: GuardState, now: float) -> float:
     return min(t for t in due if t > now)
 
 
+def slot_pairs(old: GuardState, new: GuardState) -> tuple[tuple[GuardState, GuardState], ...]:
+    """Each slot of `new` beside what it was in `old` (a one-spot guard becoming a fleet was its first slot)."""
+    before = old.slots or (old,)
+    return tuple((before[k] if k < len(before) else initial(slot.rules, slot.since), slot)
+                 for k, slot in enumerate(new.slots))
+
+
+def transitions(old: GuardState, new: GuardState) -> tuple[tuple[int | None, GuardState, GuardState], ...]:
+    """The phase changes a step made, for the logs: (slot number from 1, or None for a one-spot
+    guard, the slot before, after). A fleet's slots change phase on their own."""
+    if not new.slots:
+        return ((None, old, new),) if new.phase is not old.phase else ()
+    pairs = enumerate(slot_pairs(old, new), start=1)
+    return tuple((k, was, slot) for k, (was, slot) in pairs if slot.phase is not was.phase)
+
+
 def ready_margins(old: GuardState, new: GuardState, now: float) -> tuple[tuple[str, float], ...]:
     """The ready margins a step settled: for each doomed spot, seconds from its replacement
     healthy to its deadline (negative: the replacement was late; ~NOTICE: it was healthy already).
@@ -1037,6 +1242,8 @@ def ready_margins(old: GuardState, new: GuardState, now: float) -> tuple[tuple[s
     Told once per notice: when the guard starts serving on its standby, for every deadline
     known before or at that step; and for a notice heard while it already serves.
     """
+    if new.slots:
+        return tuple(m for was, slot in slot_pairs(old, new) for m in ready_margins(was, slot, now))
     if new.phase not in SERVING_PHASES:
         return ()
     known = dict(old.deadlines)

@@ -191,9 +191,10 @@ class Metrics:
             self.ready_margin.labels(guard).observe(seconds)
             self.last_ready_margin.labels(guard).set(seconds)
 
-    def transition(self, guard: str, old: GuardState, new: GuardState, at: float) -> None:
+    def transition(self, guard: str, old: GuardState, new: GuardState, at: float, slot: int | None = None) -> None:
         watch = self._guard(guard)
-        watch.phase = new.phase
+        if slot is None:  # a fleet's phase is its guard state's (read from the daemon), not one slot's
+            watch.phase = new.phase
         self.phase_changes.labels(guard, old.phase.value, new.phase.value).inc()
         if old.phase is Phase.SPOT_HEALTHY and new.phase is Phase.STANDBY_STARTING:
             self.failovers.labels(guard).inc()

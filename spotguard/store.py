@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 # and adds `watched`; a version-1 file is still read.
 VERSION = 2
 ADDED_IN_2 = frozenset({"watched", "stray"})
+# Fields added since version 2 was first written: a file without them (an upgrade) takes their defaults.
+ADDED_SINCE_2 = frozenset({"ready", "unprobed", "deadlines", "warned", "learned", "short_said", "slots", "holds"})
 # GuardState fields that are deliberately not written; every other field is.
 NOT_PERSISTED = frozenset({"rules", "seen"})
 _TMP_SUFFIX = ".tmp"
@@ -98,6 +100,21 @@ def _deadlines(v: Any) -> tuple[tuple[str, float], ...]:
     return tuple((_str(iid), _float(at)) for iid, at in v)
 
 
+def _opt_str_tuple(v: Any) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list, got {v!r}")
+    return tuple(_str(item) for item in v)
+
+
+def _slots(v: Any) -> tuple[GuardState, ...]:
+    """A fleet's slots, each a state of its own (decode() gives them their rules)."""
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of slots, got {v!r}")
+    return tuple(_fields(slot, Rules(standbys=()), set(_DECODERS) - {"slots"}) for slot in v)
+
+
 def _phase(v: Any) -> Phase:
     try:
         return Phase(_str(v))
@@ -116,6 +133,8 @@ _BY_TYPE: dict[Any, Callable[[Any], Any]] = {
     bool: _bool,
     frozenset[str]: _str_set,
     tuple[tuple[str, float], ...]: _deadlines,
+    tuple[str, ...] | None: _opt_str_tuple,
+    tuple[GuardState, ...]: _slots,
 }
 
 
@@ -143,8 +162,10 @@ def _encode_value(value: Any) -> Any:
         return value.value
     if isinstance(value, frozenset):
         return sorted(value)
+    if isinstance(value, GuardState):
+        return {name: _encode_value(getattr(value, name)) for name in _DECODERS if name != "slots"}
     if isinstance(value, tuple):
-        return [list(pair) for pair in value]
+        return [_encode_value(item) for item in value]
     return value
 
 
@@ -173,9 +194,19 @@ def decode(data: Any, rules: Rules, guard: str) -> GuardState:
         raise ValueError(f"unsupported version {version!r}")
     if version == VERSION and data.get("guard") != guard:
         raise ValueError(f"it is guard {data.get('guard')!r}'s state, not {guard!r}'s")
-    keys = set(data) - {"version", "guard"} if version == VERSION else set(data) - {"version"}
-    expected = set(_DECODERS) - (ADDED_IN_2 if version == 1 else set())
-    if missing := expected - keys:
+    header = {"version", "guard"} if version == VERSION else {"version"}
+    body = {key: value for key, value in data.items() if key not in header}
+    state = _fields(body, rules, set(_DECODERS) - (ADDED_IN_2 if version == 1 else set()))
+    slot_rules = replace(rules, capacity=1)
+    return replace(state, slots=tuple(replace(slot, rules=slot_rules) for slot in state.slots))
+
+
+def _fields(data: Any, rules: Rules, expected: set[str]) -> GuardState:
+    """A GuardState from the `expected` keys of `data` (those added since version 2 may be missing)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    keys = set(data)
+    if missing := expected - keys - ADDED_SINCE_2:
         raise ValueError(f"missing keys: {', '.join(sorted(missing))}")
     if extra := keys - expected:
         raise ValueError(f"unknown keys: {', '.join(sorted(map(str, extra)))}")

@@ -161,7 +161,7 @@ class Recorder:
     def event(self, guard, event, old, new, at):
         self.seen.append(("event", guard, type(event).__name__))
 
-    def transition(self, guard, old, new, at):
+    def transition(self, guard, old, new, at, slot=None):
         self.seen.append(("transition", guard, old.phase, new.phase))
 
     def action(self, guard, command, failed, seconds, at):

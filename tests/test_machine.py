@@ -654,7 +654,7 @@ def test_the_ready_margin_is_told_once_when_the_standby_serves_early_late_or_alr
     assert machine.ready_margins(prewarmed, noticed, 2000) == (("i-b", 120.0),)
 
 
-# --- capacity: a guard of several spots covers each one it loses (one standby at a time, so far)
+# --- capacity: a guard of several spots covers each one it loses with a standby of its own
 
 FLEET = replace(RULES, capacity=2)
 TWO = world("a:running b:running", targets="a:healthy b:healthy")
@@ -700,21 +700,82 @@ def test_a_fleet_fails_back_once_its_spots_fill_the_capacity_again():
 
 def test_without_a_capacity_the_guard_keeps_the_spots_it_first_saw():
     state, _ = step(initial(Rules(standbys=("i-s1",))), TWO, 0)
-    assert (state.learned, machine.capacity(state)) == (2, 2)
+    assert (state.learned, machine.capacity(state), len(state.slots)) == (2, 2, 2)
     state, cmds = step(state, world("b:running", targets="a:draining b:healthy"), 10)
-    assert state.phase is P and Start("i-s1") in cmds and state.reason == "1 of 2 spot instances running"
+    assert state.phase is P and Start("i-s1") in cmds and state.reason == "no running spot instance"
+    assert [s.phase for s in state.slots] == [P, S] and state.slots[0].standby == "i-s1"
 
 
-def test_two_spots_lost_together_are_said_as_capacity_short():
-    three = world("a:running b:running c:running", targets="a:healthy b:healthy c:healthy")
-    state, cmds = step(at(S, three, rules=replace(RULES, capacity=3)),
-                       world("a:running! b:running! c:running", targets="a:healthy b:healthy c:healthy"), 10)
-    short = Alert("capacity short by 1: 1 of 3 spot instances running, and one standby serves at a time")
-    assert state.phase is P and Start("i-s1") in cmds and short in cmds
-    state, cmds = step(state, world("a:running! b:running! c:running", "s1:pending s2:stopped",
+THREE = world("a:running b:running c:running", targets="a:healthy b:healthy c:healthy")
+
+
+def test_each_lost_spot_gets_its_own_standby_and_the_rest_are_said_as_capacity_short():
+    state, cmds = step(at(S, THREE, rules=replace(RULES, capacity=3)),
+                       world("a:running! b:running! c:running!", targets="a:healthy b:healthy c:healthy"), 10)
+    short = Alert("capacity short by 1: 0 of 3 spot instances running and no free standby to cover it")
+    assert (Start("i-s1"), Start("i-s2")) == tuple(c for c in cmds if isinstance(c, Start)) and short in cmds
+    assert [(s.phase, s.standby, s.holds) for s in state.slots] == [
+        (P, "i-s1", ("i-a",)), (P, "i-s2", ("i-b",)), (S, None, ("i-c",))]
+    state, cmds = step(state, world("a:running! b:running! c:running!", "s1:pending s2:pending",
                                     "a:healthy b:healthy c:healthy"), 11)
-    assert not any(isinstance(c, Alert) for c in cmds)  # said once
-    # One spot back (pending counts: capacity is coming): nothing uncovered, and it is said again if it recurs.
-    state, _ = step(state, world("a:running! d:pending c:running", "s1:pending s2:stopped",
-                                 "a:healthy b:draining c:healthy"), 12)
-    assert state.short_said == 0
+    assert not any(isinstance(c, (Alert, Deregister)) for c in cmds)  # said once; every doomed spot serves on
+    # The covered spots leave once their standbys are healthy; the uncovered one serves until just
+    # before its deadline (10 + 120): then the balancer drains it rather than fail requests on it.
+    both = world("a:running! b:running! c:running!", "s1:running s2:running",
+                 "a:healthy b:healthy c:healthy s1:healthy s2:healthy")
+    state, cmds = step(state, both, 60)
+    assert [s.phase for s in state.slots] == [H, H, S]
+    assert [c for c in cmds if isinstance(c, Deregister)] == [Deregister("i-a"), Deregister("i-b")]
+    left = world("a:running! b:running! c:running!", "s1:running s2:running", "c:healthy s1:healthy s2:healthy")
+    state, cmds = step(state, left, 124)
+    assert not any(isinstance(c, Deregister) for c in cmds) and machine.next_due(state, 124) == 125.0
+    state, cmds = step(state, left, 125)
+    assert [c for c in cmds if isinstance(c, Deregister)] == [Deregister("i-c")]
+    # One spot back (pending counts: capacity is coming): it takes the uncovered position.
+    state, _ = step(state, world("a:running! b:running! d:pending", "s1:pending s2:pending",
+                                 "a:healthy b:healthy c:draining"), 126)
+    assert state.short_said == 0 and state.slots[2].holds == ("i-d",)
+
+
+def test_each_new_spot_releases_one_standby_the_last_in_the_pool_first():
+    """Two standbys serve for two lost spots. Each new healthy spot releases one after the grace:
+    the later standby in standby_instance_ids first (the pool's order is the user's preference)."""
+    serving = world("", "s1:running s2:running", "s1:healthy s2:healthy")
+    state, _ = step(at(S, TWO, rules=FLEET), world("a:terminated b:terminated", "s1:running s2:running",
+                                                   "s1:healthy s2:healthy"), 0)
+    state, _ = step(state, serving, 1)
+    assert [(s.phase, s.standby) for s in state.slots] == [(H, "i-s1"), (H, "i-s2")]
+    one = world("c:running", "s1:running s2:running", "c:healthy s1:healthy s2:healthy")
+    state, cmds = step(state, one, 10)
+    assert [(s.phase, s.holds) for s in state.slots] == [(H, ()), (D, ("i-c",))]
+    assert machine.transitions(serving_state := state, state) == ()
+    state, cmds = step(state, one, 10 + 600)
+    assert state.slots[1].phase is Phase.STANDBY_DRAINING and cmds == (Deregister("i-s2"),)
+    changes = machine.transitions(serving_state, state)
+    assert [(k, a.phase, b.phase) for k, a, b in changes] == [(2, D, Phase.STANDBY_DRAINING)]
+    state, cmds = step(state, world("c:running", "s1:running s2:running", "c:healthy s1:healthy"), 620)
+    assert cmds == (Stop("i-s2"),)
+    both = world("c:running d:running", "s1:running s2:stopped", "c:healthy d:healthy s1:healthy")
+    state, _ = step(state, both, 630)
+    assert [(s.phase, s.holds) for s in state.slots] == [(D, ("i-d",)), (S, ("i-c",))]
+    state, cmds = step(state, both, 630 + 600)
+    assert cmds == (Deregister("i-s1"),)
+
+
+def test_a_new_spot_goes_to_a_standby_still_starting_before_one_that_serves():
+    state, _ = step(at(S, TWO, rules=FLEET), world("a:terminated b:terminated", "s1:running s2:pending",
+                                                   "s1:healthy"), 0)
+    assert [s.phase for s in state.slots] == [H, P]
+    state, cmds = step(state, world("c:running", "s1:running s2:running", "c:healthy s1:healthy"), 5)
+    assert [(s.phase, s.holds, s.stray) for s in state.slots] == [(H, (), False), (D, ("i-c",), True)]
+    assert Stop("i-s2") not in cmds  # the standby it no longer needs gets the stray's grace, said
+    assert any(isinstance(c, Alert) and "i-s2 is running outside a failover" in c.text for c in cmds)
+
+
+def test_two_slots_never_take_the_last_healthy_target_out_together():
+    """Each slot alone may drop its doomed spot (another target is healthy); together they may not."""
+    state, _ = step(at(S, TWO, rules=FLEET), world("a:running! b:running!", "s1:running s2:running",
+                                                   "a:healthy b:healthy s1:initial s2:initial"), 0)
+    state, cmds = step(state, world("a:running! b:running!", "s1:running s2:running",
+                                    "a:healthy b:healthy s1:initial s2:initial"), 115)
+    assert [c for c in cmds if isinstance(c, Deregister)] == [Deregister("i-a")]

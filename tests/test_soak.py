@@ -114,7 +114,7 @@ class Recorder:
         if isinstance(event, Observed):
             self.observed = event
 
-    def transition(self, guard: str, old: Any, new: Any, at: float) -> None:
+    def transition(self, guard: str, old: Any, new: Any, at: float, slot: Any = None) -> None:
         self.transitions += 1
         # Told after the save and before any command of the step: the file must hold it already.
         saved = self.store.load(guard, new.rules)

@@ -35,7 +35,7 @@ from spotguard.machine import Phase
 SECRET = "SECRET-webhook-token-never-printed"
 PRICES = {"on_demand_hourly": 1.006, "spot_hourly": 0.35}
 GUARD_FIELDS = {"name", "phase", "since", "reason", "standby", "stray", "rehearsing", "observed", "transitions",
-                "month", "problems"}
+                "month", "problems", "slots"}
 MONTH_FIELDS = {"start", "end", "counted_from", "hours", "spot_hours", "standby_hours", "interruptions",
                 "ready_margins", "on_demand_hourly", "spot_hourly", "cost", "on_demand_cost", "saving"}
 

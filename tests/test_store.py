@@ -53,13 +53,26 @@ BY_TYPE = {
     bool: st.booleans(),
     frozenset[str]: st.frozensets(ids),
     tuple[tuple[str, float], ...]: st.lists(st.tuples(ids, finite), max_size=4).map(tuple),
+    tuple[str, ...] | None: st.none() | st.lists(ids, max_size=3).map(tuple),
+    tuple[GuardState, ...]: st.just(()),  # filled in by `states` below: a slot is a state itself
 }
 HINTS = get_type_hints(GuardState)
-states = st.builds(
+flat_states = st.builds(
     GuardState,
     rules=rules_st,
     **{f.name: BY_TYPE[HINTS[f.name]] for f in fields(GuardState) if f.name not in ("rules", "seen")},
 )
+
+
+@st.composite
+def states(draw):
+    """A state, sometimes a fleet's with slots (which read back with the guard's rules, capacity 1)."""
+    state = draw(flat_states)
+    slots = draw(st.lists(flat_states, max_size=2))
+    return replace(state, slots=tuple(replace(s, rules=replace(state.rules, capacity=1)) for s in slots))
+
+
+states = states()
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | finite | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),

@@ -86,7 +86,7 @@ def guard_report(state_dir: Path, guard: GuardSettings, now: float) -> dict[str,
         "rehearsing": rehearsed[0] if rehearsed else None,
         "observed": _observed(seen),
         "transitions": [
-            {"at": iso(t.at), "from": t.old, "to": t.new, "reason": t.reason}
+            {"at": iso(t.at), "from": t.old, "to": t.new, "reason": t.reason, "slot": t.slot}
             for t in view.transitions()[-LAST_TRANSITIONS:]
         ],
         "month": month_report(view, guard, now),
@@ -109,11 +109,18 @@ def _phase(state: GuardState | None, seen: dict[str, Any] | None, *, readable: b
     if state is not None:
         serving = state.standby if not state.stray else None
         return {"phase": state.phase.value, "since": iso(state.since), "reason": state.reason,
-                "standby": serving, "stray": state.standby if state.stray else None}
+                "standby": serving, "stray": state.standby if state.stray else None,
+                "slots": [_slot(k, s) for k, s in enumerate(state.slots, start=1)]}
     # The daemon saves a state only once it changes: observed but never saved is the machine's
     # initial phase; a state file that cannot be read says nothing, so the phase is unknown.
     phase = INITIAL_PHASE.value if seen is not None and readable else None
-    return {"phase": phase, "since": None, "reason": None, "standby": None, "stray": None}
+    return {"phase": phase, "since": None, "reason": None, "standby": None, "stray": None, "slots": []}
+
+
+def _slot(number: int, slot: GuardState) -> dict[str, Any]:
+    """One position of a fleet: its phase, the spots it holds and the standby covering it."""
+    return {"slot": number, "phase": slot.phase.value, "since": iso(slot.since), "reason": slot.reason,
+            "spots": list(slot.holds or ()), "standby": slot.standby, "stray": slot.stray}
 
 
 def _observed(seen: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -209,6 +216,7 @@ def _render_guard(g: dict[str, Any], now: str, blind_after: float) -> str:
     lines += [f"  problem: {p}" for p in g["problems"]]  # first: what follows may be incomplete because of it
     if g["reason"]:
         lines.append(f"  why: {g['reason']}")
+    lines += [_slot_line(s, now) for s in g.get("slots", [])]
     obs = g["observed"]
     if obs is None:
         lines.append("  not observed yet (no seen file: the daemon has not polled this guard)")
@@ -221,9 +229,22 @@ def _render_guard(g: dict[str, Any], now: str, blind_after: float) -> str:
         lines += _observed_lines(obs, now, blind_after)
     if g["transitions"]:
         lines.append("  last transitions:")
-        lines += [f"    {_when(t['at'])}  {t['from']} → {t['to']}  {t['reason']}" for t in g["transitions"]]
+        lines += [f"    {_when(t['at'])}  {_slot_name(t)}{t['from']} → {t['to']}  {t['reason']}"
+                  for t in g["transitions"]]
     lines += _month_lines(g["month"])
     return "\n".join(lines)
+
+
+def _slot_line(s: dict[str, Any], now: str) -> str:
+    ago = parse_time(now) - parse_time(s["since"])
+    spots = ", ".join(s["spots"]) or "no spot"
+    cover = f" → standby {s['standby']}" if s["standby"] else ""
+    return (f"  slot {s['slot']}  {s['phase']} since {_when(s['since'])} ({_duration(ago)} ago): "
+            f"{spots}{cover} ({s['reason']})")
+
+
+def _slot_name(t: dict[str, Any]) -> str:
+    return f"slot {t['slot']}: " if t.get("slot") is not None else ""
 
 
 def _observed_lines(obs: dict[str, Any], now: str, blind_after: float) -> list[str]:
