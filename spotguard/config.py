@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -67,7 +68,8 @@ class DaemonSettings:
     poll_interval: float = defaults.POLL_INTERVAL
     log_format: str = defaults.LOG_FORMAT  # auto | json | console
     blind_after: float = defaults.BLIND_AFTER  # no good observation of a guard this long: alert
-    metrics_port: int | None = None  # Prometheus endpoint on 127.0.0.1; None: no endpoint
+    metrics_port: int | None = None  # Prometheus endpoint on metrics_address; None: no endpoint
+    metrics_address: str = defaults.METRICS_ADDRESS  # an IPv4 or IPv6 address of this host
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,17 @@ def _port(r: _Reader, value: Any, path: str) -> int | None:
     return value
 
 
+def _ip_address(r: _Reader, value: Any, path: str) -> str | None:
+    text = _string(r, value, path)
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        r.problem(path, f'{_show(text)} is not an IP address (like "127.0.0.1" or "::1")')
+        return None
+
+
 def _count(r: _Reader, value: Any, path: str) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
         r.problem(path, f"expected a whole number of spot instances (1 or more), got {_describe(value)}")
@@ -567,15 +580,21 @@ def _aws(r: _Reader, top: dict) -> AwsSettings:
 
 
 def _daemon(r: _Reader, top: dict) -> DaemonSettings:
-    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format", "metrics_port", "blind_after"))
+    table = r.section(top, "daemon", "", ("state_dir", "poll_interval", "log_format", "metrics_port",
+                                          "metrics_address", "blind_after"))
     if table is None:
         return DaemonSettings()
+    address = r.get(table, "metrics_address", "daemon", _ip_address, defaults.METRICS_ADDRESS)
+    if "metrics_address" in table and "metrics_port" not in table and address is not None:
+        # Without a port nothing listens: an address alone is a forgotten port, not a choice.
+        r.problem("daemon.metrics_address", "has no effect without metrics_port")
     return DaemonSettings(
         state_dir=r.get(table, "state_dir", "daemon", _path, defaults.STATE_DIR),
         poll_interval=r.get(table, "poll_interval", "daemon", _positive_duration, defaults.POLL_INTERVAL),
         log_format=r.get(table, "log_format", "daemon", _choice(LOG_FORMATS), defaults.LOG_FORMAT),
         blind_after=r.get(table, "blind_after", "daemon", _positive_duration, defaults.BLIND_AFTER),
         metrics_port=r.get(table, "metrics_port", "daemon", _port, None),
+        metrics_address=address,
     )
 
 

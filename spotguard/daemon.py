@@ -618,13 +618,13 @@ async def _main(settings: Any) -> None:
 
 
 def _metrics(settings: Any) -> ContextManager[Any]:
-    """The Prometheus endpoint on loopback with [daemon] metrics_port; without it nothing
+    """The Prometheus endpoint on [daemon] metrics_address with metrics_port; without a port nothing
     listens and prometheus-client is never imported (start-up time on a t4g.nano)."""
     if settings.daemon.metrics_port is None:
         return nullcontext(None)
     from .metrics import exposed
 
-    return exposed(settings.daemon.metrics_port, settings.guards)
+    return exposed(settings.daemon.metrics_port, settings.guards, settings.daemon.metrics_address)
 
 
 def _summary(settings: Any, notifier: Any, ha: Any) -> Any:

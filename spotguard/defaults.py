@@ -18,6 +18,8 @@ STATE_DIR = Path("/var/lib/spotguard")
 POLL_INTERVAL = 5.0
 LOG_FORMAT = "auto"
 BLIND_AFTER = 60.0  # no observation of a guard this long: alert (and, with [ha], let the other controller lead)
+# The metrics endpoint has no authentication: it listens on loopback unless told otherwise.
+METRICS_ADDRESS = "127.0.0.1"
 
 # [notify.discord]
 TIMEZONE = "UTC"

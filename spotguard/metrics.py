@@ -2,8 +2,8 @@
 
 `Metrics` keeps spotguard's metrics (every name starts `spotguard_`; the list
 and their meaning are in docs/operations.md § 10) in its own registry, fed by
-the daemon's observer hooks; `serve()`/`exposed()` serve them on 127.0.0.1
-from a daemon thread.
+the daemon's observer hooks; `serve()`/`exposed()` serve them on
+`[daemon] metrics_address` (127.0.0.1 unless told otherwise) from a daemon thread.
 
 This module must not decide anything, call AWS, block the event loop or raise
 into the daemon; it reads time only through the `at` the daemon passes.
@@ -11,7 +11,9 @@ into the daemon; it reads time only through the `at` the daemon passes.
 
 from __future__ import annotations
 
+import ipaddress
 import platform
+import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,13 +25,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from . import __version__, machine
+from . import __version__, defaults, machine
 from .executor import ACTIONS, FAILED, OK
 from .machine import Event, GuardState, Observed, Phase, Start
 
 log = structlog.get_logger("spotguard.metrics")
 
-LOOPBACK = "127.0.0.1"
 SHUTDOWN_POLL = 0.05  # seconds; how soon close() is noticed by the serving thread
 
 
@@ -302,7 +303,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         """Stop serving and release the port (within one SHUTDOWN_POLL)."""
@@ -325,15 +327,22 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def serve(port: int, metrics: Metrics) -> Server:
-    """Serve `metrics` on 127.0.0.1:`port` (0: any free port) from a daemon thread.
+class _ThreadingWSGIServer6(ThreadingWSGIServer):
+    # socketserver binds AF_INET whatever the address: an IPv6 one needs its own class.
+    address_family = socket.AF_INET6
 
-    Loopback only: the endpoint has no authentication, and the nano's own
-    agent (or an SSH tunnel) is what scrapes it. Raises OSError if the port is taken.
+
+def serve(port: int, metrics: Metrics, address: str = defaults.METRICS_ADDRESS) -> Server:
+    """Serve `metrics` on `address`:`port` (0: any free port) from a daemon thread.
+
+    Loopback by default: the endpoint has no authentication, and the nano's own
+    agent (or an SSH tunnel) is what scrapes it. Raises OSError if the address
+    cannot be bound (the port taken, the address not this host's).
     """
+    server_class = _ThreadingWSGIServer6 if ipaddress.ip_address(address).version == 6 else ThreadingWSGIServer
     # prometheus_client's start_http_server, but with a short shutdown poll (its
     # serve_forever polls every 0.5 s, which a SIGTERM and every test would wait).
-    httpd = make_server(LOOPBACK, port, make_wsgi_app(metrics.registry), ThreadingWSGIServer, handler_class=_Quiet)
+    httpd = make_server(address, port, make_wsgi_app(metrics.registry), server_class, handler_class=_Quiet)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL},
                               name="spotguard-metrics", daemon=True)
     thread.start()
@@ -343,8 +352,9 @@ def serve(port: int, metrics: Metrics) -> Server:
 
 
 @contextmanager
-def exposed(port: int | None, guards: Iterable[Any]) -> Iterator[Metrics | None]:
-    """The daemon's metrics, served on 127.0.0.1:`port` while inside; None without a port.
+def exposed(port: int | None, guards: Iterable[Any],
+            address: str = defaults.METRICS_ADDRESS) -> Iterator[Metrics | None]:
+    """The daemon's metrics, served on `address`:`port` while inside; None without a port.
 
     Without a port (no `[daemon] metrics_port`) nothing is created and nothing
     listens. A port that cannot be bound is logged (`metrics.serve.failed`) and
@@ -355,9 +365,9 @@ def exposed(port: int | None, guards: Iterable[Any]) -> Iterator[Metrics | None]
         return
     metrics = Metrics(guards)
     try:
-        server: Server | None = serve(port, metrics)
+        server: Server | None = serve(port, metrics, address)
     except OSError as exc:
-        log.error("metrics.serve.failed", port=port, error=type(exc).__name__, detail=str(exc))
+        log.error("metrics.serve.failed", address=address, port=port, error=type(exc).__name__, detail=str(exc))
         server = None
     try:
         yield metrics

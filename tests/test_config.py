@@ -383,6 +383,12 @@ CASES = [
     ("guard[0].spot_hourly", math.nan,
      "guard[0].spot_hourly: expected a price in USD per hour (a number, 0 or more), got a float (nan)"),
     ("daemon.metrics_port", 70000, "daemon.metrics_port: 70000 is not a port (1-65535)"),
+    ("daemon", {"metrics_port": 19108, "metrics_address": "127.0.0.1:19108"},
+     'daemon.metrics_address: "127.0.0.1:19108" is not an IP address (like "127.0.0.1" or "::1")'),
+    ("daemon", {"metrics_port": 19108, "metrics_address": "localhost"},
+     'daemon.metrics_address: "localhost" is not an IP address (like "127.0.0.1" or "::1")'),
+    ("daemon.metrics_address", 127, "daemon.metrics_address: expected a string, got an integer (127)"),
+    ("daemon.metrics_address", "::1", "daemon.metrics_address: has no effect without metrics_port"),
     ("notify.discord", {"webhook_url": HOOK, "daily_summary": "9am"},
      'notify.discord.daily_summary: expected a time of day like "09:00" (24-hour HH:MM), got "9am"'),
     ("notify.discord", {"webhook_url": HOOK, "timezone": "Seoul"},
@@ -601,14 +607,15 @@ def test_the_example_file_loads():
 
 def test_operator_keys_have_their_defaults_and_values(tmp_path):
     plain = load(write(tmp_path, VALID), env={})
-    assert plain.ha is None and plain.daemon.metrics_port is None
+    assert plain.ha is None and plain.daemon.metrics_port is None and plain.daemon.metrics_address == "127.0.0.1"
     assert plain.guards[0].on_demand_hourly is None and plain.guards[0].spot_hourly is None
-    doc = edited(edited(VALID, "ha", {"table": "spotguard"}), "daemon.metrics_port", 9108)
+    doc = edited(edited(VALID, "ha", {"table": "spotguard"}), "daemon.metrics_port", 19108)
+    doc = edited(doc, "daemon.metrics_address", "0:0:0:0:0:0:0:1")
     doc = edited(edited(doc, "guard[0].on_demand_hourly", 1.006), "guard[0].spot_hourly", 0)
     doc = edited(doc, "notify.discord", {"webhook_url": HOOK, "daily_summary": "09:30", "timezone": "Asia/Seoul"})
     settings = load(write(tmp_path, doc), env={})
     assert (settings.ha.table, settings.ha.lease, settings.ha.holder) == ("spotguard", 15.0, None)
-    assert settings.daemon.metrics_port == 9108
+    assert (settings.daemon.metrics_port, settings.daemon.metrics_address) == (19108, "::1")  # kept in its short form
     assert (settings.guards[0].on_demand_hourly, settings.guards[0].spot_hourly) == (1.006, 0.0)
     assert (settings.discord.daily_summary, settings.discord.timezone) == ("09:30", "Asia/Seoul")
 
@@ -619,8 +626,8 @@ def test_the_example_file_has_every_key():
                 "webhook_url_file", "webhook_url", "[sources.sqs]", "queue_url", "[[guard]]", "name",
                 "target_group_arn", "target_port", "spot_request_ids", "spot_instance_tags", "capacity",
                 "standby_instance_ids", "failback_grace", "standby_ready_timeout", "unhealthy_grace", "on_rebalance",
-                "rebalance_hold", "register_when", "metrics_port", "daily_summary", "timezone", "on_demand_hourly",
-                "spot_hourly",
+                "rebalance_hold", "register_when", "metrics_port", "metrics_address", "daily_summary", "timezone",
+                "on_demand_hourly", "spot_hourly",
                 "[ha]", "table", "lease", "holder"]:
         assert key in text, key
 
@@ -662,6 +669,14 @@ def test_cli_check_config_exits_2_without_a_traceback(tmp_path, kind):
     assert lines and all(line.startswith(f"{path}: ") or line.startswith("guard[0]") for line in lines), lines
     if kind == "bad-config":
         assert lines == ['guard[0].standby_instance_ids[1]: "i-zz" is not an instance id']
+
+
+def test_cli_a_bad_metrics_address_is_one_line_and_exit_2(tmp_path):
+    path = write(tmp_path, edited(VALID, "daemon", {"metrics_port": 19108, "metrics_address": "127.0.0.1:19108"}))
+    done = spotguard("check-config", "--config", str(path))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines() == [
+        'daemon.metrics_address: "127.0.0.1:19108" is not an IP address (like "127.0.0.1" or "::1")']
 
 
 def test_cli_run_with_a_bad_config_starts_nothing(tmp_path):
@@ -807,6 +822,7 @@ def test_the_example_states_the_defaults_of_defaults_py():
     text = EXAMPLE.read_text()
     assert f'# lease = "{format_duration(defaults.LEASE)}"' in text
     assert f'# timezone = "{defaults.TIMEZONE}"' in text
+    assert f'# metrics_address = "{defaults.METRICS_ADDRESS}"' in text
 
 
 def test_every_verb_reads_spotguard_config_or_the_default_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import socket
 import time
 import urllib.error
@@ -22,6 +23,8 @@ from structlog.testing import capture_logs
 from test_daemon import phase, replace_spot, running
 from waiting import until
 
+import spotguard.daemon
+from spotguard import __version__, config
 from spotguard.machine import Failed, GuardState, Instance, Notice, Observed, Phase, Rules, Start, Stop, Target
 from spotguard.metrics import Metrics, exposed, serve
 
@@ -62,9 +65,9 @@ def current(samples, guard: str) -> str:
     return on
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
@@ -217,6 +220,25 @@ def test_the_endpoint_listens_on_loopback_only():
     finally:
         server.close()
     assert not any(p == server.port for _, p in listening())
+
+
+@pytest.mark.parametrize("address", ["127.0.0.2", "::1"])
+def test_the_endpoint_listens_on_the_configured_address(address):
+    """[daemon] metrics_address, as the daemon starts the endpoint: there and nowhere else.
+    Loopback addresses only: the suite never sends to a private range."""
+    try:
+        port = free_port(address)
+    except OSError:
+        pytest.skip(f"{address} is not an address of this host")
+    settings = config.Settings(aws=config.AwsSettings("us-east-1"),
+                               daemon=config.DaemonSettings(metrics_port=port, metrics_address=address))
+    host = f"[{address}]" if ":" in address else address
+    with spotguard.daemon._metrics(settings) as metrics:
+        assert metrics is not None
+        assert {(a, p) for a, p in listening() if p == port} == {(address, port)}
+        build = {"version": __version__, "python": platform.python_version()}
+        assert value(scrape(f"http://{host}:{port}/metrics"), "spotguard_build_info", **build) == 1
+    assert not any(p == port for _, p in listening())
 
 
 def test_a_taken_port_is_logged_and_the_daemon_runs_on():
