@@ -1,8 +1,9 @@
 """How spotguard talks to AWS: client factory and error helpers.
 
 `client()`/`clients()` open aiobotocore clients with bounded retries, short
-timeouts, spotguard's User-Agent, a fast ISO 8601 timestamp parser and the
-lean EC2 model (ec2model.py); docs/benchmarks.md measures what each saves.
+timeouts, botocore's User-Agent naming spotguard (built once per client), a
+fast ISO 8601 timestamp parser and the lean EC2 model (ec2model.py);
+docs/benchmarks.md measures what each saves.
 `error_code(exc)` turns any AWS or network exception into the short code that
 ends up in `machine.Failed` and in logs.
 
@@ -13,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import platform
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, NamedTuple
 
-import aiobotocore
 import aiohttp
 import botocore
 import structlog
@@ -25,6 +24,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
+from botocore.useragent import UserAgentString
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from spotguard import __version__
@@ -51,10 +51,8 @@ READ_TIMEOUT = 15.0
 # poll would end in a ReadTimeoutError.
 SQS_LONG_POLL = 20
 SQS_READ_TIMEOUT = SQS_LONG_POLL + 10.0
-USER_AGENT = (
-    f"spotguard/{__version__} aiobotocore/{aiobotocore.__version__} botocore/{botocore.__version__} "
-    f"Python/{platform.python_version()}"
-)
+# spotguard's product token: how an operator finds its calls in CloudTrail's userAgent.
+USER_AGENT = f"spotguard/{__version__}"
 
 
 class Clients(NamedTuple):
@@ -66,14 +64,41 @@ class Clients(NamedTuple):
 
 
 def client_config(service: str, *, max_attempts: int = RETRIES["max_attempts"]) -> AioConfig:
-    """The botocore config for one service: bounded retries, short timeouts, our User-Agent."""
+    """The botocore config for one service: bounded retries, short timeouts (`client()` adds the User-Agent)."""
     read_timeout = SQS_READ_TIMEOUT if service == "sqs" else READ_TIMEOUT
     return AioConfig(
         retries={**RETRIES, "max_attempts": max_attempts},
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=read_timeout,
-        user_agent=USER_AGENT,
     )
+
+
+def user_agent(session: AioSession, config: AioConfig) -> str:
+    """botocore's own User-Agent for a client of `session` with `config`, spotguard's token last.
+
+    `aiobotocore/<v> md/Botocore#<v> ua/2.1 os/… lang/python#… cfg/… app/<id> spotguard/<v>`:
+    app/ is AWS_SDK_UA_APP_ID (or sdk_ua_app_id in the AWS config file). botocore
+    would build this string twice per request from ~16 parts (docs/benchmarks.md
+    § 6: ~10 % of a poll round); `client()` builds it once and hands it over as
+    Config(user_agent=), which botocore only joins to the session's extra per
+    request. What a fixed string cannot carry is botocore's per-request feature
+    ids (m/…): SDK telemetry, nothing an operator reads. botocore calls its
+    builder private: constraints.txt pins botocore, tests/test_aws.py checks the wire.
+    """
+    appid = config.user_agent_appid or session.get_config_variable("user_agent_appid")
+    ua = UserAgentString.from_environment()
+    # No session extra here: a non-empty one is joined on by botocore per request.
+    ua.set_session_config(session.user_agent_name, session.user_agent_version, None)
+    return ua.with_client_config(config.merge(AioConfig(user_agent_extra=USER_AGENT,
+                                                        user_agent_appid=appid))).to_string()
+
+
+def _botocore_once(session: AioSession) -> AioSession:
+    """Drop aiobotocore's session extra `botocore/<v>` (idempotent): botocore's own
+    string already names it (md/Botocore#<v>), and the extra would repeat it."""
+    if session.user_agent_extra == f"botocore/{botocore.__version__}":
+        session.user_agent_extra = ""
+    return session
 
 
 def parse_timestamp(value: Any) -> dt.datetime:
@@ -124,12 +149,14 @@ async def client(
     max_attempts: int = RETRIES["max_attempts"],
 ) -> AsyncIterator[Any]:
     """One aiobotocore client for `service`, closed on exit."""
-    session = _lean_models(_fast_parsers(session or get_session()))
+    session = _botocore_once(_lean_models(_fast_parsers(session or get_session())))
+    config = client_config(service, max_attempts=max_attempts)
+    config = config.merge(AioConfig(user_agent=user_agent(session, config)))
     async with session.create_client(
         service,
         region_name=region,
         endpoint_url=endpoint_url,
-        config=client_config(service, max_attempts=max_attempts),
+        config=config,
     ) as c:
         c.meta.events.register_first("needs-retry", _RetryLog(max_attempts))
         yield c
