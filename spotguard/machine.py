@@ -347,7 +347,7 @@ def _uncovered(state: GuardState) -> int:
     """Spot positions lost that no standby is covering."""
     if not state.slots:
         return max(0, _short(state) - (0 if state.phase is Phase.SPOT_HEALTHY else 1))
-    return sum(1 for s in state.slots if s.phase is Phase.SPOT_HEALTHY and s.seen is not None and _short(s) > 0)
+    return sum(1 for s in state.slots if s.standby is None and s.seen is not None and _short(s) > 0)
 
 
 def _own(state: GuardState, commands: tuple[Command, ...]) -> tuple[Command, ...]:
@@ -791,19 +791,15 @@ def _serve(state: GuardState, now: float, reason: str) -> Result:
 
 def _decide_spot_healthy(state: GuardState, now: float) -> Result:
     if _short(state) > 0:
-        if state.holds is not None and not _own_standbys(state):
-            # A fleet's slot while every standby covers another spot: it waits for one to be
-            # free (the guard says capacity short); its doomed spot serves until its deadline.
-            state, cmds = _register_new_spots(state, now)
-            return state, cmds + _drop_dying(state, now) + _drop_stopped_standbys(state)
-        return _failover(state, now, _why_spot_lost(state))
+        return _wait_uncovered(state, now) if _none_free(state) else _failover(state, now, _why_spot_lost(state))
     if state.prewarm_at is not None:
         return _failover(state, now, "rebalance recommendation, on_rebalance=prewarm", prewarm=True)
     if _covered(state) is None:
         since = state.unhealthy_since if state.unhealthy_since is not None else now
-        if now - since >= state.rules.unhealthy_grace:
+        state = replace(state, unhealthy_since=since)
+        if now - since >= state.rules.unhealthy_grace and not _none_free(state):
             return _failover(state, now, f"spot target not healthy for {now - since:.0f}s")
-        return _register_new_spots(replace(state, unhealthy_since=since), now)
+        return _wait_uncovered(state, now)
     state = replace(state, unhealthy_since=None)
     stray = next((s for s in _own_standbys(state)
                   if _instance(state, s).state in LIVE_STATES and s not in state.seen.rehearsing), None)
@@ -820,6 +816,17 @@ def _decide_spot_healthy(state: GuardState, now: float) -> Result:
         return state, (alert,) + cmds
     state, cmds = _register_new_spots(state, now)
     return state, cmds + _drop_doomed(state) + _drop_stopped_standbys(state)
+
+
+def _none_free(state: GuardState) -> bool:
+    """A fleet's slot while every standby covers another position: it waits for one to be free."""
+    return state.holds is not None and not _own_standbys(state)
+
+
+def _wait_uncovered(state: GuardState, now: float) -> Result:
+    """Serve on what there is: new spots registered, a doomed one kept until just before its deadline."""
+    state, cmds = _register_new_spots(state, now)
+    return state, cmds + _drop_dying(state, now) + _drop_stopped_standbys(state)
 
 
 def _why_spot_lost(state: GuardState) -> str:
@@ -924,7 +931,9 @@ def _decide_serving(state: GuardState, now: float) -> Result:
         return _failover(state, now, f"standby {sid} is {inst.state}")
     state, spots = _register_new_spots(state, now)
     state, own = _register(state, [sid], now)
-    cmds = _drop_doomed(state) + spots + _tidy_other_standbys(state) + own
+    # A doomed spot leaves once the standby is healthy again (one drained and re-registered is not yet).
+    drop = _drop_doomed(state) if _up(state, sid) else _drop_dying(state, now)
+    cmds = drop + spots + _tidy_other_standbys(state) + own
     spot = _covered(state)
     if spot and _up(state, sid):
         state = _enter(state, Phase.SPOT_RESTORED, now, f"spot {spot.id} healthy")
@@ -1031,7 +1040,8 @@ def _step_fleet(state: GuardState, event: Event, now: float) -> Result:
     elif isinstance(event, Notice) and _unheld(event.instance_id, state, slots):
         slots = _assign(slots, Observed(spots=(Instance(event.instance_id, "running"),)), keep=True)
     said: list[Command] = []
-    for k in sorted(range(len(slots)), key=lambda k: (_live_held(slots[k]) > 0, k)):
+    # Slots with a standby first: one they release is then free for a slot that needs it, in this step.
+    for k in sorted(range(len(slots)), key=lambda k: (slots[k].standby is None, k)):
         others = frozenset().union(*(_holding(s) for j, s in enumerate(slots) if j != k))
         slot = slots[k] if state.seen is None else replace(slots[k], seen=_view(state.seen, slots[k], others))
         slot_event = _routed(slot, event)
@@ -1079,19 +1089,36 @@ def _assign(slots: list[GuardState], seen: Observed, keep: bool = False) -> list
             continue
         k = min(range(len(slots)), key=lambda k: _claim(slots[k], seen, k))
         slots[k] = replace(slots[k], holds=slots[k].holds + (inst.id,))
-    return slots
+    return slots if keep else _lend(slots, seen)
 
 
 def _claim(slot: GuardState, seen: Observed, k: int) -> tuple:
-    live = sum(1 for i in seen.spots if i.id in slot.holds and i.state in LIVE_STATES and i.id not in slot.doomed)
     order = slot.rules.standbys.index(slot.standby) if slot.standby in slot.rules.standbys else 0
-    return live, _CLAIM.get(slot.phase, 3), -order, k
+    return len(_good_spots(slot, seen)), _CLAIM.get(slot.phase, 3), -order, k
 
 
-def _live_held(slot: GuardState) -> int:
-    if slot.seen is None:
-        return len(slot.holds)
-    return sum(1 for i in slot.seen.spots if i.id in slot.holds and i.state in LIVE_STATES and i.id not in slot.doomed)
+def _lend(slots: list[GuardState], seen: Observed) -> list[GuardState]:
+    """A slot with neither a spot nor a standby (its spot doomed or gone, none free) takes a healthy
+    spot from a slot whose standby serves: that standby then covers the other position at once,
+    instead of the spot being lost while a standby drains after its grace."""
+    healthy = {t.id for t in seen.targets if t.health == HEALTHY}
+    up = healthy & {i.id for i in seen.standbys if i.state == "running"}
+    for k, needy in enumerate(slots):
+        if needy.standby is not None or _good_spots(needy, seen):
+            continue
+        donor = next((j for j, d in enumerate(slots) if d.standby in up and healthy & set(_good_spots(d, seen))), None)
+        if donor is None:
+            continue
+        spot = next(i for i in _good_spots(slots[donor], seen) if i in healthy)
+        slots[donor] = replace(slots[donor], holds=tuple(i for i in slots[donor].holds if i != spot))
+        slots[k] = replace(needy, holds=needy.holds + (spot,))
+    return slots
+
+
+def _good_spots(slot: GuardState, seen: Observed) -> list[str]:
+    """The live spots a slot holds that no notice dooms (the poll's flag counts before it is absorbed)."""
+    return [i.id for i in seen.spots
+            if i.id in slot.holds and i.state in LIVE_STATES and not i.notice and i.id not in slot.doomed]
 
 
 def _holding(slot: GuardState) -> frozenset[str]:
