@@ -19,6 +19,7 @@ from configs import daemon_settings
 from httpcapture import CaptureServer
 from waiting import DEADLINE, until
 
+from spotguard import machine
 from spotguard.daemon import build, serve
 from spotguard.machine import Notice, Phase
 from spotguard.notify import Notifier
@@ -124,32 +125,67 @@ async def test_full_cycle_failover_then_failback_and_again(tmp_path, moto_world,
         assert state(moto_world, d.standby_ids[1]) == "stopped"
 
 
-async def test_a_fleet_keeps_its_capacity_while_one_spot_is_replaced(tmp_path, moto_world, deployment, aws):
-    """Two spot requests behind one target group (capacity 2): a notice for one starts the
-    standby, the doomed spot keeps serving until the standby is healthy, and the standby is
-    drained and stopped once both spots serve again."""
-    d, standby = deployment, deployment.standby_ids[0]
-    request2, spot2 = moto_world.add_spot(d)
+async def test_a_fleet_covers_two_lost_spots_with_two_standbys_and_releases_one_per_new_spot(
+        tmp_path, moto_world, deployment, aws):
+    """Three spot requests behind one target group (capacity 3), two standbys. Two notices at
+    once start both standbys; each doomed spot serves until the standbys are healthy; after the
+    spots are reclaimed, each refilled request releases one standby after the grace (the later
+    in the pool first), and once both are back no standby runs."""
+    d, (first, second) = deployment, deployment.standby_ids
+    (request2, spot2), (request3, spot3) = moto_world.add_spot(d), moto_world.add_spot(d)
     settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s", grace="1s",
-                               guard={"spot_request_ids": [d.spot_request_id, request2]})
-    assert settings.guards[0].rules().capacity == 2
-    moto_world.set_health(d.target_group_arn, standby, "initial")
+                               guard={"spot_request_ids": [d.spot_request_id, request2, request3]})
+    assert settings.guards[0].rules().capacity == 3
+    for sb in (first, second):
+        moto_world.set_health(d.target_group_arn, sb, "initial")
     async with running(settings, aws) as daemon:
+        await until(lambda: len(daemon.guards[d.name].state.slots) == 3, what="three slots")
         moto_world.notice(d.spot_request_id)
-        await until(lambda: standby in health(moto_world, d), what="standby registered")
+        moto_world.notice(request2)
+        await until(lambda: {first, second} <= set(health(moto_world, d)), what="both standbys registered")
         rounds = daemon.rounds
         await until(lambda: daemon.rounds >= rounds + 2, what="two more rounds")
-        assert phase(daemon) is Phase.STANDBY_STARTING
-        # Full capacity meanwhile: the doomed spot serves beside the other one.
-        assert health(moto_world, d)[d.spot_instance_id] == "healthy" == health(moto_world, d)[spot2]
-        moto_world.set_health(d.target_group_arn, standby, None)  # passed its first check
-        await until(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot out")
-        assert phase(daemon) is Phase.BOTH_SERVING and health(moto_world, d)[spot2] == "healthy"
-        new = await replace_spot(moto_world, daemon, d)
-        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="failback")
-        await until(lambda: state(moto_world, standby) == "stopped", what="standby stopped")
-        assert health(moto_world, d) == {spot2: "healthy", new: "healthy"}
-        assert state(moto_world, d.standby_ids[1]) == "stopped"
+        # Full capacity meanwhile: both doomed spots serve beside the third.
+        assert all(health(moto_world, d)[s] == "healthy" for s in (d.spot_instance_id, spot2, spot3))
+        for sb in (first, second):
+            moto_world.set_health(d.target_group_arn, sb, None)  # passed its first check
+        await until(lambda: not {d.spot_instance_id, spot2} & set(health(moto_world, d)), what="doomed spots out")
+        assert health(moto_world, d) == {first: "healthy", second: "healthy", spot3: "healthy"}
+        moto_world.terminate_spot(d.spot_request_id)
+        moto_world.terminate_spot(request2)
+        new1 = moto_world.fulfil(d.spot_request_id)
+        await until(lambda: health(moto_world, d).get(new1) == "healthy", what="first spot back")
+        await until(lambda: state(moto_world, second) == "stopped", what="the later standby stopped")
+        assert state(moto_world, first) == "running" and health(moto_world, d)[first] == "healthy"
+        new2 = moto_world.fulfil(request2)
+        await until(lambda: state(moto_world, first) == "stopped", what="the other standby stopped")
+        await until(lambda: phase(daemon) is Phase.SPOT_HEALTHY, what="every slot back on spot")
+        assert health(moto_world, d) == {new1: "healthy", new2: "healthy", spot3: "healthy"}
+
+
+async def test_a_late_standby_is_said_and_its_doomed_spot_leaves_just_before_the_deadline(
+        tmp_path, moto_world, deployment, aws):
+    """Capacity 2, a standby that never gets healthy: the alert comes late_warning before the
+    notice's deadline, and the doomed spot leaves the group a few seconds before it (the other
+    spot serves), rather than failing health checks once it is gone."""
+    d, standby = deployment, deployment.standby_ids[0]
+    request2, spot2 = moto_world.add_spot(d)
+    settings = daemon_settings(tmp_path, moto_world, [d], poll="0.2s",
+                               guard={"spot_request_ids": [d.spot_request_id, request2], "late_warning": "6s"})
+    moto_world.set_health(d.target_group_arn, standby, "initial")  # and it stays so
+    with CaptureServer() as discord:
+        notifier = Notifier(discord.url + "/api/webhooks/1/secret")
+        async with running(settings, aws, notifier) as daemon:
+            deadline = daemon.clock() + 9.0
+            daemon.push(Notice(d.spot_instance_id, deadline=deadline))
+            late = f"not healthy 6s before spot {d.spot_instance_id} dies"
+            await until(lambda: any(late in r.json["content"] for r in discord.requests), what="late alert")
+            assert daemon.clock() < deadline - 5.0
+            assert d.spot_instance_id in health(moto_world, d)
+            await until(lambda: d.spot_instance_id not in health(moto_world, d), what="doomed spot out")
+            out = daemon.clock()
+            assert deadline - machine.DEREGISTER_AHEAD - 0.5 <= out < deadline, (out, deadline)
+            assert health(moto_world, d)[spot2] == "healthy"
 
 
 class Recorder:
