@@ -66,7 +66,7 @@ def write_floor_spec(path: Path, world: Any, deployments: Sequence[dict[str, Any
         "region": world.region,
         "endpoint_url": world.endpoint_url,
         "interval": interval,
-        "request_ids": [d["spot_request_id"] for d in deployments],
+        "request_ids": [r for d in deployments for r in d.get("spot_request_ids", [d["spot_request_id"]])],
         "standby_ids": [s for d in deployments for s in d["standby_ids"]],
         "target_groups": [d["target_group_arn"] for d in deployments],
         "health_every": FLOOR_HEALTH_EVERY,

@@ -2,7 +2,7 @@
 
 Issue 7's goals (a t4g.nano: 0.5 GiB, 5 % baseline CPU) and the benchmarks
 that measure them, each in its own module:
-  steady:       memory, CPU and AWS calls of `spotguard run` (1 and 20 guards)
+  steady:       memory, CPU and AWS calls of `spotguard run` (1 and 20 guards, 20 guards of 4 spots)
                 over two steady minutes and a failover, beside a bare
                 aiobotocore floor (four processes at once);
   memory:       growth over 10,000 polls (its own process and its own moto,

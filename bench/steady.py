@@ -1,12 +1,13 @@
 """Benchmark: steady-state memory, CPU and AWS calls of `spotguard run`, beside a floor.
 
-Four processes run at once against the same moto (world_server), each with
+Six processes run at once against the same moto (world_server), each with
 its own notify socket and access key (bench/proc.py):
 
-  * `python -m spotguard run` with 1 guard, and with 20 guards, at the default
-    poll_interval (5 s), JSON logs to a file, exactly as systemd starts it;
-  * bench/floor.py for the same 1 and 20 guards: a bare aiobotocore process
-    holding the same clients and making the same calls, no spotguard.
+  * `python -m spotguard run` with 1 guard, with 20 guards, and with 20 guards of
+    4 spots each (a fleet: capacity 4), at the default poll_interval (5 s), JSON
+    logs to a file, exactly as systemd starts it;
+  * bench/floor.py for each: a bare aiobotocore process holding the same
+    clients and making the same calls, no spotguard.
 
 Timeline, from the moment all four sent READY=1:
   0 .. STEADY s          steady state. RSS is sampled every SAMPLE s; the figure
@@ -38,7 +39,7 @@ import configs
 import proc
 from stats import fmt, table
 
-SIZES = (1, 20)
+SIZES = ((1, 1), (20, 1), (20, 4))  # (guards, spots per guard)
 POLL_INTERVAL = 5.0  # the default
 STEADY = 120.0
 WINDOW = 60.0  # the steady minute at the end of STEADY
@@ -58,7 +59,7 @@ class Watched:
     """One process under measurement and what was read about it."""
 
     kind: str  # spotguard | floor
-    guards: int
+    size: tuple[int, int]  # (guards, spots per guard)
     launched: proc.Launched
     deployments: list
     rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (t since ready, status)
@@ -66,22 +67,28 @@ class Watched:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}, {self.guards} guard{'s' * (self.guards > 1)}"
+        return f"{self.kind}, {sized(self.size)}"
+
+
+def sized(size: tuple[int, int]) -> str:
+    guards, spots = size
+    return f"{guards} guard{'s' * (guards > 1)}" + (f" × {spots} spots" if spots > 1 else "")
 
 
 def run(world: Any, workdir: Path, quick: bool = False) -> tuple[str, dict]:
     """The report section and the figures (for the summary of goals)."""
     steady, window, failover = (30.0, 15.0, 20.0) if quick else (STEADY, WINDOW, FAILOVER)
     world.call("reset")
-    pool = [world.call("provision", name=f"s{i:02d}", standbys=1) for i in range(sum(SIZES))]
     groups, at = {}, 0
-    for n in SIZES:
-        groups[n], at = pool[at:at + n], at + n
+    for size in SIZES:
+        groups[size] = [world.call("provision", name=f"s{at + i:02d}", standbys=1, spots=size[1])
+                        for i in range(size[0])]
+        at += size[0]
     watched = []
     try:
-        for n in SIZES:
-            watched.append(_spotguard(world, workdir, groups[n]))
-            watched.append(_floor(world, workdir, groups[n]))
+        for size in SIZES:
+            watched.append(_spotguard(world, workdir, size, groups[size]))
+            watched.append(_floor(world, workdir, size, groups[size]))
         for w in watched:
             w.launched.wait_ready()
         zero = time.monotonic()
@@ -103,23 +110,25 @@ def run(world: Any, workdir: Path, quick: bool = False) -> tuple[str, dict]:
     return _report(figures, steady, window, failover), figures
 
 
-def _spotguard(world: Any, workdir: Path, deployments: list) -> Watched:
-    run_dir = workdir / f"steady-spotguard-{len(deployments)}"
+def _spotguard(world: Any, workdir: Path, size: tuple[int, int], deployments: list) -> Watched:
+    tag = f"{size[0]}x{size[1]}"
+    run_dir = workdir / f"steady-spotguard-{tag}"
     run_dir.mkdir(parents=True)
     path = configs.write(
         run_dir / "config.toml", world, deployments, state_dir=run_dir / "state", poll_interval=POLL_INTERVAL,
     )
-    launched = proc.launch(f"sg{len(deployments)}", ["-m", "spotguard", "run", "--config", str(path)], run_dir)
-    return Watched("spotguard", len(deployments), launched, deployments)
+    launched = proc.launch(f"sg{tag}", ["-m", "spotguard", "run", "--config", str(path)], run_dir)
+    return Watched("spotguard", size, launched, deployments)
 
 
-def _floor(world: Any, workdir: Path, deployments: list) -> Watched:
-    run_dir = workdir / f"steady-floor-{len(deployments)}"
+def _floor(world: Any, workdir: Path, size: tuple[int, int], deployments: list) -> Watched:
+    tag = f"{size[0]}x{size[1]}"
+    run_dir = workdir / f"steady-floor-{tag}"
     run_dir.mkdir(parents=True)
     configs.write_floor_spec(run_dir / "spec.json", world, deployments, interval=POLL_INTERVAL)
     argv = [str(proc.BENCH / "floor.py"), str(run_dir / "spec.json")]
-    launched = proc.launch(f"floor{len(deployments)}", argv, run_dir)
-    return Watched("floor", len(deployments), launched, deployments)
+    launched = proc.launch(f"floor{tag}", argv, run_dir)
+    return Watched("floor", size, launched, deployments)
 
 
 def _sample_until(watched: list[Watched], zero: float, until: float, mark: str, world: Any) -> None:
@@ -183,7 +192,7 @@ def _figures(watched: list[Watched], steady: float, window: float, failover: flo
         last = [s for t, s in w.rss if t >= steady - window]
         cpu, calls = _delta(w, "steady-start", "steady-end")
         f_cpu, f_calls = _delta(w, "failover-start", "failover-end")
-        out[(w.kind, w.guards)] = {
+        out[(w.kind, w.size)] = {
             "rss": statistics.median(s["VmRSS"] for s in last),
             "anon": statistics.median(s["RssAnon"] for s in last),
             "hwm": max(s["VmHWM"] for s in last),
@@ -214,25 +223,25 @@ def _mib(kib: float) -> str:
 def goals(figures: dict) -> list[list[str]]:
     """Rows of the goal summary for memory, CPU and calls."""
     rows = []
-    for n in SIZES:
-        sg, fl = figures[("spotguard", n)], figures[("floor", n)]
+    for size in SIZES:
+        sg, fl = figures[("spotguard", size)], figures[("floor", size)]
         ratio = sg["rss"] / fl["rss"]
-        rows.append([f"RSS of `spotguard run`, {n} guard{'s' * (n > 1)}, vs floor", f"<= {GOAL_RSS_VS_FLOOR}×",
+        rows.append([f"RSS of `spotguard run`, {sized(size)}, vs floor", f"<= {GOAL_RSS_VS_FLOOR}×",
                      f"{ratio:.3f}× ({_mib(sg['rss'])} / {_mib(fl['rss'])} MiB)", _met(ratio <= GOAL_RSS_VS_FLOOR)])
-    r = figures[("spotguard", 20)]["rss"] / figures[("spotguard", 1)]["rss"]
+    r = figures[("spotguard", (20, 1))]["rss"] / figures[("spotguard", (1, 1))]["rss"]
     rows.append(["RSS, 20 guards vs 1 guard", f"<= {GOAL_RSS_20_VS_1}×", f"{r:.3f}×", _met(r <= GOAL_RSS_20_VS_1)])
-    for n in SIZES:
-        cpu = figures[("spotguard", n)]["cpu"]
-        rows.append([f"CPU, steady minute at 5 s, {n} guard{'s' * (n > 1)}", f"<= {GOAL_CPU} % of one core",
+    for size in SIZES:
+        cpu = figures[("spotguard", size)]["cpu"]
+        rows.append([f"CPU, steady minute at 5 s, {sized(size)}", f"<= {GOAL_CPU} % of one core",
                      f"{cpu:.3f} %", _met(cpu <= GOAL_CPU)])
-    for n in SIZES:
-        calls = figures[("spotguard", n)]["calls"]
+    for size in SIZES:
+        n, calls = size[0], figures[("spotguard", size)]["calls"]
         rounds = calls.get("DescribeSpotInstanceRequests", 0)
         got = {op: round(k / rounds, 2) for op, k in calls.items()} if rounds else {}
         ok = (set(got) <= {"DescribeSpotInstanceRequests", "DescribeInstances", "DescribeTargetHealth"}
               and got.get("DescribeSpotInstanceRequests") == got.get("DescribeInstances") == 1.0
               and 0 < got.get("DescribeTargetHealth", 0) <= n)
-        rows.append([f"steady calls per poll, {n} guard{'s' * (n > 1)}",
+        rows.append([f"steady calls per poll, {sized(size)}",
                      f"DSIR 1, DI 1, DTH at most {n} (one per target group), nothing else", _per_poll(calls), _met(ok)])
     return rows
 
@@ -243,26 +252,27 @@ def _met(ok: bool) -> str:
 
 def _report(figures: dict, steady: float, window: float, failover: float) -> str:
     mem_rows = []
-    for n in SIZES:
-        sg, fl = figures[("spotguard", n)], figures[("floor", n)]
+    for size in SIZES:
+        sg, fl = figures[("spotguard", size)], figures[("floor", size)]
         for kind, f in (("`spotguard run`", sg), ("floor", fl)):
-            mem_rows.append([f"{kind}, {n} guard{'s' * (n > 1)}", _mib(f["rss_first"]), _mib(f["rss"]),
+            mem_rows.append([f"{kind}, {sized(size)}", _mib(f["rss_first"]), _mib(f["rss"]),
                              _mib(f["anon"]), _mib(f["hwm"]), f"{f['rss'] / fl['rss']:.3f}×", fmt(f["cpu"], 2) + " %"])
     call_rows = []
-    for n in SIZES:
+    for size in SIZES:
         for kind in ("spotguard", "floor"):
-            f = figures[(kind, n)]
-            name = f"{'`spotguard run`' if kind == 'spotguard' else 'floor'}, {n} guard{'s' * (n > 1)}"
+            f = figures[(kind, size)]
+            name = f"{'`spotguard run`' if kind == 'spotguard' else 'floor'}, {sized(size)}"
             call_rows.append([name, "steady", _calls_cell(f["calls"]), _per_poll(f["calls"]), fmt(f["cpu"], 2) + " %"])
             if kind == "spotguard":
                 call_rows.append([name, "failover", _calls_cell(f["failover_calls"]), "",
                                   fmt(f["failover_cpu"], 2) + " %"])
     return "\n\n".join(
         [
-            f"Four processes at once against one moto, each started as systemd starts a service (notify "
-            f"socket, SIGTERM at the end): `python -m spotguard run` with 1 and with 20 guards at poll_interval "
+            f"Six processes at once against one moto, each started as systemd starts a service (notify "
+            f"socket, SIGTERM at the end): `python -m spotguard run` with 1 guard, 20 guards, and 20 guards of "
+            f"4 spot requests each (fleets, capacity 4) at poll_interval "
             f"{POLL_INTERVAL:g} s, and the floor for each (bench/floor.py: a bare aiobotocore process with the "
-            f"same three clients making the same calls at the same interval, no spotguard). All four ran "
+            f"same three clients making the same calls at the same interval, no spotguard). All six ran "
             f"{steady:g} s after their READY=1; RSS is the median of the samples (every {SAMPLE:g} s) of the "
             f"last {window:g} s, CPU is utime+stime over those {window:g} s as a share of one core.",
             table(["process", "VmRSS MiB at READY", "VmRSS MiB, steady", "RssAnon MiB", "VmHWM MiB",
