@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ from spotguard import ledger, store
 from spotguard.commands import status
 from spotguard.config import GuardSettings
 from spotguard.ledger import Ledger, LedgerView
-from spotguard.machine import Phase
+from spotguard.machine import GuardState, Phase, Rules
+from spotguard.store import Store
 
 SECRET = "SECRET-webhook-token-never-printed"
 PRICES = {"on_demand_hourly": 1.006, "spot_hourly": 0.35}
@@ -442,3 +444,26 @@ def test_status_without_permission_says_so_on_stderr_with_the_way_out():
     finally:
         state.chmod(0o700)
         shutil.rmtree(shared)
+
+
+def test_a_fleet_shows_one_line_per_slot(tmp_path):
+    """A guard of three spots, two of them lost: the headline is its most urgent slot's phase,
+    then one line per slot (its spots, its standby, why); --json lists the same as `slots`."""
+    rules = Rules(standbys=("i-sb1", "i-sb2"), capacity=3)
+    slot = replace(rules, capacity=1)
+    slots = (GuardState(slot, Phase.BOTH_SERVING, 1e9, "standby i-sb1 healthy", "i-sb1", holds=()),
+             GuardState(slot, Phase.STANDBY_STARTING, 1e9 + 5, "interruption notice for spot i-b", "i-sb2",
+                        holds=("i-b",)),
+             GuardState(slot, Phase.SPOT_HEALTHY, 1e9 - 60, "initial", holds=("i-c",)))
+    fleet = GuardState(rules, Phase.STANDBY_STARTING, 1e9 + 5, "interruption notice for spot i-b", "i-sb2",
+                       slots=slots)
+    Store(tmp_path).save("lab", fleet)
+    g = status.guard_report(tmp_path, GuardSettings(name="lab", target_group_arn="arn:x"), 1e9 + 65)
+    assert [(s["slot"], s["phase"], s["spots"], s["standby"]) for s in g["slots"]] == [
+        (1, "both-serving", [], "i-sb1"), (2, "standby-starting", ["i-b"], "i-sb2"), (3, "spot-healthy", ["i-c"], None)]
+    lines = status.render({"guards": [g], "generated_at": status.iso(1e9 + 65)}).splitlines()
+    assert lines[0].startswith("guard lab: standby-starting since")
+    assert lines[2] == ("  slot 1  both-serving since 2001-09-09 01:46:40 UTC (1m 05s ago): no spot → standby i-sb1 "
+                        "(standby i-sb1 healthy)")
+    assert lines[3].startswith("  slot 2  standby-starting") and "i-b → standby i-sb2" in lines[3]
+    assert lines[4].startswith("  slot 3  spot-healthy") and lines[4].endswith("i-c (initial)")
