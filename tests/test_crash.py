@@ -25,6 +25,13 @@ Where AWS is still on its way at the kill (standby pending or stopping, its
 target draining), the restarted process must also change nothing until it
 settles.
 
+A fleet's cases (FLEET_CASES) play the same with three spot requests behind
+the target group, two standbys and notices for two spots at once: one kill in
+each phase of that cycle. There each standby and each spot sees its own
+commands exactly once, each standby covers one doomed position (never two for
+one), and the sampler holds a stronger promise: never fewer healthy targets
+than spot positions (a doomed spot serves until its own standby is healthy).
+
 Cases wait on timers far more than they compute, so `played` plays them side
 by side (PARALLEL at a time, each on its own deployment, proxy and processes)
 and each test reports its own case.
@@ -89,6 +96,16 @@ class Case:
     transient: str | None = None
 
 
+@dataclass(frozen=True)
+class FleetCase(Case):
+    """A fleet's case: three spot requests behind one target group, two standbys, notices for two
+    spots at once. `role` names whose command is held: `standby 2` (the second of the pool), `a
+    standby`, `a doomed spot` or `a new spot` (the first such command for either of the two);
+    `poll`: any poll while some slot is in `phase`. `phase` is the state file's phase of the slot
+    that holds the command's instance (of some slot, for a poll). A transient state is the held
+    command's standby's; only that standby must see no command until it settles."""
+
+
 def fault(case: Case, outcome: str, *extra: pytest.MarkDecorator) -> pytest.param:
     """One row of the fault matrix: the case with its `fault` marker (and any extra marks)."""
     when = "after" if case.after else "before"
@@ -101,6 +118,8 @@ def fault(case: Case, outcome: str, *extra: pytest.MarkDecorator) -> pytest.para
         if case.transient:
             text += f", standby still {case.transient}"
             ident += f"-{case.transient}"
+    if isinstance(case, FleetCase):
+        text, ident = f"fleet of 3 spots, 2 noticed at once: {text}", f"fleet-{ident}"
     marks = (pytest.mark.fault(fault=text, phase=case.phase, outcome=outcome), *extra)
     return pytest.param(case, marks=marks, id=ident)
 
@@ -140,6 +159,23 @@ CASES = [
           "converges: restart finds the standby stopped, back to spot-healthy without a second StopInstances"),
     fault(Case("StopInstances", "standby", "standby-draining", after=True, transient="stopping"),
           "converges: restart waits for the stopping standby (no second StopInstances), then spot-healthy"),
+]
+
+
+# Each kill in a phase of one fleet cycle: both standbys starting (one started, the other's start
+# lost), both serving (one doomed spot out), one spot back (its slot restored, the other position
+# still on its standby), one standby draining.
+FLEET_CASES = [
+    fault(FleetCase("StartInstances", "standby 2", "standby-starting"),
+          "converges: restart starts the second standby once, not the first again; each doomed spot "
+          "serves until its own standby is healthy"),
+    fault(FleetCase("DeregisterTargets", "a doomed spot", "both-serving", after=True),
+          "converges: restart does not deregister that spot again and deregisters the other once"),
+    fault(FleetCase("DescribeTargetHealth", "poll", "spot-restored", after=True,
+                    note=" (one spot back, the other position still on its standby)"),
+          "converges: restart releases one standby per new spot, each after the grace"),
+    fault(FleetCase("DeregisterTargets", "a standby", "standby-draining"),
+          "converges: restart deregisters that standby once, then stops it; the other follows its own spot"),
 ]
 
 
@@ -227,10 +263,18 @@ class Guard:
 
     def phase(self) -> str:
         """The phase the state file shows; spot-healthy before the first save."""
+        return self.saved().get("phase", "spot-healthy")
+
+    def saved(self) -> dict:
+        """The state file as JSON; {} before the first save."""
         try:
-            return json.loads(self.state_file.read_text())["phase"]
+            return json.loads(self.state_file.read_text())
         except FileNotFoundError:
-            return "spot-healthy"
+            return {}
+
+    def slot_phases(self) -> list[str]:
+        """A fleet's slots' phases as the state file shows them."""
+        return [slot["phase"] for slot in self.saved().get("slots", [])]
 
     def logs(self) -> str:
         parts = []
@@ -253,6 +297,7 @@ class Crash:
     # For a command held before AWS saw it: the restart must send it again within RESEND of its first poll.
     resent: Callable[[ProxyRequest], bool] | None = None
     phase: str | None = None  # what the state file said at the kill
+    saved: dict | None = None  # the whole state file at the kill (a fleet's slots with it)
     forwarded: int = 0  # requests AWS had seen at the kill
     restarted: float = float("inf")  # monotonic time the second process was started
 
@@ -263,6 +308,7 @@ class Scene:
     def __init__(self, world, deployment, proxy: AwsProxy, guard: Guard, crash: Crash, transient: str | None) -> None:
         self.world, self.d, self.proxy, self.guard, self.crash = world, deployment, proxy, guard, crash
         self.transient = transient  # the standby's state from the kill until it settles
+        self.standby = deployment.standby_ids[0]  # the standby in it: the held command's, once held
         self.settled_at: float | None = None  # when the transient state ended
 
     def until(self, predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
@@ -299,13 +345,16 @@ class Scene:
         if crash.phase is not None or not crash.hold.arrived.is_set():
             return
         crash.phase = self.guard.phase()  # written ahead: it must already name the command's phase
+        crash.saved = self.guard.saved()
         self.guard.kill9()
         crash.forwarded = len(self.proxy.requests)
         crash.hold.drop()  # before: AWS never sees it; after: the dead process never hears back
+        held = crash.hold.requests[0]
+        self.standby = held.params.get(ID_PARAM.get(held.action, ""), self.standby)
         if self.transient == "draining":
-            self.world.hold_draining(self.d.target_group_arn, self.d.standby_ids[0])
+            self.world.hold_draining(self.d.target_group_arn, self.standby)
         elif self.transient:
-            self.world.set_state(self.d.standby_ids[0], self.transient)
+            self.world.set_state(self.standby, self.transient)
         crash.restarted = time.monotonic()
         self.guard.start()
 
@@ -317,9 +366,9 @@ class Scene:
         if len(polls) < SETTLE_POLLS:
             return
         if self.transient == "draining":
-            self.world.hold_draining(self.d.target_group_arn, self.d.standby_ids[0], False)
+            self.world.hold_draining(self.d.target_group_arn, self.standby, False)
         else:
-            self.world.set_state(self.d.standby_ids[0], SETTLED[self.transient])
+            self.world.set_state(self.standby, SETTLED[self.transient])
         self.transient, self.settled_at = None, time.monotonic()
 
     def check_resent(self, final: bool = False) -> None:
@@ -341,11 +390,16 @@ class Scene:
         return self.proxy.actions.count("DescribeSpotInstanceRequests")
 
 
-def matcher(action: str, instance_id: Callable[[], str | None] | str) -> Callable[[ProxyRequest], bool]:
-    """Requests of `action` for one instance (`instance_id` may be looked up at request time)."""
+Ids = Callable[[], str | None] | str | frozenset[str]
+
+
+def matcher(action: str, instance_id: Ids) -> Callable[[ProxyRequest], bool]:
+    """Requests of `action` for one instance (`instance_id` may be looked up at request time),
+    or for any of a set of them."""
     def match(request: ProxyRequest) -> bool:
         wanted = instance_id() if callable(instance_id) else instance_id
-        return request.action == action and wanted is not None and request.params.get(ID_PARAM[action]) == wanted
+        wanted = frozenset() if wanted is None else frozenset({wanted}) if isinstance(wanted, str) else wanted
+        return request.action == action and request.params.get(ID_PARAM[action]) in wanted
     return match
 
 
@@ -357,16 +411,23 @@ def commands(requests: list[ProxyRequest]) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------- the test
 
 
-def arm(case: Case, proxy: AwsProxy, guard: Guard, ids: dict[str, Callable[[], str | None] | str]) -> Crash:
+def arm(case: Case, proxy: AwsProxy, guard: Guard, ids: dict[str, Ids]) -> Crash:
     if case.role == "poll":
         # Judged on the proxy's thread as the request arrives: the held poll keeps the
         # process in `phase` until the kill, however slowly this thread gets to it.
         def match(request: ProxyRequest) -> bool:
-            return request.action == case.action and guard.phase() == case.phase
+            phases = guard.slot_phases() if isinstance(case, FleetCase) else [guard.phase()]
+            return request.action == case.action and case.phase in phases
     else:
         match = matcher(case.action, ids[case.role])
     hold = proxy.hold(case.action, after=case.after, match=match)
-    return Crash(hold, resent=None if case.after or case.role == "poll" else match)
+
+    def resent(request: ProxyRequest) -> bool:
+        """The held command again: the same action for the same instance."""
+        key = ID_PARAM[case.action]
+        return request.action == case.action and any(request.params.get(key) == h.params.get(key)
+                                                      for h in hold.requests)
+    return Crash(hold, resent=None if case.after or case.role == "poll" else resent)
 
 
 def play(case: Case, world, d, tmp_path: Path) -> None:
@@ -422,6 +483,86 @@ def play(case: Case, world, d, tmp_path: Path) -> None:
     assert guard.proc.returncode == 0 and guard.log_events(len(guard.procs) - 1)[-1] == "daemon.stopped"
 
 
+def play_fleet(case: FleetCase, world, d, requests: tuple[str, str, str], tmp_path: Path) -> None:
+    """One fleet case: `requests` (d's spot request first) behind d's target group, d's two standbys.
+    The first two spots get their notices at once; once both standbys serve, they are replaced one
+    after the other, so one position is back (restored) while the other is still on its standby."""
+    first, second, third = requests
+    s1, s2 = d.standby_ids
+    doomed = {r: world.spot_instance_id(r) for r in (first, second)}
+    keeper = world.spot_instance_id(third)
+    new: dict[str, str] = {}
+
+    with AwsProxy(world.endpoint_url) as proxy:
+        daemon_settings(tmp_path, world, [d], poll="0.2s", grace="1s", aws={"endpoint_url": proxy.url},
+                        guard={"spot_request_ids": list(requests)})
+        guard = Guard(tmp_path, tmp_path / "config.toml", d.name)
+        ids = {"standby 2": s2, "a standby": frozenset({s1, s2}), "a doomed spot": frozenset(doomed.values()),
+               "a new spot": lambda: frozenset(new.values())}
+        crash = arm(case, proxy, guard, ids)
+        scene = Scene(world, d, proxy, guard, crash, case.transient)
+        with HealthSampler(world.endpoint_url, world.region, d.target_group_arn) as sampler:
+            guard.start()
+            try:
+                scene.until(lambda: scene.polls() >= 1, "the first poll")
+                for request in (first, second):
+                    world.notice(request)
+                serving = {s1: "healthy", s2: "healthy", keeper: "healthy"}
+                scene.until(lambda: sampler.latest() == serving, "both doomed spots out, both standbys serving")
+                positions = covering(guard.saved())
+                # The doomed spots go only once out of the target group, as the ALB would drain them.
+                for request in (first, second):
+                    world.terminate_spot(request)
+                new[first] = world.fulfil(first)
+                scene.until(lambda: sampler.latest().get(new[first]) == "healthy", "the first new spot serving")
+                new[second] = world.fulfil(second)
+                scene.until(lambda: guard.phase() == "spot-healthy"
+                            and {world.instance_state(s) for s in (s1, s2)} == {"stopped"},
+                            "failed back: spot-healthy, both standbys stopped")
+                settled, polls = len(proxy.requests), scene.polls()
+                scene.until(lambda: scene.polls() >= polls + SETTLE_POLLS, "a few more polls")
+                scene.check_resent(final=True)
+            finally:
+                guard.terminate()
+
+    if crash.phase is None:
+        scene.fail(f"the crash never came: {case}")
+    held = crash.hold.requests[0].params.get(ID_PARAM.get(case.action, ""))
+    slots = crash.saved.get("slots", [])
+    at_kill = [s["phase"] for s in slots if case.role == "poll" or held in s["holds"] or held == s["standby"]]
+    assert case.phase in at_kill, f"the state file did not name the slot's phase before its command ran: {slots}"
+    # One standby for each doomed position, never two.
+    assert positions == {s1: [doomed[first]], s2: [doomed[second]]} or positions == {
+        s1: [doomed[second]], s2: [doomed[first]]}, f"standbys and the positions they cover: {positions}"
+    # AWS saw one clean cycle per position: each change exactly once, whichever side of it the process died on.
+    done = commands(proxy.requests)
+    per_instance = {iid: [action for action, i in done if i == iid] for iid in {i for _, i in done}}
+    assert per_instance == {
+        s1: ["StartInstances", "RegisterTargets", "DeregisterTargets", "StopInstances"],
+        s2: ["StartInstances", "RegisterTargets", "DeregisterTargets", "StopInstances"],
+        doomed[first]: ["DeregisterTargets"],
+        doomed[second]: ["DeregisterTargets"],
+        new[first]: ["RegisterTargets"],
+        new[second]: ["RegisterTargets"],
+    }, done
+    assert commands(proxy.requests[settled:]) == [], "still changing things after failback"
+    if case.transient:
+        assert scene.settled_at is not None, f"the standby never stopped being {case.transient}"
+        early = [r for r in proxy.requests[crash.forwarded:] if r.action in ID_PARAM and r.at < scene.settled_at
+                 and r.params.get(ID_PARAM[r.action]) == scene.standby]
+        assert early == [], f"acted on the standby while it was still {case.transient}: {commands(early)}"
+    assert world.health(d.target_group_arn) == {new[first]: "healthy", new[second]: "healthy", keeper: "healthy"}
+    # A doomed spot served until its own standby was healthy: never fewer healthy targets than spot positions.
+    short = [s for s in sampler.samples if list(s.values()).count("healthy") < len(requests)]
+    assert len(sampler.samples) >= 10 and short == [], f"capacity short: {short[:3]}"
+    assert guard.proc.returncode == 0 and guard.log_events(len(guard.procs) - 1)[-1] == "daemon.stopped"
+
+
+def covering(saved: dict) -> dict[str, list[str]]:
+    """Each slot's standby and the spots the slot holds, from a fleet's state file."""
+    return {s["standby"]: sorted(s["holds"]) for s in saved.get("slots", []) if s["standby"] is not None}
+
+
 @pytest.fixture(scope="module")
 def played(request, moto_server, tmp_path_factory) -> dict[Case, BaseException | None]:
     """Every selected case played at once, PARALLEL at a time, each on its own deployment.
@@ -440,20 +581,35 @@ def played(request, moto_server, tmp_path_factory) -> dict[Case, BaseException |
         n, case = numbered
         with provisioning:  # building goes one at a time: moto's backends are not built for racing creates
             deployment = moto_server.provision(f"c{n}", standbys=2)
+            more = [moto_server.add_spot(deployment)[0] for _ in range(2)] if isinstance(case, FleetCase) else []
         tmp_path = base / f"c{n}"
         tmp_path.mkdir()
         try:
-            play(case, moto_server, deployment, tmp_path)
+            if isinstance(case, FleetCase):
+                play_fleet(case, moto_server, deployment, (deployment.spot_request_id, *more), tmp_path)
+            else:
+                play(case, moto_server, deployment, tmp_path)
         except BaseException as exc:  # noqa: BLE001 - handed to the case's own test
             return exc
         return None
 
+    # The longest (a fleet's) first, so that none of them ends the run alone.
+    order = sorted(enumerate(cases), key=lambda numbered: not isinstance(numbered[1], FleetCase))
     with ThreadPoolExecutor(PARALLEL, thread_name_prefix="crash-case") as pool:
-        return dict(zip(cases, pool.map(one, enumerate(cases))))
+        return dict(zip([case for _, case in order], pool.map(one, order)))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_kill9_then_restart_converges(played, case: Case):
+    error = played[case]
+    if error is not None:
+        raise error
+
+
+@pytest.mark.parametrize("case", FLEET_CASES)
+def test_kill9_in_a_fleet_cycle_then_restart_converges(played, case: FleetCase):
+    """Three spots, two noticed at once, two standbys: both doomed spots' replacements serve,
+    one standby per position, none left running after the grace, and capacity never short."""
     error = played[case]
     if error is not None:
         raise error

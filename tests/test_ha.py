@@ -26,6 +26,7 @@ import pytest
 from configs import daemon_settings
 from conftest import HA_TABLE
 from structlog.testing import capture_logs
+from test_crash import HealthSampler
 from test_daemon import health, phase, replace_spot, state
 from waiting import until
 
@@ -479,6 +480,60 @@ async def proxied_pair(tmp_path, world, deployments, **kw):
 
 def after(proc: Proc, name: str, moment: float, **fields) -> list[dict]:
     return [e for e in proc.events(name, **fields) if proc.at(e) >= moment]
+
+
+async def test_kill_9_the_leader_mid_fleet_failover_and_the_follower_finishes_both(tmp_path, moto_world, deployment,
+                                                                                   table):
+    """Three spots, two standbys, two notices at once. The leader dies with one position on its
+    healthy standby and the other's standby still starting; the follower takes over and finishes
+    both, each doomed spot serving until its own standby is healthy."""
+    d, (first, second) = deployment, deployment.standby_ids
+    requests = (d.spot_request_id, *(moto_world.add_spot(d)[0] for _ in range(2)))
+    doomed = {moto_world.spot_instance_id(r) for r in requests[:2]}
+    keeper = moto_world.spot_instance_id(requests[2])
+    moto_world.set_health(d.target_group_arn, second, "initial")  # holds the second standby's slot in standby-starting
+    kw = dict(poll="0.5s", grace="1s", guard={"spot_request_ids": list(requests)})
+    with HealthSampler(moto_world.endpoint_url, moto_world.region, d.target_group_arn) as sampler:
+        async with proxied_pair(tmp_path, moto_world, [d], **kw) as (leader, follower, _, fp):
+            for request in requests[:2]:
+                moto_world.notice(request)
+
+            def midway() -> bool:
+                now = sampler.latest()
+                return (now.get(first) == "healthy" and now.get(second) == "initial" and now.get(keeper) == "healthy"
+                        and len(doomed & set(now)) == 1)
+            await until(midway, timeout=PROC_DEADLINE, what="one position on its standby, the other's starting")
+            (waiting,) = doomed & set(sampler.latest())
+            killed = leader.signal(signal.SIGKILL)
+            await until(lambda: follower.leads(), timeout=LEASE * 3, what="the follower takes over")
+            took = follower.at(follower.events("ha.leader")[0]) - killed
+            print(f"\ntakeover after kill -9 mid fleet failover: {took:.2f}s")
+            assert took <= LEASE + LEASE / 3 + 0.5
+            assert follower.events("ha.states.loaded")[0]["guards"][d.name] == "standby-starting"
+            mirror = json.loads((tmp_path / follower.holder / "state" / f"{d.name}.json").read_text())
+            assert sorted((s["phase"], s["standby"]) for s in mirror["slots"]) == [
+                ("both-serving", first), ("spot-healthy", None), ("standby-starting", second)], mirror["slots"]
+
+            # Three rounds of the new leader: the spot still waiting for its standby stays in, the other
+            # position's standby is not started again.
+            mark = len(fp.actions)
+            await until(lambda: fp.actions[mark:].count("DescribeTargetHealth") >= 3,
+                        timeout=PROC_DEADLINE, what="three rounds of the new leader")
+            changes = {"StartInstances", "StopInstances", "RegisterTargets", "DeregisterTargets"}
+            assert sampler.latest().get(waiting) == "healthy" and not changes & set(fp.actions[mark:])
+            moto_world.set_health(d.target_group_arn, second, None)  # passed its first check
+            await until(lambda: sampler.latest() == {first: "healthy", second: "healthy", keeper: "healthy"},
+                        timeout=PROC_DEADLINE, what="both positions on their standbys, both doomed spots out")
+            await until(lambda: follower.events("guard.transition", to="both-serving"),
+                        timeout=PROC_DEADLINE, what="the second slot serving")
+
+    starts = sorted(e["instance_id"] for p in (leader, follower) for e in p.starts())
+    assert starts == sorted([first, second]) and not follower.starts(), f"each standby started once: {starts}"
+    deregistered = [e["instance_id"] for e in follower.events("executor.action", action="DeregisterTargets")]
+    assert deregistered == [waiting], f"the new leader deregisters only the spot still waiting: {deregistered}"
+    # Never fewer healthy targets than spot positions: a doomed spot left only once its own standby was healthy.
+    short = [s for s in sampler.samples if list(s.values()).count("healthy") < len(requests)]
+    assert len(sampler.samples) >= 10 and short == [], f"capacity short: {short[:3]}"
 
 
 async def test_a_leader_frozen_past_its_lease_does_not_act_when_it_wakes(tmp_path, moto_world, deployment, table):
