@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -528,3 +529,21 @@ async def test_scheduled_events_of_every_guarded_instance_are_warnings(moto_worl
         f"! standby {standby}: scheduled instance-retirement (2026-12-10 08:00 UTC to unknown): The instance is "
         f"running on degraded hardware — {machine.SCHEDULED_ADVICE['standby']}",
     ]
+
+
+def test_a_fleets_serving_standbys_are_each_their_slots():
+    """Two standbys serve two lost spots of a fleet: check says each is a failover under way (its
+    slot's), not the one-spot guard's 'one standby serves a failover'."""
+    from spotguard.commands.check import _in_use
+    from spotguard.machine import GuardState, Phase, Rules
+
+    rules = Rules(standbys=("i-sb1", "i-sb2"), capacity=3)
+    slot = replace(rules, capacity=1)
+    slots = (GuardState(slot, Phase.BOTH_SERVING, 1e9, "standby i-sb1 healthy", "i-sb1", holds=()),
+             GuardState(slot, Phase.STANDBY_STARTING, 1e9, "interruption notice for spot i-b", "i-sb2", holds=("i-b",)),
+             GuardState(slot, Phase.SPOT_HEALTHY, 1e9, "initial", holds=("i-c",)))
+    daemon = GuardState(rules, Phase.STANDBY_STARTING, 1e9, "interruption notice for spot i-b", "i-sb2", slots=slots)
+    seen = GuardSeen(group={}, attributes={}, health={}, daemon=daemon)
+    first, second = _in_use("i-sb1", seen), _in_use("i-sb2", seen)
+    assert first.text.startswith("the failover is under way (both-serving") and "standby i-sb1" in first.text
+    assert second.text.startswith("the failover is under way (standby-starting") and "standby i-sb2" in second.text

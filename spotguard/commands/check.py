@@ -315,11 +315,16 @@ def _in_use(sid: str, seen: GuardSeen) -> Line | None:
         return Line(WARN, "being rehearsed (spotguard rehearse); it puts it back when done")
     if daemon is None:
         return None
-    if daemon.standby == sid and daemon.stray:
-        return Line(WARN, f"running outside a failover since {_clock(daemon.since)}: the daemon drains and stops it "
-                          f"after failback_grace (by {_clock(daemon.since + daemon.rules.failback_grace)})")
-    if daemon.standby == sid:
-        return Line(OK, _serving(daemon))
+    # A fleet's standby is its slot's; a one-spot guard's, the guard's own.
+    holder = next((s for s in daemon.slots or (daemon,) if s.standby == sid), None)
+    if holder is not None and holder.stray:
+        return Line(WARN, f"running outside a failover since {_clock(holder.since)}: the daemon drains and stops it "
+                          f"after failback_grace (by {_clock(holder.since + daemon.rules.failback_grace)})")
+    if holder is not None:
+        return Line(OK, _serving(holder))
+    if daemon.slots and seen.failover:
+        return Line(WARN, f"no slot uses it: the daemon takes it for the next lost spot, or drains and stops it "
+                          f"({daemon.phase.value})")
     if seen.failover:
         return Line(WARN, f"the daemon drains and stops it: one standby serves a failover ({daemon.phase.value})")
     return None
