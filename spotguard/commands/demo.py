@@ -21,11 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate", type=positive_number, default=50.0, metavar="N",
-        help="requests per second sent through the load balancer",
+        help="requests per second sent through the load balancer (fleet: at most, by closed-loop clients)",
     )
     parser.add_argument("--scenario", default="interruption", metavar="NAME",
                         help="what to play: interruption (default), no-capacity, slow-standby, double, "
-                             "rebalance-prewarm; `--scenario list` says what each shows")
+                             "rebalance-prewarm, fleet; `--scenario list` says what each shows")
     knobs = parser.add_argument_group("your numbers (scenario seconds; defaults: the demo's quick target group)")
     for flag, kind, what in KNOBS:
         knobs.add_argument(flag, type=kind, metavar="N", help=what)

@@ -4,7 +4,10 @@
 listens at once (the OS is up) but answers 503 to everything, the health check
 included, until its warm-up (the model loading) has passed; then `GET /health`
 is 200 and any other GET takes `latency` and answers 200 naming the instance
-in the body and the `X-Served-By` header. `kill()` is the instance stopping or
+in the body and the `X-Served-By` header. With a `concurrency`, at most that
+many requests are served at a time and the others wait their turn (a model
+server's queue); the health check never waits, so a busy instance stays
+healthy. `kill()` is the instance stopping or
 dying: the listener closes and every open connection is aborted, so requests
 in flight fail as they would.
 
@@ -28,11 +31,13 @@ MAX_HEAD = 16 * 1024
 
 
 class InstanceApp:
-    def __init__(self, instance_id: str, clock: ScenarioClock, *, warm_up: float, latency: float) -> None:
+    def __init__(self, instance_id: str, clock: ScenarioClock, *, warm_up: float, latency: float,
+                 concurrency: int | None = None) -> None:
         self.instance_id = instance_id
         self.clock = clock
         self.warm_up = warm_up  # scenario seconds from start to serving
         self.latency = latency  # scenario seconds per request
+        self._lanes = asyncio.Semaphore(concurrency) if concurrency else None  # None: no limit
         self.address: tuple[str, int] | None = None  # where it listens: the instance's (loopback) address
         self.ready_at: float | None = None  # scenario time it starts serving
         self._server: asyncio.Server | None = None
@@ -87,7 +92,11 @@ class InstanceApp:
             return 503, "warming up\n"
         if path == "/health":
             return 200, "ok\n"
-        await self.clock.sleep(self.latency)
+        if self._lanes is None:
+            await self.clock.sleep(self.latency)
+        else:
+            async with self._lanes:
+                await self.clock.sleep(self.latency)
         return 200, f"served by {self.instance_id}\n"
 
 

@@ -64,10 +64,14 @@ def _intro(s: Scenario, speed: float, runs: list[Scenario]) -> str:
     played = "; then ".join(r.name for r in runs)
     recommended = (f"a rebalance recommendation comes at +{s.notice_at - s.rebalance_before:.0f}s, "
                    if s.rebalance_before is not None else "")
+    what = ("one spot interruption" if s.spots == 1 else
+            f"{s.interrupted} of {s.spots} spots behind one target group interrupted at the same moment")
+    notice = ("the notice comes" if s.interrupted == 1 else f"{s.interrupted} notices come")
+    dies = ("the spot dies" if s.interrupted == 1 else "the spots die")
     return (
-        f"spotguard lab: one spot interruption on an embedded AWS (moto), played {len(runs)} time"
+        f"spotguard lab: {what} on an embedded AWS (moto), played {len(runs)} time"
         f"{'s' * (len(runs) > 1)}: {played}.\n"
-        f"Scenario time runs ×{speed:g}: {recommended}the notice comes at +{s.notice_at:.0f}s, the spot dies "
+        f"Scenario time runs ×{speed:g}: {recommended}{notice} at +{s.notice_at:.0f}s, {dies} "
         f"{s.notice_period:.0f}s later, capacity returns {s.refulfil_after or 0:.0f}s after that; "
         f"instances boot in {s.boot:.0f}s and load their model in {s.warm_up:.0f}s; "
         f"failback grace {s.failback_grace / 60:.0f} minutes; health check every {s.health_interval:g}s, healthy "

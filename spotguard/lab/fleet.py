@@ -48,6 +48,7 @@ class Fleet:
         stop_time: float,
         latency: float,
         port: int,
+        concurrency: int | None = None,
         on_state: Callable[[str, str], None] = lambda instance_id, state: None,
     ) -> None:
         self.world = world
@@ -58,6 +59,7 @@ class Fleet:
         self.boot = boot
         self.stop_time = stop_time
         self.latency = latency
+        self.concurrency = concurrency  # requests each instance serves at a time (None: no limit)
         self._known: dict[str, _Known] = {}
         self._spots: dict[str, tuple[str, float]] = {}  # spot request id → (role prefix, warm-up)
         self._spot_count = 0
@@ -168,7 +170,8 @@ class Fleet:
     async def _start_app(self, instance_id: str, known: _Known) -> None:
         warm_up = 0.0 if known.warm else known.warm_up
         known.warm = False  # a restart loads the model again
-        known.app = InstanceApp(instance_id, self.clock, warm_up=warm_up, latency=self.latency)
+        known.app = InstanceApp(instance_id, self.clock, warm_up=warm_up, latency=self.latency,
+                                concurrency=self.concurrency)
         known.announced_ready = False
         await known.app.start(self.world.private_address(instance_id), self.target_port)
         # A fresh service per boot: what it answered belonged to the instance's last run.

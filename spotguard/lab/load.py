@@ -3,10 +3,15 @@
 `LoadGenerator.run()` sends `rate` requests per wall second to the balancer,
 open loop (a slow answer never delays the next request, as real users do not
 wait for each other), until stopped, `max_requests` are sent, or `max_wall`
-seconds pass. Each request ends as a `Sample`: sent when (scenario time), ok
-or not, the HTTP status or the error, and which instance served it
-(`X-Served-By`). A request fails when it gets anything but a 200, an error, or
-no answer within `timeout` wall seconds.
+seconds pass. With `clients` it is closed loop instead: that many clients,
+each with one request at a time, sending the next when the last is answered
+and no sooner than its share of `rate` allows; so what is served is what the
+targets can serve (up to `rate`), and a lost target shows as fewer requests
+per second rather than as a queue growing without bound. Each request ends as
+a `Sample`: sent when and answered when (scenario time), ok or not, the HTTP
+status or the error, and which instance served it (`X-Served-By`). A request
+fails when it gets anything but a 200, an error, or no answer within `timeout`
+wall seconds.
 
 Loopback only: the generator refuses a URL that is not on 127.0.0.1.
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -37,6 +42,7 @@ class Sample:
     status: int | None  # HTTP status, None when there was no answer
     error: str | None  # why it failed: "503", "502", "timeout", "ClientConnectorError", ...
     served_by: str | None  # instance id that answered
+    done_at: float | None = None  # scenario seconds: when the answer (or the failure) came
 
 
 class LoadGenerator:
@@ -50,6 +56,7 @@ class LoadGenerator:
         max_requests: int = 20_000,
         max_wall: float = 600.0,
         origin: float = 0.0,
+        clients: int | None = None,
     ) -> None:
         if urlsplit(url).hostname != "127.0.0.1":
             raise ValueError(f"the lab only sends load to 127.0.0.1, not {url}")
@@ -62,6 +69,7 @@ class LoadGenerator:
         self.max_requests = max_requests
         self.max_wall = max_wall
         self.origin = origin  # scenario time that samples count from
+        self.clients = clients  # closed loop: this many clients, one request each at a time (None: open loop)
         self.samples: list[Sample] = []
         self.sent = 0
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -72,6 +80,11 @@ class LoadGenerator:
         gap = 1.0 / self.rate
         connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
         async with aiohttp.ClientSession(connector=connector) as session:
+            if self.clients:
+                pace = self.clients / self.rate  # each client's share of the rate
+                await asyncio.gather(*(self._client(session, stop, began, k * pace / self.clients, pace)
+                                       for k in range(self.clients)))
+                return
             while not stop.is_set() and self.sent < self.max_requests:
                 due = began + self.sent * gap  # drift-free: the schedule never slips behind
                 if due - began > self.max_wall:
@@ -82,6 +95,19 @@ class LoadGenerator:
                 self._send(session)
             if self._in_flight:
                 await asyncio.wait(self._in_flight, timeout=self.timeout + 1.0)
+
+    async def _client(self, session: aiohttp.ClientSession, stop: asyncio.Event, began: float, offset: float,
+                      pace: float) -> None:
+        """One closed-loop client from `offset` after `began`: a request, its answer, then the next
+        no sooner than `pace` after the last was due."""
+        due = began + offset
+        while not stop.is_set() and self.sent < self.max_requests and due - began <= self.max_wall:
+            await _sleep_until(due, stop)
+            if stop.is_set():
+                break
+            self.sent += 1
+            await self._one(session, self.clock.now() - self.origin)
+            due = max(due + pace, time.monotonic())
 
     def _send(self, session: aiohttp.ClientSession) -> None:
         self.sent += 1
@@ -105,7 +131,7 @@ class LoadGenerator:
             sample = Sample(sent_at, False, None, "timeout", None)
         except (aiohttp.ClientError, OSError) as exc:
             sample = Sample(sent_at, False, None, type(exc).__name__, None)
-        self.samples.append(sample)
+        self.samples.append(replace(sample, done_at=self.clock.now() - self.origin))
 
 
 async def _sleep_until(due: float, stop: asyncio.Event) -> None:
@@ -115,6 +141,18 @@ async def _sleep_until(due: float, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=delay)
         except asyncio.TimeoutError:
             pass
+
+
+def served_rates(samples: list[Sample], window: float, clock: ScenarioClock) -> tuple[float, ...]:
+    """Requests answered 200 per wall second in each whole `window` of scenario time from 0, by
+    answer time (by send time, a closed loop's first window would count the queue it fills)."""
+    done = [s.done_at for s in samples if s.ok and s.done_at is not None]
+    counts = [0] * int(max(done, default=0.0) // window)
+    for at in done:
+        k = int(at // window)
+        if 0 <= k < len(counts):
+            counts[k] += 1
+    return tuple(c / clock.wall(window) for c in counts)
 
 
 def failed(samples: list[Sample]) -> list[Sample]:

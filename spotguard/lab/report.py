@@ -25,6 +25,10 @@ def summary(outcomes: Sequence[Outcome]) -> str:
         ("On-Demand seconds used", lambda o: f"{o.on_demand_seconds:.0f} s" if o.scenario.guarded else "0 s"),
         ("wall time of the run", lambda o: f"{o.wall_seconds:.1f} s"),
     ]
+    spots = max(o.scenario.spots for o in outcomes)
+    if spots > 1:  # a fleet: what matters is how much of it serves, not only whether anything does
+        at = [label for label, _ in rows].index("time with no healthy target") + 1
+        rows[at:at] = _fleet_rows(spots)
     causes = sorted({cause for o in outcomes for cause in o.failures})
     lines = [
         "",
@@ -44,6 +48,28 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fleet_rows(spots: int) -> list[tuple[str, Callable[[Outcome], str]]]:
+    return [
+        (f"fewest healthy targets (of {spots} spots)", lambda o: str(o.fewest_healthy)),
+        (f"time with fewer than {spots} healthy", lambda o: span_text(o.below_capacity)),
+        ("requests served/s, first 30s (wall)", lambda o: f"{o.first_served:.1f}"),
+        ("requests served/s, lowest 30s (wall)", lambda o: f"{o.lowest_served:.1f}"),
+    ]
+
+
+def _fleet_verdict(o: Outcome) -> str:
+    spots = o.scenario.spots
+    text = f"{o.failed} of {o.sent} requests failed; " if o.failed else f"no request lost out of {o.sent}; "
+    if o.fewest_healthy >= spots:
+        text += f"never fewer than {spots} healthy targets"
+    else:
+        text += (f"capacity fell to {o.fewest_healthy} of {spots} targets for {span_text(o.below_capacity)} "
+                 f"(time with fewer than {spots})")
+    text += f"; served {o.lowest_served:.1f} requests/s at the lowest against {o.first_served:.1f} at first"
+    alerts = o.alerts() if o.scenario.guarded else []
+    return text + (f"; spotguard alerted {len(alerts)}x ({alerts[0]})" if alerts else "")
+
+
 def _lead(o: Outcome) -> str:
     if not o.scenario.guarded:
         return "-"
@@ -54,6 +80,8 @@ def verdict(o: Outcome) -> str:
     head = f"{o.scenario.name}: "
     if not o.completed:
         return head + f"INCOMPLETE: {o.problem}"
+    if o.scenario.spots > 1:
+        return head + _fleet_verdict(o)
     if o.scenario.guarded:
         if o.failed == 0:
             lead = f"; the standby served {span_text(o.standby_lead)} before the spot died" if o.standby_lead else ""

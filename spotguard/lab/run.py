@@ -5,6 +5,9 @@ the fleet (EC2's clock and an app per running instance), the balancer, and
 spotguard as a real subprocess; then sends load and plays the script (the
 notice on every path, the termination, the new spot), puts everything on the
 timeline and sums it up as an Outcome. docs/lab.md says what is modelled.
+A fleet scenario has several spot requests behind the one target group; the
+first `interrupted` are noticed together, terminated together and fulfilled
+again together.
 
 This module must not make a decision spotguard makes; it plays the world.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import tempfile
 import time
@@ -26,8 +30,8 @@ from ..sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CH
 from .balancer import Balancer, HealthCheck
 from .clock import ScenarioClock, clock_text, span_text
 from .fleet import Fleet
-from .guard import SpotguardProcess, write_config
-from .load import LoadGenerator, Sample, longest_outage
+from .guard import SCALED, SpotguardProcess, write_config
+from .load import LoadGenerator, Sample, longest_outage, served_rates
 from .scenario import Outcome, Scenario
 from .timeline import Entry, Timeline
 
@@ -41,6 +45,9 @@ LOAD_QUIET = 180.0
 # spotguard log lines worth a timeline entry besides transitions, actions and alerts.
 LOUD_LEVELS = frozenset({"warning", "error", "critical"})
 AGENT_INTERVAL = 1.0  # scenario seconds between an agent's metadata reads (the real agent's default)
+# A notice's termination this close after a whole wall second still counts as on it: its deadline,
+# announced in whole seconds, is early by no more (a scheduled notice is a few ms late on a busy host).
+ON_THE_SECOND = 0.05
 _SECONDS = re.compile(r"\b(\d+(?:\.\d+)?)s\b")
 
 
@@ -71,12 +78,16 @@ class _Run:
         self.world = world
         self.clock = ScenarioClock(speed)
         self.timeline = Timeline(self.clock, out, on_entry)
-        self.phase = "spot-healthy"
+        self.phase = "spot-healthy"  # the latest transition's, of any slot
         self.phase_since = 0.0
+        self.slots: dict[int | None, tuple[str, float]] = {}  # a fleet's slot (None: one spot) → (phase, since)
+        self.requests: tuple[str, ...] = ()  # the persistent spot requests, the first one the deployment's
+        self.first_spots: tuple[str, ...] = ()  # their instances when the lab began
         self.notices: list[tuple[str, float]] = []  # (spot id, when)
         self.terminations: list[tuple[str, float]] = []  # (spot id, when)
         self.fulfilled_at: float | None = None
         self.gaps: list[list[float]] = []  # [start, end] spans with no healthy target
+        self.healthy_counts: list[tuple[float, int]] = []  # (when, healthy targets) at each change, from 0
         self.registered_by_lab: set[str] = set()
         self.heard: dict[tuple[str, str], str] = {}  # (kind, spot id) -> the path it was heard by first
         self.sent_events: list[str] = []  # detail-types the lab put on the queue as EventBridge
@@ -104,9 +115,11 @@ class _Run:
                 tasks.append(asyncio.create_task(self._keep_time()))
                 await self._until(self._spot_serving, SETUP_TIMEOUT, "the first spot to be healthy")
                 if self.s.guarded:
-                    await self._start_spotguard(Path(tmp))
-                    await self._sync_agents(wait=True)  # the spot's agent runs before the scenario begins
+                    # The spots' agents run before the scenario begins; they need nothing of spotguard's,
+                    # so they start beside it (each process takes a second or more to import).
+                    await asyncio.gather(self._start_spotguard(Path(tmp)), self._sync_agents(wait=True))
                     tasks.append(asyncio.create_task(self._run_agents()))
+                await self._on_the_second(self.s.notice_at)  # the first notice then needs no wait of its own
                 self._begin()
                 self.load = LoadGenerator(
                     f"{self.balancer.url}/",
@@ -114,6 +127,7 @@ class _Run:
                     rate=self.s.rate,
                     max_wall=self.clock.wall(self.s.expected_end() * 2) + 60,
                     origin=self.timeline.start,
+                    clients=self.s.clients,
                 )
                 load_task = asyncio.create_task(self.load.run(stop_load))
                 tasks.append(asyncio.create_task(self._report_load()))
@@ -146,6 +160,8 @@ class _Run:
         s, world = self.s, self.world
         world.reset()
         d = self.deployment = world.provision(GUARD, standbys=s.standbys if s.guarded else 0)
+        self.requests = (d.spot_request_id, *(world.add_spot(d)[0] for _ in range(s.spots - 1)))
+        self.first_spots = tuple(world.spot_instance_id(rid) for rid in self.requests)
         for sid in d.standby_ids[:s.no_capacity]:
             world.inject_error("start", sid, "InsufficientInstanceCapacity")
         elbv2 = world.boto("elbv2")
@@ -166,8 +182,9 @@ class _Run:
         world.model_transitions(True)
 
         self.fleet = Fleet(world, self.clock, self.timeline, boot=s.boot, stop_time=s.stop_time, latency=s.latency,
-                           port=d.target_port, on_state=self._state_changed)
-        self.fleet.follow_spot_request(d.spot_request_id, warm_up=s.warm_up)
+                           port=d.target_port, concurrency=s.concurrency, on_state=self._state_changed)
+        for rid in self.requests:
+            self.fleet.follow_spot_request(rid, warm_up=s.warm_up)
         for n, sid in enumerate(d.standby_ids, 1):
             self.fleet.watch(sid, "standby" if len(d.standby_ids) == 1 else f"standby-{n}", warm_up=s.standby_warm,
                              on_demand=True)
@@ -188,15 +205,23 @@ class _Run:
         s, d, say = self.s, self.deployment, self.timeline.say
         say(f"── {s.name} " + "─" * max(0, 66 - len(s.name)))
         say(f"  moto (EC2, ELBv2, SQS) at {self.world.endpoint_url}; load balancer at {self.balancer.url}")
-        say(f"  spot-1 = {d.spot_instance_id} (spot request {d.spot_request_id})")
+        for n, (spot, rid) in enumerate(zip(self.first_spots, self.requests), 1):
+            say(f"  spot-{n} = {spot} (spot request {rid})")
         for sid in d.standby_ids:
-            say(f"  standby = {sid} (stopped On-Demand)")
+            say(f"  {self.timeline.label(sid)} = {sid} (stopped On-Demand)")
         say(
             f"  health check every {span_text(check.interval)}, healthy after {check.healthy_threshold} "
             f"(a new target: 1), unhealthy after {check.unhealthy_threshold}; "
             f"deregistration delay {span_text(s.deregistration_delay)}"
         )
-        say(f"  load: {s.rate:g} requests/s (wall) through the load balancer")
+        if s.clients:
+            say(f"  load: {s.clients} clients through the load balancer, each sending its next request when the last "
+                f"is answered (at most {s.rate:g} requests/s in all, wall)")
+        else:
+            say(f"  load: {s.rate:g} requests/s (wall) through the load balancer")
+        if s.concurrency:
+            say(f"  each instance serves {s.concurrency} request{'s' * (s.concurrency > 1)} at a time "
+                f"({span_text(s.latency)} each); the others wait their turn")
         say("  instance metadata: an IMDSv2 on loopback for each running instance")
         if s.guarded:
             say("  notices reach spotguard three ways: EventBridge → SQS, `spotguard agent` on the spot (IMDS → SQS), "
@@ -205,7 +230,11 @@ class _Run:
 
     def _begin(self) -> None:
         self.timeline.begin()
-        self.timeline.add("lab", "load starts; spot-1 serving" + ("; standby stopped" if self.s.guarded else ""))
+        self.healthy_counts.append((0.0, len(self.balancer.healthy())))
+        serving = ", ".join(self.timeline.label(spot) for spot in self.first_spots)
+        standbys = "standbys" if self.s.standbys > 1 else "standby"
+        self.timeline.add("lab", f"load starts; {serving} serving" + (f"; {standbys} stopped" if self.s.guarded
+                                                                        else ""))
 
     async def _tear_down(self) -> None:
         self.world.set_health_source(None)
@@ -230,7 +259,10 @@ class _Run:
             await asyncio.sleep(pause)
 
     async def _register_replacement(self, registered: tuple[str, ...]) -> None:
-        spot = self.world.spot_instance_id(self.deployment.spot_request_id)
+        for rid in self.requests:
+            await self._register_new_spot(self.world.spot_instance_id(rid), registered)
+
+    async def _register_new_spot(self, spot: str | None, registered: tuple[str, ...]) -> None:
         if spot is None or spot in registered or spot in self.registered_by_lab:
             return
         if self.world.instance_state(spot) != "running":
@@ -254,8 +286,11 @@ class _Run:
         self._note_service()
 
     def _note_service(self) -> None:
-        serving = bool(self.balancer.healthy())
+        healthy = len(self.balancer.healthy())
+        serving = bool(healthy)
         now = self.timeline.now()
+        if self.timeline.started and healthy != self.healthy_counts[-1][1]:
+            self.healthy_counts.append((now, healthy))
         if not serving and (not self.gaps or self.gaps[-1][1] >= 0):
             if self.timeline.started:
                 self.gaps.append([now, -1.0])
@@ -276,7 +311,7 @@ class _Run:
             state_dir=tmp / "state",
             guard_name=GUARD,
             target_group_arn=d.target_group_arn,
-            spot_request_id=d.spot_request_id,
+            spot_request_ids=self.requests,
             standby_ids=d.standby_ids,
             speed=self.speed,
             poll_interval=s.poll_interval,
@@ -287,8 +322,9 @@ class _Run:
             on_rebalance=s.on_rebalance,
             queue_url=self.queue_url,
         )
-        self.spotguard = SpotguardProcess(config, self._spotguard_said)
-        self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g})")
+        self.spotguard = SpotguardProcess(config, self._spotguard_said, speed=self.speed)
+        self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g}, "
+                          f"and the machine's {', '.join(SCALED)})")
         await self.spotguard.start()
 
     async def _run_agents(self) -> None:
@@ -331,13 +367,18 @@ class _Run:
         at = self._when(event)
         add = lambda text, **data: self.timeline.add("spotguard", text, at=at, **data)  # noqa: E731
         if name == "guard.transition":
+            slot = event.get("slot")
             self.phase, self.phase_since = event["to"], at
-            spot = self.notices[-1][0] if self.notices else None
-            if event["to"] == "standby-starting" and spot and ("interruption", spot) not in self.heard:
-                self._heard(spot, "its poll (the spot request's status)", at)
+            self.slots[slot] = (event["to"], at if at is not None else self.timeline.now())
+            if event["to"] == "standby-starting":
+                for spot in self._noticed(event.get("spots") or ()):
+                    if ("interruption", spot) not in self.heard:
+                        self._heard(spot, "its poll (the spot request's status)", at)
+            where = "" if slot is None else f"slot {slot}: "
             add(
-                f"{event['from']} → {event['to']}: {event.get('reason', '')}",
-                kind="transition", **{"from": event["from"], "to": event["to"], "reason": event.get("reason")},
+                f"{where}{event['from']} → {event['to']}: {event.get('reason', '')}",
+                kind="transition", slot=slot,
+                **{"from": event["from"], "to": event["to"], "reason": event.get("reason")},
             )
         elif name == "executor.action":
             code = f" ({event['code']})" if event.get("code") else ""
@@ -354,6 +395,11 @@ class _Run:
         elif event.get("level") in LOUD_LEVELS:
             details = {k: v for k, v in event.items() if k not in ("event", "level", "timestamp")}
             add(f"{event.get('level')}: {name} {json.dumps(details)}", kind="log")
+
+    def _noticed(self, spots: list[str]) -> list[str]:
+        """The noticed spots among a transition's (a fleet slot names its own); else the latest notice's."""
+        noticed = [spot for spot, _ in self.notices if spot in spots]
+        return noticed or [spot for spot, _ in self.notices[-1:]]
 
     def _heard(self, spot: str, path: str, at: float | None, kind: str = "interruption") -> None:
         """Which path brought spotguard each notice first (the others are duplicates it drops)."""
@@ -386,14 +432,14 @@ class _Run:
             await self._at(s.notice_at - s.rebalance_before)
             await self._recommend()
         await self._at(s.notice_at)
-        await self._interrupt()
+        await self._interrupt(self.requests[:s.interrupted])
         if s.second_notice_in:
             fulfilled = self.fulfilled_at
             await self._until_forever(
                 lambda: self.phase == s.second_notice_in and self.phase_since >= (fulfilled or 0.0),
             )
             await self.clock.sleep(s.second_notice_delay)
-            await self._interrupt()
+            await self._interrupt(self.requests[:1])
         if s.end_after is not None:
             await self._at(s.end_after)
         else:
@@ -401,37 +447,61 @@ class _Run:
         self.timeline.add("lab", "cycle over" if s.end_after is None else "scenario end", kind="end")
         await self.clock.sleep(s.tail)
 
-    async def _interrupt(self) -> None:
-        s, world, rid = self.s, self.world, self.deployment.spot_request_id
-        spot = world.spot_instance_id(rid)
-        world.notice(rid)
+    async def _interrupt(self, requests: tuple[str, ...]) -> None:
+        """The interruption of each request's spot, at the same moment: notices, terminations, new spots."""
+        s, world = self.s, self.world
+        await self._on_the_second()
+        spots = [self._notice(rid) for rid in requests]
+        await asyncio.gather(*(asyncio.to_thread(self._eventbridge, INTERRUPTION, {"instance-id": spot,
+                                                                                    "instance-action": "terminate"},
+                                                 spot) for spot in spots))
+        await self.clock.sleep(s.notice_period)
+        for rid, spot in zip(requests, spots):
+            world.terminate_spot(rid)
+            self.terminations.append((spot, self.timeline.now()))
+            self.timeline.add("ec2", f"{spot} terminated: the spot capacity is reclaimed", kind="terminated",
+                              instance=spot)
+        await self.fleet.tick()
+        if s.refulfil_after is None:
+            return
+        await self.clock.sleep(s.refulfil_after)
+        for rid in requests:
+            new = world.fulfil(rid, pending=True)
+            await asyncio.to_thread(self._eventbridge, FULFILLMENT, {"spot-instance-request-id": rid,
+                                                                     "instance-id": new}, new)
+            await self.fleet.tick()
+            self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending; its fulfilment "
+                                     "and state changes go to SQS as EventBridge sends them)", kind="fulfilled",
+                              instance=new)
+        self.fulfilled_at = self.timeline.now()
+
+    async def _on_the_second(self, before: float = 0.0) -> None:
+        """Wait (under a wall second) until a notice `before` scenario seconds from now would have its
+        termination on a whole wall second (or up to ON_THE_SECOND past one).
+
+        EC2 says when it terminates in whole seconds (IMDS's instance-action time, the EventBridge
+        warning's time) and spotguard reads the spot's deadline off them; the lab's termination
+        on a fraction would be announced up to a wall second early, which is `speed` scenario
+        seconds: a fleet would take a doomed spot out that much sooner (machine.DEREGISTER_AHEAD).
+        """
+        ends = time.time() + self.clock.wall(before + self.s.notice_period)
+        if ends - math.floor(ends) > ON_THE_SECOND:
+            await asyncio.sleep(math.ceil(ends) - ends)
+
+    def _notice(self, rid: str) -> str:
+        """EC2's notice for the request's spot: its status, its IMDS (the EventBridge copy is the caller's)."""
+        spot = self.world.spot_instance_id(rid)
+        self.world.notice(rid)
         imds = self._imds_notice(spot)
         self.notices.append((spot, self.timeline.now()))
         said = f"IMDS spot/instance-action {json.dumps(imds['instance_action'])}" if imds else "no IMDS listening"
         self.timeline.add(
             "ec2",
             f"INTERRUPTION NOTICE for {spot} (spot request instance-terminated-no-capacity; {said}): "
-            f"terminated in {span_text(s.notice_period)}",
+            f"terminated in {span_text(self.s.notice_period)}",
             kind="notice", instance=spot, **imds,
         )
-        await asyncio.to_thread(self._eventbridge, INTERRUPTION, {"instance-id": spot, "instance-action": "terminate"},
-                                spot)
-        await self.clock.sleep(s.notice_period)
-        world.terminate_spot(rid)
-        self.terminations.append((spot, self.timeline.now()))
-        self.timeline.add("ec2", f"{spot} terminated: the spot capacity is reclaimed", kind="terminated", instance=spot)
-        await self.fleet.tick()
-        if s.refulfil_after is None:
-            return
-        await self.clock.sleep(s.refulfil_after)
-        new = world.fulfil(rid, pending=True)
-        await asyncio.to_thread(self._eventbridge, FULFILLMENT, {"spot-instance-request-id": rid,
-                                                                 "instance-id": new}, new)
-        await self.fleet.tick()
-        self.fulfilled_at = self.timeline.now()
-        self.timeline.add("ec2", f"spot capacity is back: the request launches {new} (pending; its fulfilment "
-                                 "and state changes go to SQS as EventBridge sends them)", kind="fulfilled",
-                          instance=new)
+        return spot
 
     async def _recommend(self) -> None:
         """EC2's rebalance recommendation for the spot: on its IMDS and as EventBridge sends it."""
@@ -494,20 +564,22 @@ class _Run:
             self.timeline.add("lab", f"EventBridge → SQS failed: {sent.exception()!r}", kind="log")
 
     def _cycle_over(self) -> bool:
+        """Unguarded: every spot healthy again. Guarded: every slot back to spot-healthy since the new
+        spots came (the last change after them), every standby stopped."""
         if self.fulfilled_at is None:
             return False
         if not self.s.guarded:
-            spot = self.world.spot_instance_id(self.deployment.spot_request_id)
-            return spot in self.balancer.healthy()
+            spots = {self.world.spot_instance_id(rid) for rid in self.requests}
+            return spots <= set(self.balancer.healthy())
         standbys = self.deployment.standby_ids
         return (
-            self.phase == "spot-healthy"
-            and self.phase_since >= self.fulfilled_at
+            all(phase == "spot-healthy" for phase, _ in self.slots.values())
+            and max((since for _, since in self.slots.values()), default=0.0) >= self.fulfilled_at
             and all(self.world.instance_state(sid) == "stopped" for sid in standbys)
         )
 
     def _spot_serving(self) -> bool:
-        return self.deployment.spot_instance_id in self.balancer.healthy()
+        return set(self.first_spots) <= set(self.balancer.healthy())
 
     async def _at(self, moment: float) -> None:
         await self.clock.sleep(moment - self.timeline.now())
@@ -537,13 +609,15 @@ class _Run:
             await asyncio.sleep(0.02)
             samples = self.load.samples
             for sample in samples[seen:]:
+                # By answer time: samples come in as answered, and a closed loop's queue answers late.
+                at = sample.done_at if sample.done_at is not None else sample.sent_at
                 if not sample.ok and failing_since is None:
-                    failing_since, streak = sample.sent_at, 0
+                    failing_since, streak = at, 0
                     self.timeline.add("load", f"REQUESTS FAILING: {_cause(sample)}", kind="failing")
                 if not sample.ok:
                     streak += 1
                 elif failing_since is not None:
-                    span = sample.sent_at - failing_since
+                    span = at - failing_since
                     self.timeline.add(
                         "load", f"requests succeed again; {streak} failed over {span_text(span)}", kind="recovered"
                     )
@@ -593,6 +667,8 @@ class _Run:
             spotguard_exit=exit_code,
             wall_seconds=wall,
             entries=tuple(self.timeline.entries),
+            healthy=tuple(self.healthy_counts + [(end, n) for _, n in self.healthy_counts[-1:]]),
+            served=served_rates(samples, LOAD_WINDOW, self.clock),
         )
 
     def _standby_lead(self, samples: list[Sample]) -> float | None:

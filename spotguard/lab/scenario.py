@@ -8,6 +8,12 @@ failback grace. `unguarded()` is the same interruption with no standby and no
 spotguard: the replacement spot is registered when it runs, as an Auto
 Scaling group would, and nothing serves in between.
 
+A fleet is `spots` persistent spot requests behind the one target group
+(spotguard's capacity), `interrupted` of them noticed at the same moment. Its
+service has a finite capacity, so losing targets shows as requests per second:
+each instance serves `concurrency` requests at a time, and `clients` closed-loop
+clients keep it busy (see load.py).
+
 This module must not run anything; spotguard.lab.run plays a Scenario.
 """
 
@@ -22,7 +28,9 @@ from .timeline import Entry
 @dataclass(frozen=True)
 class Scenario:
     name: str = "with spotguard"
-    guarded: bool = True  # spotguard and one stopped On-Demand standby; else neither
+    guarded: bool = True  # spotguard and its stopped On-Demand standbys; else neither
+    spots: int = 1  # persistent spot requests behind the target group (spotguard's capacity)
+    interrupted: int = 1  # of them, noticed together at notice_at (the first ones)
     # EC2 (scenario seconds from the start of the load)
     notice_at: float = 30.0
     notice_period: float = 120.0  # notice → termination
@@ -35,6 +43,7 @@ class Scenario:
     standbys: int = 1  # stopped On-Demand standbys, in spotguard's order
     no_capacity: int = 0  # the first N standbys refuse StartInstances with InsufficientInstanceCapacity
     latency: float = 0.25  # per request
+    concurrency: int | None = None  # requests one instance serves at a time, the rest queue (None: no limit)
     # the load balancer (target group settings)
     health_interval: float = 5.0
     health_timeout: float = 4.0
@@ -57,7 +66,8 @@ class Scenario:
     # standby stopped; unguarded: the replacement healthy), or at end_after
     end_after: float | None = None
     tail: float = 20.0
-    rate: float = 50.0  # requests per wall second
+    rate: float = 50.0  # requests per wall second (with clients: at most)
+    clients: int | None = None  # closed-loop clients, each one request at a time (None: open loop at rate)
 
     def named(self, name: str) -> "Scenario":
         """This scenario with a named one's changes (SCENARIOS) applied."""
@@ -90,6 +100,10 @@ class Scenario:
             raise ValueError("health_timeout must be shorter than health_interval (ELBv2 rule)")
         if not 0 <= self.no_capacity < self.standbys:
             raise ValueError("no_capacity must leave at least one standby that can start")
+        if not 1 <= self.interrupted <= self.spots:
+            raise ValueError("interrupted must be between 1 and spots")
+        if (self.clients is not None and self.clients < 1) or (self.concurrency is not None and self.concurrency < 1):
+            raise ValueError("clients and concurrency must be at least 1")
         if self.rebalance_before is not None and not 0 < self.rebalance_before < self.notice_at:
             raise ValueError("a rebalance recommendation must come after the start and before the notice: "
                              "0 < rebalance_before < notice_at")
@@ -113,14 +127,37 @@ class Outcome:
     spotguard_exit: int | None
     wall_seconds: float
     entries: tuple[Entry, ...] = field(default=(), repr=False)
+    # capacity: the balancer's healthy targets from the start of the load, and what they served
+    healthy: tuple[tuple[float, int], ...] = ()  # (when, healthy targets) at the start, each change, the end
+    served: tuple[float, ...] = ()  # requests answered 200 per wall second, per LOAD_WINDOW of scenario time
+
+    @property
+    def fewest_healthy(self) -> int:
+        return min((n for _, n in self.healthy), default=0)
+
+    @property
+    def below_capacity(self) -> float:
+        """Time with fewer healthy targets than the scenario's spots."""
+        spans = zip(self.healthy, self.healthy[1:])
+        return sum(until - since for (since, n), (until, _) in spans if n < self.scenario.spots)
+
+    @property
+    def first_served(self) -> float:
+        """The served rate of the first window: the whole fleet, before any notice (notice_at ≥ one window)."""
+        return self.served[0] if self.served else 0.0
+
+    @property
+    def lowest_served(self) -> float:
+        return min(self.served, default=0.0)
 
     @property
     def lost_requests(self) -> bool:
         return self.failed > 0
 
-    def transitions(self) -> list[tuple[str, str]]:
-        """spotguard's phase changes in order, as (from, to)."""
-        return [(e.data["from"], e.data["to"]) for e in self.entries if e.data.get("kind") == "transition"]
+    def transitions(self, slot: int | None = None) -> list[tuple[str, str]]:
+        """spotguard's phase changes in order, as (from, to); a fleet's, of one slot (numbered from 1)."""
+        return [(e.data["from"], e.data["to"]) for e in self.entries
+                if e.data.get("kind") == "transition" and e.data.get("slot") == slot]
 
     def alerts(self) -> list[str]:
         return [e.data["alert"] for e in self.entries if e.data.get("kind") == "alert"]
@@ -151,4 +188,10 @@ SCENARIOS: dict[str, Named] = {
         {"name": "spotguard, prewarm", "on_rebalance": "prewarm", "rebalance_before": 180.0, "notice_at": 200.0,
          "standby_warm_up": 150.0},
         versus={"name": "spotguard, ignore", "on_rebalance": "ignore"}),
+    # The service is sized so three targets are its bottleneck: one request of 2 s at a time per
+    # instance, nine clients (three per target, so none idles between requests), at most `rate`.
+    "fleet": Named(
+        "3 spots behind one target group, 2 interrupted at the same moment, 2 standbys: capacity kept at "
+        "3 targets (without standbys it falls to 1 of 3 until the spot requests are fulfilled again)",
+        {"spots": 3, "interrupted": 2, "standbys": 2, "latency": 2.0, "concurrency": 1, "clients": 9}),
 }
