@@ -127,6 +127,7 @@ class GuardSettings:
     rebalance_hold: float = defaults.REBALANCE_HOLD
     register_when: str = defaults.REGISTER_WHEN  # ready | running
     late_warning: float = defaults.LATE_WARNING
+    deregister_ahead: float = defaults.DEREGISTER_AHEAD
     on_demand_hourly: float | None = None  # USD per standby hour, for status and summaries
     spot_hourly: float | None = None  # USD per spot hour
 
@@ -143,6 +144,7 @@ class GuardSettings:
             register_when=self.register_when,
             capacity=self.capacity if self.capacity is not None else (len(self.spot_request_ids) or None),
             late_warning=self.late_warning,
+            deregister_ahead=self.deregister_ahead,
         )
 
 
@@ -551,6 +553,7 @@ _GUARD_KEYS = (
     "rebalance_hold",
     "register_when",
     "late_warning",
+    "deregister_ahead",
     "on_demand_hourly",
     "spot_hourly",
 )
@@ -722,6 +725,7 @@ def _guard(r: _Reader, table: dict, path: str, region: str | None) -> GuardSetti
         rebalance_hold=get("rebalance_hold", _duration, defaults.REBALANCE_HOLD),
         register_when=get("register_when", _choice(REGISTER_WHEN), defaults.REGISTER_WHEN),
         late_warning=get("late_warning", _duration, defaults.LATE_WARNING),
+        deregister_ahead=get("deregister_ahead", _duration, defaults.DEREGISTER_AHEAD),
         on_demand_hourly=get("on_demand_hourly", _price, None),
         spot_hourly=get("spot_hourly", _price, None),
     )

@@ -34,4 +34,5 @@ UNHEALTHY_GRACE = 30.0
 ON_REBALANCE = "ignore"
 REBALANCE_HOLD = 1800.0
 LATE_WARNING = 30.0  # standby not healthy this long before a doomed spot's deadline: say so
+DEREGISTER_AHEAD = 5.0  # replacement late: a doomed spot leaves the group this long before its deadline
 REGISTER_WHEN = "ready"  # register an instance once it answers its health check | "running": as soon as it runs

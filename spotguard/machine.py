@@ -131,9 +131,6 @@ class Notice:
 DOOMING = frozenset({"interruption", "terminating"})
 # An interruption notice → the instance is reclaimed (EC2's two minutes, best effort).
 NOTICE = 120.0
-# Take a doomed spot out of the target group this long before its deadline when the replacement
-# is late and another target is healthy (a fleet): requests then drain instead of failing.
-DEREGISTER_AHEAD = 5.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +208,9 @@ class Rules:
     register_when: str = defaults.REGISTER_WHEN  # ready (its health check passes) | running
     capacity: int | None = None  # spot positions kept serving; None: the live spots first seen (GuardState.learned)
     late_warning: float = defaults.LATE_WARNING  # standby not healthy this long before a spot's deadline: said
+    # The replacement late: a doomed spot leaves the target group this long before its deadline when
+    # another target is healthy (a fleet), so requests drain from it instead of failing on it.
+    deregister_ahead: float = defaults.DEREGISTER_AHEAD
 
 
 @dataclass(frozen=True)
@@ -864,10 +864,11 @@ def _decide_starting(state: GuardState, now: float) -> Result:
 
 
 def _drop_dying(state: GuardState, now: float) -> tuple[Command, ...]:
-    """A doomed spot still serving DEREGISTER_AHEAD before its deadline leaves the group while
+    """A doomed spot still serving `deregister_ahead` before its deadline leaves the group while
     another target is healthy: the balancer stops sending it requests before it dies rather
     than after failed health checks. The last healthy target stays (invariant 1)."""
-    dying = [iid for iid, d in state.deadlines if iid in state.doomed and now >= d - DEREGISTER_AHEAD]
+    ahead = state.rules.deregister_ahead
+    dying = [iid for iid, d in state.deadlines if iid in state.doomed and now >= d - ahead]
     return _deregister(state, dying)
 
 
@@ -1236,7 +1237,7 @@ def next_due(state: GuardState, now: float) -> float:
                 if t is not None]
         due += [state.retry_at] if state.retry_at is not None else []
         due += [d - rules.late_warning for iid, d in state.deadlines if iid in state.doomed and iid not in state.warned]
-    due += [d - DEREGISTER_AHEAD for iid, d in state.deadlines if iid in state.doomed]
+    due += [d - rules.deregister_ahead for iid, d in state.deadlines if iid in state.doomed]
     if state.phase is Phase.SPOT_RESTORED:
         due.append(state.prewarm_at + rules.rebalance_hold if state.prewarm_at is not None
                    else state.since + rules.failback_grace)

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotguard import machine
+from spotguard.defaults import DEREGISTER_AHEAD
 from spotguard.machine import (
-    DEREGISTER_AHEAD,
     HEALTHY,
     LIVE_STATES,
     Deregister,

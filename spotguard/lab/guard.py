@@ -7,11 +7,7 @@ clock; the lab's scenario clock runs `speed` times faster). It renders with
 a config is rendered (the tests write theirs with it too). `SpotguardProcess`
 starts the daemon as a subprocess pointed at the lab's moto endpoint, reads
 its JSON log lines from stdout as they come and hands each to a callback,
-and stops it with SIGTERM as systemd would. With a `speed`, it starts through
-this module's launcher (`python -m spotguard.lab.guard SPEED run ...`), which
-divides the machine's wall-clock constants that decide what a scenario shows
-(SCALED) by the speed first, as the config's durations are: they are not
-settings the config could carry.
+and stops it with SIGTERM as systemd would.
 
 The child gets dummy AWS credentials and no AWS config files, so whatever the
 environment holds, the lab can never reach a real account.
@@ -32,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..defaults import LATE_WARNING
+from ..defaults import DEREGISTER_AHEAD, LATE_WARNING
 
 # What the child sees of AWS: only moto, through the endpoint in its config.
 SANDBOX_ENV = {
@@ -44,11 +40,6 @@ SANDBOX_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-# The machine's constants (wall seconds) a scenario's outcome depends on, and why: DEREGISTER_AHEAD
-# (5 s) is more than the whole notice at ×25 (4.8 s), so unscaled a fleet would take a doomed spot
-# out of its target group at the notice instead of 5 s before it dies. The other constants
-# (FAST_POLL, START_RETRY, RETRY_BASE) only change how soon something is retried: docs/lab.md.
-SCALED = ("DEREGISTER_AHEAD",)
 DROPPED_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "SPOTGUARD_DISCORD_WEBHOOK_URL", "NOTIFY_SOCKET", "WATCHDOG_USEC")
 
 
@@ -99,6 +90,7 @@ def write_config(
             "register_when": register_when,
             "on_rebalance": on_rebalance,
             "late_warning": wall(LATE_WARNING),
+            "deregister_ahead": wall(DEREGISTER_AHEAD),
         }],
         "sources": {"sqs": {"queue_url": queue_url}} if queue_url else None,
     }
@@ -165,12 +157,10 @@ class SpotguardProcess:
 
     def __init__(self, config: Path | None, on_event: Callable[[dict[str, Any]], None], *,
                  argv: list[str] | None = None, ready_event: str = "daemon.ready",
-                 env: Mapping[str, str] | None = None, speed: float | None = None) -> None:
-        """`argv` runs another verb (the agent: ready once it logs `ready_event`), with `env` added;
-        `speed` starts it through the launcher below (SCALED constants ÷ speed)."""
+                 env: Mapping[str, str] | None = None) -> None:
+        """`argv` runs another verb (the agent: ready once it logs `ready_event`), with `env` added."""
         self.config = config
-        verb = argv if argv is not None else ["run", "--config", str(config)]
-        self.argv = ["-m", "spotguard", *verb] if speed is None else ["-m", __name__, f"{speed!r}", *verb]
+        self.argv = ["-m", "spotguard", *(argv if argv is not None else ["run", "--config", str(config)])]
         self.ready_event = ready_event
         self.env = dict(env or {})
         self.on_event = on_event
@@ -257,17 +247,3 @@ class SpotguardProcess:
         async for raw in self._proc.stderr:
             self.stderr.append(raw.decode(errors="replace").rstrip())
 
-
-def _launch(args: list[str]) -> int:
-    """`python -m spotguard.lab.guard SPEED VERB ...`: `spotguard VERB ...` with the SCALED constants ÷ SPEED."""
-    from .. import machine
-    from ..cli import main
-
-    speed = float(args[0])
-    for name in SCALED:
-        setattr(machine, name, getattr(machine, name) / speed)
-    return main(args[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(_launch(sys.argv[1:]))

@@ -30,7 +30,7 @@ from ..sources.eventbridge import FULFILLMENT, INTERRUPTION, REBALANCE, STATE_CH
 from .balancer import Balancer, HealthCheck
 from .clock import ScenarioClock, clock_text, span_text
 from .fleet import Fleet
-from .guard import SCALED, SpotguardProcess, write_config
+from .guard import SpotguardProcess, write_config
 from .load import LoadGenerator, Sample, longest_outage, served_rates
 from .scenario import Outcome, Scenario
 from .timeline import Entry, Timeline
@@ -322,9 +322,8 @@ class _Run:
             on_rebalance=s.on_rebalance,
             queue_url=self.queue_url,
         )
-        self.spotguard = SpotguardProcess(config, self._spotguard_said, speed=self.speed)
-        self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g}, "
-                          f"and the machine's {', '.join(SCALED)})")
+        self.spotguard = SpotguardProcess(config, self._spotguard_said)
+        self.timeline.say(f"  spotguard: python -m spotguard run --config {config.name} (durations ÷ {self.speed:g})")
         await self.spotguard.start()
 
     async def _run_agents(self) -> None:
@@ -482,7 +481,7 @@ class _Run:
         EC2 says when it terminates in whole seconds (IMDS's instance-action time, the EventBridge
         warning's time) and spotguard reads the spot's deadline off them; the lab's termination
         on a fraction would be announced up to a wall second early, which is `speed` scenario
-        seconds: a fleet would take a doomed spot out that much sooner (machine.DEREGISTER_AHEAD).
+        seconds: a fleet would take a doomed spot out that much sooner (deregister_ahead).
         """
         ends = time.time() + self.clock.wall(before + self.s.notice_period)
         if ends - math.floor(ends) > ON_THE_SECOND:
