@@ -1,6 +1,6 @@
 """`spotguard setup --cloudformation`: the template cfn-lint accepts, and a stack in moto that check and setup accept.
 
-cfn-lint (the version pinned in constraints.txt) lints the templates of a
+cfn-lint (the version pinned in constraints-dev.txt) lints the templates of a
 config with and without [ha] in one run: its start-up is most of its time.
 The moto test creates the stack with CloudFormation in moto's server and asks
 `spotguard check` and `spotguard setup --dry-run` what they see: setup's dry
@@ -52,7 +52,7 @@ def test_cfn_lint_reports_nothing_with_and_without_ha(tmp_path, capsys):
         (tmp_path / name).write_text(out)
         files.append(str(tmp_path / name))
 
-    assert LINT.exists(), "cfn-lint is a dev dependency (pinned in constraints.txt)"
+    assert LINT.exists(), "cfn-lint is a dev dependency (pinned in constraints-dev.txt)"
     # --include-checks I: not even the informational findings (DeletionPolicy on the stateful ones).
     lint = subprocess.run([str(LINT), "--include-checks", "I", "--", *files], capture_output=True, text=True,
                           timeout=60)
