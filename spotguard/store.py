@@ -171,8 +171,14 @@ def _encode_value(value: Any) -> Any:
 
 def differs(old: GuardState, new: GuardState) -> bool:
     """Whether the part of a state worth a write changed: all but the last observation and
-    its time (`watched` rides along with the next write; a poll alone never writes)."""
-    return replace(old, seen=None, watched=None) != replace(new, seen=None, watched=None)
+    its time, a fleet's slots' included (`watched` rides along with the next write; a poll
+    alone never writes)."""
+    return _worth_writing(old) != _worth_writing(new)
+
+
+def _worth_writing(state: GuardState) -> GuardState:
+    slots = tuple(replace(s, seen=None, watched=None) for s in state.slots)
+    return replace(state, seen=None, watched=None, slots=slots)
 
 
 def encode(state: GuardState, guard: str) -> dict[str, Any]:

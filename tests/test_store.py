@@ -564,3 +564,20 @@ async def test_the_discord_webhook_url_never_reaches_a_state_file(tmp_path, moto
     for p in files:
         text = p.read_bytes().decode("utf-8", "replace")
         assert not [s for s in secrets if s in text], f"{p.name} holds the webhook URL"
+
+
+def test_a_steady_fleet_is_not_written_on_every_poll():
+    """A fleet's slots carry their own view and watch time: like the guard's, neither is worth a
+    write, or every poll of a steady fleet would fsync its state file."""
+    from spotguard.machine import Instance, Target, initial, step
+    from spotguard.store import differs
+
+    spots = tuple(Instance(f"i-s{k}", "running", probe=None) for k in range(4))
+    seen = Observed(spots=spots, standbys=(Instance("i-sb1", "stopped"),),
+                    targets=tuple(Target(f"i-s{k}", "healthy") for k in range(4)))
+    first, _ = step(initial(Rules(standbys=("i-sb1",), capacity=4)), seen, 0.0)
+    second, _ = step(first, seen, 5.0)
+    third, _ = step(second, seen, 10.0)
+    assert third.slots and not differs(second, third)
+    noticed, _ = step(third, replace(seen, spots=(replace(spots[0], notice=True),) + spots[1:]), 15.0)
+    assert differs(third, noticed)
