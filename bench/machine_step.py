@@ -17,7 +17,7 @@ from collections import defaultdict
 import cycle
 from stats import fmt, spread, summarize, table
 
-from spotguard.machine import FAST_POLL, Observed, step
+from spotguard.machine import FAST_POLL, Instance, Observed, Rules, Target, initial, step
 from spotguard.store import differs  # the daemon's own check, so a change to it shows here
 
 REPEATS = 21  # each repeat times the whole cycle, every group and the check once, interleaved
@@ -38,6 +38,7 @@ def run(quick: bool = False) -> str:
     rates: list[float] = []
     group_us: dict[tuple[str, str], list[float]] = defaultdict(list)
     check_us: list[float] = []
+    steady_us: dict[int, list[float]] = defaultdict(list)
     for _ in range(repeats):
         began = time.perf_counter()
         cycle.replay(steps)
@@ -45,6 +46,8 @@ def run(quick: bool = False) -> str:
         for key in order:
             group_us[key].append(_per_step_us(groups[key]))
         check_us.append(_check_us(pairs))
+        for spots in STEADY_SPOTS:
+            steady_us[spots].append(_steady_us(spots))
     rate, check = summarize(rates), summarize(check_us)
     rows = []
     for key in order:
@@ -75,6 +78,9 @@ def run(quick: bool = False) -> str:
                         "daemon write-ahead check per event, µs (store.differs(old, new))",
                         fmt(check.median), fmt(check.p90), spread(check),
                     ],
+                    *[[f"a steady guard of {n} spot{'s' * (n > 1)} (capacity {n}), µs per Observed",
+                       fmt(c.median), fmt(c.p90), spread(c)]
+                      for n, c in ((n, summarize(steady_us[n])) for n in STEADY_SPOTS)],
                 ],
                 align="l",
             ),
@@ -92,6 +98,21 @@ def _per_step_us(members: list[cycle.Step]) -> float:
         for s in members:
             step(s.state, s.event, s.now)
     return (time.perf_counter() - began) * 1e6 / (loops * len(members))
+
+
+STEADY_SPOTS = (1, 4)  # a one-spot guard, and a fleet of four (one slot per spot)
+
+
+def _steady_us(spots: int) -> float:
+    """µs per step of a steady guard of `spots` spots on an unchanged observation, as every poll brings."""
+    live = tuple(Instance(f"i-spot{k}", "running", probe=None) for k in range(spots))
+    seen = Observed(spots=live, standbys=(Instance("i-standby", "stopped"),),
+                    targets=tuple(Target(i.id, "healthy") for i in live))
+    state, _ = step(initial(Rules(standbys=("i-standby",), capacity=spots)), seen, 0.0)
+    began = time.perf_counter()
+    for n in range(1, GROUP_MIN_STEPS + 1):
+        state, _ = step(state, seen, n * 5.0)
+    return (time.perf_counter() - began) * 1e6 / GROUP_MIN_STEPS
 
 
 def _check_us(pairs: list) -> float:

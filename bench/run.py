@@ -104,8 +104,8 @@ the changes one by one in every run; the rest is argued from the tables):
   request building and signing, HTTP); spotguard's own code is about 1 % of
   a round. What was done, each step measured in section 6: timestamps parsed
   by `datetime.fromisoformat` instead of dateutil; the lean EC2 model, whose
-  parser no longer walks the ~80 members of every instance; a fixed
-  User-Agent naming spotguard (botocore otherwise builds one from ~16 parts
+  parser no longer walks the ~80 members of every instance; botocore's
+  User-Agent built once per client (botocore otherwise builds it from ~16 parts
   twice per request); and a steady guard's target health reused for
   `unhealthy_grace / 3` (spotguard/sources/poll.py): described again as soon
   as anything about the guard moves (an instance, a notice, a target not
@@ -113,6 +113,14 @@ the changes one by one in every run; the rest is argued from the tables):
   unhealthy spot is noticed up to 10 s later at the default 30 s grace.
   moto's server closes every connection after one reply, so every call here
   also pays a new TCP connection that AWS's keep-alive spares.
+* **The CPU goal and its floor**: at 20 guards the floor alone (the same
+  calls from a bare aiobotocore process) already takes more than 0.5 % of a
+  core (section 1), so the goal cannot be met by trimming spotguard; what is
+  spotguard's own is the difference to the floor. A fleet of 20 guards of 4
+  spots (capacity 4, one slot per spot) parses four times the instances per
+  poll: more CPU in the floor too, and the same calls per poll. Its own extra
+  work per guard (four slots stepped, spots assigned to them) is section 7's
+  steady fleet step beside the one-spot one.
 * **AWS calls**: one DescribeSpotInstanceRequests and one DescribeInstances
   per poll whatever the number of guards, at most one DescribeTargetHealth
   per target group (one every 10 s for a steady guard at the defaults),
