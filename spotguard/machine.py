@@ -1040,7 +1040,7 @@ def _step_fleet(state: GuardState, event: Event, now: float) -> Result:
         slots = _assign(slots, event)
     elif isinstance(event, Notice) and _unheld(event.instance_id, state, slots):
         slots = _assign(slots, Observed(spots=(Instance(event.instance_id, "running"),)), keep=True)
-    said: list[Command] = []
+    said: list[tuple[int, Command]] = []  # (slot, command)
     # Slots with a standby first: one they release is then free for a slot that needs it, in this step.
     for k in sorted(range(len(slots)), key=lambda k: (slots[k].standby is None, k)):
         others = frozenset().union(*(_holding(s) for j, s in enumerate(slots) if j != k))
