@@ -1060,6 +1060,11 @@ def _step_fleet(state: GuardState, event: Event, now: float) -> Result:
     return _watch_guard(state, event, now, commands)
 
 
+def slot_rules(rules: Rules) -> Rules:
+    """A fleet slot's rules: the guard's, for one spot position."""
+    return replace(rules, capacity=1)
+
+
 def _unheld(iid: str, state: GuardState, slots: list[GuardState]) -> bool:
     """A spot no slot holds yet (a notice before the first observation): it goes to a slot."""
     return iid not in state.rules.standbys and not any(iid in s.holds for s in slots)
@@ -1068,7 +1073,7 @@ def _unheld(iid: str, state: GuardState, slots: list[GuardState]) -> bool:
 def _sized(state: GuardState, now: float) -> list[GuardState]:
     """The slots, one per position: a one-spot guard's failover goes on as the first; an idle
     slot beyond the capacity goes (its spots are assigned again), a busy one once it is idle."""
-    rules = replace(state.rules, capacity=1)
+    rules = slot_rules(state.rules)
     slots = list(state.slots) or [replace(state, rules=rules, holds=tuple(sorted(state.doomed)), learned=0,
                                           short_said=0, outage_since=None, seen=None)]
     slots += [GuardState(rules=rules, since=now, holds=()) for _ in range(capacity(state) - len(slots))]
@@ -1142,7 +1147,7 @@ def _routed(slot: GuardState, event: Event) -> Event | None:
         return event if event.kind == READY or event.instance_id in slot.holds else None
     if isinstance(event, Failed):
         return event if getattr(event.command, "instance_id", None) in _holding(slot) else None
-    return None  # a scheduled change: the guard answers it below
+    return None  # a scheduled change: the guard answers it itself (_step_fleet)
 
 
 def _merged(state: GuardState, said: list[tuple[int, Command]], observed: bool) -> tuple[Command, ...]:

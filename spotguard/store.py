@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, get_type_hints
 import structlog
 
 from spotguard import ids
-from spotguard.machine import GuardState, Phase, Rules
+from spotguard.machine import GuardState, Phase, Rules, slot_rules
 
 log = structlog.get_logger(__name__)
 
@@ -203,8 +203,7 @@ def decode(data: Any, rules: Rules, guard: str) -> GuardState:
     header = {"version", "guard"} if version == VERSION else {"version"}
     body = {key: value for key, value in data.items() if key not in header}
     state = _fields(body, rules, set(_DECODERS) - (ADDED_IN_2 if version == 1 else set()))
-    slot_rules = replace(rules, capacity=1)
-    return replace(state, slots=tuple(replace(slot, rules=slot_rules) for slot in state.slots))
+    return replace(state, slots=tuple(replace(slot, rules=slot_rules(rules)) for slot in state.slots))
 
 
 def _fields(data: Any, rules: Rules, expected: set[str]) -> GuardState:
